@@ -1,0 +1,141 @@
+//! Wire types shared by the kernel programs (`tracer-ebpf`) and userspace (`tracer`).
+//!
+//! Every type here crosses the kernel/user boundary byte for byte, so each is `#[repr(C)]`,
+//! `Copy`, free of padding holes that the kernel side would leave uninitialised, and defined
+//! only here.
+#![no_std]
+
+/// TC hook the event was seen on.
+pub const DIR_INGRESS: u8 = 0;
+pub const DIR_EGRESS: u8 = 1;
+
+/// `PacketEvent::flags`: the frame carried an 802.1Q/802.1ad tag.
+pub const PKT_VLAN: u8 = 1 << 0;
+/// The outer packet is VXLAN and `inner` holds the encapsulated packet.
+pub const PKT_VXLAN: u8 = 1 << 1;
+/// The VXLAN payload was cut short, so `inner` is incomplete.
+pub const PKT_INNER_TRUNCATED: u8 = 1 << 2;
+
+/// `IpLayer::flags`: the IP header had the Don't Fragment bit.
+pub const IP_DF: u8 = 1 << 0;
+/// The packet is a fragment (MF set or non-zero offset).
+pub const IP_FRAGMENT: u8 = 1 << 1;
+/// A non-first fragment: it carries no L4 header, so the L4 fields are zero.
+pub const IP_LATER_FRAGMENT: u8 = 1 << 2;
+/// The IPv4 header had options (IHL > 5) or the IPv6 header had extension headers.
+pub const IP_OPTIONS: u8 = 1 << 3;
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
+
+/// One IP header with the L4 header that follows it.
+///
+/// Addresses are 16 bytes; an IPv4 address is stored IPv4-mapped (`::ffff:a.b.c.d`) so one
+/// map key type serves both families.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IpLayer {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// TCP sequence and acknowledgement numbers, host order.
+    pub tcp_seq: u32,
+    pub tcp_ack: u32,
+    /// IPv6 flow label (20 bits); zero for IPv4.
+    pub flow_label: u32,
+    /// 4 or 6; 0 when the layer is absent.
+    pub version: u8,
+    pub proto: u8,
+    pub ttl: u8,
+    /// `IP_*` flags.
+    pub flags: u8,
+    /// IPv4 identification; zero for IPv6 (unless a fragment header gave one).
+    pub ip_id: u16,
+    /// IPv4 total length, or IPv6 payload length plus the 40-byte fixed header.
+    pub total_len: u16,
+    /// Byte length of the IP header including options or extension headers.
+    pub header_len: u16,
+    pub sport: u16,
+    pub dport: u16,
+    /// TCP header length in bytes, used to derive the payload length.
+    pub tcp_header_len: u8,
+    pub tcp_flags: u8,
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+    pub icmp_id: u16,
+    pub icmp_seq: u16,
+}
+
+/// One packet seen by a TC program on a traced hop.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PacketEvent {
+    /// `bpf_ktime_get_ns()`, CLOCK_MONOTONIC.
+    pub ktime_ns: u64,
+    pub ifindex: u32,
+    /// `skb->len`: the whole frame as the stack holds it (a GSO super-packet is large).
+    pub skb_len: u32,
+    pub gso_size: u32,
+    pub gso_segs: u32,
+    /// VXLAN network identifier when `PKT_VXLAN` is set.
+    pub vni: u32,
+    /// `DIR_*`.
+    pub direction: u8,
+    /// `PKT_*` flags.
+    pub flags: u8,
+    /// 802.1Q VLAN id when `PKT_VLAN` is set.
+    pub vlan_id: u16,
+    pub outer: IpLayer,
+    pub inner: IpLayer,
+}
+
+/// Indexes into the per-CPU `COUNTERS` array.
+pub const COUNTER_MATCHED: u32 = 0;
+/// Matching packets whose event did not fit in the ring buffer.
+pub const COUNTER_LOST_EVENTS: u32 = 1;
+/// Packets whose headers could not be read (truncated, bad version or length).
+pub const COUNTER_UNPARSED: u32 = 2;
+/// Frames that are not IP (ARP, LLDP, …): expected, counted so totals add up.
+pub const COUNTER_NOT_IP: u32 = 3;
+pub const COUNTER_COUNT: u32 = 4;
+
+/// `HopConfig::flags`: the device has no MAC header (IP starts at offset 0).
+pub const HOP_NO_MAC_HEADER: u32 = 1 << 0;
+
+/// Per-ifindex settings, written by userspace for each traced hop.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HopConfig {
+    pub flags: u32,
+}
+
+/// Narrowing filter applied in the kernel after the followed-IP match.
+///
+/// Loaded as the global `FILTER`; zero fields mean "any".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FilterConfig {
+    /// Peer address (IPv4-mapped for IPv4); only compared when `has_peer` is 1.
+    pub peer: [u8; 16],
+    pub has_peer: u8,
+    /// `IPPROTO_*`; 0 = any.
+    pub proto: u8,
+    /// Source or destination port; 0 = any.
+    pub port: u16,
+    /// UDP destination ports treated as VXLAN (flannel uses 8472, IANA 4789).
+    pub vxlan_ports: [u16; 2],
+}
+
+/// Maximum number of IPs that can be followed at once (`FOLLOWED` map size).
+pub const MAX_FOLLOWED: u32 = 64;
+/// Maximum number of hops (`HOPS` map size).
+pub const MAX_HOPS: u32 = 256;
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all are repr(C) plain-old-data with no invalid bit patterns.
+    unsafe impl aya::Pod for super::PacketEvent {}
+    unsafe impl aya::Pod for super::HopConfig {}
+    unsafe impl aya::Pod for super::FilterConfig {}
+}

@@ -1,0 +1,25 @@
+//! podtrace kernel programs.
+//!
+//! The TC programs only observe: they read headers with `bpf_skb_load_bytes` (which works on
+//! non-linear skbs and bounds-checks for us), never touch the packet, and always return the
+//! "continue" verdict so the packet's fate and any other TC programs are unchanged.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod tc;
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects programs that can reach a panic; this is never linked in practice.
+    loop {}
+}
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

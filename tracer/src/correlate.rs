@@ -1,0 +1,516 @@
+//! Recognises the same packet at each hop and keeps per-hop statistics.
+//!
+//! A packet is identified by a fingerprint of the fields that no hop on the path rewrites:
+//! Service DNAT changes the destination address and port, VXLAN wraps the packet in new
+//! headers, and forwarding decrements the TTL, but the pod-side address and port, the IP ID,
+//! the payload length and the TCP sequence or ICMP id/sequence stay the same.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    hash::{DefaultHasher, Hash as _, Hasher as _},
+    net::IpAddr,
+};
+
+use tracer_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
+
+use crate::{
+    Direction,
+    decode::{Layer, Packet},
+};
+
+/// Identity of one packet, stable across hops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Fingerprint(u64);
+
+/// Which way a packet travels relative to the followed pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Flow {
+    FromPod,
+    ToPod,
+}
+
+/// Fingerprints a packet's pod-level header, or returns `None` when neither address is a
+/// followed pod (which the kernel filter should already have excluded).
+pub fn fingerprint(layer: &Layer, followed: &[IpAddr]) -> Option<(Fingerprint, Flow)> {
+    let (flow, pod_addr, pod_port) = if followed.contains(&layer.src) {
+        (Flow::FromPod, layer.src, layer.sport)
+    } else if followed.contains(&layer.dst) {
+        (Flow::ToPod, layer.dst, layer.dport)
+    } else {
+        return None;
+    };
+    let mut hasher = DefaultHasher::new();
+    flow.hash(&mut hasher);
+    pod_addr.hash(&mut hasher);
+    layer.proto.hash(&mut hasher);
+    // IPv6 has no IP ID outside fragments; the flow label is the closest stable field.
+    layer.ip_id.hash(&mut hasher);
+    layer.flow_label.hash(&mut hasher);
+    layer.payload_len().hash(&mut hasher);
+    layer.later_fragment.hash(&mut hasher);
+    match layer.proto {
+        IPPROTO_TCP => {
+            pod_port.hash(&mut hasher);
+            layer.tcp_seq.hash(&mut hasher);
+            layer.tcp_ack.hash(&mut hasher);
+            layer.tcp_flags.hash(&mut hasher);
+        }
+        IPPROTO_UDP => pod_port.hash(&mut hasher),
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            layer.icmp_type.hash(&mut hasher);
+            layer.icmp_code.hash(&mut hasher);
+            layer.icmp_id.hash(&mut hasher);
+            layer.icmp_seq.hash(&mut hasher);
+        }
+        _ => {}
+    }
+    Some((Fingerprint(hasher.finish()), flow))
+}
+
+/// A hop as the report sees it: one interface, one direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HopKey {
+    pub ifindex: u32,
+    pub direction: Direction,
+}
+
+/// Fixed-size log-linear latency histogram: 8 sub-buckets per power of two, so every
+/// percentile is within 12.5% of the true value and memory never grows.
+#[derive(Clone, Debug)]
+pub struct Histogram {
+    buckets: [u64; Self::BUCKETS],
+    count: u64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self { buckets: [0; Self::BUCKETS], count: 0 }
+    }
+}
+
+impl Histogram {
+    const SUB_BITS: u32 = 3;
+    const BUCKETS: usize = 64 << Self::SUB_BITS;
+
+    fn bucket(value: u64) -> usize {
+        if value < (1 << Self::SUB_BITS) {
+            return value as usize;
+        }
+        let exponent = 63 - value.leading_zeros();
+        let mantissa = (value >> (exponent - Self::SUB_BITS)) & ((1 << Self::SUB_BITS) - 1);
+        (((exponent - Self::SUB_BITS + 1) << Self::SUB_BITS) as u64 + mantissa) as usize
+    }
+
+    /// The midpoint of the bucket's value range.
+    fn representative(bucket: usize) -> u64 {
+        let sub = 1usize << Self::SUB_BITS;
+        if bucket < sub {
+            return bucket as u64;
+        }
+        let exponent = (bucket / sub) as u32 + Self::SUB_BITS - 1;
+        let mantissa = (bucket % sub) as u64;
+        let width = 1u64 << (exponent - Self::SUB_BITS);
+        let low = (1u64 << exponent) + mantissa * width;
+        low + width / 2
+    }
+
+    pub fn record(&mut self, value: u64) {
+        self.buckets[Self::bucket(value)] += 1;
+        self.count += 1;
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// `quantile` in 0..=1; `None` when nothing was recorded.
+    pub fn quantile(&self, quantile: f64) -> Option<u64> {
+        if self.count == 0 {
+            return None;
+        }
+        let rank = ((quantile * self.count as f64).ceil() as u64).clamp(1, self.count);
+        let mut seen = 0;
+        for (bucket, count) in self.buckets.iter().enumerate() {
+            seen += count;
+            if seen >= rank {
+                return Some(Self::representative(bucket));
+            }
+        }
+        unreachable!("rank {rank} is at most count {}", self.count)
+    }
+}
+
+/// Everything counted at one hop.
+#[derive(Clone, Debug, Default)]
+pub struct HopStats {
+    pub packets: u64,
+    pub bytes: u64,
+    pub max_len: u32,
+    /// Largest frame that was not a GSO super-packet, i.e. what a wire would carry.
+    pub max_wire_len: u32,
+    /// Packets also seen at an earlier hop, whose latency is in `latency_ns`.
+    pub linked: u64,
+    /// Time since the packet was seen at its previous hop.
+    pub latency_ns: Histogram,
+    /// Packets whose journey (so far) ended here.
+    pub last_seen: u64,
+}
+
+/// A packet in flight: where and when it was last seen.
+#[derive(Clone, Debug)]
+struct InFlight {
+    last_hop: HopKey,
+    last_ns: u64,
+    /// Hops already seen, so a second sighting at one of them is recognised as a new packet.
+    hops: Vec<HopKey>,
+    generation: u64,
+}
+
+/// Bounds on correlation memory.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_in_flight: usize,
+    /// A packet not seen again within this time has finished its journey.
+    pub expiry_ns: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_in_flight: 65_536, expiry_ns: 2_000_000_000 }
+    }
+}
+
+/// The outcome of observing one packet at one hop.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sighting {
+    pub fingerprint: Fingerprint,
+    pub flow: Flow,
+    /// The hop it was seen at before this one, and how long ago.
+    pub previous: Option<(HopKey, u64)>,
+}
+
+/// Follows packets across hops with bounded memory.
+pub struct Correlator {
+    followed: Vec<IpAddr>,
+    limits: Limits,
+    hops: HashMap<HopKey, HopStats>,
+    in_flight: HashMap<Fingerprint, InFlight>,
+    /// Insertion order for expiry and eviction; stale generations are skipped.
+    order: VecDeque<(Fingerprint, u64, u64)>,
+    next_generation: u64,
+    /// Packets that left the table before they were seen again (finished, or evicted).
+    pub evicted: u64,
+    /// Events whose addresses matched no followed IP.
+    pub unmatched: u64,
+}
+
+impl Correlator {
+    pub fn new(followed: Vec<IpAddr>, limits: Limits) -> Self {
+        Self {
+            followed,
+            limits,
+            hops: HashMap::new(),
+            in_flight: HashMap::new(),
+            order: VecDeque::new(),
+            next_generation: 0,
+            evicted: 0,
+            unmatched: 0,
+        }
+    }
+
+    pub fn observe(&mut self, packet: &Packet) -> Option<Sighting> {
+        let hop = HopKey { ifindex: packet.ifindex, direction: packet.direction };
+        let stats = self.hops.entry(hop).or_default();
+        stats.packets += 1;
+        stats.bytes += u64::from(packet.skb_len);
+        stats.max_len = stats.max_len.max(packet.skb_len);
+        if !packet.is_gso() {
+            stats.max_wire_len = stats.max_wire_len.max(packet.skb_len);
+        }
+
+        let Some((fingerprint, flow)) = fingerprint(packet.pod_layer(), &self.followed) else {
+            self.unmatched += 1;
+            return None;
+        };
+        self.expire(packet.ktime_ns);
+
+        let previous = match self.in_flight.get_mut(&fingerprint) {
+            // Seen here before: a new packet with the same identity (a collision, or a
+            // duplicate the kernel made), so its journey restarts.
+            Some(entry) if entry.hops.contains(&hop) => None,
+            Some(entry) => {
+                let previous = (entry.last_hop, packet.ktime_ns.saturating_sub(entry.last_ns));
+                entry.last_hop = hop;
+                entry.last_ns = packet.ktime_ns;
+                entry.hops.push(hop);
+                Some(previous)
+            }
+            None => None,
+        };
+        match previous {
+            Some((previous_hop, latency)) => {
+                if let Some(stats) = self.hops.get_mut(&previous_hop) {
+                    stats.last_seen -= 1;
+                }
+                let stats = self.hops.get_mut(&hop).expect("inserted above");
+                stats.linked += 1;
+                stats.latency_ns.record(latency);
+                stats.last_seen += 1;
+            }
+            None => self.start(fingerprint, hop, packet.ktime_ns),
+        }
+        Some(Sighting { fingerprint, flow, previous })
+    }
+
+    fn start(&mut self, fingerprint: Fingerprint, hop: HopKey, now_ns: u64) {
+        if self.in_flight.len() >= self.limits.max_in_flight {
+            self.evict_oldest();
+        }
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        self.in_flight.insert(fingerprint, InFlight { last_hop: hop, last_ns: now_ns, hops: vec![hop], generation });
+        self.order.push_back((fingerprint, generation, now_ns));
+        self.hops.get_mut(&hop).expect("hop stats exist").last_seen += 1;
+        // Stale entries (restarted journeys) would otherwise pile up in `order`.
+        if self.order.len() > 2 * self.limits.max_in_flight {
+            self.order.retain(|(fp, generation, _)| self.in_flight.get(fp).is_some_and(|e| e.generation == *generation));
+        }
+    }
+
+    fn expire(&mut self, now_ns: u64) {
+        while let Some(&(fingerprint, generation, started)) = self.order.front() {
+            if now_ns.saturating_sub(started) < self.limits.expiry_ns {
+                break;
+            }
+            self.order.pop_front();
+            if self.in_flight.get(&fingerprint).is_some_and(|e| e.generation == generation) {
+                self.in_flight.remove(&fingerprint);
+            }
+        }
+    }
+
+    fn evict_oldest(&mut self) {
+        while let Some((fingerprint, generation, _)) = self.order.pop_front() {
+            if self.in_flight.get(&fingerprint).is_some_and(|e| e.generation == generation) {
+                self.in_flight.remove(&fingerprint);
+                self.evicted += 1;
+                return;
+            }
+        }
+    }
+
+    pub fn hop_stats(&self, hop: HopKey) -> Option<&HopStats> {
+        self.hops.get(&hop)
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::Layer;
+
+    fn icmp(src: &str, dst: &str, id: u16, seq: u16, ip_id: u16) -> Layer {
+        Layer {
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            proto: IPPROTO_ICMP,
+            ttl: 64,
+            ip_id,
+            flow_label: 0,
+            total_len: 84,
+            header_len: 20,
+            dont_fragment: true,
+            fragment: false,
+            later_fragment: false,
+            options: false,
+            sport: 0,
+            dport: 0,
+            tcp_seq: 0,
+            tcp_ack: 0,
+            tcp_flags: 0,
+            tcp_header_len: 0,
+            icmp_type: 8,
+            icmp_code: 0,
+            icmp_id: id,
+            icmp_seq: seq,
+        }
+    }
+
+    fn tcp(src: &str, sport: u16, dst: &str, dport: u16, seq: u32, ip_id: u16, payload: u16) -> Layer {
+        Layer {
+            proto: IPPROTO_TCP,
+            sport,
+            dport,
+            tcp_seq: seq,
+            tcp_ack: 1,
+            tcp_flags: 0x10,
+            tcp_header_len: 32,
+            total_len: 20 + 32 + payload,
+            ..icmp(src, dst, 0, 0, ip_id)
+        }
+    }
+
+    fn packet(layer: Layer, ifindex: u32, direction: Direction, ktime_ns: u64) -> Packet {
+        Packet {
+            ktime_ns,
+            ifindex,
+            direction,
+            skb_len: u32::from(layer.total_len) + 14,
+            gso_size: 0,
+            gso_segs: 0,
+            vlan_id: None,
+            outer: layer,
+            inner: None,
+            vni: None,
+            inner_truncated: false,
+        }
+    }
+
+    fn pod() -> Vec<IpAddr> {
+        vec!["10.244.0.2".parse().unwrap()]
+    }
+
+    #[test]
+    fn fingerprint_survives_dnat_and_ttl() {
+        let before = tcp("10.244.0.2", 40000, "10.96.0.10", 53, 7, 99, 40);
+        let mut after = tcp("10.244.0.2", 40000, "10.244.1.5", 5353, 7, 99, 40);
+        after.ttl = 63;
+        assert_eq!(fingerprint(&before, &pod()), fingerprint(&after, &pod()));
+    }
+
+    #[test]
+    fn fingerprint_survives_vxlan_encapsulation() {
+        let inner = icmp("10.244.0.2", "10.244.1.2", 5, 1, 1234);
+        let plain = packet(inner.clone(), 3, Direction::Ingress, 0);
+        let mut encapsulated = packet(icmp("10.99.0.1", "10.99.0.2", 0, 0, 7), 9, Direction::Egress, 10);
+        encapsulated.inner = Some(inner);
+        assert_eq!(
+            fingerprint(plain.pod_layer(), &pod()).unwrap().0,
+            fingerprint(encapsulated.pod_layer(), &pod()).unwrap().0
+        );
+    }
+
+    #[test]
+    fn retransmission_is_a_different_packet() {
+        // Same seq, new IP ID: the kernel sends a retransmit as a new datagram.
+        let first = tcp("10.244.0.2", 40000, "10.244.1.2", 80, 1000, 1, 1398);
+        let again = tcp("10.244.0.2", 40000, "10.244.1.2", 80, 1000, 2, 1398);
+        assert_ne!(fingerprint(&first, &pod()), fingerprint(&again, &pod()));
+    }
+
+    #[test]
+    fn flow_follows_the_pod_address() {
+        let out = icmp("10.244.0.2", "10.244.1.2", 1, 1, 1);
+        let back = icmp("10.244.1.2", "10.244.0.2", 1, 1, 1);
+        assert_eq!(fingerprint(&out, &pod()).unwrap().1, Flow::FromPod);
+        assert_eq!(fingerprint(&back, &pod()).unwrap().1, Flow::ToPod);
+        assert_ne!(fingerprint(&out, &pod()).unwrap().0, fingerprint(&back, &pod()).unwrap().0);
+        assert!(fingerprint(&icmp("1.1.1.1", "2.2.2.2", 1, 1, 1), &pod()).is_none());
+    }
+
+    /// Realistic streams: collisions among packets that are in flight together must be nil,
+    /// and the only repeats over a long trace come from IP ID wrap-around of identical UDP
+    /// datagrams, which are never in flight at the same time.
+    #[test]
+    fn collision_behaviour() {
+        use std::collections::HashSet;
+        let pods = pod();
+        let mut seen = HashSet::new();
+        let mut collisions = 0;
+        // 50k TCP segments of one connection, IP IDs incrementing and wrapping.
+        for i in 0..50_000u32 {
+            let layer = tcp("10.244.0.2", 40000, "10.244.1.2", 80, 1 + i * 1398, i as u16, 1398);
+            collisions += usize::from(!seen.insert(fingerprint(&layer, &pods).unwrap().0));
+        }
+        // 10k pings from 10 processes.
+        for i in 0..10_000u32 {
+            let layer = icmp("10.244.0.2", "10.244.1.2", (i % 10) as u16, (i / 10) as u16, i as u16);
+            collisions += usize::from(!seen.insert(fingerprint(&layer, &pods).unwrap().0));
+        }
+        assert_eq!(collisions, 0);
+
+        // Identical UDP datagrams from one port repeat once the 16-bit IP ID wraps.
+        let mut udp_seen = HashSet::new();
+        let mut repeats_at = None;
+        for i in 0..70_000u32 {
+            let layer = Layer { proto: IPPROTO_UDP, sport: 5000, dport: 53, ..icmp("10.244.0.2", "10.96.0.10", 0, 0, i as u16) };
+            if !udp_seen.insert(fingerprint(&layer, &pods).unwrap().0) && repeats_at.is_none() {
+                repeats_at = Some(i);
+            }
+        }
+        assert_eq!(repeats_at, Some(65_536));
+    }
+
+    #[test]
+    fn links_a_packet_across_hops_with_latency() {
+        let mut correlator = Correlator::new(pod(), Limits::default());
+        let layer = icmp("10.244.0.2", "10.244.1.2", 1, 1, 1);
+        let hops = [(3, Direction::Ingress), (2, Direction::Ingress), (5, Direction::Egress), (1, Direction::Egress)];
+        for (step, (ifindex, direction)) in hops.iter().enumerate() {
+            let sighting = correlator.observe(&packet(layer.clone(), *ifindex, *direction, step as u64 * 1000)).unwrap();
+            assert_eq!(sighting.previous.is_some(), step > 0);
+        }
+        for (step, (ifindex, direction)) in hops.iter().enumerate() {
+            let stats = correlator.hop_stats(HopKey { ifindex: *ifindex, direction: *direction }).unwrap();
+            assert_eq!(stats.packets, 1);
+            assert_eq!(stats.linked, u64::from(step > 0));
+            assert_eq!(stats.last_seen, u64::from(step == hops.len() - 1));
+            if step > 0 {
+                let p50 = stats.latency_ns.quantile(0.5).unwrap();
+                assert!((900..=1100).contains(&p50), "p50 {p50}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_second_sighting_at_the_same_hop_is_a_new_packet() {
+        let mut correlator = Correlator::new(pod(), Limits::default());
+        let layer = icmp("10.244.0.2", "10.244.1.2", 1, 1, 1);
+        correlator.observe(&packet(layer.clone(), 3, Direction::Ingress, 0));
+        let again = correlator.observe(&packet(layer, 3, Direction::Ingress, 10)).unwrap();
+        assert!(again.previous.is_none());
+        let stats = correlator.hop_stats(HopKey { ifindex: 3, direction: Direction::Ingress }).unwrap();
+        assert_eq!((stats.packets, stats.linked), (2, 0));
+    }
+
+    #[test]
+    fn memory_is_bounded() {
+        let limits = Limits { max_in_flight: 100, expiry_ns: u64::MAX };
+        let mut correlator = Correlator::new(pod(), limits);
+        for i in 0..10_000u32 {
+            correlator.observe(&packet(icmp("10.244.0.2", "10.244.1.2", 1, i as u16, i as u16), 3, Direction::Ingress, u64::from(i)));
+            assert!(correlator.in_flight() <= 100);
+            assert!(correlator.order.len() <= 200);
+        }
+        assert_eq!(correlator.evicted, 10_000 - 100);
+    }
+
+    #[test]
+    fn finished_packets_expire() {
+        let limits = Limits { max_in_flight: 1000, expiry_ns: 1_000 };
+        let mut correlator = Correlator::new(pod(), limits);
+        correlator.observe(&packet(icmp("10.244.0.2", "10.244.1.2", 1, 1, 1), 3, Direction::Ingress, 0));
+        correlator.observe(&packet(icmp("10.244.0.2", "10.244.1.2", 1, 2, 2), 3, Direction::Ingress, 5_000));
+        assert_eq!(correlator.in_flight(), 1);
+    }
+
+    #[test]
+    fn histogram_quantiles_are_within_bucket_precision() {
+        let mut histogram = Histogram::default();
+        for value in 1..=10_000u64 {
+            histogram.record(value * 1000);
+        }
+        let p50 = histogram.quantile(0.5).unwrap() as f64;
+        let p99 = histogram.quantile(0.99).unwrap() as f64;
+        assert!((p50 / 5_000_000.0 - 1.0).abs() < 0.125, "p50 {p50}");
+        assert!((p99 / 9_900_000.0 - 1.0).abs() < 0.125, "p99 {p99}");
+        assert_eq!(Histogram::default().quantile(0.5), None);
+        let mut small = Histogram::default();
+        small.record(3);
+        assert_eq!(small.quantile(0.99), Some(3));
+    }
+}

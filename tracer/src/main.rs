@@ -1,0 +1,162 @@
+use std::{net::IpAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use tracer::{
+    attach::{self, AttachMode},
+    discovery::PathOverrides,
+    preflight, report,
+    trace::{self, FollowOptions},
+};
+use tracer_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
+
+/// Follow a pod's packets hop by hop through this Kubernetes node.
+#[derive(Parser)]
+#[command(name = "podtrace", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Discover the pod's path on this node, attach to every hop and report per hop.
+    Follow(FollowArgs),
+    /// Remove TC filters and clsact qdiscs left by a podtrace that was killed.
+    Cleanup,
+}
+
+#[derive(clap::Args)]
+struct FollowArgs {
+    /// The pod IP(s) to follow; the path is discovered from the first.
+    #[arg(required = true, value_name = "POD_IP")]
+    pod_ips: Vec<String>,
+    /// How long to trace, in seconds (default: until Ctrl-C).
+    #[arg(long, short)]
+    duration: Option<f64>,
+    /// Only packets to or from this address.
+    #[arg(long)]
+    peer: Option<IpAddr>,
+    /// Only packets with this source or destination port.
+    #[arg(long)]
+    port: Option<u16>,
+    /// Only this protocol.
+    #[arg(long, value_enum)]
+    proto: Option<Proto>,
+    /// Also trace this interface (repeatable).
+    #[arg(long = "iface", value_name = "IFNAME")]
+    add: Vec<String>,
+    /// Do not trace this interface (repeatable).
+    #[arg(long = "exclude-iface", value_name = "IFNAME")]
+    exclude: Vec<String>,
+    /// Report format.
+    #[arg(long, short, value_enum, default_value_t = Output::Text)]
+    output: Output,
+    /// Print a line per packet per hop as it is seen.
+    #[arg(long, short)]
+    verbose: bool,
+    /// How TC programs are attached.
+    #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
+    attach: AttachMode,
+    /// Ring buffer size in bytes (a power of two, at least one page).
+    #[arg(long, default_value_t = 1 << 22)]
+    ring_size: u32,
+    /// Kernel BTF to read struct layouts and names from.
+    #[arg(long, default_value = "/sys/kernel/btf/vmlinux")]
+    btf: PathBuf,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Proto {
+    Tcp,
+    Udp,
+    Icmp,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("podtrace: starting the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // One line: what failed and why, through every context layer.
+            eprintln!("podtrace: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Follow(args) => follow(args).await,
+        Command::Cleanup => {
+            preflight::check_privileges()?;
+            let swept = attach::sweep().await?;
+            println!(
+                "removed {} filter(s) and {} clsact qdisc(s){}",
+                swept.filters.len(),
+                swept.qdiscs.len(),
+                if swept.filters.is_empty() && swept.qdiscs.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", swept.filters.iter().chain(&swept.qdiscs).cloned().collect::<Vec<_>>().join(", "))
+                }
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn follow(args: FollowArgs) -> Result<()> {
+    let pod_ips = args.pod_ips.iter().map(|ip| preflight::parse_pod_ip(ip)).collect::<Result<Vec<_>>>()?;
+    let duration = match args.duration {
+        Some(secs) if !(secs > 0.0 && secs.is_finite()) => bail!("invalid --duration {secs}: must be a positive number of seconds"),
+        Some(secs) => Some(Duration::from_secs_f64(secs)),
+        None => None,
+    };
+    if !args.ring_size.is_power_of_two() || args.ring_size < 4096 {
+        bail!("invalid --ring-size {}: must be a power of two of at least 4096", args.ring_size);
+    }
+    preflight::check_privileges()?;
+    preflight::load_btf(&args.btf)?;
+
+    let options = FollowOptions {
+        pod_ips,
+        duration,
+        peer: args.peer,
+        port: args.port,
+        proto: args.proto.map(|proto| match proto {
+            Proto::Tcp => IPPROTO_TCP,
+            Proto::Udp => IPPROTO_UDP,
+            Proto::Icmp => IPPROTO_ICMP,
+        }),
+        overrides: PathOverrides { add: args.add, exclude: args.exclude },
+        attach_mode: args.attach,
+        ring_bytes: args.ring_size,
+        verbose: args.verbose,
+        live_to_stderr: args.output == Output::Json,
+        node: std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .context("reading the hostname")?
+            .trim()
+            .to_string(),
+    };
+    let report = trace::follow(&options).await?;
+    match args.output {
+        Output::Text => print!("{}", report::render_text(&report)),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&report).context("serialising the report")?),
+    }
+    Ok(())
+}

@@ -1,0 +1,100 @@
+//! Checks done before anything is attached, so bad input fails fast and leaves nothing behind.
+
+use std::{fs, net::IpAddr, path::Path};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+
+pub fn parse_pod_ip(text: &str) -> Result<IpAddr> {
+    let ip: IpAddr = text.trim().parse().map_err(|err| anyhow!("invalid pod IP {text:?}: {err}"))?;
+    if ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() {
+        bail!("invalid pod IP {text:?}: not a unicast pod address");
+    }
+    Ok(ip)
+}
+
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// Root, or CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON (CAP_SYS_ADMIN stands in for the first two
+/// BPF capabilities, as the kernel allows).
+pub fn check_privileges() -> Result<()> {
+    let status = fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let effective = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .context("no CapEff line in /proc/self/status")?;
+    let effective = u64::from_str_radix(effective.trim(), 16).context("parsing CapEff")?;
+    let has = |cap: u32| effective & (1u64 << cap) != 0;
+    let mut missing = Vec::new();
+    if !has(CAP_NET_ADMIN) {
+        missing.push("CAP_NET_ADMIN");
+    }
+    if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_BPF");
+    }
+    if !has(CAP_PERFMON) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_PERFMON");
+    }
+    if !missing.is_empty() {
+        bail!(
+            "missing privileges: run as root or with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (lacking {})",
+            missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// The kernel's BTF: needed to read its struct layouts and enum names at load time.
+pub fn load_btf(path: &Path) -> Result<aya::Btf> {
+    if !path.exists() {
+        bail!(
+            "no BTF at {}: podtrace needs a kernel built with CONFIG_DEBUG_INFO_BTF (or pass --btf <file>)",
+            path.display()
+        );
+    }
+    aya::Btf::parse_file(path, aya::Endianness::default())
+        .map_err(|err| anyhow!("unreadable BTF at {}: {err}", path.display()))
+}
+
+/// tracefs holds tracepoint formats; it is not mounted on every host, nor inside
+/// `ip netns exec`, which remounts /sys.
+pub fn ensure_tracefs() -> Result<()> {
+    mount_if_missing("/sys/kernel/tracing", "tracefs", "tracefs")
+}
+
+fn mount_if_missing(target: &str, fstype: &str, source: &str) -> Result<()> {
+    let mounts = fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    if mounts.lines().any(|line| line.split_whitespace().nth(1) == Some(target)) {
+        return Ok(());
+    }
+    let c = |s: &str| std::ffi::CString::new(s).expect("no NUL in constant");
+    let (source, target_c, fstype_c) = (c(source), c(target), c(fstype));
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let rc = unsafe { libc::mount(source.as_ptr(), target_c.as_ptr(), fstype_c.as_ptr(), 0, std::ptr::null()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("mounting {fstype} at {target}"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_ip_errors_say_what_and_why() {
+        assert_eq!(parse_pod_ip("10.244.0.2").unwrap().to_string(), "10.244.0.2");
+        assert_eq!(parse_pod_ip("fd00::2").unwrap().to_string(), "fd00::2");
+        let err = parse_pod_ip("10.244.0.300").unwrap_err().to_string();
+        assert_eq!(err, "invalid pod IP \"10.244.0.300\": invalid IP address syntax");
+        assert!(parse_pod_ip("0.0.0.0").unwrap_err().to_string().contains("not a unicast"));
+    }
+
+    #[test]
+    fn missing_btf_names_the_file() {
+        let err = load_btf(Path::new("/nonexistent/vmlinux")).unwrap_err().to_string();
+        assert!(err.starts_with("no BTF at /nonexistent/vmlinux"), "{err}");
+    }
+}
