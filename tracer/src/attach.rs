@@ -105,12 +105,17 @@ impl Probes {
         followed.insert(mapped(ip), 1, 0).context("adding a followed IP")
     }
 
-    /// Registers the hop with the kernel filter and attaches both programs to it.
-    pub fn attach(&mut self, hop: &Hop) -> Result<()> {
+    /// Tells the kernel programs to report packets seen on `ifindex`.
+    pub fn register_hop(&mut self, ifindex: u32, no_mac_header: bool) -> Result<()> {
         let mut hops: HashMap<_, u32, HopConfig> =
             HashMap::try_from(self.ebpf.map_mut("HOPS").context("HOPS map missing")?)?;
-        let flags = if hop.no_mac_header { HOP_NO_MAC_HEADER } else { 0 };
-        hops.insert(hop.ifindex, HopConfig { flags }, 0).context("registering the hop")?;
+        let flags = if no_mac_header { HOP_NO_MAC_HEADER } else { 0 };
+        hops.insert(ifindex, HopConfig { flags }, 0).context("registering the hop")
+    }
+
+    /// Registers the hop with the kernel filter and attaches both programs to it.
+    pub fn attach(&mut self, hop: &Hop) -> Result<()> {
+        self.register_hop(hop.ifindex, hop.no_mac_header)?;
 
         if self.mode == AttachMode::Clsact {
             match tc::qdisc_add_clsact(&hop.ifname) {

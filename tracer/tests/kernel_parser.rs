@@ -1,0 +1,408 @@
+//! The TC programs' parser, run in the kernel with BPF_PROG_TEST_RUN on crafted frames.
+//!
+//! Needs root (or CAP_BPF + CAP_NET_ADMIN). Each test loads its own copy of the programs, so
+//! tests run in parallel without sharing maps.
+
+use std::net::IpAddr;
+
+use aya::{
+    maps::{MapData, RingBuf},
+    programs::{TestRun, TestRunOptions},
+};
+use tracer::{
+    Direction,
+    attach::{AttachMode, Counters, LoadOptions, Probes},
+    decode::{self, Packet},
+};
+use tracer_common::FilterConfig;
+
+const POD: &str = "10.244.0.2";
+const PEER: &str = "10.244.1.2";
+/// BPF_PROG_TEST_RUN runs sched_cls programs on the loopback device.
+const LOOPBACK: u32 = 1;
+/// TC_ACT_UNSPEC as the kernel returns it: "continue".
+const CONTINUE: u32 = u32::MAX;
+
+struct Harness {
+    probes: Probes,
+    events: RingBuf<MapData>,
+}
+
+impl Harness {
+    fn new(filter: FilterConfig, no_mac_header: bool) -> Self {
+        let mut probes = Probes::load(&LoadOptions { filter, ring_bytes: 1 << 16 }, AttachMode::Tcx)
+            .expect("loading the programs (are you root?)");
+        probes.follow(POD.parse().unwrap()).unwrap();
+        probes.register_hop(LOOPBACK, no_mac_header).unwrap();
+        let events = probes.take_events().unwrap();
+        Self { probes, events }
+    }
+
+    fn default() -> Self {
+        Self::new(default_filter(), false)
+    }
+
+    /// Runs the program on `frame` and returns the events it emitted.
+    fn run(&mut self, direction: Direction, frame: &[u8], ctx: Option<&[u8]>) -> Vec<Packet> {
+        let program = self.probes.program(direction).unwrap();
+        let mut opts = TestRunOptions { data_in: Some(frame), ..Default::default() };
+        opts.ctx_in = ctx;
+        let result = program.test_run(opts).expect("BPF_PROG_TEST_RUN");
+        assert_eq!(result.return_value, CONTINUE, "the program must always let the packet continue");
+        let mut packets = Vec::new();
+        while let Some(item) = self.events.next() {
+            packets.push(decode::decode(&item).unwrap());
+        }
+        packets
+    }
+
+    fn one(&mut self, frame: &[u8]) -> Packet {
+        let mut packets = self.run(Direction::Ingress, frame, None);
+        assert_eq!(packets.len(), 1, "expected exactly one event");
+        packets.remove(0)
+    }
+
+    fn counters(&self) -> Counters {
+        self.probes.counters().unwrap()
+    }
+}
+
+fn default_filter() -> FilterConfig {
+    FilterConfig { vxlan_ports: [8472, 4789], ..Default::default() }
+}
+
+fn ip(text: &str) -> IpAddr {
+    text.parse().unwrap()
+}
+
+// ---- frame builders -------------------------------------------------------------------
+
+fn ethernet(ether_type: u16, payload: &[u8]) -> Vec<u8> {
+    let mut frame = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02];
+    frame.extend_from_slice(&ether_type.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+fn vlan(tpid: u16, vid: u16, inner_type: u16) -> Vec<u8> {
+    let mut tag = tpid.to_be_bytes().to_vec();
+    tag.extend_from_slice(&vid.to_be_bytes());
+    tag.extend_from_slice(&inner_type.to_be_bytes());
+    tag
+}
+
+struct V4 {
+    src: [u8; 4],
+    dst: [u8; 4],
+    proto: u8,
+    id: u16,
+    ttl: u8,
+    frag: u16,
+    options: Vec<u8>,
+}
+
+impl V4 {
+    fn new(src: &str, dst: &str, proto: u8) -> Self {
+        let parse = |s: &str| s.parse::<std::net::Ipv4Addr>().unwrap().octets();
+        Self { src: parse(src), dst: parse(dst), proto, id: 0x1234, ttl: 64, frag: 0x4000, options: vec![] }
+    }
+
+    fn packet(&self, l4: &[u8]) -> Vec<u8> {
+        let ihl = 5 + self.options.len() / 4;
+        let total = (ihl * 4 + l4.len()) as u16;
+        let mut header = vec![0x40 | ihl as u8, 0];
+        header.extend_from_slice(&total.to_be_bytes());
+        header.extend_from_slice(&self.id.to_be_bytes());
+        header.extend_from_slice(&self.frag.to_be_bytes());
+        header.extend_from_slice(&[self.ttl, self.proto, 0, 0]);
+        header.extend_from_slice(&self.src);
+        header.extend_from_slice(&self.dst);
+        header.extend_from_slice(&self.options);
+        header.extend_from_slice(l4);
+        header
+    }
+}
+
+fn v6(src: &str, dst: &str, next: u8, flow_label: u32, payload: &[u8]) -> Vec<u8> {
+    let mut header = (0x6000_0000u32 | flow_label).to_be_bytes().to_vec();
+    header.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    header.extend_from_slice(&[next, 64]);
+    header.extend_from_slice(&src.parse::<std::net::Ipv6Addr>().unwrap().octets());
+    header.extend_from_slice(&dst.parse::<std::net::Ipv6Addr>().unwrap().octets());
+    header.extend_from_slice(payload);
+    header
+}
+
+fn tcp(sport: u16, dport: u16, seq: u32, ack: u32, flags: u8, payload: usize) -> Vec<u8> {
+    let mut header = sport.to_be_bytes().to_vec();
+    header.extend_from_slice(&dport.to_be_bytes());
+    header.extend_from_slice(&seq.to_be_bytes());
+    header.extend_from_slice(&ack.to_be_bytes());
+    header.extend_from_slice(&[5 << 4, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    header.extend(std::iter::repeat_n(0xab, payload));
+    header
+}
+
+fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut header = sport.to_be_bytes().to_vec();
+    header.extend_from_slice(&dport.to_be_bytes());
+    header.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    header.extend_from_slice(&[0, 0]);
+    header.extend_from_slice(payload);
+    header
+}
+
+fn icmp_echo(kind: u8, id: u16, seq: u16) -> Vec<u8> {
+    let mut header = vec![kind, 0, 0, 0];
+    header.extend_from_slice(&id.to_be_bytes());
+    header.extend_from_slice(&seq.to_be_bytes());
+    header.extend_from_slice(&[0x55; 16]);
+    header
+}
+
+fn vxlan(vni: u32, inner_frame: &[u8]) -> Vec<u8> {
+    let mut header = vec![0x08, 0, 0, 0];
+    header.extend_from_slice(&(vni << 8).to_be_bytes());
+    header.extend_from_slice(inner_frame);
+    header
+}
+
+fn pod_tcp_frame() -> Vec<u8> {
+    ethernet(0x0800, &V4::new(POD, PEER, 6).packet(&tcp(40000, 80, 1000, 2000, 0x18, 100)))
+}
+
+// ---- tests ----------------------------------------------------------------------------
+
+#[test]
+fn plain_ipv4_tcp() {
+    let mut harness = Harness::default();
+    let packet = harness.one(&pod_tcp_frame());
+    let layer = &packet.outer;
+    assert_eq!((layer.src, layer.dst), (ip(POD), ip(PEER)));
+    assert_eq!((layer.proto, layer.sport, layer.dport), (6, 40000, 80));
+    assert_eq!((layer.tcp_seq, layer.tcp_ack, layer.tcp_flags), (1000, 2000, 0x18));
+    assert_eq!((layer.ip_id, layer.ttl, layer.total_len, layer.header_len), (0x1234, 64, 140, 20));
+    assert!(layer.dont_fragment && !layer.fragment && !layer.options);
+    assert_eq!(layer.payload_len(), 100);
+    assert_eq!((packet.ifindex, packet.direction, packet.skb_len), (LOOPBACK, Direction::Ingress, 154));
+    assert!(packet.inner.is_none() && packet.vlan_id.is_none());
+    assert_eq!(harness.counters(), Counters { matched: 1, ..Default::default() });
+}
+
+#[test]
+fn egress_program_reports_egress() {
+    let mut harness = Harness::default();
+    let packets = harness.run(Direction::Egress, &pod_tcp_frame(), None);
+    assert_eq!(packets[0].direction, Direction::Egress);
+}
+
+#[test]
+fn gso_fields_come_from_the_skb() {
+    let mut harness = Harness::default();
+    // struct __sk_buff (UAPI): gso_segs at byte 164, gso_size at byte 176, 192 bytes long.
+    let mut ctx = [0u8; 192];
+    ctx[164..168].copy_from_slice(&3u32.to_ne_bytes());
+    ctx[176..180].copy_from_slice(&1398u32.to_ne_bytes());
+    let packets = harness.run(Direction::Egress, &pod_tcp_frame(), Some(&ctx));
+    assert_eq!((packets[0].gso_segs, packets[0].gso_size), (3, 1398));
+    assert!(packets[0].is_gso());
+}
+
+#[test]
+fn vlan_tagged_and_qinq() {
+    let mut harness = Harness::default();
+    let l3 = V4::new(PEER, POD, 17).packet(&udp(53, 33000, b"answer"));
+    let mut tagged = vlan(0x8100, 100, 0x0800);
+    tagged.extend_from_slice(&l3);
+    let mut frame = ethernet(0x8100, &[]);
+    frame.truncate(12);
+    frame.extend_from_slice(&tagged);
+    let packet = harness.one(&frame);
+    assert_eq!(packet.vlan_id, Some(100));
+    assert_eq!((packet.outer.sport, packet.outer.dport, packet.outer.payload_len()), (53, 33000, 6));
+
+    let mut qinq = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02];
+    qinq.extend_from_slice(&vlan(0x88a8, 7, 0x8100));
+    qinq.extend_from_slice(&vlan(0, 200, 0x0800)[2..]);
+    qinq.extend_from_slice(&l3);
+    let packet = harness.one(&qinq);
+    assert_eq!(packet.vlan_id, Some(7), "the outer tag is reported");
+    assert_eq!(packet.outer.dst, ip(POD));
+}
+
+#[test]
+fn vxlan_on_both_ports_exposes_the_inner_packet() {
+    for port in [8472, 4789] {
+        let mut harness = Harness::default();
+        let inner = ethernet(0x0800, &V4::new(POD, PEER, 1).packet(&icmp_echo(8, 77, 5)));
+        let outer = V4::new("10.99.0.1", "10.99.0.2", 17).packet(&udp(51000, port, &vxlan(1, &inner)));
+        let packet = harness.one(&ethernet(0x0800, &outer));
+        assert_eq!(packet.vni, Some(1));
+        assert_eq!((packet.outer.src, packet.outer.dport), (ip("10.99.0.1"), port));
+        let inner = packet.inner.as_ref().expect("inner packet");
+        assert_eq!((inner.src, inner.dst, inner.proto), (ip(POD), ip(PEER), 1));
+        assert_eq!((inner.icmp_type, inner.icmp_id, inner.icmp_seq), (8, 77, 5));
+        assert_eq!(packet.skb_len as usize, 14 + 20 + 8 + 8 + 14 + 20 + 24);
+    }
+}
+
+#[test]
+fn vxlan_with_other_endpoints_is_filtered_on_the_inner_ips() {
+    let mut harness = Harness::default();
+    let inner = ethernet(0x0800, &V4::new("10.244.5.5", "10.244.6.6", 1).packet(&icmp_echo(8, 1, 1)));
+    let outer = V4::new("10.99.0.1", "10.99.0.2", 17).packet(&udp(51000, 8472, &vxlan(1, &inner)));
+    assert!(harness.run(Direction::Ingress, &ethernet(0x0800, &outer), None).is_empty());
+    assert_eq!(harness.counters(), Counters::default());
+}
+
+#[test]
+fn ipv6_tcp_icmpv6_and_fragment_header() {
+    let mut harness = Harness::default();
+    harness.probes.follow(ip("fd00::2")).unwrap();
+    let packet = harness.one(&ethernet(0x86dd, &v6("fd00::2", "fd00::9", 6, 0xabcde, &tcp(1, 2, 3, 4, 0x02, 0))));
+    assert_eq!((packet.outer.src, packet.outer.proto, packet.outer.flow_label), (ip("fd00::2"), 6, 0xabcde));
+    assert_eq!((packet.outer.sport, packet.outer.tcp_seq, packet.outer.total_len), (1, 3, 60));
+
+    let packet = harness.one(&ethernet(0x86dd, &v6("fd00::9", "fd00::2", 58, 0, &icmp_echo(129, 9, 10))));
+    assert_eq!((packet.outer.icmp_type, packet.outer.icmp_id, packet.outer.icmp_seq), (129, 9, 10));
+
+    // Fragment header (first fragment, MF set) in front of UDP.
+    let mut ext = vec![17, 0, 0x00, 0x01, 0, 0, 0xbe, 0xef];
+    ext.extend_from_slice(&udp(5353, 53, b"q"));
+    let packet = harness.one(&ethernet(0x86dd, &v6("fd00::2", "fd00::9", 44, 0, &ext)));
+    let layer = &packet.outer;
+    assert!(layer.fragment && !layer.later_fragment && layer.options);
+    assert_eq!((layer.proto, layer.sport, layer.ip_id, layer.header_len), (17, 5353, 0xbeef, 48));
+}
+
+#[test]
+fn ipv4_fragments_and_options() {
+    let mut harness = Harness::default();
+    let mut first = V4::new(POD, PEER, 17);
+    first.frag = 0x2000;
+    let packet = harness.one(&ethernet(0x0800, &first.packet(&udp(4000, 5000, &[0; 64]))));
+    assert!(packet.outer.fragment && !packet.outer.later_fragment);
+    assert_eq!(packet.outer.sport, 4000);
+
+    let mut later = V4::new(POD, PEER, 17);
+    later.frag = 0x0010;
+    // A later fragment's payload is not a UDP header; its bytes must not be read as ports.
+    let packet = harness.one(&ethernet(0x0800, &later.packet(&[0x11; 32])));
+    assert!(packet.outer.later_fragment);
+    assert_eq!((packet.outer.sport, packet.outer.dport, packet.outer.payload_len()), (0, 0, 32));
+
+    let mut with_options = V4::new(POD, PEER, 6);
+    with_options.options = vec![0x01, 0x01, 0x01, 0x00];
+    let packet = harness.one(&ethernet(0x0800, &with_options.packet(&tcp(1111, 2222, 9, 0, 0x02, 0))));
+    assert!(packet.outer.options);
+    assert_eq!((packet.outer.header_len, packet.outer.sport, packet.outer.tcp_seq), (24, 1111, 9));
+}
+
+#[test]
+fn truncated_at_every_header_boundary_counts_unparsed() {
+    let assert_unparsed = |frame: &[u8], what: &str| {
+        let mut harness = Harness::default();
+        assert!(harness.run(Direction::Ingress, frame, None).is_empty(), "{what}");
+        assert_eq!(harness.counters(), Counters { unparsed: 1, ..Default::default() }, "{what}");
+    };
+    // IPv4 header present, cut after it and inside TCP.
+    let frame = pod_tcp_frame();
+    assert_unparsed(&frame[..34], "IPv4 header only");
+    assert_unparsed(&frame[..44], "mid TCP header");
+    // The kernel refuses to test-run an IPv4 frame shorter than its IP header, so the cuts
+    // before it are made behind a VLAN tag, which the kernel does not look into.
+    let mut tagged = frame[..12].to_vec();
+    tagged.extend_from_slice(&vlan(0x8100, 5, 0x0800));
+    tagged.extend_from_slice(&frame[14..]);
+    assert!(!Harness::default().run(Direction::Ingress, &tagged, None).is_empty(), "whole tagged frame parses");
+    for (cut, what) in [(15, "mid VLAN tag"), (18, "VLAN tag only"), (28, "mid IPv4 header"), (38, "IPv4 header only"), (48, "mid TCP header")] {
+        assert_unparsed(&tagged[..cut], what);
+    }
+    // IPv6: cut inside the fixed header and inside the fragment extension header.
+    let mut ext = vec![17, 0, 0, 1, 0, 0, 0, 1];
+    ext.extend_from_slice(&udp(1, 2, b""));
+    let v6_frame = ethernet(0x86dd, &v6("fd00::2", "fd00::9", 44, 0, &ext));
+    let mut harness = Harness::default();
+    harness.probes.follow(ip("fd00::2")).unwrap();
+    assert!(!harness.run(Direction::Ingress, &v6_frame, None).is_empty(), "whole IPv6 frame parses");
+    for (cut, what) in [(14 + 54, "mid fragment header"), (14 + 40 + 8 + 4, "mid UDP header")] {
+        let mut harness = Harness::default();
+        harness.probes.follow(ip("fd00::2")).unwrap();
+        assert!(harness.run(Direction::Ingress, &v6_frame[..cut], None).is_empty(), "{what}");
+        assert_eq!(harness.counters(), Counters { unparsed: 1, ..Default::default() }, "{what}");
+    }
+}
+
+#[test]
+fn truncated_vxlan_payload_keeps_the_outer_event() {
+    let inner = ethernet(0x0800, &V4::new(POD, PEER, 1).packet(&icmp_echo(8, 1, 1)));
+    let outer_ip = V4::new("10.99.0.1", "10.99.0.2", 17);
+    // The full frame routes on the outer IPs only if they are followed, so follow the node.
+    for cut in [4, 14 + 10, 14 + 20 + 2] {
+        let mut harness = Harness::default();
+        harness.probes.follow(ip("10.99.0.1")).unwrap();
+        let payload = vxlan(1, &inner[..cut]);
+        let frame = ethernet(0x0800, &outer_ip.packet(&udp(51000, 8472, &payload)));
+        let packet = harness.one(&frame);
+        assert!(packet.inner_truncated && packet.inner.is_none(), "cut at {cut}");
+        assert_eq!(harness.counters(), Counters { matched: 1, unparsed: 1, ..Default::default() });
+    }
+}
+
+#[test]
+fn non_ip_frames_are_counted_not_reported() {
+    let mut harness = Harness::default();
+    let arp = ethernet(0x0806, &[0u8; 28]);
+    assert!(harness.run(Direction::Ingress, &arp, None).is_empty());
+    assert_eq!(harness.counters(), Counters { not_ip: 1, ..Default::default() });
+}
+
+#[test]
+fn unfollowed_traffic_and_unregistered_devices_are_ignored() {
+    let mut harness = Harness::default();
+    let other = ethernet(0x0800, &V4::new("10.1.1.1", "10.1.1.2", 6).packet(&tcp(1, 2, 3, 4, 0x10, 0)));
+    assert!(harness.run(Direction::Ingress, &other, None).is_empty());
+
+    let mut probes = Probes::load(&LoadOptions { filter: default_filter(), ring_bytes: 1 << 16 }, AttachMode::Tcx).unwrap();
+    probes.follow(ip(POD)).unwrap();
+    let mut events = probes.take_events().unwrap();
+    let program = probes.program(Direction::Ingress).unwrap();
+    let frame = pod_tcp_frame();
+    program.test_run(TestRunOptions { data_in: Some(&frame), ..Default::default() }).unwrap();
+    assert!(events.next().is_none(), "loopback is not a registered hop");
+    assert_eq!(probes.counters().unwrap(), Counters::default());
+}
+
+#[test]
+fn peer_port_and_protocol_narrow_the_filter() {
+    let peer = ip(PEER);
+    let IpAddr::V4(peer_v4) = peer else { unreachable!() };
+    let frames = [
+        pod_tcp_frame(),
+        ethernet(0x0800, &V4::new(POD, "10.244.9.9", 6).packet(&tcp(40000, 80, 1, 0, 0x10, 0))),
+        ethernet(0x0800, &V4::new(POD, PEER, 6).packet(&tcp(40000, 443, 1, 0, 0x10, 0))),
+        ethernet(0x0800, &V4::new(POD, PEER, 17).packet(&udp(40000, 80, b"x"))),
+    ];
+    let filter = FilterConfig {
+        peer: peer_v4.to_ipv6_mapped().octets(),
+        has_peer: 1,
+        proto: 6,
+        port: 80,
+        ..default_filter()
+    };
+    let mut harness = Harness::new(filter, false);
+    let matched: Vec<usize> = frames
+        .iter()
+        .enumerate()
+        .filter(|(_, frame)| !harness.run(Direction::Ingress, frame, None).is_empty())
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(matched, [0]);
+}
+
+#[test]
+fn devices_without_a_mac_header() {
+    let mut harness = Harness::new(default_filter(), true);
+    let packet = harness.one(&V4::new(POD, PEER, 17).packet(&udp(1000, 2000, &[0; 20])));
+    assert_eq!((packet.outer.src, packet.outer.sport, packet.outer.dport), (ip(POD), 1000, 2000));
+}
