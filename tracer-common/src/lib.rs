@@ -132,8 +132,86 @@ pub const MAX_FOLLOWED: u32 = 64;
 /// Maximum number of hops (`HOPS` map size).
 pub const MAX_HOPS: u32 = 256;
 
+/// `KernelEvent::kind`: `skb:kfree_skb` for a followed flow.
+pub const KEV_DROP: u8 = 1;
+/// `tcp:tcp_retransmit_skb` for a followed flow.
+pub const KEV_RETRANSMIT: u8 = 2;
+/// `icmp:icmp_send`: the kernel answered a followed flow's packet with an ICMP error.
+pub const KEV_ICMP_SEND: u8 = 3;
+
+/// `KernelEvent::flags`: the skb had been received on `ifindex` (skb_iif), not sent out of it.
+pub const KEV_RECEIVED: u8 = 1 << 0;
+
+/// A kernel-wide event (tracepoint) about one of the followed flows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelEvent {
+    pub ktime_ns: u64,
+    /// Drops: the kernel address that freed the skb (`location`).
+    pub location: u64,
+    /// Inode number of the network namespace of the skb's device or socket.
+    pub netns: u32,
+    /// `skb->dev->ifindex`, 0 when the skb has no device.
+    pub ifindex: u32,
+    /// Drops: `enum skb_drop_reason` value. Retransmits: TCP state.
+    pub reason: u32,
+    pub skb_len: u32,
+    /// Retransmits: the segment's first sequence number.
+    pub tcp_seq: u32,
+    /// `KEV_*`.
+    pub kind: u8,
+    /// `KEV_RECEIVED` and `PKT_*` flags.
+    pub flags: u8,
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+    pub outer: IpLayer,
+    pub inner: IpLayer,
+}
+
+/// Where to find things in kernel memory and in tracepoint records, read from the running
+/// kernel's BTF and tracefs at load time (loaded as the global `LAYOUT`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelLayout {
+    pub skb_head: u32,
+    pub skb_len: u32,
+    pub skb_network_header: u32,
+    pub skb_dev: u32,
+    pub skb_sk: u32,
+    pub skb_iif: u32,
+    pub skb_cb: u32,
+    pub dev_ifindex: u32,
+    pub dev_nd_net: u32,
+    pub net_ns_inum: u32,
+    pub sock_net: u32,
+    /// `skb:kfree_skb` record offsets (classic tracepoint fallback).
+    pub kfree_skbaddr: u32,
+    pub kfree_location: u32,
+    pub kfree_reason: u32,
+    /// `tcp:tcp_retransmit_skb` record offsets.
+    pub retrans_skbaddr: u32,
+    pub retrans_skaddr: u32,
+    pub retrans_state: u32,
+    pub retrans_family: u32,
+    pub retrans_sport: u32,
+    pub retrans_dport: u32,
+    pub retrans_saddr: u32,
+    pub retrans_daddr: u32,
+    pub retrans_saddr_v6: u32,
+    pub retrans_daddr_v6: u32,
+    /// `icmp:icmp_send` record offsets.
+    pub icmp_skbaddr: u32,
+    pub icmp_type: u32,
+    pub icmp_code: u32,
+}
+
+/// Maximum number of network namespaces that count as "this node" (`NETNS` map size).
+pub const MAX_NETNS: u32 = 1024;
+
 #[cfg(feature = "user")]
 mod user {
+    unsafe impl aya::Pod for super::KernelEvent {}
+    unsafe impl aya::Pod for super::KernelLayout {}
     // SAFETY: all are repr(C) plain-old-data with no invalid bit patterns.
     unsafe impl aya::Pod for super::PacketEvent {}
     unsafe impl aya::Pod for super::HopConfig {}

@@ -7,6 +7,10 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
+mod kernel_events;
+#[cfg(target_arch = "bpf")]
+mod parse;
+#[cfg(target_arch = "bpf")]
 mod tc;
 
 #[cfg(target_arch = "bpf")]

@@ -22,14 +22,22 @@ use aya::{
     util::KernelVersion,
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType,
+        BtfTracePoint, LinkOrder, SchedClassifier, TcAttachType, TracePoint,
         tc::{self, NlOptions, TcAttachOptions},
     },
 };
 use tracer_common::{
     COUNTER_COUNT, COUNTER_LOST_EVENTS, COUNTER_MATCHED, COUNTER_NOT_IP, COUNTER_UNPARSED,
-    FilterConfig, HOP_NO_MAC_HEADER, HopConfig,
+    FilterConfig, HOP_NO_MAC_HEADER, HopConfig, KernelLayout,
 };
+
+/// Which tracepoints have a readable tracefs format on this kernel.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Tracepoints {
+    pub kfree_skb: bool,
+    pub tcp_retransmit_skb: bool,
+    pub icmp_send: bool,
+}
 
 use crate::{Direction, discovery::Hop};
 
@@ -60,7 +68,16 @@ pub struct Counters {
 
 pub struct LoadOptions {
     pub filter: FilterConfig,
+    pub layout: KernelLayout,
     pub ring_bytes: u32,
+}
+
+/// How each kernel event source was attached, or why not.
+#[derive(Clone, Debug, Default, serde::Serialize, PartialEq)]
+pub struct KernelSources {
+    pub drops: String,
+    pub retransmits: String,
+    pub icmp_errors: String,
 }
 
 /// The loaded programs and maps, before or after attaching.
@@ -75,6 +92,7 @@ impl Probes {
     pub fn load(options: &LoadOptions, mode: AttachMode) -> Result<Self> {
         let mut ebpf = EbpfLoader::new()
             .override_global("FILTER", &options.filter, true)
+            .override_global("LAYOUT", &options.layout, true)
             .map_max_entries("EVENTS", options.ring_bytes)
             .load(KERNEL_OBJECT)
             .context("loading the kernel programs")?;
@@ -150,6 +168,65 @@ impl Probes {
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
         let map = self.ebpf.take_map("EVENTS").context("EVENTS map missing")?;
         Ok(RingBuf::try_from(map)?)
+    }
+
+    pub fn take_kernel_events(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self.ebpf.take_map("KERNEL_EVENTS").context("KERNEL_EVENTS map missing")?;
+        Ok(RingBuf::try_from(map)?)
+    }
+
+    /// Attaches the tracepoint programs. Kernel events count only from `namespaces`.
+    /// `tracepoints` names the sources whose tracefs format was readable (and so whose
+    /// offsets are in the layout).
+    pub fn attach_kernel_events(
+        &mut self,
+        btf: &aya::Btf,
+        namespaces: &std::collections::BTreeSet<u32>,
+        tracepoints: &Tracepoints,
+    ) -> Result<KernelSources> {
+        let mut netns: HashMap<_, u32, u8> =
+            HashMap::try_from(self.ebpf.map_mut("NETNS").context("NETNS map missing")?)?;
+        for inode in namespaces {
+            netns.insert(*inode, 1, 0).context("registering a network namespace")?;
+        }
+        let mut sources = KernelSources::default();
+        sources.drops = match self.attach_btf_tracepoint("podtrace_kfree_skb_btf", "kfree_skb", btf) {
+            Ok(()) => "tp_btf skb:kfree_skb".into(),
+            Err(btf_err) if tracepoints.kfree_skb => {
+                log::info!("tp_btf kfree_skb unavailable ({btf_err:#}); using the classic tracepoint");
+                self.attach_tracepoint("podtrace_kfree_skb", "skb", "kfree_skb")?;
+                "tracepoint skb:kfree_skb".into()
+            }
+            Err(err) => return Err(err.context("attaching to skb:kfree_skb")),
+        };
+        sources.retransmits = if tracepoints.tcp_retransmit_skb {
+            self.attach_tracepoint("podtrace_tcp_retransmit", "tcp", "tcp_retransmit_skb")?;
+            "tracepoint tcp:tcp_retransmit_skb".into()
+        } else {
+            "unavailable: no tcp:tcp_retransmit_skb tracepoint".into()
+        };
+        sources.icmp_errors = if tracepoints.icmp_send {
+            self.attach_tracepoint("podtrace_icmp_send", "icmp", "icmp_send")?;
+            "tracepoint icmp:icmp_send".into()
+        } else {
+            "unavailable: no icmp:icmp_send tracepoint on this kernel".into()
+        };
+        Ok(sources)
+    }
+
+    fn attach_btf_tracepoint(&mut self, program: &str, tracepoint: &str, btf: &aya::Btf) -> Result<()> {
+        let program: &mut BtfTracePoint =
+            self.ebpf.program_mut(program).context("program missing")?.try_into()?;
+        program.load(tracepoint, btf).with_context(|| format!("loading tp_btf {tracepoint}"))?;
+        program.attach().with_context(|| format!("attaching tp_btf {tracepoint}"))?;
+        Ok(())
+    }
+
+    fn attach_tracepoint(&mut self, program: &str, category: &str, name: &str) -> Result<()> {
+        let program: &mut TracePoint = self.ebpf.program_mut(program).context("program missing")?.try_into()?;
+        program.load().with_context(|| format!("loading the {category}:{name} program"))?;
+        program.attach(category, name).with_context(|| format!("attaching to {category}:{name}"))?;
+        Ok(())
     }
 
     pub fn counters(&self) -> Result<Counters> {

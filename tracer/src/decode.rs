@@ -5,8 +5,8 @@ use std::net::{IpAddr, Ipv6Addr};
 use anyhow::{Result, bail};
 use tracer_common::{
     DIR_EGRESS, DIR_INGRESS, IP_DF, IP_FRAGMENT, IP_LATER_FRAGMENT, IP_OPTIONS, IPPROTO_ICMP,
-    IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IpLayer, PKT_INNER_TRUNCATED, PKT_VLAN, PKT_VXLAN,
-    PacketEvent,
+    IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IpLayer, KEV_DROP, KEV_ICMP_SEND, KEV_RECEIVED,
+    KEV_RETRANSMIT, KernelEvent, PKT_INNER_TRUNCATED, PKT_VLAN, PKT_VXLAN, PacketEvent,
 };
 
 use crate::Direction;
@@ -188,6 +188,63 @@ pub fn from_event(event: &PacketEvent) -> Packet {
     }
 }
 
+/// A kernel-wide event about a followed flow.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelRecord {
+    pub ktime_ns: u64,
+    pub netns: u32,
+    /// The skb's device in `netns`; 0 when it had none.
+    pub ifindex: u32,
+    /// The skb had been received on `ifindex` (rather than being sent out of it).
+    pub received: bool,
+    pub skb_len: u32,
+    pub outer: Layer,
+    pub inner: Option<Layer>,
+    pub kind: KernelRecordKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KernelRecordKind {
+    Drop { reason: u32, location: u64 },
+    Retransmit { seq: u32, tcp_state: u32 },
+    IcmpSent { icmp_type: u8, icmp_code: u8 },
+}
+
+impl KernelRecord {
+    pub fn pod_layer(&self) -> &Layer {
+        self.inner.as_ref().unwrap_or(&self.outer)
+    }
+}
+
+pub fn decode_kernel(bytes: &[u8]) -> Result<KernelRecord> {
+    if bytes.len() < size_of::<KernelEvent>() {
+        bail!("ring record of {} bytes is shorter than a KernelEvent ({})", bytes.len(), size_of::<KernelEvent>());
+    }
+    // SAFETY: length checked; KernelEvent is plain old data.
+    let event: KernelEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    from_kernel_event(&event)
+}
+
+pub fn from_kernel_event(event: &KernelEvent) -> Result<KernelRecord> {
+    let kind = match event.kind {
+        KEV_DROP => KernelRecordKind::Drop { reason: event.reason, location: event.location },
+        KEV_RETRANSMIT => KernelRecordKind::Retransmit { seq: event.tcp_seq, tcp_state: event.reason },
+        KEV_ICMP_SEND => KernelRecordKind::IcmpSent { icmp_type: event.icmp_type, icmp_code: event.icmp_code },
+        other => bail!("unknown kernel event kind {other}"),
+    };
+    let vxlan = event.flags & PKT_VXLAN != 0 && event.flags & PKT_INNER_TRUNCATED == 0;
+    Ok(KernelRecord {
+        ktime_ns: event.ktime_ns,
+        netns: event.netns,
+        ifindex: event.ifindex,
+        received: event.flags & KEV_RECEIVED != 0,
+        skb_len: event.skb_len,
+        outer: Layer::from_wire(&event.outer),
+        inner: vxlan.then(|| Layer::from_wire(&event.inner)),
+        kind,
+    })
+}
+
 fn unmap(bytes: [u8; 16]) -> IpAddr {
     let v6 = Ipv6Addr::from(bytes);
     match v6.to_ipv4_mapped() {
@@ -203,6 +260,20 @@ mod tests {
     #[test]
     fn short_records_are_rejected() {
         assert!(decode(&[0u8; 10]).is_err());
+        assert!(decode_kernel(&[0u8; 10]).is_err());
+    }
+
+    #[test]
+    fn kernel_events_decode_by_kind() {
+        let mut event = KernelEvent { kind: KEV_DROP, reason: 12, location: 0xffff_ffff_8100_0000, flags: KEV_RECEIVED, ..Default::default() };
+        let record = from_kernel_event(&event).unwrap();
+        assert_eq!(record.kind, KernelRecordKind::Drop { reason: 12, location: 0xffff_ffff_8100_0000 });
+        assert!(record.received);
+        event.kind = KEV_RETRANSMIT;
+        event.tcp_seq = 77;
+        assert_eq!(from_kernel_event(&event).unwrap().kind, KernelRecordKind::Retransmit { seq: 77, tcp_state: 12 });
+        event.kind = 99;
+        assert!(from_kernel_event(&event).is_err());
     }
 
     #[test]

@@ -12,6 +12,7 @@ use netlink_packet_route::{
         InfoBond, InfoBondPort, InfoData, InfoKind, InfoPortData, InfoVxlan, LinkAttribute,
         LinkInfo, LinkLayerType, LinkMessage, State,
     },
+    address::AddressAttribute,
     neighbour::{NeighbourAddress, NeighbourAttribute},
     route::{RouteAddress, RouteAttribute, RouteType},
 };
@@ -73,6 +74,10 @@ pub struct Hop {
     pub from_pod: Direction,
     /// For VXLAN devices: the underlay device's ifindex.
     pub underlay: Option<u32>,
+    /// For VXLAN devices: the `local` tunnel source address.
+    pub vxlan_local: Option<IpAddr>,
+    /// Addresses on the interface, with prefix lengths.
+    pub addresses: Vec<(IpAddr, u8)>,
     pub bond: Option<BondState>,
     pub slave: Option<SlaveState>,
 }
@@ -91,6 +96,9 @@ pub struct Path {
     pub pod_ip: IpAddr,
     pub locality: Locality,
     pub hops: Vec<Hop>,
+    /// Namespace ids (relative to this one) of the local pods' network namespaces, from the
+    /// peers of the veths on the pod bridge.
+    pub pod_netnsids: Vec<i32>,
     /// Things discovery had to guess, printed as warnings.
     pub warnings: Vec<String>,
 }
@@ -113,8 +121,11 @@ struct Link {
     link_layer: LinkLayerType,
     oper_up: bool,
     vxlan_underlay: Option<u32>,
+    vxlan_local: Option<IpAddr>,
     bond: Option<BondState>,
     bond_port: Option<(bool, u32)>,
+    /// For a veth whose peer lives in another namespace: that namespace's id.
+    link_netnsid: Option<i32>,
 }
 
 pub async fn discover(pod_ip: IpAddr, overrides: &PathOverrides) -> Result<Path> {
@@ -189,6 +200,7 @@ async fn discover_with(handle: &Handle, pod_ip: IpAddr, overrides: &PathOverride
         }
     }
 
+    let addresses = dump_addresses(handle).await?;
     let mut seen = Vec::new();
     let mut hops = Vec::new();
     for (index, kind, from_pod) in path {
@@ -208,6 +220,8 @@ async fn discover_with(handle: &Handle, pod_ip: IpAddr, overrides: &PathOverride
             no_mac_header: !matches!(link.link_layer, LinkLayerType::Ether | LinkLayerType::Loopback),
             from_pod,
             underlay: link.vxlan_underlay,
+            vxlan_local: link.vxlan_local,
+            addresses: addresses.iter().filter(|(i, _, _)| *i == index).map(|(_, ip, len)| (*ip, *len)).collect(),
             bond: link.bond.clone(),
             slave: link.bond_port.map(|(mii_up, link_failures)| SlaveState {
                 bond: link.controller.and_then(|c| links.get(&c)).map(|b| b.name.clone()).unwrap_or_default(),
@@ -219,7 +233,17 @@ async fn discover_with(handle: &Handle, pod_ip: IpAddr, overrides: &PathOverride
     if hops.is_empty() {
         bail!("no path to {pod_ip} on this node: every hop was excluded");
     }
-    Ok(Path { pod_ip, locality, hops, warnings })
+    // Every pod behind a pod bridge or on a pod veth is local, not only the followed one.
+    let pod_netnsids = links
+        .values()
+        .filter(|link| link.kind == Some(InfoKind::Veth))
+        .filter(|link| {
+            let on_bridge = link.controller.and_then(|c| links.get(&c)).is_some_and(|c| c.kind == Some(InfoKind::Bridge));
+            on_bridge || hops.iter().any(|hop| hop.ifindex == link.index && hop.kind == HopKind::PodVeth)
+        })
+        .filter_map(|link| link.link_netnsid)
+        .collect();
+    Ok(Path { pod_ip, locality, hops, pod_netnsids, warnings })
 }
 
 /// Adds an underlay device, and for a bond its slaves, once.
@@ -421,14 +445,17 @@ fn parse_link(message: &LinkMessage) -> Link {
         link_layer: message.header.link_layer_type,
         oper_up: false,
         vxlan_underlay: None,
+        vxlan_local: None,
         bond: None,
         bond_port: None,
+        link_netnsid: None,
     };
     for attr in &message.attributes {
         match attr {
             LinkAttribute::IfName(name) => link.name = name.clone(),
             LinkAttribute::Mtu(mtu) => link.mtu = *mtu,
             LinkAttribute::Controller(index) => link.controller = Some(*index),
+            LinkAttribute::LinkNetNsId(id) => link.link_netnsid = Some(*id),
             // Virtual devices without carrier detection report "unknown" while working.
             LinkAttribute::OperState(state) => link.oper_up = matches!(state, State::Up | State::Unknown),
             LinkAttribute::LinkInfo(infos) => parse_link_info(infos, &mut link),
@@ -443,10 +470,14 @@ fn parse_link_info(infos: &[LinkInfo], link: &mut Link) {
         match info {
             LinkInfo::Kind(kind) => link.kind = Some(kind.clone()),
             LinkInfo::Data(InfoData::Vxlan(attrs)) => {
-                link.vxlan_underlay = attrs.iter().find_map(|attr| match attr {
-                    InfoVxlan::Link(index) if *index != 0 => Some(*index),
-                    _ => None,
-                });
+                for attr in attrs {
+                    match attr {
+                        InfoVxlan::Link(index) if *index != 0 => link.vxlan_underlay = Some(*index),
+                        InfoVxlan::Local(ip) if !ip.is_unspecified() => link.vxlan_local = Some(IpAddr::V4(*ip)),
+                        InfoVxlan::Local6(ip) if !ip.is_unspecified() => link.vxlan_local = Some(IpAddr::V6(*ip)),
+                        _ => {}
+                    }
+                }
             }
             LinkInfo::Data(InfoData::Bond(attrs)) => {
                 let mut state = BondState { mode: String::new(), active_slave: None };
@@ -493,12 +524,42 @@ fn bond_mode_name(mode: netlink_packet_route::link::BondMode) -> String {
     }
 }
 
-/// Whether an interface still exists, for noticing hops that vanish mid-trace.
-pub async fn link_exists(handle: &Handle, index: u32) -> Result<bool> {
-    match handle.link().get().match_index(index).execute().try_next().await {
-        Ok(Some(_)) => Ok(true),
-        Ok(None) => Ok(false),
-        Err(rtnetlink::Error::NetlinkError(err)) if err.raw_code() == -libc::ENODEV => Ok(false),
-        Err(err) => Err(err).context("querying link"),
-    }
+async fn dump_addresses(handle: &Handle) -> Result<Vec<(u32, IpAddr, u8)>> {
+    let messages: Vec<_> = handle.address().get().execute().try_collect().await.context("dumping addresses")?;
+    Ok(messages
+        .iter()
+        .filter_map(|message| {
+            let ip = message.attributes.iter().find_map(|attr| match attr {
+                AddressAttribute::Address(ip) => Some(*ip),
+                _ => None,
+            })?;
+            Some((message.header.index, ip, message.header.prefix_len))
+        })
+        .collect())
+}
+
+/// Receive-side drop counters of an interface, from the kernel's link statistics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinkDrops {
+    pub rx_dropped: u64,
+    pub rx_length_errors: u64,
+    pub tx_dropped: u64,
+}
+
+/// `None` when the interface is gone.
+pub async fn link_drops(handle: &Handle, index: u32) -> Result<Option<LinkDrops>> {
+    let message = match handle.link().get().match_index(index).execute().try_next().await {
+        Ok(Some(message)) => message,
+        Ok(None) => return Ok(None),
+        Err(rtnetlink::Error::NetlinkError(err)) if err.raw_code() == -libc::ENODEV => return Ok(None),
+        Err(err) => return Err(err).context("querying link statistics"),
+    };
+    Ok(Some(message.attributes.iter().fold(LinkDrops::default(), |drops, attr| match attr {
+        LinkAttribute::Stats64(stats) => LinkDrops {
+            rx_dropped: stats.rx_dropped,
+            rx_length_errors: stats.rx_length_errors,
+            tx_dropped: stats.tx_dropped,
+        },
+        _ => drops,
+    })))
 }

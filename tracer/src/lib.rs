@@ -14,8 +14,12 @@ pub mod correlate;
 pub mod decode;
 pub mod discovery;
 pub mod findings;
+pub mod kernel_btf;
+pub mod layout;
+pub mod netns;
 pub mod preflight;
 pub mod report;
+pub mod symbols;
 pub mod trace;
 
 /// A TC hook.

@@ -64,6 +64,12 @@ struct FollowArgs {
     /// Kernel BTF to read struct layouts and names from.
     #[arg(long, default_value = "/sys/kernel/btf/vmlinux")]
     btf: PathBuf,
+    /// This node's tunnel endpoint address (default: where peers' VXLAN packets are sent).
+    #[arg(long)]
+    node_ip: Option<IpAddr>,
+    /// How long a request may wait for its reply before it counts as unanswered, in ms.
+    #[arg(long, default_value_t = 1000)]
+    reply_timeout_ms: u64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -131,7 +137,7 @@ async fn follow(args: FollowArgs) -> Result<()> {
         bail!("invalid --ring-size {}: must be a power of two of at least 4096", args.ring_size);
     }
     preflight::check_privileges()?;
-    preflight::load_btf(&args.btf)?;
+    preflight::check_btf(&args.btf)?;
 
     let options = FollowOptions {
         pod_ips,
@@ -148,6 +154,9 @@ async fn follow(args: FollowArgs) -> Result<()> {
         ring_bytes: args.ring_size,
         verbose: args.verbose,
         live_to_stderr: args.output == Output::Json,
+        node_ip: args.node_ip,
+        reply_timeout: Duration::from_millis(args.reply_timeout_ms),
+        btf: args.btf,
         node: std::fs::read_to_string("/proc/sys/kernel/hostname")
             .context("reading the hostname")?
             .trim()

@@ -46,16 +46,15 @@ pub fn check_privileges() -> Result<()> {
     Ok(())
 }
 
-/// The kernel's BTF: needed to read its struct layouts and enum names at load time.
-pub fn load_btf(path: &Path) -> Result<aya::Btf> {
+/// The kernel's BTF is needed to read its struct layouts and enum names at load time.
+pub fn check_btf(path: &Path) -> Result<()> {
     if !path.exists() {
         bail!(
             "no BTF at {}: podtrace needs a kernel built with CONFIG_DEBUG_INFO_BTF (or pass --btf <file>)",
             path.display()
         );
     }
-    aya::Btf::parse_file(path, aya::Endianness::default())
-        .map_err(|err| anyhow!("unreadable BTF at {}: {err}", path.display()))
+    Ok(())
 }
 
 /// tracefs holds tracepoint formats; it is not mounted on every host, nor inside
@@ -94,7 +93,7 @@ mod tests {
 
     #[test]
     fn missing_btf_names_the_file() {
-        let err = load_btf(Path::new("/nonexistent/vmlinux")).unwrap_err().to_string();
+        let err = check_btf(Path::new("/nonexistent/vmlinux")).unwrap_err().to_string();
         assert!(err.starts_with("no BTF at /nonexistent/vmlinux"), "{err}");
     }
 }

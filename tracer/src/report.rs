@@ -6,10 +6,10 @@ use serde::Serialize;
 
 use crate::{
     Direction,
-    attach::Counters,
+    attach::{Counters, KernelSources},
     correlate::{Correlator, HopKey},
     discovery::{BondState, HopKind, Locality, Path, SlaveState},
-    findings::Finding,
+    findings::{Finding, Outcome},
 };
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -50,6 +50,7 @@ pub struct Report {
     pub node: String,
     pub locality: Locality,
     pub attach_mode: String,
+    pub kernel_sources: KernelSources,
     pub duration_s: f64,
     pub hops: Vec<HopReport>,
     pub findings: Vec<Finding>,
@@ -63,6 +64,7 @@ pub struct Report {
 pub struct RunFacts<'a> {
     pub node: String,
     pub attach_mode: String,
+    pub kernel_sources: KernelSources,
     pub duration_s: f64,
     pub counters: Counters,
     pub vanished: &'a [u32],
@@ -75,7 +77,7 @@ pub fn ordered_hops(path: &Path) -> Vec<(usize, Direction)> {
     outbound.chain(inbound).collect()
 }
 
-pub fn build(path: &Path, correlator: &Correlator, facts: RunFacts<'_>, findings: Vec<Finding>) -> Report {
+pub fn build(path: &Path, correlator: &Correlator, facts: RunFacts<'_>, outcome: Outcome) -> Report {
     let hops = ordered_hops(path)
         .into_iter()
         .map(|(index, direction)| {
@@ -93,8 +95,8 @@ pub fn build(path: &Path, correlator: &Correlator, facts: RunFacts<'_>, findings
                 bytes: stats.bytes,
                 max_len: stats.max_len,
                 latency_us: Latency { p50: micros(0.5), p99: micros(0.99) },
-                drops: 0,
-                retransmits: 0,
+                drops: outcome.drops.get(&key).copied().unwrap_or(0),
+                retransmits: outcome.retransmits.get(&key).copied().unwrap_or(0),
                 linked: stats.linked,
                 last_seen: stats.last_seen,
                 vanished: facts.vanished.contains(&hop.ifindex),
@@ -108,9 +110,10 @@ pub fn build(path: &Path, correlator: &Correlator, facts: RunFacts<'_>, findings
         node: facts.node,
         locality: path.locality,
         attach_mode: facts.attach_mode,
+        kernel_sources: facts.kernel_sources,
         duration_s: (facts.duration_s * 1000.0).round() / 1000.0,
         hops,
-        findings,
+        findings: outcome.findings,
         lost_events: facts.counters.lost_events,
         unparsed: facts.counters.unparsed,
         events: facts.counters.matched,
@@ -220,6 +223,8 @@ mod tests {
             no_mac_header: false,
             from_pod,
             underlay: None,
+            vxlan_local: None,
+            addresses: vec![],
             bond: None,
             slave: None,
         }
@@ -235,6 +240,7 @@ mod tests {
                 hop("flannel.1", 3, HopKind::Vxlan, Direction::Egress),
                 hop("eth0", 2, HopKind::Nic, Direction::Egress),
             ],
+            pod_netnsids: vec![],
             warnings: vec![],
         }
     }
@@ -262,11 +268,13 @@ mod tests {
         let facts = RunFacts {
             node: "node-a".into(),
             attach_mode: "tcx".into(),
+            kernel_sources: KernelSources::default(),
             duration_s: 1.23456,
             counters: Counters { matched: 0, lost_events: 2, unparsed: 1, not_ip: 0 },
             vanished: &[3],
         };
-        let report = build(&path, &correlator, facts, vec![]);
+        let outcome = Outcome { findings: vec![], drops: Default::default(), retransmits: Default::default() };
+        let report = build(&path, &correlator, facts, outcome);
         let json = serde_json::to_value(&report).unwrap();
         for key in ["pod_ip", "node", "duration_s", "hops", "findings", "lost_events", "unparsed"] {
             assert!(json.get(key).is_some(), "missing {key}");

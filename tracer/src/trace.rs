@@ -5,24 +5,29 @@ use std::{
     collections::HashMap,
     io::Write as _,
     net::IpAddr,
+    path::{Path as FsPath, PathBuf},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, anyhow};
 use aya::maps::{MapData, RingBuf};
 use tokio::{
     io::unix::AsyncFd,
-    signal::unix::{SignalKind, signal},
+    signal::unix::{Signal, SignalKind, signal},
 };
 use tracer_common::FilterConfig;
 
 use crate::{
-    attach::{self, AttachMode, LoadOptions, Probes},
+    attach::{self, AttachMode, LoadOptions, Probes, Tracepoints},
     correlate::{Correlator, Limits, Sighting},
     decode::{self, Packet},
-    discovery::{self, Path, PathOverrides},
-    findings,
+    discovery::{self, LinkDrops, Path, PathOverrides},
+    findings::{Diagnosis, Finish, Settings},
+    kernel_btf::KernelBtf,
+    layout::{self, TRACEFS, TracepointFormat},
+    netns, preflight,
     report::{self, Report, RunFacts},
+    symbols::KernelSymbols,
 };
 
 pub struct FollowOptions {
@@ -38,14 +43,26 @@ pub struct FollowOptions {
     /// Live lines go to stderr when stdout carries JSON.
     pub live_to_stderr: bool,
     pub node: String,
+    pub node_ip: Option<IpAddr>,
+    pub reply_timeout: Duration,
+    pub btf: PathBuf,
 }
 
 pub async fn follow(options: &FollowOptions) -> Result<Report> {
+    let kernel_btf = KernelBtf::from_file(&options.btf)?;
+    let aya_btf = aya::Btf::parse_file(&options.btf, aya::Endianness::default())
+        .map_err(|err| anyhow!("unreadable BTF at {}: {err}", options.btf.display()))?;
+    let (tracepoints, formats) = read_tracepoint_formats()?;
+    let kernel_layout = layout::build(&kernel_btf, formats[0].as_ref(), formats[1].as_ref(), formats[2].as_ref())?;
+    let drop_reasons = kernel_btf.enum_values("skb_drop_reason", "SKB_DROP_REASON_")?;
+
     let path = discover_all(&options.pod_ips, &options.overrides).await?;
     for warning in &path.warnings {
         eprintln!("podtrace: warning: {warning}");
     }
     eprint!("{}", describe_path(&path));
+    let namespaces = netns::node_namespaces(&path.pod_netnsids).await?;
+    let own_netns = own_netns()?;
 
     let swept = attach::sweep().await.context("sweeping leftovers of earlier runs")?;
     if !swept.filters.is_empty() || !swept.qdiscs.is_empty() {
@@ -67,10 +84,14 @@ pub async fn follow(options: &FollowOptions) -> Result<Report> {
         port: options.port.unwrap_or(0),
         vxlan_ports: [8472, 4789],
     };
-    let mut probes = Probes::load(&LoadOptions { filter, ring_bytes: options.ring_bytes }, options.attach_mode)?;
-    let attached = attach_all(&mut probes, options, &path);
-    let events = match attached.and_then(|()| probes.take_events()) {
-        Ok(events) => events,
+    let load = LoadOptions { filter, layout: kernel_layout, ring_bytes: options.ring_bytes };
+    let mut probes = Probes::load(&load, options.attach_mode)?;
+    let attached = attach_all(&mut probes, options, &path).and_then(|()| {
+        let sources = probes.attach_kernel_events(&aya_btf, &namespaces, &tracepoints)?;
+        Ok((probes.take_events()?, probes.take_kernel_events()?, sources))
+    });
+    let (events, kernel_events, sources) = match attached {
+        Ok(attached) => attached,
         Err(err) => {
             probes.detach().await.ok();
             return Err(err);
@@ -81,15 +102,21 @@ pub async fn follow(options: &FollowOptions) -> Result<Report> {
         _ => "tcx",
     };
     eprintln!(
-        "podtrace: tracing {} hops ({} programs, {mode}){}; Ctrl-C to stop",
+        "podtrace: tracing {} hops ({} programs, {mode}) and kernel drops, retransmits and ICMP errors in {} namespaces{}; Ctrl-C to stop",
         path.hops.len(),
         path.hops.len() * 2,
+        namespaces.len(),
         options.duration.map(|d| format!(" for {} s", d.as_secs_f64())).unwrap_or_default()
     );
 
     let started = Instant::now();
-    let mut collector = Collector::new(options, &path);
-    let collected = collector.run(events, options.duration, &mut sigint, &mut sigterm).await;
+    let settings = Settings {
+        node_ip: options.node_ip,
+        reply_timeout_ns: options.reply_timeout.as_nanos() as u64,
+        own_netns,
+    };
+    let mut collector = Collector::new(options, &path, settings);
+    let collected = collector.run(events, kernel_events, options.duration, &mut sigint, &mut sigterm).await;
     let duration_s = started.elapsed().as_secs_f64();
     let counters = probes.counters();
     let detached = probes.detach().await;
@@ -97,15 +124,50 @@ pub async fn follow(options: &FollowOptions) -> Result<Report> {
     detached.context("detaching")?;
     let counters = counters?;
 
-    let findings = findings::lost_events(&counters, options.ring_bytes).into_iter().collect();
+    let Collector { correlator, diagnosis, vanished, link_drops, .. } = collector;
+    let symbols = if diagnosis.has_drops() { KernelSymbols::load().ok() } else { None };
+    let outcome = diagnosis.finish(Finish {
+        counters,
+        ring_bytes: options.ring_bytes,
+        link_drops: &link_drops,
+        drop_reasons: &drop_reasons,
+        symbols: symbols.as_ref(),
+    });
     let facts = RunFacts {
         node: options.node.clone(),
         attach_mode: mode.to_string(),
+        kernel_sources: sources,
         duration_s,
         counters,
-        vanished: &collector.vanished,
+        vanished: &vanished,
     };
-    Ok(report::build(&path, &collector.correlator, facts, findings))
+    Ok(report::build(&path, &correlator, facts, outcome))
+}
+
+/// Reads the tracefs formats of the tracepoints podtrace uses; a missing one disables its
+/// source instead of failing the trace.
+fn read_tracepoint_formats() -> Result<(Tracepoints, [Option<TracepointFormat>; 3])> {
+    preflight::ensure_tracefs()?;
+    let tracefs = FsPath::new(TRACEFS);
+    let read = |category: &str, name: &str| match TracepointFormat::read(tracefs, category, name) {
+        Ok(format) => Some(format),
+        Err(err) => {
+            log::info!("{category}:{name} unavailable: {err:#}");
+            None
+        }
+    };
+    let formats = [read("skb", "kfree_skb"), read("tcp", "tcp_retransmit_skb"), read("icmp", "icmp_send")];
+    let tracepoints = Tracepoints {
+        kfree_skb: formats[0].is_some(),
+        tcp_retransmit_skb: formats[1].is_some(),
+        icmp_send: formats[2].is_some(),
+    };
+    Ok((tracepoints, formats))
+}
+
+fn own_netns() -> Result<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    Ok(std::fs::metadata("/proc/self/ns/net").context("reading /proc/self/ns/net")?.ino() as u32)
 }
 
 /// The path of the first IP, extended by the hops of any further followed IPs.
@@ -120,6 +182,7 @@ async fn discover_all(ips: &[IpAddr], overrides: &PathOverrides) -> Result<Path>
             }
         }
         path.warnings.extend(more.warnings);
+        path.pod_netnsids.extend(more.pod_netnsids);
     }
     Ok(path)
 }
@@ -139,7 +202,11 @@ fn describe_path(path: &Path) -> String {
     for hop in &path.hops {
         text.push_str(&format!(
             "  {:<16} {:<10} ifindex {:<4} mtu {:<5} from-pod {}\n",
-            hop.ifname, hop.kind.to_string(), hop.ifindex, hop.mtu, hop.from_pod
+            hop.ifname,
+            hop.kind.to_string(),
+            hop.ifindex,
+            hop.mtu,
+            hop.from_pod
         ));
     }
     text
@@ -152,26 +219,31 @@ fn mapped(ip: IpAddr) -> [u8; 16] {
     }
 }
 
-/// Reads events and feeds the correlator until the trace ends.
+/// Reads events and feeds the correlator and the diagnosis until the trace ends.
 struct Collector<'a> {
     correlator: Correlator,
+    diagnosis: Diagnosis<'a>,
     path: &'a Path,
     names: HashMap<u32, String>,
     verbose: bool,
     live_to_stderr: bool,
     vanished: Vec<u32>,
+    /// Each hop's drop counters when the trace started, then how much they grew.
+    link_drops: HashMap<u32, LinkDrops>,
     decode_errors: u64,
 }
 
 impl<'a> Collector<'a> {
-    fn new(options: &FollowOptions, path: &'a Path) -> Self {
+    fn new(options: &FollowOptions, path: &'a Path, settings: Settings) -> Self {
         Self {
             correlator: Correlator::new(options.pod_ips.clone(), Limits::default()),
+            diagnosis: Diagnosis::new(path, settings),
             path,
             names: path.hops.iter().map(|hop| (hop.ifindex, hop.ifname.clone())).collect(),
             verbose: options.verbose,
             live_to_stderr: options.live_to_stderr,
             vanished: Vec::new(),
+            link_drops: HashMap::new(),
             decode_errors: 0,
         }
     }
@@ -179,13 +251,15 @@ impl<'a> Collector<'a> {
     async fn run(
         &mut self,
         events: RingBuf<MapData>,
+        kernel_events: RingBuf<MapData>,
         duration: Option<Duration>,
-        sigint: &mut tokio::signal::unix::Signal,
-        sigterm: &mut tokio::signal::unix::Signal,
+        sigint: &mut Signal,
+        sigterm: &mut Signal,
     ) -> Result<()> {
-        // SAFETY: the ring buffer owns its map fd, which stays open as long as the AsyncFd.
-        let mut events = unsafe { AsyncFd::register(events) }
-            .map_err(|err| anyhow::anyhow!("polling the ring buffer: {err}"))?;
+        // SAFETY: each ring buffer owns its map fd, which stays open as long as its AsyncFd.
+        let mut events = unsafe { AsyncFd::register(events) }.map_err(|err| anyhow!("polling the ring buffer: {err}"))?;
+        let mut kernel_events =
+            unsafe { AsyncFd::register(kernel_events) }.map_err(|err| anyhow!("polling the kernel ring buffer: {err}"))?;
         let deadline = async {
             match duration {
                 Some(duration) => tokio::time::sleep(duration).await,
@@ -195,45 +269,76 @@ impl<'a> Collector<'a> {
         tokio::pin!(deadline);
         let (connection, handle, _) = rtnetlink::new_connection().context("opening rtnetlink socket")?;
         let connection = tokio::spawn(connection);
-        let mut link_check = tokio::time::interval(Duration::from_millis(500));
-        let result = loop {
-            tokio::select! {
-                guard = events.readable_mut() => {
-                    let mut guard = match guard {
-                        Ok(guard) => guard,
-                        Err(err) => break Err(err).context("waiting for events"),
-                    };
-                    self.drain(guard.get_inner_mut());
-                    guard.clear_ready();
-                }
-                _ = &mut deadline => break Ok(()),
-                _ = sigint.recv() => break Ok(()),
-                _ = sigterm.recv() => break Ok(()),
-                _ = link_check.tick() => {
-                    if let Err(err) = self.check_links(&handle).await {
-                        break Err(err);
+        let baseline = self.sample_links(&handle).await;
+        let result = match baseline {
+            Err(err) => Err(err),
+            Ok(baseline) => {
+                let mut link_check = tokio::time::interval(Duration::from_millis(500));
+                let result = loop {
+                    tokio::select! {
+                        guard = events.readable_mut() => match guard {
+                            Ok(mut guard) => {
+                                self.drain_packets(guard.get_inner_mut());
+                                guard.clear_ready();
+                            }
+                            Err(err) => break Err(err).context("waiting for events"),
+                        },
+                        guard = kernel_events.readable_mut() => match guard {
+                            Ok(mut guard) => {
+                                self.drain_kernel(guard.get_inner_mut());
+                                guard.clear_ready();
+                            }
+                            Err(err) => break Err(err).context("waiting for kernel events"),
+                        },
+                        _ = &mut deadline => break Ok(()),
+                        _ = sigint.recv() => break Ok(()),
+                        _ = sigterm.recv() => break Ok(()),
+                        _ = link_check.tick() => {
+                            if let Err(err) = self.sample_links(&handle).await {
+                                break Err(err);
+                            }
+                            if self.vanished.len() == self.path.hops.len() {
+                                eprintln!("podtrace: every traced interface is gone; ending the trace");
+                                break Ok(());
+                            }
+                        }
                     }
-                    if self.vanished.len() == self.path.hops.len() {
-                        eprintln!("podtrace: every traced interface is gone; ending the trace");
-                        break Ok(());
+                };
+                match self.sample_links(&handle).await {
+                    Ok(last) => {
+                        self.link_drops = last
+                            .into_iter()
+                            .filter_map(|(index, now)| {
+                                let before = baseline.get(&index)?;
+                                Some((index, LinkDrops {
+                                    rx_dropped: now.rx_dropped.saturating_sub(before.rx_dropped),
+                                    rx_length_errors: now.rx_length_errors.saturating_sub(before.rx_length_errors),
+                                    tx_dropped: now.tx_dropped.saturating_sub(before.tx_dropped),
+                                }))
+                            })
+                            .collect();
+                        result
                     }
+                    Err(err) => result.and(Err(err)),
                 }
             }
         };
         connection.abort();
         // Whatever the kernel wrote before we stopped still belongs in the report.
-        self.drain(events.get_mut());
+        self.drain_packets(events.get_mut());
+        self.drain_kernel(kernel_events.get_mut());
         if self.decode_errors > 0 {
             eprintln!("podtrace: warning: {} ring records could not be decoded", self.decode_errors);
         }
         result
     }
 
-    fn drain(&mut self, ring: &mut RingBuf<MapData>) {
+    fn drain_packets(&mut self, ring: &mut RingBuf<MapData>) {
         while let Some(item) = ring.next() {
             match decode::decode(&item) {
                 Ok(packet) => {
                     let sighting = self.correlator.observe(&packet);
+                    self.diagnosis.observe_packet(&packet, sighting.as_ref());
                     if self.verbose {
                         self.print_live(&packet, sighting.as_ref());
                     }
@@ -243,20 +348,36 @@ impl<'a> Collector<'a> {
         }
     }
 
-    async fn check_links(&mut self, handle: &rtnetlink::Handle) -> Result<()> {
+    fn drain_kernel(&mut self, ring: &mut RingBuf<MapData>) {
+        while let Some(item) = ring.next() {
+            match decode::decode_kernel(&item) {
+                Ok(record) => self.diagnosis.observe_kernel(&record),
+                Err(_) => self.decode_errors += 1,
+            }
+        }
+    }
+
+    /// Reads every hop's drop counters, noticing hops that disappeared.
+    async fn sample_links(&mut self, handle: &rtnetlink::Handle) -> Result<HashMap<u32, LinkDrops>> {
+        let mut sample = HashMap::new();
         for hop in &self.path.hops {
             if self.vanished.contains(&hop.ifindex) {
                 continue;
             }
-            if !discovery::link_exists(handle, hop.ifindex).await? {
-                eprintln!(
-                    "podtrace: warning: interface {} (ifindex {}) disappeared; tracing continues on the other hops",
-                    hop.ifname, hop.ifindex
-                );
-                self.vanished.push(hop.ifindex);
+            match discovery::link_drops(handle, hop.ifindex).await? {
+                Some(drops) => {
+                    sample.insert(hop.ifindex, drops);
+                }
+                None => {
+                    eprintln!(
+                        "podtrace: warning: interface {} (ifindex {}) disappeared; tracing continues on the other hops",
+                        hop.ifname, hop.ifindex
+                    );
+                    self.vanished.push(hop.ifindex);
+                }
             }
         }
-        Ok(())
+        Ok(sample)
     }
 
     fn print_live(&self, packet: &Packet, sighting: Option<&Sighting>) {

@@ -1,0 +1,272 @@
+//! Tracepoint programs: drops, TCP retransmits and ICMP errors for the followed flows.
+//!
+//! Tracepoints fire for the whole kernel, so every event is filtered twice: by the followed
+//! IPs, and by network namespace (only this node's and its local pods' namespaces count).
+//! Struct offsets and tracepoint record layouts come from userspace (`LAYOUT`), read from the
+//! running kernel's BTF and tracefs.
+
+use aya_ebpf::{
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
+    macros::{btf_tracepoint, map, tracepoint},
+    maps::{HashMap, PerCpuArray, RingBuf},
+    programs::{BtfTracePointContext, TracePointContext},
+};
+use tracer_common::{
+    COUNTER_UNPARSED, IPPROTO_TCP, KEV_DROP, KEV_ICMP_SEND, KEV_RECEIVED, KEV_RETRANSMIT,
+    KernelEvent, KernelLayout, MAX_NETNS, PKT_INNER_TRUNCATED, PKT_VXLAN,
+};
+
+use crate::{
+    parse::{ETH_P_IP, ETH_P_IPV6, KernelMemory, Skip, UDP_PAYLOAD, is_vxlan, parse_ip, parse_vxlan, v4_mapped},
+    tc::{FILTER, count, is_followed},
+};
+
+/// Set by userspace at load time from BTF and tracefs.
+#[unsafe(no_mangle)]
+static LAYOUT: KernelLayout = KernelLayout {
+    skb_head: 0,
+    skb_len: 0,
+    skb_network_header: 0,
+    skb_dev: 0,
+    skb_sk: 0,
+    skb_iif: 0,
+    skb_cb: 0,
+    dev_ifindex: 0,
+    dev_nd_net: 0,
+    net_ns_inum: 0,
+    sock_net: 0,
+    kfree_skbaddr: 0,
+    kfree_location: 0,
+    kfree_reason: 0,
+    retrans_skbaddr: 0,
+    retrans_skaddr: 0,
+    retrans_state: 0,
+    retrans_family: 0,
+    retrans_sport: 0,
+    retrans_dport: 0,
+    retrans_saddr: 0,
+    retrans_daddr: 0,
+    retrans_saddr_v6: 0,
+    retrans_daddr_v6: 0,
+    icmp_skbaddr: 0,
+    icmp_type: 0,
+    icmp_code: 0,
+};
+
+/// Network namespaces (by inode number) whose events belong to this node.
+#[map]
+static NETNS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_NETNS, 0);
+
+#[map]
+static KERNEL_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 18, 0);
+
+#[map]
+static KERNEL_SCRATCH: PerCpuArray<KernelEvent> = PerCpuArray::with_max_entries(1, 0);
+
+/// `network_header` of an skb whose network header was never set.
+const HEADER_UNSET: u16 = 0xffff;
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+
+#[inline(always)]
+fn layout() -> KernelLayout {
+    // SAFETY: a global written only by the loader.
+    unsafe { core::ptr::read_volatile(&LAYOUT) }
+}
+
+#[inline(always)]
+fn read<T: Copy>(base: *const u8, offset: u32) -> Option<T> {
+    if base.is_null() {
+        return None;
+    }
+    // SAFETY: bpf_probe_read_kernel validates the address.
+    unsafe { bpf_probe_read_kernel(base.wrapping_add(offset as usize) as *const T) }.ok()
+}
+
+#[inline(always)]
+fn netns_of_net(net: *const u8, layout: &KernelLayout) -> Option<u32> {
+    read(net, layout.net_ns_inum)
+}
+
+/// The network namespace and ifindex of an skb: its device's, else its socket's.
+#[inline(always)]
+fn skb_place(skb: *const u8, layout: &KernelLayout) -> Option<(u32, u32)> {
+    let dev: *const u8 = read(skb, layout.skb_dev)?;
+    if !dev.is_null() {
+        let net: *const u8 = read(dev, layout.dev_nd_net)?;
+        return Some((netns_of_net(net, layout)?, read(dev, layout.dev_ifindex)?));
+    }
+    let sk: *const u8 = read(skb, layout.skb_sk)?;
+    Some((sock_netns(sk, layout)?, 0))
+}
+
+#[inline(always)]
+fn sock_netns(sk: *const u8, layout: &KernelLayout) -> Option<u32> {
+    let net: *const u8 = read(sk, layout.sock_net)?;
+    netns_of_net(net, layout)
+}
+
+#[inline(always)]
+fn on_this_node(netns: u32) -> bool {
+    unsafe { NETNS.get(&netns).is_some() }
+}
+
+#[inline(always)]
+fn scratch() -> Option<&'static mut KernelEvent> {
+    // SAFETY: per-CPU slot, exclusively ours for this run.
+    KERNEL_SCRATCH.get_ptr_mut(0).map(|event| unsafe { &mut *event })
+}
+
+#[inline(always)]
+fn submit(event: &KernelEvent) {
+    if KERNEL_EVENTS.output::<KernelEvent>(event, 0).is_err() {
+        count(tracer_common::COUNTER_LOST_EVENTS);
+    }
+}
+
+/// Fills `event` from the skb's headers, starting at its network header; `false` if the
+/// skb is not for this node or not a followed flow.
+#[inline(always)]
+fn fill_from_skb(skb: *const u8, event: &mut KernelEvent, layout: &KernelLayout) -> bool {
+    let Some((netns, ifindex)) = skb_place(skb, layout) else { return false };
+    if !on_this_node(netns) {
+        return false;
+    }
+    event.netns = netns;
+    event.ifindex = ifindex;
+    event.skb_len = read(skb, layout.skb_len).unwrap_or(0);
+    let iif: i32 = read(skb, layout.skb_iif).unwrap_or(0);
+    if ifindex != 0 && iif == ifindex as i32 {
+        event.flags |= KEV_RECEIVED;
+    }
+    let Some(head) = read::<*const u8>(skb, layout.skb_head) else { return false };
+    let Some(network_header) = read::<u16>(skb, layout.skb_network_header) else { return false };
+    if head.is_null() || network_header == HEADER_UNSET {
+        return false;
+    }
+    let headers = KernelMemory(head.wrapping_add(network_header as usize));
+    let first: u8 = match read(headers.0, 0) {
+        Some(first) => first,
+        None => return false,
+    };
+    let ether_type = match first >> 4 {
+        4 => ETH_P_IP,
+        6 => ETH_P_IPV6,
+        _ => return false,
+    };
+    let l4_offset = match parse_ip(&headers, ether_type, 0, &mut event.outer) {
+        Ok(offset) => offset,
+        Err(Skip::Unparsed) => {
+            count(COUNTER_UNPARSED);
+            return false;
+        }
+        Err(_) => return false,
+    };
+    let filter = unsafe { core::ptr::read_volatile(&FILTER) };
+    if is_vxlan(&event.outer, &filter.vxlan_ports) {
+        match parse_vxlan(&headers, l4_offset + UDP_PAYLOAD, &mut event.inner) {
+            Ok(Some(_)) => event.flags |= PKT_VXLAN,
+            Ok(None) => {}
+            Err(_) => event.flags |= PKT_VXLAN | PKT_INNER_TRUNCATED,
+        }
+    }
+    is_followed(&event.outer) || (event.flags & PKT_VXLAN != 0 && is_followed(&event.inner))
+}
+
+#[inline(always)]
+fn on_drop(skb: *const u8, location: u64, reason: u32) {
+    let layout = layout();
+    let Some(event) = scratch() else { return };
+    *event = KernelEvent::default();
+    if !fill_from_skb(skb, event, &layout) {
+        return;
+    }
+    event.kind = KEV_DROP;
+    event.location = location;
+    event.reason = reason;
+    event.ktime_ns = unsafe { bpf_ktime_get_ns() };
+    submit(event);
+}
+
+/// `skb:kfree_skb` through its BTF-typed arguments: (skb, location, reason, ...).
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn podtrace_kfree_skb_btf(ctx: BtfTracePointContext) -> i32 {
+    let skb: *const u8 = ctx.arg(0);
+    let location: u64 = ctx.arg(1);
+    let reason: u32 = ctx.arg(2);
+    on_drop(skb, location, reason);
+    0
+}
+
+/// `skb:kfree_skb` as a classic tracepoint, for kernels that refuse tp_btf.
+#[tracepoint]
+pub fn podtrace_kfree_skb(ctx: TracePointContext) -> u32 {
+    let layout = layout();
+    let skb: u64 = unsafe { ctx.read_at(layout.kfree_skbaddr as usize) }.unwrap_or(0);
+    let location: u64 = unsafe { ctx.read_at(layout.kfree_location as usize) }.unwrap_or(0);
+    let reason: u32 = unsafe { ctx.read_at(layout.kfree_reason as usize) }.unwrap_or(0);
+    on_drop(skb as *const u8, location, reason);
+    0
+}
+
+#[tracepoint]
+pub fn podtrace_tcp_retransmit(ctx: TracePointContext) -> u32 {
+    let layout = layout();
+    let Some(event) = scratch() else { return 0 };
+    *event = KernelEvent::default();
+    let sk: u64 = unsafe { ctx.read_at(layout.retrans_skaddr as usize) }.unwrap_or(0);
+    let Some(netns) = sock_netns(sk as *const u8, &layout) else { return 0 };
+    if !on_this_node(netns) {
+        return 0;
+    }
+    let family: u16 = unsafe { ctx.read_at(layout.retrans_family as usize) }.unwrap_or(0);
+    let outer = &mut event.outer;
+    match family {
+        AF_INET => {
+            outer.version = 4;
+            outer.src = v4_mapped(unsafe { ctx.read_at(layout.retrans_saddr as usize) }.unwrap_or([0; 4]));
+            outer.dst = v4_mapped(unsafe { ctx.read_at(layout.retrans_daddr as usize) }.unwrap_or([0; 4]));
+        }
+        AF_INET6 => {
+            outer.version = 6;
+            outer.src = unsafe { ctx.read_at(layout.retrans_saddr_v6 as usize) }.unwrap_or([0; 16]);
+            outer.dst = unsafe { ctx.read_at(layout.retrans_daddr_v6 as usize) }.unwrap_or([0; 16]);
+        }
+        _ => return 0,
+    }
+    if !is_followed(outer) {
+        return 0;
+    }
+    outer.proto = IPPROTO_TCP;
+    outer.sport = unsafe { ctx.read_at(layout.retrans_sport as usize) }.unwrap_or(0);
+    outer.dport = unsafe { ctx.read_at(layout.retrans_dport as usize) }.unwrap_or(0);
+    let skb: u64 = unsafe { ctx.read_at(layout.retrans_skbaddr as usize) }.unwrap_or(0);
+    let skb = skb as *const u8;
+    // The skb still sits in the write queue: its length is the segment's payload, and the
+    // first word of its control block (struct tcp_skb_cb) is the sequence number.
+    event.skb_len = read(skb, layout.skb_len).unwrap_or(0);
+    event.tcp_seq = read(skb, layout.skb_cb).unwrap_or(0);
+    event.reason = unsafe { ctx.read_at::<i32>(layout.retrans_state as usize) }.unwrap_or(0) as u32;
+    event.netns = netns;
+    event.kind = KEV_RETRANSMIT;
+    event.ktime_ns = unsafe { bpf_ktime_get_ns() };
+    submit(event);
+    0
+}
+
+#[tracepoint]
+pub fn podtrace_icmp_send(ctx: TracePointContext) -> u32 {
+    let layout = layout();
+    let Some(event) = scratch() else { return 0 };
+    *event = KernelEvent::default();
+    let skb: u64 = unsafe { ctx.read_at(layout.icmp_skbaddr as usize) }.unwrap_or(0);
+    if !fill_from_skb(skb as *const u8, event, &layout) {
+        return 0;
+    }
+    event.kind = KEV_ICMP_SEND;
+    event.icmp_type = unsafe { ctx.read_at::<i32>(layout.icmp_type as usize) }.unwrap_or(0) as u8;
+    event.icmp_code = unsafe { ctx.read_at::<i32>(layout.icmp_code as usize) }.unwrap_or(0) as u8;
+    event.ktime_ns = unsafe { bpf_ktime_get_ns() };
+    submit(event);
+    0
+}

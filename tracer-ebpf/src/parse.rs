@@ -1,0 +1,233 @@
+//! Header parsing shared by the TC programs (reading the packet with `bpf_skb_load_bytes`)
+//! and the tracepoint programs (reading an skb's memory with `bpf_probe_read_kernel`).
+
+use aya_ebpf::{helpers::bpf_probe_read_kernel, programs::TcContext};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    udp::UdpHdr,
+    vlan::VlanHdr,
+};
+use tracer_common::{
+    IP_DF, IP_FRAGMENT, IP_LATER_FRAGMENT, IP_OPTIONS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
+    IPPROTO_UDP, IpLayer,
+};
+
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86DD;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88A8;
+pub const VXLAN_HDR_LEN: usize = 8;
+const VXLAN_FLAG_VNI: u8 = 0x08;
+
+// IPv6 extension headers we step over to reach the L4 header.
+const IPV6_HOPOPTS: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_DSTOPTS: u8 = 60;
+/// Bounded so the verifier sees a finite loop; real traffic rarely chains more than two.
+const IPV6_MAX_EXT_HEADERS: usize = 4;
+
+/// Why a packet produced no event.
+pub enum Skip {
+    NotIp,
+    Unparsed,
+    NotFollowed,
+}
+
+/// Somewhere headers can be read from at an offset.
+pub trait Headers {
+    fn read<T: Copy>(&self, offset: usize) -> Result<T, Skip>;
+}
+
+impl Headers for TcContext {
+    #[inline(always)]
+    fn read<T: Copy>(&self, offset: usize) -> Result<T, Skip> {
+        self.load(offset).map_err(|_| Skip::Unparsed)
+    }
+}
+
+/// Kernel memory starting at an skb's network header.
+pub struct KernelMemory(pub *const u8);
+
+impl Headers for KernelMemory {
+    #[inline(always)]
+    fn read<T: Copy>(&self, offset: usize) -> Result<T, Skip> {
+        // SAFETY: bpf_probe_read_kernel validates the address and fails cleanly.
+        unsafe { bpf_probe_read_kernel(self.0.wrapping_add(offset) as *const T) }.map_err(|_| Skip::Unparsed)
+    }
+}
+
+/// Parses a VXLAN header at `offset` and the packet it carries into `inner`; returns the VNI,
+/// or `None` if the I flag is clear (not a VXLAN packet after all).
+#[inline(always)]
+pub fn parse_vxlan<H: Headers>(headers: &H, offset: usize, inner: &mut IpLayer) -> Result<Option<u32>, Skip> {
+    let vxlan: [u8; VXLAN_HDR_LEN] = headers.read(offset)?;
+    if vxlan[0] & VXLAN_FLAG_VNI == 0 {
+        return Ok(None);
+    }
+    let vni = u32::from_be_bytes([0, vxlan[4], vxlan[5], vxlan[6]]);
+    let (ether_type, l3_offset, _) = parse_ethernet(headers, offset + VXLAN_HDR_LEN)?;
+    parse_ip(headers, ether_type, l3_offset, inner)?;
+    Ok(Some(vni))
+}
+
+/// Whether a parsed outer layer is a UDP packet to one of the VXLAN ports.
+#[inline(always)]
+pub fn is_vxlan(layer: &IpLayer, ports: &[u16; 2]) -> bool {
+    layer.proto == IPPROTO_UDP
+        && layer.flags & IP_LATER_FRAGMENT == 0
+        && (layer.dport == ports[0] || layer.dport == ports[1])
+}
+
+/// The UDP payload offset for an L4 offset.
+pub const UDP_PAYLOAD: usize = UdpHdr::LEN;
+
+/// Returns the EtherType after at most two VLAN tags, the L3 offset, and the outer VLAN id.
+#[inline(always)]
+pub fn parse_ethernet<H: Headers>(ctx: &H, offset: usize) -> Result<(u16, usize, Option<u16>), Skip> {
+    let eth: EthHdr = ctx.read(offset)?;
+    let mut ether_type = u16::from_be(eth.ether_type);
+    let mut offset = offset + EthHdr::LEN;
+    let mut vlan_id = None;
+    // 802.1ad carries an 802.1Q tag inside, hence two rounds.
+    for _ in 0..2 {
+        if ether_type != ETH_P_8021Q && ether_type != ETH_P_8021AD {
+            break;
+        }
+        let vlan: VlanHdr = ctx.read(offset)?;
+        if vlan_id.is_none() {
+            vlan_id = Some(u16::from_be_bytes(vlan.tci) & 0x0fff);
+        }
+        ether_type = u16::from_be(vlan.ether_type);
+        offset += VlanHdr::LEN;
+    }
+    match ether_type {
+        ETH_P_IP | ETH_P_IPV6 => Ok((ether_type, offset, vlan_id)),
+        _ => Err(Skip::NotIp),
+    }
+}
+
+/// Fills `layer` from the IP header at `offset` and the L4 header after it; returns the L4 offset.
+#[inline(always)]
+pub fn parse_ip<H: Headers>(ctx: &H, ether_type: u16, offset: usize, layer: &mut IpLayer) -> Result<usize, Skip> {
+    let l4_offset = if ether_type == ETH_P_IP {
+        parse_ipv4(ctx, offset, layer)?
+    } else {
+        parse_ipv6(ctx, offset, layer)?
+    };
+    if layer.flags & IP_LATER_FRAGMENT == 0 {
+        parse_l4(ctx, l4_offset, layer)?;
+    }
+    Ok(l4_offset)
+}
+
+#[inline(always)]
+fn parse_ipv4<H: Headers>(ctx: &H, offset: usize, layer: &mut IpLayer) -> Result<usize, Skip> {
+    let ip: Ipv4Hdr = ctx.read(offset)?;
+    let header_len = ((ip.vihl & 0x0f) as usize) * 4;
+    if ip.vihl >> 4 != 4 || header_len < Ipv4Hdr::LEN {
+        return Err(Skip::Unparsed);
+    }
+    layer.version = 4;
+    layer.src = v4_mapped(ip.src_addr);
+    layer.dst = v4_mapped(ip.dst_addr);
+    layer.proto = ip.proto;
+    layer.ttl = ip.ttl;
+    layer.ip_id = u16::from_be_bytes(ip.id);
+    layer.total_len = u16::from_be_bytes(ip.tot_len);
+    layer.header_len = header_len as u16;
+    let frags = u16::from_be_bytes(ip.frags);
+    if frags & 0x4000 != 0 {
+        layer.flags |= IP_DF;
+    }
+    if frags & 0x2000 != 0 || frags & 0x1fff != 0 {
+        layer.flags |= IP_FRAGMENT;
+    }
+    if frags & 0x1fff != 0 {
+        layer.flags |= IP_LATER_FRAGMENT;
+    }
+    if header_len > Ipv4Hdr::LEN {
+        layer.flags |= IP_OPTIONS;
+    }
+    Ok(offset + header_len)
+}
+
+#[inline(always)]
+fn parse_ipv6<H: Headers>(ctx: &H, offset: usize, layer: &mut IpLayer) -> Result<usize, Skip> {
+    let ip: Ipv6Hdr = ctx.read(offset)?;
+    if ip.vcf[0] >> 4 != 6 {
+        return Err(Skip::Unparsed);
+    }
+    layer.version = 6;
+    layer.src = ip.src_addr;
+    layer.dst = ip.dst_addr;
+    layer.ttl = ip.hop_limit;
+    layer.flow_label = u32::from_be_bytes([0, ip.vcf[1] & 0x0f, ip.vcf[2], ip.vcf[3]]);
+    layer.total_len = u16::from_be_bytes(ip.payload_len).saturating_add(Ipv6Hdr::LEN as u16);
+    let mut next = ip.next_hdr;
+    let mut l4_offset = offset + Ipv6Hdr::LEN;
+    for _ in 0..IPV6_MAX_EXT_HEADERS {
+        match next {
+            IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
+                let ext: [u8; 2] = ctx.read(l4_offset)?;
+                next = ext[0];
+                l4_offset += (ext[1] as usize + 1) * 8;
+                layer.flags |= IP_OPTIONS;
+            }
+            IPV6_FRAGMENT => {
+                // next header, reserved, offset+flags (2), identification (4)
+                let frag: [u8; 8] = ctx.read(l4_offset)?;
+                next = frag[0];
+                l4_offset += 8;
+                let offset_flags = u16::from_be_bytes([frag[2], frag[3]]);
+                layer.flags |= IP_FRAGMENT | IP_OPTIONS;
+                if offset_flags & 0xfff8 != 0 {
+                    layer.flags |= IP_LATER_FRAGMENT;
+                }
+                // The low half of the fragment id stands in for IPv4's IP ID.
+                layer.ip_id = u16::from_be_bytes([frag[6], frag[7]]);
+            }
+            _ => break,
+        }
+    }
+    layer.proto = next;
+    layer.header_len = (l4_offset - offset) as u16;
+    Ok(l4_offset)
+}
+
+#[inline(always)]
+fn parse_l4<H: Headers>(ctx: &H, offset: usize, layer: &mut IpLayer) -> Result<(), Skip> {
+    match layer.proto {
+        IPPROTO_TCP => {
+            // ports, seq, ack, data offset, flags
+            let tcp: [u8; 14] = ctx.read(offset)?;
+            layer.sport = u16::from_be_bytes([tcp[0], tcp[1]]);
+            layer.dport = u16::from_be_bytes([tcp[2], tcp[3]]);
+            layer.tcp_seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+            layer.tcp_ack = u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]);
+            layer.tcp_header_len = (tcp[12] >> 4) * 4;
+            layer.tcp_flags = tcp[13];
+        }
+        IPPROTO_UDP => {
+            let udp: UdpHdr = ctx.read(offset)?;
+            layer.sport = udp.src_port();
+            layer.dport = udp.dst_port();
+        }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            // type, code, checksum, then id and sequence for echo messages
+            let icmp: [u8; 8] = ctx.read(offset)?;
+            layer.icmp_type = icmp[0];
+            layer.icmp_code = icmp[1];
+            layer.icmp_id = u16::from_be_bytes([icmp[4], icmp[5]]);
+            layer.icmp_seq = u16::from_be_bytes([icmp[6], icmp[7]]);
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+#[inline(always)]
+pub fn v4_mapped(addr: [u8; 4]) -> [u8; 16] {
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, addr[0], addr[1], addr[2], addr[3]]
+}

@@ -1,0 +1,264 @@
+//! Reads struct member offsets and enum names from the running kernel's BTF.
+//!
+//! `struct sk_buff` and `enum skb_drop_reason` change between kernel versions, so the kernel
+//! programs get their offsets from here at load time instead of compiling one kernel's
+//! numbers in. The format is the kernel's (Documentation/bpf/btf.rst): a header, a type
+//! section and a string section.
+
+use std::{collections::HashMap, path::Path};
+
+use anyhow::{Context as _, Result, bail};
+
+const BTF_MAGIC: u16 = 0xeb9f;
+
+const KIND_INT: u32 = 1;
+const KIND_ARRAY: u32 = 3;
+const KIND_STRUCT: u32 = 4;
+const KIND_UNION: u32 = 5;
+const KIND_ENUM: u32 = 6;
+const KIND_FUNC_PROTO: u32 = 13;
+const KIND_VAR: u32 = 14;
+const KIND_DATASEC: u32 = 15;
+const KIND_DECL_TAG: u32 = 17;
+const KIND_ENUM64: u32 = 19;
+
+#[derive(Clone, Debug)]
+struct Member {
+    name: u32,
+    type_id: u32,
+    bit_offset: u32,
+}
+
+#[derive(Clone, Debug)]
+enum Type {
+    Composite { name: u32, members: Vec<Member> },
+    Enum { name: u32, values: Vec<(u32, i64)> },
+    Other,
+}
+
+pub struct KernelBtf {
+    types: Vec<Type>,
+    strings: Vec<u8>,
+    by_name: HashMap<String, Vec<u32>>,
+}
+
+impl KernelBtf {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let data = std::fs::read(path).with_context(|| format!("reading BTF from {}", path.display()))?;
+        Self::parse(&data).with_context(|| format!("parsing BTF from {}", path.display()))
+    }
+
+    pub fn parse(data: &[u8]) -> Result<Self> {
+        let u16_at = |off: usize| -> Result<u16> {
+            Ok(u16::from_le_bytes(data.get(off..off + 2).context("BTF truncated")?.try_into()?))
+        };
+        let u32_at = |off: usize| -> Result<u32> {
+            Ok(u32::from_le_bytes(data.get(off..off + 4).context("BTF truncated")?.try_into()?))
+        };
+        if u16_at(0)? != BTF_MAGIC {
+            bail!("not little-endian BTF (bad magic)");
+        }
+        let header_len = u32_at(4)? as usize;
+        let type_off = header_len + u32_at(8)? as usize;
+        let type_len = u32_at(12)? as usize;
+        let str_off = header_len + u32_at(16)? as usize;
+        let str_len = u32_at(20)? as usize;
+        let strings = data.get(str_off..str_off + str_len).context("BTF string section out of bounds")?.to_vec();
+
+        // Type ids start at 1; id 0 is void.
+        let mut types = vec![Type::Other];
+        let mut pos = type_off;
+        let end = type_off + type_len;
+        while pos < end {
+            let name = u32_at(pos)?;
+            let info = u32_at(pos + 4)?;
+            let vlen = (info & 0xffff) as usize;
+            let kind = (info >> 24) & 0x1f;
+            let kind_flag = info >> 31 == 1;
+            pos += 12;
+            let ty = match kind {
+                KIND_STRUCT | KIND_UNION => {
+                    let mut members = Vec::with_capacity(vlen);
+                    for i in 0..vlen {
+                        let base = pos + i * 12;
+                        let offset = u32_at(base + 8)?;
+                        members.push(Member {
+                            name: u32_at(base)?,
+                            type_id: u32_at(base + 4)?,
+                            // With kind_flag, the top byte is the bitfield size.
+                            bit_offset: if kind_flag { offset & 0x00ff_ffff } else { offset },
+                        });
+                    }
+                    pos += vlen * 12;
+                    Type::Composite { name, members }
+                }
+                KIND_ENUM => {
+                    let mut values = Vec::with_capacity(vlen);
+                    for i in 0..vlen {
+                        let base = pos + i * 8;
+                        values.push((u32_at(base)?, i64::from(u32_at(base + 4)? as i32)));
+                    }
+                    pos += vlen * 8;
+                    Type::Enum { name, values }
+                }
+                KIND_ENUM64 => {
+                    let mut values = Vec::with_capacity(vlen);
+                    for i in 0..vlen {
+                        let base = pos + i * 12;
+                        let value = u64::from(u32_at(base + 4)?) | (u64::from(u32_at(base + 8)?) << 32);
+                        values.push((u32_at(base)?, value as i64));
+                    }
+                    pos += vlen * 12;
+                    Type::Enum { name, values }
+                }
+                KIND_INT | KIND_VAR | KIND_DECL_TAG => {
+                    pos += 4;
+                    Type::Other
+                }
+                KIND_ARRAY => {
+                    pos += 12;
+                    Type::Other
+                }
+                KIND_FUNC_PROTO => {
+                    pos += vlen * 8;
+                    Type::Other
+                }
+                KIND_DATASEC => {
+                    pos += vlen * 12;
+                    Type::Other
+                }
+                _ => Type::Other,
+            };
+            types.push(ty);
+        }
+        let mut btf = Self { types, strings, by_name: HashMap::new() };
+        let mut by_name: HashMap<String, Vec<u32>> = HashMap::new();
+        for (id, ty) in btf.types.iter().enumerate() {
+            let name = match ty {
+                Type::Composite { name, .. } | Type::Enum { name, .. } => *name,
+                Type::Other => continue,
+            };
+            if name != 0 {
+                by_name.entry(btf.string(name).to_string()).or_default().push(id as u32);
+            }
+        }
+        btf.by_name = by_name;
+        Ok(btf)
+    }
+
+    fn string(&self, offset: u32) -> &str {
+        let start = offset as usize;
+        let Some(rest) = self.strings.get(start..) else { return "" };
+        let end = rest.iter().position(|b| *b == 0).unwrap_or(rest.len());
+        std::str::from_utf8(&rest[..end]).unwrap_or("")
+    }
+
+    fn composite(&self, name: &str) -> Result<&[Member]> {
+        self.by_name
+            .get(name)
+            .into_iter()
+            .flatten()
+            .find_map(|id| match &self.types[*id as usize] {
+                // Forward declarations have no members; skip to the definition.
+                Type::Composite { members, .. } if !members.is_empty() => Some(members.as_slice()),
+                _ => None,
+            })
+            .with_context(|| format!("struct {name} not found in the kernel BTF"))
+    }
+
+    /// Byte offset of `field` in `struct name`, looking through anonymous unions and structs.
+    /// A dotted path (`__sk_common.skc_net`) descends into named members.
+    pub fn offset_of(&self, name: &str, field: &str) -> Result<u32> {
+        let mut members = self.composite(name)?;
+        let mut offset = 0;
+        let mut parts = field.split('.').peekable();
+        while let Some(part) = parts.next() {
+            let (bits, type_id) = self
+                .find_member(members, part)
+                .with_context(|| format!("{name} has no member {field} in the kernel BTF"))?;
+            offset += bits;
+            if parts.peek().is_some() {
+                members = self.members_of(type_id).with_context(|| format!("{name}.{part} is not a struct"))?;
+            }
+        }
+        if offset % 8 != 0 {
+            bail!("{name}.{field} is a bitfield");
+        }
+        Ok(offset / 8)
+    }
+
+    fn find_member(&self, members: &[Member], name: &str) -> Option<(u32, u32)> {
+        for member in members {
+            if member.name != 0 && self.string(member.name) == name {
+                return Some((member.bit_offset, member.type_id));
+            }
+            if member.name == 0
+                && let Some(inner) = self.members_of(member.type_id)
+                && let Some((bits, type_id)) = self.find_member(inner, name)
+            {
+                return Some((member.bit_offset + bits, type_id));
+            }
+        }
+        None
+    }
+
+    /// Members of a struct or union, following typedefs and qualifiers is not needed for the
+    /// anonymous members the kernel uses, which refer to the composite directly.
+    fn members_of(&self, type_id: u32) -> Option<&[Member]> {
+        match self.types.get(type_id as usize)? {
+            Type::Composite { members, .. } => Some(members),
+            _ => None,
+        }
+    }
+
+    /// Enumerator names by value, e.g. `enum skb_drop_reason` with its `SKB_DROP_REASON_`
+    /// prefix removed.
+    pub fn enum_values(&self, name: &str, strip_prefix: &str) -> Result<HashMap<i64, String>> {
+        let values = self
+            .by_name
+            .get(name)
+            .into_iter()
+            .flatten()
+            .find_map(|id| match &self.types[*id as usize] {
+                Type::Enum { values, .. } => Some(values),
+                _ => None,
+            })
+            .with_context(|| format!("enum {name} not found in the kernel BTF"))?;
+        Ok(values
+            .iter()
+            .map(|(name, value)| {
+                let name = self.string(*name);
+                (*value, name.strip_prefix(strip_prefix).unwrap_or(name).to_string())
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_nested_members_and_drop_reasons() {
+        // podtrace requires kernel BTF, and so do its tests.
+        let btf = KernelBtf::from_file(Path::new("/sys/kernel/btf/vmlinux")).unwrap();
+        // `dev` and `sk` sit inside anonymous unions in struct sk_buff.
+        let dev = btf.offset_of("sk_buff", "dev").unwrap();
+        let len = btf.offset_of("sk_buff", "len").unwrap();
+        assert!(dev < len && dev % 8 == 0);
+        btf.offset_of("sk_buff", "network_header").unwrap();
+        btf.offset_of("sock", "__sk_common.skc_net").unwrap();
+        btf.offset_of("net_device", "ifindex").unwrap();
+        let reasons = btf.enum_values("skb_drop_reason", "SKB_DROP_REASON_").unwrap();
+        assert_eq!(reasons.get(&2).map(String::as_str), Some("NOT_SPECIFIED"));
+        assert!(reasons.values().any(|name| name == "NETFILTER_DROP"));
+        assert!(btf.offset_of("sk_buff", "no_such_field").is_err());
+        assert!(btf.offset_of("no_such_struct", "x").is_err());
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        assert!(KernelBtf::parse(&[0u8; 32]).is_err());
+        assert!(KernelBtf::parse(&[]).is_err());
+    }
+}
