@@ -9,8 +9,8 @@ use futures::TryStreamExt as _;
 use netlink_packet_route::{
     AddressFamily,
     link::{
-        InfoBond, InfoBondPort, InfoData, InfoKind, InfoPortData, InfoVxlan, LinkAttribute,
-        LinkInfo, LinkLayerType, LinkMessage, State,
+        InfoBond, InfoBondPort, InfoData, InfoKind, InfoPortData, InfoVxlan, LacpState,
+        LinkAttribute, LinkInfo, LinkLayerType, LinkMessage, MiiStatus, State,
     },
     address::AddressAttribute,
     neighbour::{NeighbourAddress, NeighbourAttribute},
@@ -59,6 +59,9 @@ pub struct SlaveState {
     pub bond: String,
     pub mii_up: bool,
     pub link_failures: u32,
+    /// 802.3ad only: whether the LACP partner reports the port in sync.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lacp_partner_in_sync: Option<bool>,
 }
 
 /// One interface on the pod's path.
@@ -110,6 +113,14 @@ pub struct PathOverrides {
     pub exclude: Vec<String>,
 }
 
+/// A bond slave's state as netlink reports it.
+#[derive(Clone, Copy, Debug)]
+struct SlaveLink {
+    mii_up: bool,
+    link_failures: u32,
+    lacp_partner_in_sync: Option<bool>,
+}
+
 /// What discovery needs to know about one link.
 #[derive(Clone, Debug)]
 struct Link {
@@ -123,7 +134,7 @@ struct Link {
     vxlan_underlay: Option<u32>,
     vxlan_local: Option<IpAddr>,
     bond: Option<BondState>,
-    bond_port: Option<(bool, u32)>,
+    bond_port: Option<SlaveLink>,
     /// For a veth whose peer lives in another namespace: that namespace's id.
     link_netnsid: Option<i32>,
 }
@@ -223,10 +234,15 @@ async fn discover_with(handle: &Handle, pod_ip: IpAddr, overrides: &PathOverride
             vxlan_local: link.vxlan_local,
             addresses: addresses.iter().filter(|(i, _, _)| *i == index).map(|(_, ip, len)| (*ip, *len)).collect(),
             bond: link.bond.clone(),
-            slave: link.bond_port.map(|(mii_up, link_failures)| SlaveState {
-                bond: link.controller.and_then(|c| links.get(&c)).map(|b| b.name.clone()).unwrap_or_default(),
-                mii_up,
-                link_failures,
+            slave: link.bond_port.map(|port| {
+                let bond = link.controller.and_then(|c| links.get(&c));
+                let lacp = bond.and_then(|b| b.bond.as_ref()).is_some_and(|b| b.mode == "802.3ad");
+                SlaveState {
+                    bond: bond.map(|b| b.name.clone()).unwrap_or_default(),
+                    mii_up: port.mii_up,
+                    link_failures: port.link_failures,
+                    lacp_partner_in_sync: if lacp { Some(port.lacp_partner_in_sync.unwrap_or(false)) } else { None },
+                }
             }),
         });
     }
@@ -492,18 +508,18 @@ fn parse_link_info(infos: &[LinkInfo], link: &mut Link) {
                 link.bond = Some(state);
             }
             LinkInfo::PortData(InfoPortData::BondPort(attrs)) => {
-                let mut mii_up = true;
-                let mut failures = 0;
+                let mut port = SlaveLink { mii_up: true, link_failures: 0, lacp_partner_in_sync: None };
                 for attr in attrs {
                     match attr {
-                        InfoBondPort::MiiStatus(status) => {
-                            mii_up = matches!(status, netlink_packet_route::link::MiiStatus::Up)
+                        InfoBondPort::MiiStatus(status) => port.mii_up = matches!(status, MiiStatus::Up),
+                        InfoBondPort::LinkFailureCount(count) => port.link_failures = *count,
+                        InfoBondPort::AdPartnerOperPortState(state) => {
+                            port.lacp_partner_in_sync = Some(state.contains(LacpState::SYNCHRONIZATION))
                         }
-                        InfoBondPort::LinkFailureCount(count) => failures = *count,
                         _ => {}
                     }
                 }
-                link.bond_port = Some((mii_up, failures));
+                link.bond_port = Some(port);
             }
             _ => {}
         }
