@@ -132,7 +132,7 @@ impl Probes {
     }
 
     /// Registers the hop with the kernel filter and attaches both programs to it.
-    pub fn attach(&mut self, hop: &Hop) -> Result<()> {
+    pub async fn attach(&mut self, hop: &Hop) -> Result<()> {
         self.register_hop(hop.ifindex, hop.no_mac_header)?;
 
         if self.mode == AttachMode::Clsact {
@@ -153,7 +153,10 @@ impl Probes {
             // First in line, so a later program that drops or redirects cannot hide the packet;
             // the program returns "continue", so everything after it still runs.
             let options = match self.mode {
-                AttachMode::Clsact => TcAttachOptions::Netlink(NlOptions::default()),
+                AttachMode::Clsact => TcAttachOptions::Netlink(NlOptions {
+                    priority: first_priority(hop, direction).await?,
+                    ..Default::default()
+                }),
                 _ => TcAttachOptions::TcxOrder(LinkOrder::first()),
             };
             let program: &mut SchedClassifier =
@@ -270,6 +273,29 @@ impl Probes {
         }
         Ok(())
     }
+}
+
+/// A cls_bpf priority ahead of every filter already on the hook (lower runs first).
+async fn first_priority(hop: &Hop, direction: Direction) -> Result<u16> {
+    let (connection, handle, _) = rtnetlink::new_connection().context("opening rtnetlink socket")?;
+    let connection = tokio::spawn(connection);
+    let request = handle.traffic_filter(hop.ifindex as i32).get();
+    let request = match direction {
+        Direction::Ingress => request.ingress(),
+        Direction::Egress => request.egress(),
+    };
+    let filters: Result<Vec<_>, _> = request.execute().try_collect().await;
+    connection.abort();
+    let filters = filters.with_context(|| format!("listing the TC filters on {}", hop.ifname))?;
+    let lowest = filters.iter().map(|filter| (filter.header.info >> 16) as u16).filter(|p| *p > 0).min();
+    Ok(match lowest {
+        None => 0,
+        Some(1) => {
+            log::warn!("a filter at priority 1 on {} {direction} runs before podtrace; packets it drops are not seen", hop.ifname);
+            1
+        }
+        Some(lowest) => lowest - 1,
+    })
 }
 
 fn mapped(ip: IpAddr) -> [u8; 16] {

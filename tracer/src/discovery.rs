@@ -154,6 +154,7 @@ async fn discover_with(handle: &Handle, pod_ip: IpAddr, overrides: &PathOverride
         .get(&route_oif)
         .with_context(|| format!("route to {pod_ip} uses ifindex {route_oif}, which is gone"))?;
 
+    let addresses = dump_addresses(handle).await?;
     let mut warnings = Vec::new();
     let mut path: Vec<(u32, HopKind, Direction)> = Vec::new();
     let locality = match oif.kind {
@@ -163,8 +164,11 @@ async fn discover_with(handle: &Handle, pod_ip: IpAddr, overrides: &PathOverride
             path.push((oif.index, HopKind::Bridge, Direction::Ingress));
             Locality::Local
         }
-        // Routed CNIs (Calico and the like) point the pod route straight at its veth.
-        Some(InfoKind::Veth) => {
+        // Routed CNIs (Calico and the like) point the pod route straight at its veth, which
+        // carries no address of its own; a veth with addresses is a node's uplink instead.
+        Some(InfoKind::Veth)
+            if !addresses.iter().any(|(index, ip, _)| *index == oif.index && !is_link_local(ip)) =>
+        {
             path.push((oif.index, HopKind::PodVeth, Direction::Ingress));
             Locality::Local
         }
@@ -211,7 +215,6 @@ async fn discover_with(handle: &Handle, pod_ip: IpAddr, overrides: &PathOverride
         }
     }
 
-    let addresses = dump_addresses(handle).await?;
     let mut seen = Vec::new();
     let mut hops = Vec::new();
     for (index, kind, from_pod) in path {
@@ -537,6 +540,13 @@ fn bond_mode_name(mode: netlink_packet_route::link::BondMode) -> String {
         BondMode::BalanceTlb => "balance-tlb".into(),
         BondMode::BalanceAlb => "balance-alb".into(),
         other => format!("{other:?}"),
+    }
+}
+
+fn is_link_local(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.is_unicast_link_local(),
     }
 }
 

@@ -86,7 +86,7 @@ pub async fn follow(options: &FollowOptions) -> Result<Report> {
     };
     let load = LoadOptions { filter, layout: kernel_layout, ring_bytes: options.ring_bytes };
     let mut probes = Probes::load(&load, options.attach_mode)?;
-    let attached = attach_all(&mut probes, options, &path).and_then(|()| {
+    let attached = attach_all(&mut probes, options, &path).await.and_then(|()| {
         let sources = probes.attach_kernel_events(&aya_btf, &namespaces, &tracepoints)?;
         Ok((probes.take_events()?, probes.take_kernel_events()?, sources))
     });
@@ -187,12 +187,12 @@ async fn discover_all(ips: &[IpAddr], overrides: &PathOverrides) -> Result<Path>
     Ok(path)
 }
 
-fn attach_all(probes: &mut Probes, options: &FollowOptions, path: &Path) -> Result<()> {
+async fn attach_all(probes: &mut Probes, options: &FollowOptions, path: &Path) -> Result<()> {
     for ip in &options.pod_ips {
         probes.follow(*ip)?;
     }
     for hop in &path.hops {
-        probes.attach(hop)?;
+        probes.attach(hop).await?;
     }
     Ok(())
 }

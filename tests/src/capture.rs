@@ -1,0 +1,103 @@
+//! tcpdump on the same interfaces podtrace traces, for counts to compare against.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    net::Ipv4Addr,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dir {
+    In,
+    Out,
+}
+
+pub struct Capture {
+    child: Option<Child>,
+    stderr: mpsc::Receiver<String>,
+    what: String,
+}
+
+impl Capture {
+    /// Starts `tcpdump` in `netns` on one direction of `ifname`, and returns once it listens.
+    pub fn start(netns: &str, ifname: &str, dir: Dir, filter: &str) -> Result<Self> {
+        let what = format!("tcpdump -i {ifname} -Q {dir:?} '{filter}' in {netns}");
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", netns, "tcpdump", "-n", "-i", ifname, "-Q"])
+            .arg(match dir {
+                Dir::In => "in",
+                Dir::Out => "out",
+            })
+            .args(["--immediate-mode", "-w", "/dev/null", filter])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {what}"))?;
+        let stderr = child.stderr.take().context("tcpdump stderr")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let capture = Self { child: Some(child), stderr: rx, what };
+        loop {
+            match capture.stderr.recv_timeout(Duration::from_secs(10)) {
+                Ok(line) if line.contains("listening on") => return Ok(capture),
+                Ok(_) => continue,
+                Err(_) => bail!("{} did not start listening", capture.what),
+            }
+        }
+    }
+
+    /// Stops tcpdump and returns how many packets it captured.
+    pub fn stop(mut self) -> Result<u64> {
+        let mut child = self.child.take().context("capture already stopped")?;
+        // SAFETY: plain syscall on our child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        child.wait().with_context(|| format!("waiting for {}", self.what))?;
+        let mut captured = None;
+        let mut dropped = 0;
+        while let Ok(line) = self.stderr.recv_timeout(Duration::from_secs(5)) {
+            let count = line.split_whitespace().next().and_then(|n| n.parse::<u64>().ok());
+            if line.contains("packets captured") {
+                captured = count;
+            } else if line.contains("dropped by kernel") {
+                dropped = count.unwrap_or(0);
+            }
+        }
+        if dropped > 0 {
+            bail!("{} dropped {dropped} packets: its count is not exact", self.what);
+        }
+        captured.with_context(|| format!("{} printed no packet count", self.what))
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Plain IPv4 packets to or from `ip`.
+pub fn ip_filter(ip: Ipv4Addr) -> String {
+    format!("ip host {ip}")
+}
+
+/// VXLAN (UDP 8472) packets whose *inner* IPv4 source or destination is `ip`. Offsets are
+/// from the UDP header: 8 (UDP) + 8 (VXLAN) + 14 (inner Ethernet) + 12 or 16 into the inner
+/// IPv4 header.
+pub fn vxlan_inner_filter(ip: Ipv4Addr) -> String {
+    let hex = u32::from(ip);
+    format!("udp dst port 8472 and (udp[42:4] = {hex:#010x} or udp[46:4] = {hex:#010x})")
+}

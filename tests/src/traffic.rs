@@ -1,0 +1,180 @@
+//! Bounded, deterministic traffic between lab pods. Every client has a timeout, and only
+//! addresses inside the lab's own namespaces are ever targeted.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    net::Ipv4Addr,
+    process::{Child, Command, Output, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+/// `ping -c count -s size` from a namespace; returns ping's output whether or not replies came.
+pub fn ping(ns: &str, dst: Ipv4Addr, count: u32, size: u32) -> Result<Output> {
+    Command::new("ip")
+        .args(["netns", "exec", ns, "ping", "-n", "-c", &count.to_string(), "-s", &size.to_string()])
+        .args(["-i", "0.2", "-W", "1", &dst.to_string()])
+        .output()
+        .context("running ping")
+}
+
+/// Received-reply count from ping's summary line.
+pub fn ping_received(output: &Output) -> u32 {
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.lines()
+        .find(|line| line.contains("received"))
+        .and_then(|line| line.split(',').nth(1))
+        .and_then(|part| part.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A server process in a pod that is killed when dropped.
+pub struct Server {
+    child: Child,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn python(ns: &str, script: &str, args: &[String]) -> Result<Command> {
+    let mut command = Command::new("ip");
+    command.args(["netns", "exec", ns, "python3", "-c", script]).args(args);
+    Ok(command)
+}
+
+/// Starts a server script and waits for its "ready" line.
+fn start_server(ns: &str, script: &str, args: &[String]) -> Result<Server> {
+    let mut child = python(ns, script, args)?
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting a server")?;
+    let stdout = child.stdout.take().context("server stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).context("waiting for the server")?;
+    if line.trim() != "ready" {
+        let _ = child.kill();
+        bail!("server did not start: {line:?}");
+    }
+    Ok(Server { child })
+}
+
+const TCP_SINK: &str = r#"
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(8)
+print("ready", flush=True)
+while True:
+    c, _ = s.accept(); c.settimeout(30)
+    total = 0
+    try:
+        while True:
+            b = c.recv(65536)
+            if not b: break
+            total += len(b)
+        c.sendall(str(total).encode())
+    except OSError:
+        pass
+    c.close()
+"#;
+
+const TCP_SEND: &str = r#"
+import socket, sys
+host, port, size, chunk, timeout = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+s = socket.create_connection((host, port), timeout=timeout)
+sent = 0
+while sent < size:
+    n = min(chunk, size - sent); s.sendall(b"x" * n); sent += n
+s.shutdown(socket.SHUT_WR)
+print(s.recv(64).decode())
+"#;
+
+const UDP_ECHO: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", int(sys.argv[1])))
+print("ready", flush=True)
+while True:
+    b, a = s.recvfrom(65536); s.sendto(b, a)
+"#;
+
+const UDP_SEND: &str = r#"
+import socket, sys, time
+host, port, count, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(1.0)
+got = 0
+for i in range(count):
+    s.sendto(bytes([i % 256]) * size, (host, port))
+    try:
+        s.recvfrom(65536); got += 1
+    except OSError:
+        pass
+    time.sleep(0.05)
+print(got)
+"#;
+
+/// Answers every query with an empty NOERROR response (QR set, question echoed).
+const DNS_SERVER: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", int(sys.argv[1])))
+print("ready", flush=True)
+while True:
+    q, a = s.recvfrom(512)
+    if len(q) >= 12:
+        s.sendto(q[:2] + b"\x81\x80" + q[4:6] + b"\x00\x00\x00\x00\x00\x00" + q[12:], a)
+"#;
+
+/// Sends `count` queries for `name` (one per timeout) and prints how many were answered.
+const DNS_QUERY: &str = r#"
+import socket, sys, struct
+server, count, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(timeout)
+name = b"".join(bytes([len(p)]) + p for p in b"kubernetes.default.svc.cluster.local".split(b".")) + b"\x00"
+got = 0
+for i in range(count):
+    s.sendto(struct.pack(">HHHHHH", 0x1000 + i, 0x0100, 1, 0, 0, 0) + name + b"\x00\x01\x00\x01", (server, 53))
+    try:
+        s.recvfrom(512); got += 1
+    except OSError:
+        pass
+print(got)
+"#;
+
+pub fn tcp_sink(ns: &str, port: u16) -> Result<Server> {
+    start_server(ns, TCP_SINK, &[port.to_string()])
+}
+
+/// Sends `bytes` in `chunk`-byte writes; returns the byte count the server acknowledged.
+pub fn tcp_send(ns: &str, dst: Ipv4Addr, port: u16, bytes: usize, chunk: usize, timeout: Duration) -> Result<Output> {
+    let args = [dst.to_string(), port.to_string(), bytes.to_string(), chunk.to_string(), timeout.as_secs_f64().to_string()];
+    python(ns, TCP_SEND, &args)?.output().context("running the TCP client")
+}
+
+pub fn udp_echo(ns: &str, port: u16) -> Result<Server> {
+    start_server(ns, UDP_ECHO, &[port.to_string()])
+}
+
+/// Sends `count` datagrams of `size` bytes, each waiting up to 1 s for its echo; returns how
+/// many echoes came back.
+pub fn udp_send(ns: &str, dst: Ipv4Addr, port: u16, count: u32, size: usize) -> Result<u32> {
+    let args = [dst.to_string(), port.to_string(), count.to_string(), size.to_string()];
+    let output = python(ns, UDP_SEND, &args)?.output().context("running the UDP client")?;
+    String::from_utf8_lossy(&output.stdout).trim().parse().context("parsing the UDP client's count")
+}
+
+pub fn dns_server(ns: &str) -> Result<Server> {
+    start_server(ns, DNS_SERVER, &["53".to_string()])
+}
+
+/// Sends `count` DNS queries to `server`; returns how many were answered.
+pub fn dns_query(ns: &str, server: Ipv4Addr, count: u32, timeout: Duration) -> Result<u32> {
+    let args = [server.to_string(), count.to_string(), timeout.as_secs_f64().to_string()];
+    let output = python(ns, DNS_QUERY, &args)?.output().context("running the DNS client")?;
+    String::from_utf8_lossy(&output.stdout).trim().parse().context("parsing the DNS client's count")
+}
