@@ -32,7 +32,7 @@ impl Capture {
                 Dir::In => "in",
                 Dir::Out => "out",
             })
-            .args(["--immediate-mode", "-w", "/dev/null", filter])
+            .args(["--immediate-mode", "-B", "16384", "-w", "/dev/null", filter])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

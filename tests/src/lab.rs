@@ -154,6 +154,9 @@ impl Lab {
 
             let pod_mtu = spec.pod_mtu.to_string();
             run(&["ip", "-n", ns, "link", "add", "cni0", "type", "bridge"])?;
+            // A fixed MAC: otherwise the bridge takes its lowest port's, and changes it (breaking
+            // every pod's ARP entry for the gateway) when that pod goes away.
+            run(&["ip", "-n", ns, "link", "set", "cni0", "address", &format!("0a:58:0a:f4:0{index}:01")])?;
             run(&["ip", "-n", ns, "addr", "add", &format!("{}/24", node.gateway), "dev", "cni0"])?;
             run(&["ip", "-n", ns, "link", "set", "cni0", "mtu", &pod_mtu, "up"])?;
 

@@ -6,4 +6,5 @@ pub mod fixture;
 pub mod inspect;
 pub mod lab;
 pub mod podtrace;
+pub mod scenario;
 pub mod traffic;

@@ -1,0 +1,138 @@
+//! Faults injected into the lab, each reproducing a runbook case, with the traffic that shows
+//! it. The findings tests and `cargo xtask demo --fault` share them.
+
+use std::{net::Ipv4Addr, time::Duration};
+
+use anyhow::{Result, bail};
+
+use crate::{lab::Lab, traffic};
+
+/// The Service IP of the lab's DNS Service.
+pub const DNS_SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+/// A TCP port pod B serves on, for the firewall case.
+pub const APP_PORT: u16 = 8080;
+/// A port nothing listens on.
+pub const CLOSED_PORT: u16 = 9;
+
+/// Extra LabSpec settings a scenario needs, applied before `Lab::up`.
+pub fn adjust_spec(name: &str, spec: &mut crate::lab::LabSpec) {
+    match name {
+        "mtu" => spec.underlay_mtu_b = 1400,
+        "pod-mtu" => spec.pod_mtu = 1500,
+        _ => {}
+    }
+}
+
+pub struct Scenario {
+    name: String,
+    /// Kept running for as long as the scenario lives.
+    _servers: Vec<traffic::Server>,
+}
+
+impl Scenario {
+    /// Injects the fault (the lab must have been built with `adjust_spec`).
+    pub fn prepare(lab: &Lab, name: &str) -> Result<Self> {
+        let (a, b) = (lab.node_a(), lab.node_b());
+        let mut servers = Vec::new();
+        match name {
+            "none" => {
+                servers.push(traffic::tcp_sink(&lab.pod_b().netns, 5201)?);
+                servers.push(traffic::udp_echo(&lab.pod_b().netns, 7000)?);
+            }
+            "drop" => {
+                servers.push(traffic::tcp_sink(&lab.pod_b().netns, APP_PORT)?);
+                lab.iptables(&b.netns, &["-A", "FORWARD", "-p", "tcp", "--dport", &APP_PORT.to_string(), "-j", "DROP"])?;
+            }
+            "mtu" => servers.push(traffic::tcp_sink(&lab.pod_b().netns, 5201)?),
+            "pod-mtu" => {
+                lab.iptables(&a.netns, &["-A", "OUTPUT", "-p", "icmp", "--icmp-type", "fragmentation-needed", "-j", "DROP"])?;
+            }
+            "vxlan-source" => {
+                // A second (DHCP-style) address on the NIC, and the tunnel bound to it, while
+                // node B still sends to the first.
+                lab.add_address(&a.netns, "eth0", "10.99.0.11/24")?;
+                lab.rebind_vxlan(a, Ipv4Addr::new(10, 99, 0, 11))?;
+            }
+            "no-reply" => lab.route(&b.netns, &["del", &a.pod_cidr])?,
+            "dns" => {
+                servers.push(traffic::dns_server(&lab.pod_b().netns)?);
+            }
+            "dns-ok" => {
+                servers.push(traffic::dns_server(&lab.pod_b().netns)?);
+                add_dns_service(lab)?;
+            }
+            "port-refused" => {}
+            other => bail!("unknown scenario {other}"),
+        }
+        Ok(Self { name: name.to_string(), _servers: servers })
+    }
+
+    /// The node namespace to run podtrace in, and the pod to follow.
+    pub fn traced<'a>(&self, lab: &'a Lab) -> (&'a str, Ipv4Addr) {
+        match self.name.as_str() {
+            // The firewall sits on node B, so that is where the drop is seen.
+            "drop" => (&lab.node_b().netns, lab.pod_b().ip),
+            _ => (&lab.node_a().netns, lab.pod_a().ip),
+        }
+    }
+
+    /// Sends the traffic that shows the fault. Failures of the traffic itself are expected
+    /// (that is the fault); only failures to run it are errors.
+    pub fn traffic(&self, lab: &Lab) -> Result<()> {
+        let (pa, pb) = (lab.pod_a(), lab.pod_b());
+        match self.name.as_str() {
+            "none" => {
+                traffic::ping(&pa.netns, pb.ip, 5, 56)?;
+                traffic::tcp_send(&pa.netns, pb.ip, 5201, 200_000, 16_384, Duration::from_secs(10))?;
+                traffic::udp_send(&pa.netns, pb.ip, 7000, 10, 300)?;
+            }
+            "drop" => {
+                traffic::ping(&pa.netns, pb.ip, 2, 56)?;
+                traffic::tcp_send(&pa.netns, pb.ip, APP_PORT, 1000, 1000, Duration::from_secs(3))?;
+            }
+            "mtu" => {
+                // Short writes first (they fit), then a bulk transfer whose full-size segments
+                // do not.
+                traffic::tcp_send(&pa.netns, pb.ip, 5201, 2_000, 100, Duration::from_secs(3))?;
+                traffic::tcp_send(&pa.netns, pb.ip, 5201, 100_000, 16_384, Duration::from_secs(4))?;
+            }
+            "pod-mtu" => {
+                traffic::ping(&pa.netns, pb.ip, 2, 56)?;
+                ping_df(&pa.netns, pb.ip, 1472, 3)?;
+            }
+            "vxlan-source" | "no-reply" => {
+                traffic::ping(&pa.netns, pb.ip, 4, 56)?;
+            }
+            "dns" | "dns-ok" => {
+                traffic::dns_query(&pa.netns, DNS_SERVICE_IP, 3, Duration::from_millis(700))?;
+            }
+            "port-refused" => {
+                traffic::tcp_send(&pa.netns, pb.ip, CLOSED_PORT, 10, 10, Duration::from_secs(2))?;
+            }
+            other => bail!("unknown scenario {other}"),
+        }
+        Ok(())
+    }
+}
+
+/// The Service as kube-proxy programs it: DNAT of the Service IP to the backend on the node.
+pub fn add_dns_service(lab: &Lab) -> Result<()> {
+    let backend = format!("{}:53", lab.pod_b().ip);
+    let service = DNS_SERVICE_IP.to_string();
+    for proto in ["udp", "tcp"] {
+        lab.iptables(
+            &lab.node_a().netns,
+            &["-t", "nat", "-A", "PREROUTING", "-d", &service, "-p", proto, "--dport", "53", "-j", "DNAT", "--to-destination", &backend],
+        )?;
+    }
+    Ok(())
+}
+
+/// Pings with Don't Fragment set and a payload of `size` bytes.
+pub fn ping_df(ns: &str, dst: Ipv4Addr, size: u32, count: u32) -> Result<()> {
+    std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "ping", "-n", "-M", "do", "-c", &count.to_string(), "-s", &size.to_string()])
+        .args(["-i", "0.2", "-W", "1", &dst.to_string()])
+        .output()?;
+    Ok(())
+}
