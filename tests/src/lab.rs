@@ -146,7 +146,7 @@ impl Lab {
             let mtu = if index == 0 { spec.underlay_mtu_a } else { spec.underlay_mtu_b }.to_string();
             run(&["ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", &port, "netns", &sw])?;
             run(&["ip", "-n", &sw, "link", "set", &port, "master", "br0", "up"])?;
-            run(&["ip", "-n", ns, "link", "set", "eth0", "mtu", &mtu, "up"])?;
+            run(&["ip", "-n", ns, "link", "set", "eth0", "up"])?;
             run(&["ip", "-n", ns, "addr", "add", &format!("{}/24", node.ip), "dev", "eth0"])?;
             wire_like(ns, "eth0")?;
             wire_like(&sw, &port)?;
@@ -169,6 +169,9 @@ impl Lab {
             run(&["ip", "-n", ns, "link", "set", "flannel.1", "mtu", &spec.vxlan_mtu.to_string(), "up"])?;
             let vtep_ip = format!("10.244.{index}.0/32");
             run(&["ip", "-n", ns, "addr", "add", &vtep_ip, "dev", "flannel.1"])?;
+            // Set after the tunnel exists: the kernel refuses a VXLAN device that cannot fit
+            // its underlay, but not an underlay lowered later, which is how nodes get there.
+            run(&["ip", "-n", ns, "link", "set", "eth0", "mtu", &mtu])?;
 
             for pod in &node.pods {
                 self.add_netns(&pod.netns)?;

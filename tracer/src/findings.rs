@@ -158,6 +158,8 @@ pub struct Outcome {
 }
 
 pub struct Finish<'b> {
+    /// CLOCK_MONOTONIC when the trace ended, on the same clock as the events.
+    pub end_ns: u64,
     pub counters: Counters,
     pub ring_bytes: u32,
     /// Receive/transmit drop counters of each hop: how much they grew during the trace.
@@ -403,7 +405,7 @@ impl<'a> Diagnosis<'a> {
         findings.extend(self.retransmit_findings());
         findings.extend(self.mtu_findings(&finish));
         findings.extend(self.vxlan_source_findings());
-        findings.extend(self.request_findings());
+        findings.extend(self.request_findings(finish.end_ns));
         findings.extend(self.refused_findings());
         findings.extend(self.bond_findings());
         findings.extend(lost_events(&finish.counters, finish.ring_bytes));
@@ -713,8 +715,9 @@ impl<'a> Diagnosis<'a> {
         findings
     }
 
-    fn request_findings(&self) -> Vec<Finding> {
-        let settled = self.last_ns.saturating_sub(self.settings.reply_timeout_ns);
+    fn request_findings(&self, end_ns: u64) -> Vec<Finding> {
+        // Requests younger than the timeout at the end may still be answered: not counted.
+        let settled = end_ns.max(self.last_ns).saturating_sub(self.settings.reply_timeout_ns);
         let mut groups: BTreeMap<(RequestKind, IpAddr, u16), Vec<&Request>> = BTreeMap::new();
         for (key, request) in &self.requests {
             if !request.answered && request.first_ns <= settled {

@@ -118,6 +118,7 @@ pub async fn follow(options: &FollowOptions) -> Result<Report> {
     let mut collector = Collector::new(options, &path, settings);
     let collected = collector.run(events, kernel_events, options.duration, &mut sigint, &mut sigterm).await;
     let duration_s = started.elapsed().as_secs_f64();
+    let end_ns = monotonic_ns();
     let counters = probes.counters();
     let detached = probes.detach().await;
     collected?;
@@ -127,6 +128,7 @@ pub async fn follow(options: &FollowOptions) -> Result<Report> {
     let Collector { correlator, diagnosis, vanished, link_drops, .. } = collector;
     let symbols = if diagnosis.has_drops() { KernelSymbols::load().ok() } else { None };
     let outcome = diagnosis.finish(Finish {
+        end_ns,
         counters,
         ring_bytes: options.ring_bytes,
         link_drops: &link_drops,
@@ -163,6 +165,14 @@ fn read_tracepoint_formats() -> Result<(Tracepoints, [Option<TracepointFormat>; 
         icmp_send: formats[2].is_some(),
     };
     Ok((tracepoints, formats))
+}
+
+/// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
 fn own_netns() -> Result<u32> {

@@ -1,0 +1,235 @@
+//! Each runbook fault injected into the lab, podtrace run as a user would, and the finding
+//! checked: kind, hop and values. Needs root.
+
+use anyhow::Result;
+use podtrace_tests::{
+    lab::{Lab, LabSpec, unique_prefix},
+    podtrace::Podtrace,
+    scenario::{self, Scenario},
+};
+use serde_json::Value;
+
+/// Brings up the lab for `name`, injects the fault, traces while the traffic runs, and
+/// returns the JSON report.
+fn trace(name: &str) -> Result<(Lab, Value)> {
+    let mut spec = LabSpec { prefix: unique_prefix(name), ..Default::default() };
+    scenario::adjust_spec(name, &mut spec);
+    let lab = Lab::up(spec)?;
+    let report = {
+        let scenario = Scenario::prepare(&lab, name)?;
+        let (node, pod) = scenario.traced(&lab);
+        let podtrace = Podtrace::start(node, &["follow", &pod.to_string(), "-o", "json", "--reply-timeout-ms", "800"])?;
+        scenario.traffic(&lab)?;
+        // Give unanswered requests their reply timeout before ending the trace.
+        std::thread::sleep(std::time::Duration::from_millis(900));
+        let finished = podtrace.finish()?;
+        assert!(finished.status.success(), "{}", finished.stderr);
+        finished.json()?
+    };
+    Ok((lab, report))
+}
+
+fn findings<'a>(report: &'a Value, kind: &str) -> Vec<&'a Value> {
+    report["findings"].as_array().unwrap().iter().filter(|f| f["kind"] == kind).collect()
+}
+
+fn one<'a>(report: &'a Value, kind: &str) -> &'a Value {
+    let found = findings(report, kind);
+    assert!(!found.is_empty(), "no {kind} finding in {:#}", report["findings"]);
+    found[0]
+}
+
+fn assert_shape(finding: &Value) {
+    for key in ["kind", "severity", "hop", "summary", "evidence", "advice"] {
+        assert!(finding.get(key).is_some(), "finding without {key}: {finding:#}");
+    }
+    assert!(["info", "warning", "error"].contains(&finding["severity"].as_str().unwrap()));
+}
+
+#[test]
+fn healthy_lab_has_no_warning_or_error() -> Result<()> {
+    let (_lab, report) = trace("none")?;
+    let serious: Vec<_> = report["findings"].as_array().unwrap().iter().filter(|f| f["severity"] != "info").collect();
+    assert!(serious.is_empty(), "{serious:#?}");
+    assert!(report["hops"][0]["packets"].as_u64().unwrap() > 100, "the traffic ran");
+    Ok(())
+}
+
+#[test]
+fn firewall_drop_on_node_b_names_the_reason_and_the_hop() -> Result<()> {
+    let (_lab, report) = trace("drop")?;
+    let drop = one(&report, "drop");
+    assert_shape(drop);
+    assert_eq!(drop["severity"], "error");
+    assert_eq!(drop["evidence"]["reason"], "NETFILTER_DROP");
+    assert_eq!(drop["hop"], "flannel.1");
+    assert_eq!(drop["evidence"]["direction"], "ingress");
+    // nf_hook_slow with legacy iptables, nft_do_chain with iptables-nft.
+    assert!(drop["evidence"]["function"].as_str().unwrap().starts_with("nf"), "{drop:#}");
+    assert!(drop["evidence"]["count"].as_u64().unwrap() >= 1);
+    // Between flannel.1 ingress and cni0 egress.
+    assert!(drop["summary"].as_str().unwrap().contains("after flannel.1 ingress, before cni0 egress"), "{drop:#}");
+    let hop = report["hops"].as_array().unwrap().iter().find(|h| h["ifname"] == "flannel.1" && h["direction"] == "ingress").unwrap();
+    assert_eq!(hop["drops"], drop["evidence"]["count"]);
+    Ok(())
+}
+
+/// Node B's underlay MTU is 1400, node A's 1500: pod A's large segments stall. Node A sees
+/// only full-size segments retransmitted (the MTU signature); node B sees a tunnel that
+/// cannot fit its underlay, and its NIC dropping the frames.
+#[test]
+fn underlay_mtu_mismatch_between_nodes() -> Result<()> {
+    let mut spec = LabSpec { prefix: unique_prefix("mtu"), ..Default::default() };
+    scenario::adjust_spec("mtu", &mut spec);
+    let lab = Lab::up(spec)?;
+    let scenario = Scenario::prepare(&lab, "mtu")?;
+    let on_a = Podtrace::start(&lab.node_a().netns, &["follow", &lab.pod_a().ip.to_string(), "-o", "json"])?;
+    let on_b = Podtrace::start(&lab.node_b().netns, &["follow", &lab.pod_b().ip.to_string(), "-o", "json"])?;
+    scenario.traffic(&lab)?;
+    let report_a = on_a.finish()?.json()?;
+    let report_b = on_b.finish()?.json()?;
+
+    let retransmits = one(&report_a, "retransmits");
+    assert_shape(retransmits);
+    assert_eq!(retransmits["evidence"]["mtu_signature"], true, "{retransmits:#}");
+    assert!(retransmits["summary"].as_str().unwrap().contains("only full-size segments"));
+    // Full-size: 1450 MTU - 20 IP - 32 TCP header with timestamps.
+    let sizes = retransmits["evidence"]["segment_sizes"].as_array().unwrap();
+    assert!(sizes.iter().all(|s| s["bytes"] == 1398), "{sizes:?}");
+    let first_hop = &report_a["hops"][0];
+    assert!(first_hop["retransmits"].as_u64().unwrap() > 0);
+    // Node A's own configuration is consistent: no MTU finding there.
+    assert!(findings(&report_a, "mtu-mismatch").is_empty(), "{:#}", report_a["findings"]);
+    // Pod A's retransmits never show up in node B's report.
+    assert!(findings(&report_b, "retransmits").is_empty(), "{:#}", report_b["findings"]);
+
+    let mismatch = findings(&report_b, "mtu-mismatch")
+        .into_iter()
+        .find(|f| f["hop"] == "flannel.1")
+        .unwrap_or_else(|| panic!("{:#}", report_b["findings"]))
+        .clone();
+    assert_shape(&mismatch);
+    assert_eq!(mismatch["evidence"]["tunnel_mtu"], 1450);
+    assert_eq!(mismatch["evidence"]["underlay"], "eth0");
+    assert_eq!(mismatch["evidence"]["underlay_mtu"], 1400);
+    assert_eq!(mismatch["evidence"]["blackhole"], true);
+    assert!(mismatch["evidence"]["underlay_rx_dropped_during_trace"].as_u64().unwrap() > 0, "{mismatch:#}");
+    Ok(())
+}
+
+/// Pod A's MTU is 1500 over a 1450 tunnel and node A blocks ICMP fragmentation-needed.
+#[test]
+fn pod_mtu_above_the_tunnel_with_icmp_blocked_is_a_blackhole() -> Result<()> {
+    let (lab, report) = trace("pod-mtu")?;
+    let veth = lab.pod_a().host_veth.clone();
+    let all = findings(&report, "mtu-mismatch");
+    let config = all.iter().find(|f| f["hop"] == veth.as_str()).unwrap_or_else(|| panic!("{:#}", report["findings"]));
+    assert_shape(config);
+    assert_eq!(config["evidence"]["mtu"], 1500);
+    assert_eq!(config["evidence"]["tunnel"], "flannel.1");
+    assert_eq!(config["evidence"]["tunnel_mtu"], 1450);
+    // Traffic: 1500-byte packets crossed cni0 heading for flannel.1 (MTU 1450); the kernel
+    // generated fragmentation-needed, and the firewall dropped it: a blackhole.
+    let oversized = all
+        .iter()
+        .find(|f| f["hop"] == "cni0" && f["evidence"]["largest_packet"].is_number())
+        .unwrap_or_else(|| panic!("{:#}", report["findings"]));
+    assert_eq!(oversized["evidence"]["largest_packet"], 1500);
+    assert_eq!(oversized["evidence"]["next_hop"], "flannel.1");
+    assert_eq!(oversized["evidence"]["next_hop_mtu"], 1450);
+    assert!(oversized["evidence"]["icmp_frag_needed_sent"].as_u64().unwrap() > 0, "{oversized:#}");
+    assert!(oversized["evidence"]["icmp_frag_needed_dropped"].as_u64().unwrap() > 0, "{oversized:#}");
+    assert_eq!(oversized["evidence"]["blackhole"], true);
+    Ok(())
+}
+
+#[test]
+fn vxlan_bound_to_a_second_address_is_named() -> Result<()> {
+    let (_lab, report) = trace("vxlan-source")?;
+    let all = findings(&report, "vxlan-source-mismatch");
+    let traffic = all
+        .iter()
+        .find(|f| f["evidence"]["outer_source"] == "10.99.0.11")
+        .unwrap_or_else(|| panic!("{:#}", report["findings"]));
+    assert_shape(traffic);
+    assert_eq!(traffic["severity"], "error");
+    assert_eq!(traffic["hop"], "eth0");
+    assert_eq!(traffic["evidence"]["endpoint"], "10.99.0.1");
+    let addresses = all
+        .iter()
+        .find(|f| f["evidence"]["addresses"].is_array())
+        .unwrap_or_else(|| panic!("{:#}", report["findings"]));
+    assert_eq!(addresses["hop"], "eth0");
+    assert_eq!(addresses["evidence"]["addresses"], serde_json::json!(["10.99.0.1/24", "10.99.0.11/24"]));
+    // What peers send to is what the node saw inbound.
+    assert_eq!(traffic["evidence"]["inbound_destinations"]["10.99.0.1"], 4);
+    Ok(())
+}
+
+#[test]
+fn missing_return_route_gives_no_reply_with_the_last_hop() -> Result<()> {
+    let (lab, report) = trace("no-reply")?;
+    let finding = one(&report, "no-reply");
+    assert_shape(finding);
+    let evidence = &finding["evidence"];
+    assert_eq!(evidence["requests"], 4);
+    assert_eq!(evidence["peer"], lab.pod_b().ip.to_string());
+    assert_eq!(evidence["last_hop"], "eth0 egress");
+    assert_eq!(evidence["first_hop_missing"], "eth0 ingress");
+    let veth = &lab.pod_a().host_veth;
+    assert_eq!(
+        evidence["hops_seen"],
+        serde_json::json!([format!("{veth} ingress"), "cni0 ingress", "flannel.1 egress", "eth0 egress"])
+    );
+    assert_eq!(finding["hop"], "eth0");
+    Ok(())
+}
+
+#[test]
+fn dns_without_service_rules_is_never_dnated() -> Result<()> {
+    let (_lab, report) = trace("dns")?;
+    let finding = one(&report, "dns-unanswered");
+    assert_shape(finding);
+    assert_eq!(finding["evidence"]["peer"], scenario::DNS_SERVICE_IP.to_string());
+    assert_eq!(finding["evidence"]["port"], 53);
+    assert_eq!(finding["evidence"]["dnat_to"], serde_json::json!([]));
+    assert!(finding["summary"].as_str().unwrap().contains("never DNATed"), "{finding:#}");
+    assert!(finding["advice"].as_str().unwrap().contains("kube-proxy"));
+
+    // With the Service rules in place, the same queries are answered: no finding.
+    let (_lab, report) = trace("dns-ok")?;
+    assert!(findings(&report, "dns-unanswered").is_empty(), "{:#}", report["findings"]);
+    Ok(())
+}
+
+#[test]
+fn closed_port_is_refused() -> Result<()> {
+    let (lab, report) = trace("port-refused")?;
+    let finding = one(&report, "port-refused");
+    assert_shape(finding);
+    assert_eq!(finding["evidence"]["peer"], lab.pod_b().ip.to_string());
+    assert_eq!(finding["evidence"]["port"], scenario::CLOSED_PORT);
+    assert_eq!(finding["evidence"]["signal"], "TCP RST");
+    Ok(())
+}
+
+#[test]
+fn lost_events_are_reported() -> Result<()> {
+    let mut spec = LabSpec { prefix: unique_prefix("lost"), ..Default::default() };
+    scenario::adjust_spec("none", &mut spec);
+    let lab = Lab::up(spec)?;
+    let scenario = Scenario::prepare(&lab, "none")?;
+    // A one-page ring cannot hold a burst of 200 KB of segments crossing eight hops.
+    let podtrace = Podtrace::start(
+        &lab.node_a().netns,
+        &["follow", &lab.pod_a().ip.to_string(), "-o", "json", "--ring-size", "4096"],
+    )?;
+    scenario.traffic(&lab)?;
+    let report = podtrace.finish()?.json()?;
+    let lost = report["lost_events"].as_u64().unwrap();
+    assert!(lost > 0, "expected lost events with a 4 KiB ring");
+    let finding = one(&report, "lost-events");
+    assert_eq!(finding["severity"], "warning");
+    assert_eq!(finding["evidence"]["lost_events"].as_u64().unwrap(), lost);
+    Ok(())
+}
