@@ -24,6 +24,9 @@ pub struct LabSpec {
     pub pod_mtu: u32,
     pub vxlan_mtu: u32,
     pub pods_per_node: usize,
+    /// Make node A's underlay `bond0` in this mode (e.g. `active-backup`, `balance-xor`)
+    /// over two links, `eth0` and `eth1`. Needs the bonding module.
+    pub bond_a: Option<String>,
 }
 
 impl Default for LabSpec {
@@ -35,6 +38,7 @@ impl Default for LabSpec {
             pod_mtu: 1450,
             vxlan_mtu: 1450,
             pods_per_node: 1,
+            bond_a: None,
         }
     }
 }
@@ -98,7 +102,7 @@ impl Lab {
         let node = |suffix: &str, index: u8| Node {
             netns: format!("{p}-{suffix}"),
             ip: Ipv4Addr::new(10, 99, 0, index + 1),
-            underlay: "eth0".into(),
+            underlay: if index == 0 && spec.bond_a.is_some() { "bond0".into() } else { "eth0".into() },
             bridge: "cni0".into(),
             vxlan: "flannel.1".into(),
             vtep_mac: format!("0e:00:00:00:0{}:01", index + 1),
@@ -142,14 +146,26 @@ impl Lab {
         for (index, node) in nodes.iter().enumerate() {
             let ns = node.netns.as_str();
             self.add_netns(ns)?;
-            let port = format!("port{index}");
             let mtu = if index == 0 { spec.underlay_mtu_a } else { spec.underlay_mtu_b }.to_string();
-            run(&["ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", &port, "netns", &sw])?;
-            run(&["ip", "-n", &sw, "link", "set", &port, "master", "br0", "up"])?;
-            run(&["ip", "-n", ns, "link", "set", "eth0", "up"])?;
-            run(&["ip", "-n", ns, "addr", "add", &format!("{}/24", node.ip), "dev", "eth0"])?;
-            wire_like(ns, "eth0")?;
-            wire_like(&sw, &port)?;
+            let bond_mode = if index == 0 { spec.bond_a.as_deref() } else { None };
+            let links: &[&str] = if bond_mode.is_some() { &["eth0", "eth1"] } else { &["eth0"] };
+            for (link, ifname) in links.iter().enumerate() {
+                let port = format!("port{index}{link}");
+                run(&["ip", "-n", ns, "link", "add", ifname, "type", "veth", "peer", "name", &port, "netns", &sw])?;
+                run(&["ip", "-n", &sw, "link", "set", &port, "master", "br0", "up"])?;
+                wire_like(ns, ifname)?;
+                wire_like(&sw, &port)?;
+            }
+            if let Some(mode) = bond_mode {
+                run(&["ip", "-n", ns, "link", "add", "bond0", "type", "bond", "mode", mode, "miimon", "100", "xmit_hash_policy", "layer3+4"])?;
+                for ifname in links {
+                    run(&["ip", "-n", ns, "link", "set", ifname, "master", "bond0"])?;
+                    run(&["ip", "-n", ns, "link", "set", ifname, "up"])?;
+                }
+            }
+            let underlay = node.underlay.as_str();
+            run(&["ip", "-n", ns, "link", "set", underlay, "up"])?;
+            run(&["ip", "-n", ns, "addr", "add", &format!("{}/24", node.ip), "dev", underlay])?;
             run(&["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
 
             let pod_mtu = spec.pod_mtu.to_string();
@@ -163,7 +179,7 @@ impl Lab {
             let local = node.ip.to_string();
             run(&[
                 "ip", "-n", ns, "link", "add", "flannel.1", "type", "vxlan", "id", "1", "dstport", "8472", "local", &local,
-                "dev", "eth0", "nolearning",
+                "dev", underlay, "nolearning",
             ])?;
             run(&["ip", "-n", ns, "link", "set", "flannel.1", "address", &node.vtep_mac])?;
             run(&["ip", "-n", ns, "link", "set", "flannel.1", "mtu", &spec.vxlan_mtu.to_string(), "up"])?;
@@ -171,7 +187,7 @@ impl Lab {
             run(&["ip", "-n", ns, "addr", "add", &vtep_ip, "dev", "flannel.1"])?;
             // Set after the tunnel exists: the kernel refuses a VXLAN device that cannot fit
             // its underlay, but not an underlay lowered later, which is how nodes get there.
-            run(&["ip", "-n", ns, "link", "set", "eth0", "mtu", &mtu])?;
+            run(&["ip", "-n", ns, "link", "set", underlay, "mtu", &mtu])?;
 
             for pod in &node.pods {
                 self.add_netns(&pod.netns)?;

@@ -237,16 +237,7 @@ async fn discover_with(handle: &Handle, pod_ip: IpAddr, overrides: &PathOverride
             vxlan_local: link.vxlan_local,
             addresses: addresses.iter().filter(|(i, _, _)| *i == index).map(|(_, ip, len)| (*ip, *len)).collect(),
             bond: link.bond.clone(),
-            slave: link.bond_port.map(|port| {
-                let bond = link.controller.and_then(|c| links.get(&c));
-                let lacp = bond.and_then(|b| b.bond.as_ref()).is_some_and(|b| b.mode == "802.3ad");
-                SlaveState {
-                    bond: bond.map(|b| b.name.clone()).unwrap_or_default(),
-                    mii_up: port.mii_up,
-                    link_failures: port.link_failures,
-                    lacp_partner_in_sync: if lacp { Some(port.lacp_partner_in_sync.unwrap_or(false)) } else { None },
-                }
-            }),
+            slave: slave_state(link, &links),
         });
     }
     if hops.is_empty() {
@@ -263,6 +254,38 @@ async fn discover_with(handle: &Handle, pod_ip: IpAddr, overrides: &PathOverride
         .filter_map(|link| link.link_netnsid)
         .collect();
     Ok(Path { pod_ip, locality, hops, pod_netnsids, warnings })
+}
+
+fn slave_state(link: &Link, links: &BTreeMap<u32, Link>) -> Option<SlaveState> {
+    let port = link.bond_port?;
+    let bond = link.controller.and_then(|c| links.get(&c));
+    let lacp = bond.and_then(|b| b.bond.as_ref()).is_some_and(|b| b.mode == "802.3ad");
+    Some(SlaveState {
+        bond: bond.map(|b| b.name.clone()).unwrap_or_default(),
+        mii_up: port.mii_up,
+        link_failures: port.link_failures,
+        lacp_partner_in_sync: if lacp { Some(port.lacp_partner_in_sync.unwrap_or(false)) } else { None },
+    })
+}
+
+/// The path with its bonds' and slaves' state read again, e.g. after a failover mid-trace.
+pub async fn refresh_bond_state(path: &Path) -> Result<Path> {
+    let mut path = path.clone();
+    if !path.hops.iter().any(|hop| hop.bond.is_some() || hop.slave.is_some()) {
+        return Ok(path);
+    }
+    let (connection, handle, _) = rtnetlink::new_connection().context("opening rtnetlink socket")?;
+    let connection = tokio::spawn(connection);
+    let links = dump_links(&handle).await;
+    connection.abort();
+    let links = links?;
+    for hop in &mut path.hops {
+        if let Some(link) = links.get(&hop.ifindex) {
+            hop.bond = link.bond.clone();
+            hop.slave = slave_state(link, &links);
+        }
+    }
+    Ok(path)
 }
 
 /// Adds an underlay device, and for a bond its slaves, once.

@@ -164,6 +164,8 @@ pub struct Finish<'b> {
     pub ring_bytes: u32,
     /// Receive/transmit drop counters of each hop: how much they grew during the trace.
     pub link_drops: &'b HashMap<u32, LinkDrops>,
+    /// The path as it is at the end (bond and slave state re-read).
+    pub final_path: &'b Path,
     pub drop_reasons: &'b HashMap<i64, String>,
     pub symbols: Option<&'b KernelSymbols>,
 }
@@ -407,7 +409,7 @@ impl<'a> Diagnosis<'a> {
         findings.extend(self.vxlan_source_findings());
         findings.extend(self.request_findings(finish.end_ns));
         findings.extend(self.refused_findings());
-        findings.extend(self.bond_findings());
+        findings.extend(bond_findings(finish.final_path));
         findings.extend(lost_events(&finish.counters, finish.ring_bytes));
         if self.dropped_requests > 0 {
             findings.push(Finding {
@@ -822,48 +824,46 @@ impl<'a> Diagnosis<'a> {
     }
 }
 
-impl Diagnosis<'_> {
-    /// Slaves that are down, flapped, or lack an LACP partner, from the state discovery read.
-    fn bond_findings(&self) -> Vec<Finding> {
-        let mut findings = Vec::new();
-        for hop in &self.path.hops {
-            let Some(slave) = &hop.slave else { continue };
-            let mut problems = Vec::new();
-            if !slave.mii_up {
-                problems.push("its MII status is down".to_string());
-            }
-            if slave.link_failures > 0 {
-                problems.push(format!("it has {} link failures", slave.link_failures));
-            }
-            if slave.lacp_partner_in_sync == Some(false) {
-                problems.push("it has no LACP partner in sync (802.3ad)".to_string());
-            }
-            if problems.is_empty() {
-                continue;
-            }
-            let bond = self.path.hops.iter().find(|h| h.ifname == slave.bond).and_then(|h| h.bond.clone());
-            findings.push(Finding {
-                kind: "bond-degraded",
-                severity: if slave.mii_up { Severity::Warning } else { Severity::Error },
-                hop: Some(hop.ifname.clone()),
-                summary: format!("Bond {} is degraded: slave {} {}.", slave.bond, hop.ifname, problems.join(", ")),
-                evidence: json!({
-                    "bond": slave.bond,
-                    "slave": hop.ifname,
-                    "mii_up": slave.mii_up,
-                    "link_failures": slave.link_failures,
-                    "lacp_partner_in_sync": slave.lacp_partner_in_sync,
-                    "mode": bond.as_ref().map(|b| b.mode.clone()),
-                    "active_slave": bond.and_then(|b| b.active_slave),
-                }),
-                advice: format!(
-                    "Check the cable and the switch port of {}, and the bond's view in /proc/net/bonding/{}; in 802.3ad mode the switch ports must be in one LACP port-channel.",
-                    hop.ifname, slave.bond
-                ),
-            });
+/// Slaves that are down, flapped, or lack an LACP partner.
+fn bond_findings(path: &Path) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    for hop in &path.hops {
+        let Some(slave) = &hop.slave else { continue };
+        let mut problems = Vec::new();
+        if !slave.mii_up {
+            problems.push("its MII status is down".to_string());
         }
-        findings
+        if slave.link_failures > 0 {
+            problems.push(format!("it has {} link failures", slave.link_failures));
+        }
+        if slave.lacp_partner_in_sync == Some(false) {
+            problems.push("it has no LACP partner in sync (802.3ad)".to_string());
+        }
+        if problems.is_empty() {
+            continue;
+        }
+        let bond = path.hops.iter().find(|h| h.ifname == slave.bond).and_then(|h| h.bond.clone());
+        findings.push(Finding {
+            kind: "bond-degraded",
+            severity: if slave.mii_up { Severity::Warning } else { Severity::Error },
+            hop: Some(hop.ifname.clone()),
+            summary: format!("Bond {} is degraded: slave {} {}.", slave.bond, hop.ifname, problems.join(", ")),
+            evidence: json!({
+                "bond": slave.bond,
+                "slave": hop.ifname,
+                "mii_up": slave.mii_up,
+                "link_failures": slave.link_failures,
+                "lacp_partner_in_sync": slave.lacp_partner_in_sync,
+                "mode": bond.as_ref().map(|b| b.mode.clone()),
+                "active_slave": bond.and_then(|b| b.active_slave),
+            }),
+            advice: format!(
+                "Check the cable and the switch port of {}, and the bond's view in /proc/net/bonding/{}; in 802.3ad mode the switch ports must be in one LACP port-channel.",
+                hop.ifname, slave.bond
+            ),
+        });
     }
+    findings
 }
 
 fn hop_is_underlay(path: &Path, ifindex: u32) -> bool {

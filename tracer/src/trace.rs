@@ -126,12 +126,15 @@ pub async fn follow(options: &FollowOptions) -> Result<Report> {
     let counters = counters?;
 
     let Collector { correlator, diagnosis, vanished, link_drops, .. } = collector;
+    // Bonds can fail over mid-trace: findings and the report use their state at the end.
+    let final_path = discovery::refresh_bond_state(&path).await?;
     let symbols = if diagnosis.has_drops() { KernelSymbols::load().ok() } else { None };
     let outcome = diagnosis.finish(Finish {
         end_ns,
         counters,
         ring_bytes: options.ring_bytes,
         link_drops: &link_drops,
+        final_path: &final_path,
         drop_reasons: &drop_reasons,
         symbols: symbols.as_ref(),
     });
@@ -143,7 +146,7 @@ pub async fn follow(options: &FollowOptions) -> Result<Report> {
         counters,
         vanished: &vanished,
     };
-    Ok(report::build(&path, &correlator, facts, outcome))
+    Ok(report::build(&final_path, &correlator, facts, outcome))
 }
 
 /// Reads the tracefs formats of the tracepoints podtrace uses; a missing one disables its
