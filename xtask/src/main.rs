@@ -1,7 +1,9 @@
 //! Project tasks: `cargo xtask setup | demo | test | lab | vm | bench`.
 
+mod bench;
 mod demo;
 mod setup;
+mod vm;
 
 use std::{path::PathBuf, process::Command};
 
@@ -32,6 +34,21 @@ enum Task {
         /// Skip the kernel tests in VMs (6.1 and 6.12).
         #[arg(long)]
         skip_vm: bool,
+    },
+    /// Speed and memory figures: kernel cost per packet, userspace throughput, memory.
+    Bench {
+        /// Set when re-run as a release build, which is what gets measured.
+        #[arg(long, hide = true)]
+        release_build: bool,
+    },
+    /// Run the privileged test suite in QEMU on Debian's 6.1 and 6.12 kernels.
+    Vm {
+        /// 6.1, 6.12 or all (repeatable).
+        #[arg(long, default_value = "all")]
+        kernel: Vec<String>,
+        /// Test name filter passed to every test binary.
+        #[arg(last = true)]
+        filter: Vec<String>,
     },
     /// Bring the built-in lab up (and leave it) or tear it down.
     Lab {
@@ -76,6 +93,19 @@ fn run(task: Task) -> Result<()> {
             setup::require_root()?;
             setup::run()?;
             test(skip_vm)
+        }
+        Task::Bench { release_build: true } => bench::run(),
+        Task::Bench { release_build: false } => {
+            setup::require_root()?;
+            setup::run()?;
+            setup::mounts()?;
+            // Measure optimised code, not the debug build `cargo xtask` runs.
+            setup::step("cargo", &["run", "--quiet", "--release", "--package", "xtask", "--", "bench", "--release-build"])
+        }
+        Task::Vm { kernel, filter } => {
+            setup::require_root()?;
+            setup::run()?;
+            vm::run(&kernel, &filter)
         }
         Task::Lab { action: LabAction::Up { prefix } } => {
             setup::require_root()?;
@@ -137,6 +167,7 @@ fn test(skip_vm: bool) -> Result<()> {
     }
     if skip_vm {
         println!("xtask: skipping the VM kernel tests (--skip-vm)");
+        return Ok(());
     }
-    Ok(())
+    vm::run(&["all".to_string()], &[])
 }
