@@ -167,7 +167,7 @@ fn ping_counts_match_tcpdump_and_every_packet_is_linked_across_hops() -> Result<
         assert_eq!(h["packets"], 5, "{ifname} {direction}");
         // The first hop of each direction has no previous hop; every other hop links each
         // packet to its sighting one hop earlier, through VXLAN encapsulation.
-        let first = (ifname == veth && direction == "ingress") || (ifname == "eth0" && direction == "ingress");
+        let first = direction == "ingress" && (ifname == veth || ifname == "eth0");
         assert_eq!(h["linked"], if first { 0 } else { 5 }, "{ifname} {direction}");
         assert_eq!(h["latency_us"]["p50"].is_null(), first, "{ifname} {direction}");
     }

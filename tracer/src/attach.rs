@@ -192,8 +192,7 @@ impl Probes {
         for inode in namespaces {
             netns.insert(*inode, 1, 0).context("registering a network namespace")?;
         }
-        let mut sources = KernelSources::default();
-        sources.drops = match self.attach_btf_tracepoint("podtrace_kfree_skb_btf", "kfree_skb", btf) {
+        let drops = match self.attach_btf_tracepoint("podtrace_kfree_skb_btf", "kfree_skb", btf) {
             Ok(()) => "tp_btf skb:kfree_skb".into(),
             Err(btf_err) if tracepoints.kfree_skb => {
                 log::info!("tp_btf kfree_skb unavailable ({btf_err:#}); using the classic tracepoint");
@@ -202,19 +201,19 @@ impl Probes {
             }
             Err(err) => return Err(err.context("attaching to skb:kfree_skb")),
         };
-        sources.retransmits = if tracepoints.tcp_retransmit_skb {
+        let retransmits = if tracepoints.tcp_retransmit_skb {
             self.attach_tracepoint("podtrace_tcp_retransmit", "tcp", "tcp_retransmit_skb")?;
             "tracepoint tcp:tcp_retransmit_skb".into()
         } else {
             "unavailable: no tcp:tcp_retransmit_skb tracepoint".into()
         };
-        sources.icmp_errors = if tracepoints.icmp_send {
+        let icmp_errors = if tracepoints.icmp_send {
             self.attach_tracepoint("podtrace_icmp_send", "icmp", "icmp_send")?;
             "tracepoint icmp:icmp_send".into()
         } else {
             "unavailable: no icmp:icmp_send tracepoint on this kernel".into()
         };
-        Ok(sources)
+        Ok(KernelSources { drops, retransmits, icmp_errors })
     }
 
     fn attach_btf_tracepoint(&mut self, program: &str, tracepoint: &str, btf: &aya::Btf) -> Result<()> {
@@ -323,6 +322,8 @@ pub async fn sweep() -> Result<Swept> {
                 Ok(()) => swept.filters.push(format!("{ifname} {name}")),
                 // No such filter, or no clsact qdisc at all.
                 Err(tc::TcError::IoError(err)) if err.kind() == ErrorKind::NotFound => {}
+                // The interface went away while we looked.
+                Err(tc::TcError::IoError(err)) if err.raw_os_error() == Some(libc::ENODEV) => {}
                 Err(tc::TcError::NetlinkError(err)) if err.raw_os_error() == Some(libc::EINVAL) => {}
                 Err(tc::TcError::NetlinkError(err)) if err.raw_os_error() == Some(libc::ENOENT) => {}
                 Err(err) => return Err(err).with_context(|| format!("removing {name} from {ifname}")),
@@ -344,7 +345,11 @@ pub async fn sweep() -> Result<Swept> {
 fn interface_names() -> Result<Vec<String>> {
     let mut names = Vec::new();
     for entry in fs::read_dir("/sys/class/net").context("listing /sys/class/net")? {
-        names.push(entry?.file_name().to_string_lossy().into_owned());
+        let entry = entry?;
+        // Not every entry is an interface (the bonding driver adds `bonding_masters`).
+        if entry.path().join("ifindex").exists() {
+            names.push(entry.file_name().to_string_lossy().into_owned());
+        }
     }
     Ok(names)
 }

@@ -333,10 +333,8 @@ impl<'a> Diagnosis<'a> {
             }
             IPPROTO_TCP => {
                 let key = RequestKey { kind: RequestKind::TcpSyn, proto: IPPROTO_TCP, pod_port: layer.dport, echo: (0, 0) };
-                if layer.tcp_flags & TCP_RST != 0 {
-                    if self.refused.len() < MAX_GROUPS {
-                        *self.refused.entry((layer.src, layer.sport, "TCP RST")).or_default() += 1;
-                    }
+                if layer.tcp_flags & TCP_RST != 0 && self.refused.len() < MAX_GROUPS {
+                    *self.refused.entry((layer.src, layer.sport, "TCP RST")).or_default() += 1;
                 }
                 let dns = RequestKey { kind: RequestKind::Dns, ..key };
                 for key in [key, dns] {
@@ -426,7 +424,7 @@ impl<'a> Diagnosis<'a> {
         if retransmits > 0 {
             retransmits_per_hop.insert(self.first_hop, retransmits);
         }
-        findings.sort_by(|a, b| b.severity.cmp(&a.severity));
+        findings.sort_by_key(|finding| std::cmp::Reverse(finding.severity));
         Outcome { findings, drops: drops_per_hop, retransmits: retransmits_per_hop }
     }
 

@@ -24,7 +24,7 @@ impl TracepointFormat {
         Self::parse(&format!("{category}:{name}"), &text)
     }
 
-    /// Parses lines like `field:void * skbaddr;	offset:8;	size:8;	signed:0;`.
+    /// Parses lines like `field:void * skbaddr; offset:8; size:8; signed:0;` (tab-separated).
     pub fn parse(name: &str, text: &str) -> Result<Self> {
         let mut fields = HashMap::new();
         for line in text.lines() {
