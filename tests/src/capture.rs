@@ -32,7 +32,8 @@ impl Capture {
                 Dir::In => "in",
                 Dir::Out => "out",
             })
-            .args(["--immediate-mode", "-B", "16384", "-w", "/dev/null", filter])
+            // -Z root: stay root rather than switch to a `tcpdump` user that may not exist.
+            .args(["--immediate-mode", "-B", "16384", "-Z", "root", "-w", "/dev/null", filter])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -49,7 +50,7 @@ impl Capture {
         });
         let capture = Self { child: Some(child), stderr: rx, what };
         loop {
-            match capture.stderr.recv_timeout(Duration::from_secs(10)) {
+            match capture.stderr.recv_timeout(Duration::from_secs(30)) {
                 Ok(line) if line.contains("listening on") => return Ok(capture),
                 Ok(_) => continue,
                 Err(_) => bail!("{} did not start listening", capture.what),

@@ -103,11 +103,12 @@ impl Probes {
                 .try_into()?;
             program.load().with_context(|| format!("verifying program {name}"))?;
         }
+        let kernel = KernelVersion::current().map_err(|err| anyhow!("reading the kernel version: {err}"))?;
+        let has_tcx = kernel >= KernelVersion::new(6, 6, 0);
         let mode = match mode {
-            AttachMode::Auto => {
-                let kernel = KernelVersion::current().map_err(|err| anyhow!("reading the kernel version: {err}"))?;
-                if kernel >= KernelVersion::new(6, 6, 0) { AttachMode::Tcx } else { AttachMode::Clsact }
-            }
+            AttachMode::Auto if has_tcx => AttachMode::Tcx,
+            AttachMode::Auto => AttachMode::Clsact,
+            AttachMode::Tcx if !has_tcx => bail!("--attach tcx needs kernel 6.6 or newer; use --attach clsact (or auto) here"),
             explicit => explicit,
         };
         Ok(Self { ebpf, mode, created_clsact: BTreeSet::new() })

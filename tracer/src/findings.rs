@@ -102,6 +102,8 @@ struct Request {
 
 #[derive(Clone, Debug, Default)]
 struct DropGroup {
+    /// ICMP echo replies: ping reads them from a raw socket, which gets a clone.
+    echo_reply: bool,
     count: u64,
     bytes: u64,
     example: String,
@@ -368,7 +370,9 @@ impl<'a> Diagnosis<'a> {
                 group.received = record.received;
                 group.netns = record.netns;
                 if group.example.is_empty() {
-                    group.example = record.pod_layer().describe();
+                    let layer = record.pod_layer();
+                    group.example = layer.describe();
+                    group.echo_reply = matches!((layer.proto, layer.icmp_type), (IPPROTO_ICMP, 0) | (IPPROTO_ICMPV6, 129));
                 }
             }
             KernelRecordKind::Retransmit { .. } => {
@@ -437,7 +441,7 @@ impl<'a> Diagnosis<'a> {
                 .cloned()
                 .unwrap_or_else(|| format!("reason {reason}"));
             let function = finish.symbols.map(|s| s.function(*location)).unwrap_or_else(|| format!("{location:#x}"));
-            if is_normal_consumption(&reason_name, &function) {
+            if is_normal_consumption(&reason_name, &function, group.echo_reply) {
                 continue;
             }
             let direction = if group.received { Direction::Ingress } else { Direction::Egress };
@@ -904,13 +908,13 @@ fn same_prefix(a: IpAddr, b: IpAddr, len: u8) -> bool {
 
 /// Frees that are the kernel's normal work, not losses: the reason says "not a drop" or the
 /// function is a known consumer that still uses the generic free.
-fn is_normal_consumption(reason: &str, function: &str) -> bool {
+fn is_normal_consumption(reason: &str, function: &str, echo_reply: bool) -> bool {
     if matches!(reason, "NOT_DROPPED_YET" | "CONSUMED") {
         return true;
     }
     // Echo replies are delivered to raw sockets (ping) as clones; the original is then freed
-    // because no ICMP datagram socket wants it.
-    if reason == "NO_SOCKET" && function == "ping_rcv" {
+    // because no ICMP datagram socket wants it (in ping_rcv, or icmp_rcv where it is inlined).
+    if reason == "NO_SOCKET" && echo_reply {
         return true;
     }
     reason == "NOT_SPECIFIED"
@@ -986,8 +990,10 @@ mod tests {
         let a: IpAddr = "10.99.0.1".parse().unwrap();
         assert!(same_prefix(a, "10.99.0.11".parse().unwrap(), 24));
         assert!(!same_prefix(a, "10.98.0.1".parse().unwrap(), 24));
-        assert!(is_normal_consumption("NOT_SPECIFIED", "skb_release_data"));
-        assert!(!is_normal_consumption("NOT_SPECIFIED", "__dev_forward_skb2"));
-        assert!(!is_normal_consumption("NETFILTER_DROP", "nf_hook_slow"));
+        assert!(is_normal_consumption("NOT_SPECIFIED", "skb_release_data", false));
+        assert!(!is_normal_consumption("NOT_SPECIFIED", "__dev_forward_skb2", false));
+        assert!(!is_normal_consumption("NETFILTER_DROP", "nf_hook_slow", false));
+        assert!(is_normal_consumption("NO_SOCKET", "icmp_rcv", true));
+        assert!(!is_normal_consumption("NO_SOCKET", "__udp4_lib_rcv", false));
     }
 }

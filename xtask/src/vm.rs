@@ -195,6 +195,14 @@ fn build_initramfs(kernel: &Kernel, binaries: &StaticBinaries, filter: &[String]
     // iptables is a name of the xtables multi-call binary; python3 of python3.11.
     symlink("xtables-nft-multi", &root.join("usr/sbin/iptables"))?;
     symlink("python3.11", &root.join("usr/bin/python3"))?;
+    // iptables loads its match and target extensions with dlopen, which ldd cannot see.
+    let xtables = Path::new("/usr/lib/x86_64-linux-gnu/xtables");
+    step("cp", &["-r", xtables.to_str().context("path")?, root.join("usr/lib/x86_64-linux-gnu").to_str().context("path")?])?;
+    for extension in fs::read_dir(xtables)?.flatten() {
+        for library in shared_libraries(extension.path().to_str().context("path")?)? {
+            copy(&library, &root.join(library.strip_prefix("/").unwrap_or(&library)))?;
+        }
+    }
     copy_python_stdlib(&root)?;
     for file in ["/etc/protocols", "/etc/services"] {
         copy(Path::new(file), &root.join(file.trim_start_matches('/')))?;
