@@ -10,7 +10,6 @@ use std::{
     fs,
     io::ErrorKind,
     net::IpAddr,
-    os::unix::fs::MetadataExt as _,
     path::PathBuf,
 };
 
@@ -298,7 +297,8 @@ async fn first_priority(hop: &Hop, direction: Direction) -> Result<u16> {
     })
 }
 
-fn mapped(ip: IpAddr) -> [u8; 16] {
+/// The map key form of an address: IPv4 as IPv4-mapped IPv6.
+pub fn mapped(ip: IpAddr) -> [u8; 16] {
     match ip {
         IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
         IpAddr::V6(v6) => v6.octets(),
@@ -395,7 +395,7 @@ fn nix_ifindex(ifname: &str) -> Result<i32> {
 /// The state file for this network namespace: ifindexes repeat across namespaces, and so
 /// do names, so the file is keyed by the namespace's inode.
 fn state_file() -> Result<PathBuf> {
-    let netns = fs::metadata("/proc/self/ns/net").context("reading /proc/self/ns/net")?.ino();
+    let netns = crate::netns::own_inode()?;
     Ok(PathBuf::from(format!("/run/podtrace/clsact-{netns}")))
 }
 

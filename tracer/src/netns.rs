@@ -22,9 +22,15 @@ use netlink_packet_route::{
 };
 use rtnetlink::Handle;
 
+/// The inode number of this process's network namespace: how the kernel programs and the
+/// state files tell namespaces apart.
+pub fn own_inode() -> Result<u32> {
+    Ok(fs::metadata("/proc/self/ns/net").context("reading /proc/self/ns/net")?.ino() as u32)
+}
+
 /// The inode numbers of this node's namespace and of its local pods' namespaces.
 pub async fn node_namespaces(pod_netnsids: &[i32]) -> Result<BTreeSet<u32>> {
-    let own = fs::metadata("/proc/self/ns/net").context("reading /proc/self/ns/net")?.ino() as u32;
+    let own = own_inode()?;
     let mut namespaces = BTreeSet::from([own]);
     if pod_netnsids.is_empty() {
         return Ok(namespaces);

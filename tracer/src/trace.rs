@@ -62,7 +62,7 @@ pub async fn follow(options: &FollowOptions) -> Result<Report> {
     }
     eprint!("{}", describe_path(&path));
     let namespaces = netns::node_namespaces(&path.pod_netnsids).await?;
-    let own_netns = own_netns()?;
+    let own_netns = netns::own_inode()?;
 
     let swept = attach::sweep().await.context("sweeping leftovers of earlier runs")?;
     if !swept.filters.is_empty() || !swept.qdiscs.is_empty() {
@@ -78,7 +78,7 @@ pub async fn follow(options: &FollowOptions) -> Result<Report> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
 
     let filter = FilterConfig {
-        peer: options.peer.map(mapped).unwrap_or_default(),
+        peer: options.peer.map(attach::mapped).unwrap_or_default(),
         has_peer: u8::from(options.peer.is_some()),
         proto: options.proto.unwrap_or(0),
         port: options.port.unwrap_or(0),
@@ -178,11 +178,6 @@ fn monotonic_ns() -> u64 {
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
-fn own_netns() -> Result<u32> {
-    use std::os::unix::fs::MetadataExt as _;
-    Ok(std::fs::metadata("/proc/self/ns/net").context("reading /proc/self/ns/net")?.ino() as u32)
-}
-
 /// The path of the first IP, extended by the hops of any further followed IPs.
 async fn discover_all(ips: &[IpAddr], overrides: &PathOverrides) -> Result<Path> {
     let (first, rest) = ips.split_first().context("no pod IP given")?;
@@ -223,13 +218,6 @@ fn describe_path(path: &Path) -> String {
         ));
     }
     text
-}
-
-fn mapped(ip: IpAddr) -> [u8; 16] {
-    match ip {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-        IpAddr::V6(v6) => v6.octets(),
-    }
 }
 
 /// Reads events and feeds the correlator and the diagnosis until the trace ends.

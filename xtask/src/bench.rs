@@ -58,7 +58,7 @@ fn kernel_cost() -> Result<()> {
     let filter = FilterConfig { vxlan_ports: [8472, 4789], ..Default::default() };
     let frame = vxlan_frame();
     for (label, followed) in [("followed VXLAN packet (event emitted)", "10.244.0.2"), ("unfollowed VXLAN packet", "10.1.1.1")] {
-        let mut probes = Probes::load(&LoadOptions { filter, layout: Default::default(), ring_bytes: 1 << 22 }, AttachMode::Tcx)?;
+        let mut probes = Probes::load(&LoadOptions { filter, layout: Default::default(), ring_bytes: 1 << 22 }, AttachMode::Auto)?;
         probes.follow(followed.parse::<IpAddr>()?)?;
         probes.register_hop(1, false)?;
         // Keep the ring drained so a full ring does not turn the measurement into drops.

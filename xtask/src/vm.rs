@@ -197,6 +197,7 @@ fn build_initramfs(kernel: &Kernel, binaries: &StaticBinaries, filter: &[String]
     symlink("python3.11", &root.join("usr/bin/python3"))?;
     // iptables loads its match and target extensions with dlopen, which ldd cannot see.
     let xtables = Path::new("/usr/lib/x86_64-linux-gnu/xtables");
+    fs::create_dir_all(root.join("usr/lib/x86_64-linux-gnu"))?;
     step("cp", &["-r", xtables.to_str().context("path")?, root.join("usr/lib/x86_64-linux-gnu").to_str().context("path")?])?;
     for extension in fs::read_dir(xtables)?.flatten() {
         for library in shared_libraries(extension.path().to_str().context("path")?)? {
