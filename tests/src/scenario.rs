@@ -108,6 +108,8 @@ impl Scenario {
             }
             "port-refused" => {
                 traffic::tcp_send(&pa.netns, pb.ip, CLOSED_PORT, 10, 10, Duration::from_secs(2))?;
+                // Pod B's kernel answers each datagram with ICMP port unreachable.
+                traffic::udp_send(&pa.netns, pb.ip, CLOSED_PORT, 3, 10)?;
             }
             other => bail!("unknown scenario {other}"),
         }

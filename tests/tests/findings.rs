@@ -205,11 +205,19 @@ fn dns_without_service_rules_is_never_dnated() -> Result<()> {
 #[test]
 fn closed_port_is_refused() -> Result<()> {
     let (lab, report) = trace("port-refused")?;
-    let finding = one(&report, "port-refused");
-    assert_shape(finding);
-    assert_eq!(finding["evidence"]["peer"], lab.pod_b().ip.to_string());
-    assert_eq!(finding["evidence"]["port"], scenario::CLOSED_PORT);
-    assert_eq!(finding["evidence"]["signal"], "TCP RST");
+    let refused = findings(&report, "port-refused");
+    assert_eq!(refused.len(), 2, "one per protocol: {:#}", report["findings"]);
+    let by_signal = |signal: &str| *refused.iter().find(|f| f["evidence"]["signal"] == signal).unwrap_or_else(|| panic!("no {signal}: {refused:#?}"));
+    for (signal, proto, count) in [("TCP RST", "tcp", 1), ("ICMP port unreachable", "udp", 3)] {
+        let finding = by_signal(signal);
+        assert_shape(finding);
+        assert_eq!(finding["hop"], lab.pod_a().host_veth.as_str());
+        assert_eq!(finding["evidence"]["peer"], lab.pod_b().ip.to_string());
+        assert_eq!(finding["evidence"]["port"], scenario::CLOSED_PORT);
+        assert_eq!(finding["evidence"]["proto"], proto);
+        // Counted once per refusal, not once per hop it crossed.
+        assert_eq!(finding["evidence"]["count"], count, "{finding:#}");
+    }
     Ok(())
 }
 

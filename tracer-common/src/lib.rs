@@ -65,6 +65,13 @@ pub struct IpLayer {
     pub icmp_code: u8,
     pub icmp_id: u16,
     pub icmp_seq: u16,
+    /// For an ICMP error (destination unreachable, time exceeded, parameter problem, packet
+    /// too big): the protocol and ports of the packet it quotes, i.e. the flow it refuses.
+    pub quoted_sport: u16,
+    pub quoted_dport: u16,
+    pub quoted_proto: u8,
+    /// Zero; keeps the struct free of trailing padding.
+    pub reserved: u8,
 }
 
 /// One packet seen by a TC program on a traced hop.

@@ -216,13 +216,49 @@ fn parse_l4<H: Headers>(ctx: &H, offset: usize, layer: &mut IpLayer) -> Result<(
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
             // type, code, checksum, then id and sequence for echo messages
-            let icmp: [u8; 8] = ctx.read(offset)?;
+            let icmp: [u8; ICMP_HDR_LEN] = ctx.read(offset)?;
             layer.icmp_type = icmp[0];
             layer.icmp_code = icmp[1];
             layer.icmp_id = u16::from_be_bytes([icmp[4], icmp[5]]);
             layer.icmp_seq = u16::from_be_bytes([icmp[6], icmp[7]]);
+            if is_icmp_error(layer.proto, layer.icmp_type) {
+                // A short quote leaves the quoted fields zero; the ICMP header itself is sound.
+                let _ = parse_quoted(ctx, offset + ICMP_HDR_LEN, layer);
+            }
         }
         _ => {}
+    }
+    Ok(())
+}
+
+const ICMP_HDR_LEN: usize = 8;
+
+/// Destination unreachable, time exceeded, parameter problem (and ICMPv6 packet too big):
+/// the messages that quote the packet they answer.
+#[inline(always)]
+fn is_icmp_error(proto: u8, icmp_type: u8) -> bool {
+    match proto {
+        IPPROTO_ICMP => matches!(icmp_type, 3 | 11 | 12),
+        _ => matches!(icmp_type, 1..=4),
+    }
+}
+
+/// Reads the protocol and ports of the packet an ICMP error quotes at `offset`: its IP header
+/// and at least the first 8 bytes after it.
+#[inline(always)]
+fn parse_quoted<H: Headers>(ctx: &H, offset: usize, layer: &mut IpLayer) -> Result<(), Skip> {
+    let (proto, l4_offset) = if layer.proto == IPPROTO_ICMP {
+        let ip: Ipv4Hdr = ctx.read(offset)?;
+        (ip.proto, offset + ((ip.vihl & 0x0f) as usize) * 4)
+    } else {
+        let ip: Ipv6Hdr = ctx.read(offset)?;
+        (ip.next_hdr, offset + Ipv6Hdr::LEN)
+    };
+    layer.quoted_proto = proto;
+    if proto == IPPROTO_TCP || proto == IPPROTO_UDP {
+        let ports: [u8; 4] = ctx.read(l4_offset)?;
+        layer.quoted_sport = u16::from_be_bytes([ports[0], ports[1]]);
+        layer.quoted_dport = u16::from_be_bytes([ports[2], ports[3]]);
     }
     Ok(())
 }

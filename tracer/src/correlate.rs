@@ -337,6 +337,9 @@ mod tests {
             icmp_code: 0,
             icmp_id: id,
             icmp_seq: seq,
+            quoted_proto: 0,
+            quoted_sport: 0,
+            quoted_dport: 0,
         }
     }
 

@@ -36,6 +36,10 @@ pub struct Layer {
     pub icmp_code: u8,
     pub icmp_id: u16,
     pub icmp_seq: u16,
+    /// The flow an ICMP error answers: the quoted packet's protocol and ports.
+    pub quoted_proto: u8,
+    pub quoted_sport: u16,
+    pub quoted_dport: u16,
 }
 
 pub const TCP_FIN: u8 = 0x01;
@@ -67,6 +71,9 @@ impl Layer {
             icmp_code: layer.icmp_code,
             icmp_id: layer.icmp_id,
             icmp_seq: layer.icmp_seq,
+            quoted_proto: layer.quoted_proto,
+            quoted_sport: layer.quoted_sport,
+            quoted_dport: layer.quoted_dport,
         }
     }
 
@@ -82,13 +89,7 @@ impl Layer {
     }
 
     pub fn proto_name(&self) -> String {
-        match self.proto {
-            IPPROTO_TCP => "tcp".into(),
-            IPPROTO_UDP => "udp".into(),
-            IPPROTO_ICMP => "icmp".into(),
-            IPPROTO_ICMPV6 => "icmp6".into(),
-            other => format!("proto-{other}"),
-        }
+        proto_name(self.proto)
     }
 
     /// `src:port > dst:port` (or ICMP type/id/seq), for live lines.
@@ -108,6 +109,17 @@ impl Layer {
                 }
                 text
             }
+            IPPROTO_ICMP | IPPROTO_ICMPV6 if self.quoted_proto != 0 => format!(
+                "{} {} > {} type {} code {} about {} :{} > :{}",
+                self.proto_name(),
+                self.src,
+                self.dst,
+                self.icmp_type,
+                self.icmp_code,
+                proto_name(self.quoted_proto),
+                self.quoted_sport,
+                self.quoted_dport
+            ),
             IPPROTO_ICMP | IPPROTO_ICMPV6 => format!(
                 "{} {} > {} type {} code {} id {} seq {}",
                 self.proto_name(),
@@ -120,6 +132,16 @@ impl Layer {
             ),
             _ => format!("{} {} > {}", self.proto_name(), self.src, self.dst),
         }
+    }
+}
+
+pub fn proto_name(proto: u8) -> String {
+    match proto {
+        IPPROTO_TCP => "tcp".into(),
+        IPPROTO_UDP => "udp".into(),
+        IPPROTO_ICMP => "icmp".into(),
+        IPPROTO_ICMPV6 => "icmp6".into(),
+        other => format!("proto-{other}"),
     }
 }
 

@@ -18,7 +18,7 @@ use crate::{
     Direction,
     attach::Counters,
     correlate::{Fingerprint, Flow, HopKey, Sighting},
-    decode::{KernelRecord, KernelRecordKind, Layer, Packet, TCP_RST, TCP_SYN},
+    decode::{KernelRecord, KernelRecordKind, Layer, Packet, TCP_RST, TCP_SYN, proto_name},
     discovery::{HopKind, LinkDrops, Path},
     symbols::KernelSymbols,
 };
@@ -144,7 +144,8 @@ pub struct Diagnosis<'a> {
     /// ones, and whether anything came back, which shows that small packets get through.
     tcp_flows: HashMap<(u16, IpAddr, u16), TcpFlow>,
     icmp_sent: BTreeMap<(u8, u8, u32), (u64, String)>,
-    refused: BTreeMap<(IpAddr, u16, &'static str), u64>,
+    /// (peer, protocol, port, signal) of refused connections, and how often.
+    refused: BTreeMap<(IpAddr, u8, u16, &'static str), u64>,
     oversized: BTreeMap<(u32, Direction), Oversized>,
     vxlan_out_sources: BTreeMap<IpAddr, u64>,
     vxlan_in_destinations: BTreeMap<IpAddr, u64>,
@@ -222,7 +223,8 @@ impl<'a> Diagnosis<'a> {
                 {
                     flow.replies += 1;
                 }
-                self.track_reply(layer);
+                // A reply crosses several hops; count each refusal once, where first seen.
+                self.track_reply(layer, sighting.previous.is_none());
             }
         }
     }
@@ -322,7 +324,7 @@ impl<'a> Diagnosis<'a> {
         }
     }
 
-    fn track_reply(&mut self, layer: &Layer) {
+    fn track_reply(&mut self, layer: &Layer, first_sighting: bool) {
         match layer.proto {
             IPPROTO_ICMP | IPPROTO_ICMPV6 if matches!(layer.icmp_type, 0 | 129) => {
                 let key = RequestKey { kind: RequestKind::Echo, proto: layer.proto, pod_port: 0, echo: (layer.icmp_id, layer.icmp_seq) };
@@ -330,13 +332,16 @@ impl<'a> Diagnosis<'a> {
                     request.answered = true;
                 }
             }
-            IPPROTO_ICMP if layer.icmp_type == 3 && layer.icmp_code == 3 => {
-                *self.refused.entry((layer.src, 0, "ICMP port unreachable")).or_default() += 1;
+            // Port unreachable (ICMP 3/3, ICMPv6 1/4) names the refused port in its quote.
+            IPPROTO_ICMP | IPPROTO_ICMPV6
+                if matches!((layer.proto, layer.icmp_type, layer.icmp_code), (IPPROTO_ICMP, 3, 3) | (IPPROTO_ICMPV6, 1, 4)) =>
+            {
+                self.count_refusal(first_sighting, (layer.src, layer.quoted_proto, layer.quoted_dport, "ICMP port unreachable"));
             }
             IPPROTO_TCP => {
                 let key = RequestKey { kind: RequestKind::TcpSyn, proto: IPPROTO_TCP, pod_port: layer.dport, echo: (0, 0) };
-                if layer.tcp_flags & TCP_RST != 0 && self.refused.len() < MAX_GROUPS {
-                    *self.refused.entry((layer.src, layer.sport, "TCP RST")).or_default() += 1;
+                if layer.tcp_flags & TCP_RST != 0 {
+                    self.count_refusal(first_sighting, (layer.src, IPPROTO_TCP, layer.sport, "TCP RST"));
                 }
                 let dns = RequestKey { kind: RequestKind::Dns, ..key };
                 for key in [key, dns] {
@@ -808,18 +813,25 @@ impl<'a> Diagnosis<'a> {
         findings
     }
 
+    fn count_refusal(&mut self, first_sighting: bool, key: (IpAddr, u8, u16, &'static str)) {
+        if first_sighting && (self.refused.len() < MAX_GROUPS || self.refused.contains_key(&key)) {
+            *self.refused.entry(key).or_default() += 1;
+        }
+    }
+
     fn refused_findings(&self) -> Vec<Finding> {
         self.refused
             .iter()
-            .map(|((peer, port, how), count)| {
-                let port_text = if *port == 0 { String::new() } else { format!(":{port}") };
+            .map(|((peer, proto, port, how), count)| {
+                let proto = proto_name(*proto);
+                let listing = if proto == "udp" { "ss -lunp" } else { "ss -ltnp" };
                 Finding {
                     kind: "port-refused",
                     severity: Severity::Error,
                     hop: Some(self.path.hops[0].ifname.clone()),
-                    summary: format!("{peer}{port_text} refused the pod's connection ({how}, {count} times): nothing listens there."),
-                    evidence: json!({ "peer": peer, "port": port, "signal": how, "count": count }),
-                    advice: format!("Check that the server on {peer} listens on port {port} (ss -ltnp in that pod) and that the Service's targetPort matches."),
+                    summary: format!("{peer} port {port}/{proto} refused the pod's packets ({how}, {count} times): nothing listens there."),
+                    evidence: json!({ "peer": peer, "port": port, "proto": proto, "signal": how, "count": count }),
+                    advice: format!("Check that the server on {peer} listens on {proto} port {port} ({listing} in that pod) and that the Service's targetPort matches."),
                 }
             })
             .collect()

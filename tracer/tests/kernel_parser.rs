@@ -275,6 +275,50 @@ fn ipv6_tcp_icmpv6_and_fragment_header() {
     assert_eq!((layer.proto, layer.sport, layer.ip_id, layer.header_len), (17, 5353, 0xbeef, 48));
 }
 
+/// An ICMP error: type, code, checksum, 4 unused bytes, then the quote.
+fn icmp_error(kind: u8, code: u8, quote: &[u8]) -> Vec<u8> {
+    let mut header = vec![kind, code, 0, 0, 0, 0, 0, 0];
+    header.extend_from_slice(quote);
+    header
+}
+
+#[test]
+fn icmp_errors_name_the_flow_they_quote() {
+    let mut harness = Harness::default();
+    // Port unreachable from the peer, quoting the pod's UDP datagram (header + 8 bytes).
+    let quoted = V4::new(POD, PEER, 17).packet(&udp(40000, 9999, b"payload!"));
+    let packet = harness.one(&ethernet(0x0800, &V4::new(PEER, POD, 1).packet(&icmp_error(3, 3, &quoted[..28]))));
+    let layer = &packet.outer;
+    assert_eq!((layer.icmp_type, layer.icmp_code), (3, 3));
+    assert_eq!((layer.quoted_proto, layer.quoted_sport, layer.quoted_dport), (17, 40000, 9999));
+    assert!(layer.describe().contains("udp :40000 > :9999"), "{}", layer.describe());
+
+    // The quote's IP header with options: the ports sit after them.
+    let mut with_options = V4::new(POD, PEER, 6);
+    with_options.options = vec![0x01, 0x01, 0x01, 0x00];
+    let quoted = with_options.packet(&tcp(40001, 8080, 1, 0, 0x02, 0));
+    let packet = harness.one(&ethernet(0x0800, &V4::new(PEER, POD, 1).packet(&icmp_error(3, 3, &quoted[..32]))));
+    assert_eq!((packet.outer.quoted_proto, packet.outer.quoted_sport, packet.outer.quoted_dport), (6, 40001, 8080));
+
+    // A quote cut short inside the ports: the ICMP header still makes an event, unparsed
+    // fields stay zero, and nothing counts as unparsed.
+    let quoted = V4::new(POD, PEER, 17).packet(&udp(40000, 9999, b""));
+    let packet = harness.one(&ethernet(0x0800, &V4::new(PEER, POD, 1).packet(&icmp_error(3, 3, &quoted[..22]))));
+    assert_eq!((packet.outer.quoted_proto, packet.outer.quoted_sport, packet.outer.quoted_dport), (17, 0, 0));
+
+    // Echo replies quote nothing.
+    let packet = harness.one(&ethernet(0x0800, &V4::new(PEER, POD, 1).packet(&icmp_echo(0, 7, 8))));
+    assert_eq!((packet.outer.quoted_proto, packet.outer.quoted_dport), (0, 0));
+
+    // ICMPv6 port unreachable (1/4) quoting a UDP datagram.
+    harness.probes.follow(ip("fd00::2")).unwrap();
+    let quoted = v6("fd00::2", "fd00::9", 17, 0, &udp(5000, 53, b"q"));
+    let packet = harness.one(&ethernet(0x86dd, &v6("fd00::9", "fd00::2", 58, 0, &icmp_error(1, 4, &quoted))));
+    assert_eq!((packet.outer.icmp_type, packet.outer.icmp_code), (1, 4));
+    assert_eq!((packet.outer.quoted_proto, packet.outer.quoted_sport, packet.outer.quoted_dport), (17, 5000, 53));
+    assert_eq!(harness.counters(), Counters { matched: 5, ..Default::default() });
+}
+
 #[test]
 fn ipv4_fragments_and_options() {
     let mut harness = Harness::default();
