@@ -104,6 +104,8 @@ struct Request {
 struct DropGroup {
     /// ICMP echo replies: ping reads them from a raw socket, which gets a clone.
     echo_reply: bool,
+    /// ICMP fragmentation-needed: a dropped one turns an MTU problem into a blackhole.
+    frag_needed: bool,
     count: u64,
     bytes: u64,
     example: String,
@@ -135,6 +137,9 @@ pub struct Diagnosis<'a> {
     path: &'a Path,
     settings: Settings,
     first_hop: HopKey,
+    /// The path's (hop index, direction) pairs in travel order, computed once: the per-packet
+    /// MTU check walks it.
+    order: Vec<(usize, Direction)>,
     requests: HashMap<RequestKey, Request>,
     by_fingerprint: HashMap<Fingerprint, RequestKey>,
     dropped_requests: u64,
@@ -180,6 +185,7 @@ impl<'a> Diagnosis<'a> {
             path,
             settings,
             first_hop: HopKey { ifindex: first.ifindex, direction: first.from_pod },
+            order: crate::report::ordered_hops(path),
             requests: HashMap::new(),
             by_fingerprint: HashMap::new(),
             dropped_requests: 0,
@@ -193,6 +199,16 @@ impl<'a> Diagnosis<'a> {
             vxlan_in_destinations: BTreeMap::new(),
             last_ns: 0,
         }
+    }
+
+    /// Where a hop stands in travel order.
+    fn position(&self, hop: HopKey) -> Option<usize> {
+        self.order.iter().position(|(i, d)| self.path.hops[*i].ifindex == hop.ifindex && *d == hop.direction)
+    }
+
+    /// The hop name and direction at a position in travel order, e.g. "cni0 egress".
+    fn label_at(&self, position: usize) -> Option<String> {
+        self.order.get(position).map(|(i, d)| format!("{} {d}", self.path.hops[*i].ifname))
     }
 
     fn hop_name(&self, ifindex: u32) -> Option<&str> {
@@ -269,9 +285,7 @@ impl<'a> Diagnosis<'a> {
 
     /// The hop a packet at `hop` goes to next in path order, and the IP-level MTU it must fit.
     fn next_mtu(&self, hop: HopKey) -> Option<(u32, u32)> {
-        let order = crate::report::ordered_hops(self.path);
-        let position = order.iter().position(|(i, d)| self.path.hops[*i].ifindex == hop.ifindex && *d == hop.direction)?;
-        let (next_index, next_direction) = *order.get(position + 1)?;
+        let (next_index, next_direction) = *self.order.get(self.position(hop)? + 1)?;
         // Only the same direction of travel: the turn from request to reply is not a hop.
         let next = &self.path.hops[next_index];
         let current = self.path.hops.iter().find(|h| h.ifindex == hop.ifindex)?;
@@ -378,6 +392,7 @@ impl<'a> Diagnosis<'a> {
                     let layer = record.pod_layer();
                     group.example = layer.describe();
                     group.echo_reply = matches!((layer.proto, layer.icmp_type), (IPPROTO_ICMP, 0) | (IPPROTO_ICMPV6, 129));
+                    group.frag_needed = (layer.proto, layer.icmp_type, layer.icmp_code) == (IPPROTO_ICMP, 3, 4);
                 }
             }
             KernelRecordKind::Retransmit { .. } => {
@@ -487,9 +502,7 @@ impl<'a> Diagnosis<'a> {
     }
 
     fn next_hop_name(&self, hop: HopKey) -> Option<String> {
-        let order = crate::report::ordered_hops(self.path);
-        let position = order.iter().position(|(i, d)| self.path.hops[*i].ifindex == hop.ifindex && *d == hop.direction)?;
-        order.get(position + 1).map(|(i, d)| format!("{} {d}", self.path.hops[*i].ifname))
+        self.label_at(self.position(hop)? + 1)
     }
 
     fn retransmit_findings(&self) -> Vec<Finding> {
@@ -544,7 +557,7 @@ impl<'a> Diagnosis<'a> {
         let frag_needed_dropped: u64 = self
             .drops
             .values()
-            .filter(|group| group.example.contains("type 3 code 4"))
+            .filter(|group| group.frag_needed)
             .map(|group| group.count)
             .sum();
         let icmp_state = if frag_needed == 0 {
@@ -733,11 +746,6 @@ impl<'a> Diagnosis<'a> {
                 groups.entry((key.kind, request.peer, request.peer_port)).or_default().push(request);
             }
         }
-        let order = crate::report::ordered_hops(self.path);
-        let hop_label = |hop: &HopKey| {
-            let name = self.hop_name(hop.ifindex).unwrap_or("?");
-            format!("{name} {}", hop.direction)
-        };
         let mut findings = Vec::new();
         for ((kind, peer, port), requests) in groups {
             let packets: u64 = requests.iter().map(|r| r.packets).sum();
@@ -745,12 +753,13 @@ impl<'a> Diagnosis<'a> {
             let seen: BTreeSet<usize> = requests
                 .iter()
                 .flat_map(|r| r.hops.iter())
-                .filter_map(|hop| order.iter().position(|(i, d)| self.path.hops[*i].ifindex == hop.ifindex && *d == hop.direction))
+                .filter_map(|hop| self.position(*hop))
                 .collect();
             let last = seen.iter().max().copied();
-            let seen_names: Vec<String> = seen.iter().map(|p| hop_label(&HopKey { ifindex: self.path.hops[order[*p].0].ifindex, direction: order[*p].1 })).collect();
-            let first_missing = last.and_then(|p| order.get(p + 1)).map(|(i, d)| format!("{} {d}", self.path.hops[*i].ifname));
+            let seen_names: Vec<String> = seen.iter().filter_map(|p| self.label_at(*p)).collect();
+            let first_missing = last.and_then(|p| self.label_at(p + 1));
             let last_name = seen_names.last().cloned();
+            let last_hop = last.map(|p| self.path.hops[self.order[p].0].ifname.clone());
             let dnat: Vec<String> = requests.iter().filter_map(|r| r.dnat_to).map(|(ip, p)| format!("{ip}:{p}")).collect::<BTreeSet<_>>().into_iter().collect();
             let what = match kind {
                 RequestKind::Echo => "ICMP echo requests".to_string(),
@@ -781,7 +790,7 @@ impl<'a> Diagnosis<'a> {
                 Finding {
                     kind: "dns-unanswered",
                     severity: Severity::Error,
-                    hop: last_name.as_ref().and_then(|l| l.split(' ').next()).map(str::to_string),
+                    hop: last_hop,
                     summary: format!("{} {what} got no answer; {dnat_text}; {reach}.", requests.len()),
                     evidence,
                     advice: if dnat.is_empty() {
@@ -794,7 +803,7 @@ impl<'a> Diagnosis<'a> {
                 Finding {
                     kind: "no-reply",
                     severity: Severity::Error,
-                    hop: last_name.as_ref().and_then(|l| l.split(' ').next()).map(str::to_string),
+                    hop: last_hop,
                     summary: format!(
                         "{} {what} from {} to {peer} got no reply within {} ms; {reach}.",
                         requests.len(),
