@@ -217,9 +217,9 @@ pub const MAX_NETNS: u32 = 1024;
 
 #[cfg(feature = "user")]
 mod user {
+    // SAFETY: all are repr(C) plain-old-data with no invalid bit patterns.
     unsafe impl aya::Pod for super::KernelEvent {}
     unsafe impl aya::Pod for super::KernelLayout {}
-    // SAFETY: all are repr(C) plain-old-data with no invalid bit patterns.
     unsafe impl aya::Pod for super::PacketEvent {}
     unsafe impl aya::Pod for super::HopConfig {}
     unsafe impl aya::Pod for super::FilterConfig {}

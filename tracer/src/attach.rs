@@ -30,6 +30,11 @@ use tracer_common::{
     FilterConfig, HOP_NO_MAC_HEADER, HopConfig, KernelLayout,
 };
 
+use crate::{
+    Direction,
+    discovery::{Hop, with_rtnetlink},
+};
+
 /// Which tracepoints have a readable tracefs format on this kernel.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Tracepoints {
@@ -37,8 +42,6 @@ pub struct Tracepoints {
     pub tcp_retransmit_skb: bool,
     pub icmp_send: bool,
 }
-
-use crate::{Direction, discovery::Hop};
 
 pub const INGRESS_PROGRAM: &str = "podtrace_ingress";
 pub const EGRESS_PROGRAM: &str = "podtrace_egress";
@@ -276,16 +279,15 @@ impl Probes {
 
 /// A cls_bpf priority ahead of every filter already on the hook (lower runs first).
 async fn first_priority(hop: &Hop, direction: Direction) -> Result<u16> {
-    let (connection, handle, _) = rtnetlink::new_connection().context("opening rtnetlink socket")?;
-    let connection = tokio::spawn(connection);
-    let request = handle.traffic_filter(hop.ifindex as i32).get();
-    let request = match direction {
-        Direction::Ingress => request.ingress(),
-        Direction::Egress => request.egress(),
-    };
-    let filters: Result<Vec<_>, _> = request.execute().try_collect().await;
-    connection.abort();
-    let filters = filters.with_context(|| format!("listing the TC filters on {}", hop.ifname))?;
+    let filters: Vec<_> = with_rtnetlink(async |handle| {
+        let request = handle.traffic_filter(hop.ifindex as i32).get();
+        let request = match direction {
+            Direction::Ingress => request.ingress(),
+            Direction::Egress => request.egress(),
+        };
+        request.execute().try_collect().await.with_context(|| format!("listing the TC filters on {}", hop.ifname))
+    })
+    .await?;
     let lowest = filters.iter().map(|filter| (filter.header.info >> 16) as u16).filter(|p| *p > 0).min();
     Ok(match lowest {
         None => 0,
@@ -362,25 +364,24 @@ async fn remove_clsact_if_unused(ifname: &str) -> Result<bool> {
         // The interface is gone, and its qdisc with it.
         return Ok(false);
     };
-    let (connection, handle, _) = rtnetlink::new_connection().context("opening rtnetlink socket")?;
-    let connection = tokio::spawn(connection);
-    let result = async {
-        let ingress: Vec<_> = handle.traffic_filter(index).get().ingress().execute().try_collect().await?;
-        let egress: Vec<_> = handle.traffic_filter(index).get().egress().execute().try_collect().await?;
-        if !ingress.is_empty() || !egress.is_empty() {
-            return Ok(false);
+    with_rtnetlink(async |handle| {
+        async {
+            let ingress: Vec<_> = handle.traffic_filter(index).get().ingress().execute().try_collect().await?;
+            let egress: Vec<_> = handle.traffic_filter(index).get().egress().execute().try_collect().await?;
+            if !ingress.is_empty() || !egress.is_empty() {
+                return Ok(false);
+            }
+            let mut request = handle.qdisc().del(index);
+            request.message_mut().header.parent = TcHandle::CLSACT;
+            request.message_mut().header.handle = TcHandle { major: 0xffff, minor: 0 };
+            request.execute().await?;
+            Ok(true)
         }
-        let mut request = handle.qdisc().del(index);
-        request.message_mut().header.parent = TcHandle::CLSACT;
-        request.message_mut().header.handle = TcHandle { major: 0xffff, minor: 0 };
-        request.execute().await?;
-        Ok(true)
-    }
+        .await
+        .map_err(|err: rtnetlink::Error| anyhow!(err))
+        .with_context(|| format!("removing the clsact qdisc from {ifname}"))
+    })
     .await
-    .map_err(|err: rtnetlink::Error| anyhow!(err))
-    .with_context(|| format!("removing the clsact qdisc from {ifname}"));
-    connection.abort();
-    result
 }
 
 fn nix_ifindex(ifname: &str) -> Result<i32> {

@@ -139,12 +139,17 @@ struct Link {
     link_netnsid: Option<i32>,
 }
 
-pub async fn discover(pod_ip: IpAddr, overrides: &PathOverrides) -> Result<Path> {
+/// Runs `work` over a fresh rtnetlink connection, which is closed when `work` ends.
+pub async fn with_rtnetlink<T>(work: impl AsyncFnOnce(&Handle) -> Result<T>) -> Result<T> {
     let (connection, handle, _) = rtnetlink::new_connection().context("opening rtnetlink socket")?;
     let connection = tokio::spawn(connection);
-    let result = discover_with(&handle, pod_ip, overrides).await;
+    let result = work(&handle).await;
     connection.abort();
     result
+}
+
+pub async fn discover(pod_ip: IpAddr, overrides: &PathOverrides) -> Result<Path> {
+    with_rtnetlink(async |handle| discover_with(handle, pod_ip, overrides).await).await
 }
 
 async fn discover_with(handle: &Handle, pod_ip: IpAddr, overrides: &PathOverrides) -> Result<Path> {
@@ -274,11 +279,7 @@ pub async fn refresh_bond_state(path: &Path) -> Result<Path> {
     if !path.hops.iter().any(|hop| hop.bond.is_some() || hop.slave.is_some()) {
         return Ok(path);
     }
-    let (connection, handle, _) = rtnetlink::new_connection().context("opening rtnetlink socket")?;
-    let connection = tokio::spawn(connection);
-    let links = dump_links(&handle).await;
-    connection.abort();
-    let links = links?;
+    let links = with_rtnetlink(async |handle| dump_links(handle).await).await?;
     for hop in &mut path.hops {
         if let Some(link) = links.get(&hop.ifindex) {
             hop.bond = link.bond.clone();

@@ -22,6 +22,8 @@ use netlink_packet_route::{
 };
 use rtnetlink::Handle;
 
+use crate::discovery::with_rtnetlink;
+
 /// The inode number of this process's network namespace: how the kernel programs and the
 /// state files tell namespaces apart.
 pub fn own_inode() -> Result<u32> {
@@ -35,23 +37,23 @@ pub async fn node_namespaces(pod_netnsids: &[i32]) -> Result<BTreeSet<u32>> {
     if pod_netnsids.is_empty() {
         return Ok(namespaces);
     }
-    let (connection, handle, _) = rtnetlink::new_connection().context("opening rtnetlink socket")?;
-    let connection = tokio::spawn(connection);
-    let mut seen = HashSet::new();
-    for candidate in candidates() {
-        let Ok(file) = File::open(&candidate) else { continue };
-        let Ok(inode) = file.metadata().map(|m| m.ino() as u32) else { continue };
-        if !seen.insert(inode) || inode == own {
-            continue;
+    with_rtnetlink(async |handle| {
+        let mut seen = HashSet::new();
+        for candidate in candidates() {
+            let Ok(file) = File::open(&candidate) else { continue };
+            let Ok(inode) = file.metadata().map(|m| m.ino() as u32) else { continue };
+            if !seen.insert(inode) || inode == own {
+                continue;
+            }
+            if let Some(nsid) = nsid_of(handle, &file).await
+                && pod_netnsids.contains(&nsid)
+            {
+                namespaces.insert(inode);
+            }
         }
-        if let Some(nsid) = nsid_of(&handle, &file).await
-            && pod_netnsids.contains(&nsid)
-        {
-            namespaces.insert(inode);
-        }
-    }
-    connection.abort();
-    Ok(namespaces)
+        Ok(namespaces)
+    })
+    .await
 }
 
 /// Namespace files that may be a pod's: named ones (CNI plugins and `ip netns` put them in

@@ -21,7 +21,7 @@ use crate::{
     attach::{self, AttachMode, LoadOptions, Probes, Tracepoints},
     correlate::{Correlator, Limits, Sighting},
     decode::{self, Packet},
-    discovery::{self, LinkDrops, Path, PathOverrides},
+    discovery::{self, LinkDrops, Path, PathOverrides, with_rtnetlink},
     findings::{Diagnosis, Finish, Settings},
     kernel_btf::KernelBtf,
     layout::{self, TRACEFS, TracepointFormat},
@@ -261,6 +261,30 @@ impl<'a> Collector<'a> {
         let mut events = unsafe { AsyncFd::register(events) }.map_err(|err| anyhow!("polling the ring buffer: {err}"))?;
         let mut kernel_events =
             unsafe { AsyncFd::register(kernel_events) }.map_err(|err| anyhow!("polling the kernel ring buffer: {err}"))?;
+        let result = with_rtnetlink(async |handle| {
+            self.watch(handle, &mut events, &mut kernel_events, duration, sigint, sigterm).await
+        })
+        .await;
+        // Whatever the kernel wrote before we stopped still belongs in the report.
+        self.drain_packets(events.get_mut());
+        self.drain_kernel(kernel_events.get_mut());
+        if self.decode_errors > 0 {
+            eprintln!("podtrace: warning: {} ring records could not be decoded", self.decode_errors);
+        }
+        result
+    }
+
+    /// Reads events until the deadline, a signal, or every hop gone. The hops' drop counters
+    /// are sampled at the start, every 500 ms (which notices vanished hops) and at the end.
+    async fn watch(
+        &mut self,
+        handle: &rtnetlink::Handle,
+        events: &mut AsyncFd<RingBuf<MapData>>,
+        kernel_events: &mut AsyncFd<RingBuf<MapData>>,
+        duration: Option<Duration>,
+        sigint: &mut Signal,
+        sigterm: &mut Signal,
+    ) -> Result<()> {
         let deadline = async {
             match duration {
                 Some(duration) => tokio::time::sleep(duration).await,
@@ -268,69 +292,53 @@ impl<'a> Collector<'a> {
             }
         };
         tokio::pin!(deadline);
-        let (connection, handle, _) = rtnetlink::new_connection().context("opening rtnetlink socket")?;
-        let connection = tokio::spawn(connection);
-        let baseline = self.sample_links(&handle).await;
-        let result = match baseline {
-            Err(err) => Err(err),
-            Ok(baseline) => {
-                let mut link_check = tokio::time::interval(Duration::from_millis(500));
-                let result = loop {
-                    tokio::select! {
-                        guard = events.readable_mut() => match guard {
-                            Ok(mut guard) => {
-                                self.drain_packets(guard.get_inner_mut());
-                                guard.clear_ready();
-                            }
-                            Err(err) => break Err(err).context("waiting for events"),
-                        },
-                        guard = kernel_events.readable_mut() => match guard {
-                            Ok(mut guard) => {
-                                self.drain_kernel(guard.get_inner_mut());
-                                guard.clear_ready();
-                            }
-                            Err(err) => break Err(err).context("waiting for kernel events"),
-                        },
-                        _ = &mut deadline => break Ok(()),
-                        _ = sigint.recv() => break Ok(()),
-                        _ = sigterm.recv() => break Ok(()),
-                        _ = link_check.tick() => {
-                            if let Err(err) = self.sample_links(&handle).await {
-                                break Err(err);
-                            }
-                            if self.vanished.len() == self.path.hops.len() {
-                                eprintln!("podtrace: every traced interface is gone; ending the trace");
-                                break Ok(());
-                            }
-                        }
+        let baseline = self.sample_links(handle).await?;
+        let mut link_check = tokio::time::interval(Duration::from_millis(500));
+        let result = loop {
+            tokio::select! {
+                guard = events.readable_mut() => match guard {
+                    Ok(mut guard) => {
+                        self.drain_packets(guard.get_inner_mut());
+                        guard.clear_ready();
                     }
-                };
-                match self.sample_links(&handle).await {
-                    Ok(last) => {
-                        self.link_drops = last
-                            .into_iter()
-                            .filter_map(|(index, now)| {
-                                let before = baseline.get(&index)?;
-                                Some((index, LinkDrops {
-                                    rx_dropped: now.rx_dropped.saturating_sub(before.rx_dropped),
-                                    rx_length_errors: now.rx_length_errors.saturating_sub(before.rx_length_errors),
-                                    tx_dropped: now.tx_dropped.saturating_sub(before.tx_dropped),
-                                }))
-                            })
-                            .collect();
-                        result
+                    Err(err) => break Err(err).context("waiting for events"),
+                },
+                guard = kernel_events.readable_mut() => match guard {
+                    Ok(mut guard) => {
+                        self.drain_kernel(guard.get_inner_mut());
+                        guard.clear_ready();
                     }
-                    Err(err) => result.and(Err(err)),
+                    Err(err) => break Err(err).context("waiting for kernel events"),
+                },
+                _ = &mut deadline => break Ok(()),
+                _ = sigint.recv() => break Ok(()),
+                _ = sigterm.recv() => break Ok(()),
+                _ = link_check.tick() => {
+                    if let Err(err) = self.sample_links(handle).await {
+                        break Err(err);
+                    }
+                    if self.vanished.len() == self.path.hops.len() {
+                        eprintln!("podtrace: every traced interface is gone; ending the trace");
+                        break Ok(());
+                    }
                 }
             }
         };
-        connection.abort();
-        // Whatever the kernel wrote before we stopped still belongs in the report.
-        self.drain_packets(events.get_mut());
-        self.drain_kernel(kernel_events.get_mut());
-        if self.decode_errors > 0 {
-            eprintln!("podtrace: warning: {} ring records could not be decoded", self.decode_errors);
-        }
+        let last = match self.sample_links(handle).await {
+            Ok(last) => last,
+            Err(err) => return result.and(Err(err)),
+        };
+        self.link_drops = last
+            .into_iter()
+            .filter_map(|(index, now)| {
+                let before = baseline.get(&index)?;
+                Some((index, LinkDrops {
+                    rx_dropped: now.rx_dropped.saturating_sub(before.rx_dropped),
+                    rx_length_errors: now.rx_length_errors.saturating_sub(before.rx_length_errors),
+                    tx_dropped: now.tx_dropped.saturating_sub(before.tx_dropped),
+                }))
+            })
+            .collect();
         result
     }
 
