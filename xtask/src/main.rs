@@ -1,6 +1,10 @@
-//! Project tasks: `cargo xtask setup | demo | test | lab | vm | bench`.
+//! Project tasks: `cargo xtask setup | demo | test | lab | vm | bench | image`.
+//!
+//! xtask depends only on tooling crates: it must build on a fresh machine, before `setup` has
+//! installed what the kernel programs need (nightly rust-src, bpf-linker). Everything that needs
+//! `tracer` runs as a `cargo` subprocess after setup; `deps` checks that this stays true.
 
-mod bench;
+mod deps;
 mod demo;
 mod setup;
 mod vm;
@@ -36,11 +40,7 @@ enum Task {
         skip_vm: bool,
     },
     /// Speed and memory figures: kernel cost per packet, userspace throughput, memory.
-    Bench {
-        /// Set when re-run as a release build, which is what gets measured.
-        #[arg(long, hide = true)]
-        release_build: bool,
-    },
+    Bench,
     /// Run the privileged test suite in QEMU on Debian's 6.1 and 6.12 kernels.
     Vm {
         /// 6.1, 6.12 or all (repeatable).
@@ -94,13 +94,11 @@ fn run(task: Task) -> Result<()> {
             setup::run()?;
             test(skip_vm)
         }
-        Task::Bench { release_build: true } => bench::run(),
-        Task::Bench { release_build: false } => {
+        Task::Bench => {
             setup::require_root()?;
             setup::run()?;
-            setup::mounts()?;
-            // Measure optimised code, not the debug build `cargo xtask` runs.
-            setup::step("cargo", &["run", "--quiet", "--release", "--package", "xtask", "--", "bench", "--release-build"])
+            // `cargo bench` measures the optimised build.
+            setup::step("cargo", &["bench", "--package", "tracer", "--bench", "podtrace"])
         }
         Task::Vm { kernel, filter } => {
             setup::require_root()?;
@@ -149,7 +147,8 @@ fn build_podtrace() -> Result<PathBuf> {
 }
 
 fn test(skip_vm: bool) -> Result<()> {
-    setup::mounts()?;
+    deps::check_tooling_only()?;
+    println!("xtask: xtask's dependency tree holds none of {}", deps::FORBIDDEN.join(", "));
     let binary = build_podtrace()?;
     let namespaces_before = namespaces()?;
     println!("xtask: cargo test --workspace (unit, kernel-parser and lab integration tests)");

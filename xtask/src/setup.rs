@@ -1,11 +1,16 @@
 //! Installs what a fresh Debian 12 machine lacks to build and test podtrace. Idempotent: each
-//! step checks first and skips what is present.
+//! step checks first and skips what is present. Each step says what it installs; a failure
+//! names the step and the command to retry.
 
-use std::process::Command;
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, Result, bail};
 
-/// Debian packages: LLVM 22 for bpf-linker, the lab's tools, and QEMU for the VM tests.
+/// Debian packages: LLVM 22 for bpf-linker, the lab's tools, real CNI plugins and dnsmasq for
+/// the lab's pods, podman for the image, kubectl for the manifest check, QEMU for the VM tests.
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -24,7 +29,14 @@ const PACKAGES: &[&str] = &[
     "busybox-static",
     "cpio",
     "kmod",
+    "podman",
+    "runc",
+    "containernetworking-plugins",
+    "dnsmasq-base",
+    "kubernetes-client",
 ];
+
+const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
 
 pub fn run() -> Result<()> {
     apt_packages()?;
@@ -46,6 +58,7 @@ fn output(program: &str, args: &[&str]) -> String {
         .unwrap_or_default()
 }
 
+/// Runs a command, echoing it; a failure names the command.
 pub fn step(program: &str, args: &[&str]) -> Result<()> {
     println!("xtask: {program} {}", args.join(" "));
     let status = Command::new(program).args(args).status().with_context(|| format!("running {program}"))?;
@@ -55,6 +68,31 @@ pub fn step(program: &str, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// One setup step that installs something: says what, runs it, says how long it took, and on
+/// failure names the step and the command that retries it.
+fn install(what: &str, command: &mut Command) -> Result<Duration> {
+    let shown = shown(command);
+    println!("xtask setup: installing {what}: {shown}");
+    let started = Instant::now();
+    let status = command.status().with_context(|| format!("setup step '{what}': could not start {shown}"))?;
+    let took = started.elapsed();
+    if !status.success() {
+        bail!("setup step '{what}' failed ({status}) after {:.0} s; retry with: {shown}", took.as_secs_f64());
+    }
+    println!("xtask setup: installed {what} in {:.0} s", took.as_secs_f64());
+    Ok(took)
+}
+
+/// The command as a user would type it, environment included.
+fn shown(command: &Command) -> String {
+    let env = command
+        .get_envs()
+        .filter_map(|(key, value)| Some(format!("{}={}", key.to_string_lossy(), value?.to_string_lossy())));
+    let words = std::iter::once(command.get_program().to_string_lossy().into_owned())
+        .chain(command.get_args().map(|arg| arg.to_string_lossy().into_owned()));
+    env.chain(words).collect::<Vec<_>>().join(" ")
+}
+
 fn apt_packages() -> Result<()> {
     let missing: Vec<&str> = PACKAGES
         .iter()
@@ -62,45 +100,51 @@ fn apt_packages() -> Result<()> {
         .filter(|package| !output("dpkg-query", &["-W", "-f=${Status}", package]).contains("install ok installed"))
         .collect();
     if missing.is_empty() {
-        println!("xtask: Debian packages present");
+        println!("xtask setup: Debian packages present");
         return Ok(());
     }
-    step("apt-get", &["update", "-qq"])?;
-    let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
-    args.extend(&missing);
-    step("apt-get", &args)
+    install("the Debian package lists", Command::new("apt-get").args(["update", "-qq"]))?;
+    install(
+        &format!("Debian packages ({})", missing.join(" ")),
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    Ok(())
 }
 
 fn rust_toolchain() -> Result<()> {
     if !output("rustup", &["toolchain", "list"]).lines().any(|line| line.starts_with("nightly")) {
-        step("rustup", &["toolchain", "install", "nightly", "--profile", "minimal"])?;
+        install("the nightly toolchain", Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
     }
     let nightly_components = output("rustup", &["component", "list", "--installed", "--toolchain", "nightly"]);
     if !nightly_components.lines().any(|line| line.starts_with("rust-src")) {
-        step("rustup", &["component", "add", "rust-src", "--toolchain", "nightly"])?;
+        install(
+            "nightly rust-src (the kernel programs build core from source)",
+            Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
+        )?;
     }
     let targets = output("rustup", &["target", "list", "--installed"]);
-    if !targets.lines().any(|line| line.trim() == "x86_64-unknown-linux-musl") {
-        step("rustup", &["target", "add", "x86_64-unknown-linux-musl"])?;
+    if !targets.lines().any(|line| line.trim() == MUSL_TARGET) {
+        install("the musl target (static binaries)", Command::new("rustup").args(["target", "add", MUSL_TARGET]))?;
     }
-    println!("xtask: Rust toolchains present");
+    println!("xtask setup: Rust toolchains present (nightly rust-src, {MUSL_TARGET})");
     Ok(())
 }
 
 fn bpf_linker() -> Result<()> {
     if output("bpf-linker", &["--version"]).contains("0.13") {
-        println!("xtask: bpf-linker present");
+        println!("xtask setup: bpf-linker 0.13 present");
         return Ok(());
     }
-    println!("xtask: building bpf-linker against LLVM 22 (a few minutes)");
-    let status = Command::new("cargo")
-        .args(["install", "bpf-linker", "--version", "^0.13", "--locked", "--no-default-features", "--features", "llvm-22"])
-        .env("LLVM_PREFIX", "/usr/lib/llvm-22")
-        .status()
-        .context("running cargo install bpf-linker")?;
-    if !status.success() {
-        bail!("cargo install bpf-linker failed ({status})");
-    }
+    let took = install(
+        "bpf-linker 0.13 built against LLVM 22 (the slow step: about 4 minutes)",
+        Command::new("cargo")
+            .args(["install", "bpf-linker", "--version", "^0.13", "--locked", "--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
+    )?;
+    println!("xtask setup: bpf-linker took {}:{:02}", took.as_secs() / 60, took.as_secs() % 60);
     Ok(())
 }
 

@@ -1,4 +1,6 @@
-//! `cargo xtask bench`: speed and memory figures, measured here rather than asserted in tests.
+//! `cargo xtask bench` (which runs `cargo bench --package tracer --bench podtrace` after setup):
+//! speed and memory figures, measured here rather than asserted in tests. Needs root, like the
+//! kernel-parser tests: the TC program is loaded and run through BPF_PROG_TEST_RUN.
 //!
 //! - the TC program's cost per packet, in the kernel, through BPF_PROG_TEST_RUN;
 //! - userspace decode + correlation throughput;
@@ -19,7 +21,7 @@ use tracer::{
 };
 use tracer_common::{FilterConfig, IPPROTO_TCP, IpLayer, PKT_VXLAN, PacketEvent};
 
-pub fn run() -> Result<()> {
+fn main() -> Result<()> {
     kernel_cost()?;
     userspace_throughput();
     correlation_memory();
