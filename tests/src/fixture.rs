@@ -214,6 +214,23 @@ fn pin_and_close(fd: RawFd, path: &str) -> Result<()> {
 /// `tc filter add dev IF DIR pref N bpf da pinned PIN` in `ns`.
 pub fn attach(ns: &str, ifname: &str, direction: &str, pref: u16, pin: &str) -> Result<()> {
     let _ = run(&["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", ifname, "clsact"]);
-    run(&["ip", "netns", "exec", ns, "tc", "filter", "add", "dev", ifname, direction, "pref", &pref.to_string(), "bpf", "da", "pinned", pin])
-        .map(drop)
+    run(&[
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        "tc",
+        "filter",
+        "add",
+        "dev",
+        ifname,
+        direction,
+        "pref",
+        &pref.to_string(),
+        "bpf",
+        "da",
+        "pinned",
+        pin,
+    ])
+    .map(drop)
 }

@@ -85,11 +85,8 @@ pub fn unique_prefix(tag: &str) -> String {
 
 /// Runs a command and fails with its stderr when it fails.
 pub fn run(args: &[&str]) -> Result<Output> {
-    let output = Command::new(args[0])
-        .args(&args[1..])
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {}", args.join(" ")))?;
+    let output =
+        Command::new(args[0]).args(&args[1..]).stdin(Stdio::null()).output().with_context(|| format!("running {}", args.join(" ")))?;
     if !output.status.success() {
         bail!("{} failed: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim());
     }
@@ -116,13 +113,8 @@ impl Lab {
                 })
                 .collect(),
         };
-        let mut lab = Self {
-            prefix: p.clone(),
-            switch_ns: format!("{p}-sw"),
-            nodes: [node("a", 0), node("b", 1)],
-            created: Vec::new(),
-            keep: false,
-        };
+        let mut lab =
+            Self { prefix: p.clone(), switch_ns: format!("{p}-sw"), nodes: [node("a", 0), node("b", 1)], created: Vec::new(), keep: false };
         // On failure the partly built lab is dropped, which deletes what was created.
         lab.build(&spec)?;
         Ok(lab)
@@ -157,7 +149,22 @@ impl Lab {
                 wire_like(&sw, &port)?;
             }
             if let Some(mode) = bond_mode {
-                run(&["ip", "-n", ns, "link", "add", "bond0", "type", "bond", "mode", mode, "miimon", "100", "xmit_hash_policy", "layer3+4"])?;
+                run(&[
+                    "ip",
+                    "-n",
+                    ns,
+                    "link",
+                    "add",
+                    "bond0",
+                    "type",
+                    "bond",
+                    "mode",
+                    mode,
+                    "miimon",
+                    "100",
+                    "xmit_hash_policy",
+                    "layer3+4",
+                ])?;
                 for ifname in links {
                     run(&["ip", "-n", ns, "link", "set", ifname, "master", "bond0"])?;
                     run(&["ip", "-n", ns, "link", "set", ifname, "up"])?;
@@ -178,8 +185,23 @@ impl Lab {
 
             let local = node.ip.to_string();
             run(&[
-                "ip", "-n", ns, "link", "add", "flannel.1", "type", "vxlan", "id", "1", "dstport", "8472", "local", &local,
-                "dev", underlay, "nolearning",
+                "ip",
+                "-n",
+                ns,
+                "link",
+                "add",
+                "flannel.1",
+                "type",
+                "vxlan",
+                "id",
+                "1",
+                "dstport",
+                "8472",
+                "local",
+                &local,
+                "dev",
+                underlay,
+                "nolearning",
             ])?;
             run(&["ip", "-n", ns, "link", "set", "flannel.1", "address", &node.vtep_mac])?;
             run(&["ip", "-n", ns, "link", "set", "flannel.1", "mtu", &spec.vxlan_mtu.to_string(), "up"])?;
@@ -293,8 +315,23 @@ impl Lab {
         let mtu = read_mtu(ns, &node.vxlan)?;
         run(&["ip", "-n", ns, "link", "del", &node.vxlan])?;
         run(&[
-            "ip", "-n", ns, "link", "add", &node.vxlan, "type", "vxlan", "id", "1", "dstport", "8472", "local",
-            &local.to_string(), "dev", &node.underlay, "nolearning",
+            "ip",
+            "-n",
+            ns,
+            "link",
+            "add",
+            &node.vxlan,
+            "type",
+            "vxlan",
+            "id",
+            "1",
+            "dstport",
+            "8472",
+            "local",
+            &local.to_string(),
+            "dev",
+            &node.underlay,
+            "nolearning",
         ])?;
         run(&["ip", "-n", ns, "link", "set", &node.vxlan, "address", &node.vtep_mac])?;
         run(&["ip", "-n", ns, "link", "set", &node.vxlan, "mtu", &mtu.to_string(), "up"])?;

@@ -12,9 +12,9 @@ use anyhow::{Context as _, Result, bail};
 
 /// `PODTRACE_BIN`, else the workspace's debug build.
 pub fn binary() -> PathBuf {
-    std::env::var_os("PODTRACE_BIN").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("target").join("debug").join("podtrace")
-    })
+    std::env::var_os("PODTRACE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("target").join("debug").join("podtrace"))
 }
 
 pub struct Finished {

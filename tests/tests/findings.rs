@@ -147,18 +147,12 @@ fn pod_mtu_above_the_tunnel_with_icmp_blocked_is_a_blackhole() -> Result<()> {
 fn vxlan_bound_to_a_second_address_is_named() -> Result<()> {
     let (_lab, report) = trace("vxlan-source")?;
     let all = findings(&report, "vxlan-source-mismatch");
-    let traffic = all
-        .iter()
-        .find(|f| f["evidence"]["outer_source"] == "10.99.0.11")
-        .unwrap_or_else(|| panic!("{:#}", report["findings"]));
+    let traffic = all.iter().find(|f| f["evidence"]["outer_source"] == "10.99.0.11").unwrap_or_else(|| panic!("{:#}", report["findings"]));
     assert_shape(traffic);
     assert_eq!(traffic["severity"], "error");
     assert_eq!(traffic["hop"], "eth0");
     assert_eq!(traffic["evidence"]["endpoint"], "10.99.0.1");
-    let addresses = all
-        .iter()
-        .find(|f| f["evidence"]["addresses"].is_array())
-        .unwrap_or_else(|| panic!("{:#}", report["findings"]));
+    let addresses = all.iter().find(|f| f["evidence"]["addresses"].is_array()).unwrap_or_else(|| panic!("{:#}", report["findings"]));
     assert_eq!(addresses["hop"], "eth0");
     assert_eq!(addresses["evidence"]["addresses"], serde_json::json!(["10.99.0.1/24", "10.99.0.11/24"]));
     // What peers send to is what the node saw inbound.
@@ -177,10 +171,7 @@ fn missing_return_route_gives_no_reply_with_the_last_hop() -> Result<()> {
     assert_eq!(evidence["last_hop"], "eth0 egress");
     assert_eq!(evidence["first_hop_missing"], "eth0 ingress");
     let veth = &lab.pod_a().host_veth;
-    assert_eq!(
-        evidence["hops_seen"],
-        serde_json::json!([format!("{veth} ingress"), "cni0 ingress", "flannel.1 egress", "eth0 egress"])
-    );
+    assert_eq!(evidence["hops_seen"], serde_json::json!([format!("{veth} ingress"), "cni0 ingress", "flannel.1 egress", "eth0 egress"]));
     assert_eq!(finding["hop"], "eth0");
     Ok(())
 }
@@ -207,7 +198,8 @@ fn closed_port_is_refused() -> Result<()> {
     let (lab, report) = trace("port-refused")?;
     let refused = findings(&report, "port-refused");
     assert_eq!(refused.len(), 2, "one per protocol: {:#}", report["findings"]);
-    let by_signal = |signal: &str| *refused.iter().find(|f| f["evidence"]["signal"] == signal).unwrap_or_else(|| panic!("no {signal}: {refused:#?}"));
+    let by_signal =
+        |signal: &str| *refused.iter().find(|f| f["evidence"]["signal"] == signal).unwrap_or_else(|| panic!("no {signal}: {refused:#?}"));
     for (signal, proto, count) in [("TCP RST", "tcp", 1), ("ICMP port unreachable", "udp", 3)] {
         let finding = by_signal(signal);
         assert_shape(finding);
@@ -228,10 +220,7 @@ fn lost_events_are_reported() -> Result<()> {
     let lab = Lab::up(spec)?;
     let scenario = Scenario::prepare(&lab, "none")?;
     // A one-page ring cannot hold a burst of 200 KB of segments crossing eight hops.
-    let podtrace = Podtrace::start(
-        &lab.node_a().netns,
-        &["follow", &lab.pod_a().ip.to_string(), "-o", "json", "--ring-size", "4096"],
-    )?;
+    let podtrace = Podtrace::start(&lab.node_a().netns, &["follow", &lab.pod_a().ip.to_string(), "-o", "json", "--ring-size", "4096"])?;
     scenario.traffic(&lab)?;
     let report = podtrace.finish()?.json()?;
     let lost = report["lost_events"].as_u64().unwrap();

@@ -64,8 +64,7 @@ fn discovered_path_is_the_labs_real_interfaces() -> Result<()> {
         ("cni0", "bridge", "egress"),
         (veth.as_str(), "pod-veth", "egress"),
     ];
-    let expected: Vec<_> =
-        expected_local.iter().map(|(n, k, d)| (n.to_string(), k.to_string(), d.to_string(), idx(n))).collect();
+    let expected: Vec<_> = expected_local.iter().map(|(n, k, d)| (n.to_string(), k.to_string(), d.to_string(), idx(n))).collect();
     assert_eq!(hops(&report), expected);
     assert_eq!(hop(&report, "flannel.1", "egress")["mtu"], 1450);
     assert_eq!(hop(&report, "eth0", "egress")["mtu"], 1500);
@@ -76,14 +75,9 @@ fn discovered_path_is_the_labs_real_interfaces() -> Result<()> {
     assert!(remote.status.success(), "{}", remote.stderr);
     let report = remote.json()?;
     assert_eq!(report["locality"], "remote");
-    let expected_remote = [
-        ("eth0", "nic", "ingress"),
-        ("flannel.1", "vxlan", "ingress"),
-        ("flannel.1", "vxlan", "egress"),
-        ("eth0", "nic", "egress"),
-    ];
-    let expected: Vec<_> =
-        expected_remote.iter().map(|(n, k, d)| (n.to_string(), k.to_string(), d.to_string(), idx(n))).collect();
+    let expected_remote =
+        [("eth0", "nic", "ingress"), ("flannel.1", "vxlan", "ingress"), ("flannel.1", "vxlan", "egress"), ("eth0", "nic", "egress")];
+    let expected: Vec<_> = expected_remote.iter().map(|(n, k, d)| (n.to_string(), k.to_string(), d.to_string(), idx(n))).collect();
     assert_eq!(hops(&report), expected);
 
     // --exclude-iface and --iface adjust the path.
@@ -305,7 +299,10 @@ fn bad_inputs_fail_with_one_clear_line() -> Result<()> {
         (vec!["follow".into(), "10.99.0.1".into()], "podtrace: no path to 10.99.0.1 on this node: it is an address of this node"),
         (vec!["follow".into(), "192.0.2.7".into()], "podtrace: no path to 192.0.2.7 on this node: no route"),
         (vec!["follow".into(), pod.clone(), "--btf".into(), "/nonexistent/vmlinux".into()], "podtrace: no BTF at /nonexistent/vmlinux"),
-        (vec!["follow".into(), pod.clone(), "--iface".into(), "nosuch0".into()], "podtrace: --iface nosuch0: no such interface on this node"),
+        (
+            vec!["follow".into(), pod.clone(), "--iface".into(), "nosuch0".into()],
+            "podtrace: --iface nosuch0: no such interface on this node",
+        ),
     ];
     for (args, expected) in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -318,7 +315,17 @@ fn bad_inputs_fail_with_one_clear_line() -> Result<()> {
 
     // Without privileges: drop every capability and become nobody.
     let out = std::process::Command::new("ip")
-        .args(["netns", "exec", &ns, "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"])
+        .args([
+            "netns",
+            "exec",
+            &ns,
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
         .arg(podtrace_tests::podtrace::binary())
         .args(["follow", &pod])
         .output()?;
@@ -343,11 +350,7 @@ fn an_interface_that_vanishes_gives_a_warning_and_tracing_goes_on() -> Result<()
     assert_eq!(traffic::ping_received(&output), 3);
     let finished = podtrace.finish()?;
     assert!(finished.status.success(), "{}", finished.stderr);
-    assert!(
-        finished.stderr.contains(&format!("podtrace: warning: interface {} (ifindex", second.host_veth)),
-        "{}",
-        finished.stderr
-    );
+    assert!(finished.stderr.contains(&format!("podtrace: warning: interface {} (ifindex", second.host_veth)), "{}", finished.stderr);
     let report = finished.json()?;
     assert_eq!(hop(&report, &second.host_veth, "ingress")["vanished"], true);
     assert_eq!(hop(&report, &lab.pod_a().host_veth, "ingress")["packets"], 3);

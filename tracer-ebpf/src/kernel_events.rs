@@ -12,8 +12,8 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, TracePointContext},
 };
 use tracer_common::{
-    COUNTER_UNPARSED, IPPROTO_TCP, KEV_DROP, KEV_ICMP_SEND, KEV_RECEIVED, KEV_RETRANSMIT,
-    KernelEvent, KernelLayout, MAX_NETNS, PKT_INNER_TRUNCATED, PKT_VXLAN,
+    COUNTER_UNPARSED, IPPROTO_TCP, KEV_DROP, KEV_ICMP_SEND, KEV_RECEIVED, KEV_RETRANSMIT, KernelEvent, KernelLayout, MAX_NETNS,
+    PKT_INNER_TRUNCATED, PKT_VXLAN,
 };
 
 use crate::{

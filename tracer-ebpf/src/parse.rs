@@ -8,10 +8,7 @@ use network_types::{
     udp::UdpHdr,
     vlan::VlanHdr,
 };
-use tracer_common::{
-    IP_DF, IP_FRAGMENT, IP_LATER_FRAGMENT, IP_OPTIONS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
-    IPPROTO_UDP, IpLayer,
-};
+use tracer_common::{IP_DF, IP_FRAGMENT, IP_LATER_FRAGMENT, IP_OPTIONS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IpLayer};
 
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86DD;
@@ -75,9 +72,7 @@ pub fn parse_vxlan<H: Headers>(headers: &H, offset: usize, inner: &mut IpLayer) 
 /// Whether a parsed outer layer is a UDP packet to one of the VXLAN ports.
 #[inline(always)]
 pub fn is_vxlan(layer: &IpLayer, ports: &[u16; 2]) -> bool {
-    layer.proto == IPPROTO_UDP
-        && layer.flags & IP_LATER_FRAGMENT == 0
-        && (layer.dport == ports[0] || layer.dport == ports[1])
+    layer.proto == IPPROTO_UDP && layer.flags & IP_LATER_FRAGMENT == 0 && (layer.dport == ports[0] || layer.dport == ports[1])
 }
 
 /// The UDP payload offset for an L4 offset.
@@ -111,11 +106,7 @@ pub fn parse_ethernet<H: Headers>(ctx: &H, offset: usize) -> Result<(u16, usize,
 /// Fills `layer` from the IP header at `offset` and the L4 header after it; returns the L4 offset.
 #[inline(always)]
 pub fn parse_ip<H: Headers>(ctx: &H, ether_type: u16, offset: usize, layer: &mut IpLayer) -> Result<usize, Skip> {
-    let l4_offset = if ether_type == ETH_P_IP {
-        parse_ipv4(ctx, offset, layer)?
-    } else {
-        parse_ipv6(ctx, offset, layer)?
-    };
+    let l4_offset = if ether_type == ETH_P_IP { parse_ipv4(ctx, offset, layer)? } else { parse_ipv6(ctx, offset, layer)? };
     if layer.flags & IP_LATER_FRAGMENT == 0 {
         parse_l4(ctx, l4_offset, layer)?;
     }

@@ -8,25 +8,15 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use tracer_common::{
-    COUNTER_COUNT, COUNTER_LOST_EVENTS, COUNTER_MATCHED, COUNTER_NOT_IP, COUNTER_UNPARSED,
-    DIR_EGRESS, DIR_INGRESS, FilterConfig, HOP_NO_MAC_HEADER, HopConfig, IpLayer, MAX_FOLLOWED,
-    MAX_HOPS, PKT_INNER_TRUNCATED, PKT_VLAN, PKT_VXLAN, PacketEvent,
+    COUNTER_COUNT, COUNTER_LOST_EVENTS, COUNTER_MATCHED, COUNTER_NOT_IP, COUNTER_UNPARSED, DIR_EGRESS, DIR_INGRESS, FilterConfig,
+    HOP_NO_MAC_HEADER, HopConfig, IpLayer, MAX_FOLLOWED, MAX_HOPS, PKT_INNER_TRUNCATED, PKT_VLAN, PKT_VXLAN, PacketEvent,
 };
 
-use crate::parse::{
-    ETH_P_IP, ETH_P_IPV6, Headers as _, Skip, UDP_PAYLOAD, is_vxlan, parse_ethernet, parse_ip,
-    parse_vxlan,
-};
+use crate::parse::{ETH_P_IP, ETH_P_IPV6, Headers as _, Skip, UDP_PAYLOAD, is_vxlan, parse_ethernet, parse_ip, parse_vxlan};
 
 /// Set by userspace at load time; zero fields mean "any".
 #[unsafe(no_mangle)]
-pub static FILTER: FilterConfig = FilterConfig {
-    peer: [0; 16],
-    has_peer: 0,
-    proto: 0,
-    port: 0,
-    vxlan_ports: [8472, 4789],
-};
+pub static FILTER: FilterConfig = FilterConfig { peer: [0; 16], has_peer: 0, proto: 0, port: 0, vxlan_ports: [8472, 4789] };
 
 /// Followed pod IPs (IPv4-mapped for IPv4).
 #[map]
@@ -138,11 +128,7 @@ fn build_event(ctx: &TcContext, direction: u8) -> Result<&PacketEvent, Skip> {
         }
     }
 
-    let pod_layer = if event.flags & PKT_VXLAN != 0 && event.flags & PKT_INNER_TRUNCATED == 0 {
-        &event.inner
-    } else {
-        &event.outer
-    };
+    let pod_layer = if event.flags & PKT_VXLAN != 0 && event.flags & PKT_INNER_TRUNCATED == 0 { &event.inner } else { &event.outer };
     let followed = is_followed(&event.outer) || (event.flags & PKT_VXLAN != 0 && is_followed(&event.inner));
     if !followed || !passes_filter(&filter, pod_layer) {
         return Err(Skip::NotFollowed);
@@ -169,4 +155,3 @@ fn passes_filter(filter: &FilterConfig, layer: &IpLayer) -> bool {
     }
     true
 }
-

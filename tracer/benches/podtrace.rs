@@ -81,9 +81,8 @@ fn kernel_cost() -> Result<()> {
         let batches = 50u32;
         let mut total = Duration::ZERO;
         for _ in 0..batches {
-            let result = program
-                .test_run(TestRunOptions { data_in: Some(&frame), repeat, ..Default::default() })
-                .context("BPF_PROG_TEST_RUN")?;
+            let result =
+                program.test_run(TestRunOptions { data_in: Some(&frame), repeat, ..Default::default() }).context("BPF_PROG_TEST_RUN")?;
             // The kernel reports the mean time of one run over the batch.
             total += result.duration;
             while events.next().is_some() {}

@@ -5,29 +5,23 @@
 //! carries the program's name (which `sweep` looks for) and every clsact qdisc that podtrace
 //! had to create is recorded in a state file, so a later run or `podtrace cleanup` removes it.
 
-use std::{
-    collections::BTreeSet,
-    fs,
-    io::ErrorKind,
-    net::IpAddr,
-    path::PathBuf,
-};
+use std::{collections::BTreeSet, fs, io::ErrorKind, net::IpAddr, path::PathBuf};
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use futures::TryStreamExt as _;
-use netlink_packet_route::tc::TcHandle;
 use aya::{
     Ebpf, EbpfLoader,
-    util::KernelVersion,
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         BtfTracePoint, LinkOrder, SchedClassifier, TcAttachType, TracePoint,
         tc::{self, NlOptions, TcAttachOptions},
     },
+    util::KernelVersion,
 };
+use futures::TryStreamExt as _;
+use netlink_packet_route::tc::TcHandle;
 use tracer_common::{
-    COUNTER_COUNT, COUNTER_LOST_EVENTS, COUNTER_MATCHED, COUNTER_NOT_IP, COUNTER_UNPARSED,
-    FilterConfig, HOP_NO_MAC_HEADER, HopConfig, KernelLayout,
+    COUNTER_COUNT, COUNTER_LOST_EVENTS, COUNTER_MATCHED, COUNTER_NOT_IP, COUNTER_UNPARSED, FilterConfig, HOP_NO_MAC_HEADER, HopConfig,
+    KernelLayout,
 };
 
 use crate::{
@@ -99,10 +93,8 @@ impl Probes {
             .load(KERNEL_OBJECT)
             .context("loading the kernel programs")?;
         for name in [INGRESS_PROGRAM, EGRESS_PROGRAM] {
-            let program: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .with_context(|| format!("program {name} missing from the kernel object"))?
-                .try_into()?;
+            let program: &mut SchedClassifier =
+                ebpf.program_mut(name).with_context(|| format!("program {name} missing from the kernel object"))?.try_into()?;
             program.load().with_context(|| format!("verifying program {name}"))?;
         }
         let kernel = KernelVersion::current().map_err(|err| anyhow!("reading the kernel version: {err}"))?;
@@ -121,15 +113,13 @@ impl Probes {
     }
 
     pub fn follow(&mut self, ip: IpAddr) -> Result<()> {
-        let mut followed: HashMap<_, [u8; 16], u8> =
-            HashMap::try_from(self.ebpf.map_mut("FOLLOWED").context("FOLLOWED map missing")?)?;
+        let mut followed: HashMap<_, [u8; 16], u8> = HashMap::try_from(self.ebpf.map_mut("FOLLOWED").context("FOLLOWED map missing")?)?;
         followed.insert(mapped(ip), 1, 0).context("adding a followed IP")
     }
 
     /// Tells the kernel programs to report packets seen on `ifindex`.
     pub fn register_hop(&mut self, ifindex: u32, no_mac_header: bool) -> Result<()> {
-        let mut hops: HashMap<_, u32, HopConfig> =
-            HashMap::try_from(self.ebpf.map_mut("HOPS").context("HOPS map missing")?)?;
+        let mut hops: HashMap<_, u32, HopConfig> = HashMap::try_from(self.ebpf.map_mut("HOPS").context("HOPS map missing")?)?;
         let flags = if no_mac_header { HOP_NO_MAC_HEADER } else { 0 };
         hops.insert(ifindex, HopConfig { flags }, 0).context("registering the hop")
     }
@@ -156,14 +146,12 @@ impl Probes {
             // First in line, so a later program that drops or redirects cannot hide the packet;
             // the program returns "continue", so everything after it still runs.
             let options = match self.mode {
-                AttachMode::Clsact => TcAttachOptions::Netlink(NlOptions {
-                    priority: first_priority(hop, direction).await?,
-                    ..Default::default()
-                }),
+                AttachMode::Clsact => {
+                    TcAttachOptions::Netlink(NlOptions { priority: first_priority(hop, direction).await?, ..Default::default() })
+                }
                 _ => TcAttachOptions::TcxOrder(LinkOrder::first()),
             };
-            let program: &mut SchedClassifier =
-                self.ebpf.program_mut(name).context("program missing")?.try_into()?;
+            let program: &mut SchedClassifier = self.ebpf.program_mut(name).context("program missing")?.try_into()?;
             program
                 .attach_with_options(&hop.ifname, attach_type, options)
                 .with_context(|| format!("attaching {name} to {} ({:?})", hop.ifname, self.mode))?;
@@ -190,8 +178,7 @@ impl Probes {
         namespaces: &std::collections::BTreeSet<u32>,
         tracepoints: &Tracepoints,
     ) -> Result<KernelSources> {
-        let mut netns: HashMap<_, u32, u8> =
-            HashMap::try_from(self.ebpf.map_mut("NETNS").context("NETNS map missing")?)?;
+        let mut netns: HashMap<_, u32, u8> = HashMap::try_from(self.ebpf.map_mut("NETNS").context("NETNS map missing")?)?;
         for inode in namespaces {
             netns.insert(*inode, 1, 0).context("registering a network namespace")?;
         }
@@ -220,8 +207,7 @@ impl Probes {
     }
 
     fn attach_btf_tracepoint(&mut self, program: &str, tracepoint: &str, btf: &aya::Btf) -> Result<()> {
-        let program: &mut BtfTracePoint =
-            self.ebpf.program_mut(program).context("program missing")?.try_into()?;
+        let program: &mut BtfTracePoint = self.ebpf.program_mut(program).context("program missing")?.try_into()?;
         program.load(tracepoint, btf).with_context(|| format!("loading tp_btf {tracepoint}"))?;
         program.attach().with_context(|| format!("attaching tp_btf {tracepoint}"))?;
         Ok(())
@@ -235,11 +221,8 @@ impl Probes {
     }
 
     pub fn counters(&self) -> Result<Counters> {
-        let counters: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(self.ebpf.map("COUNTERS").context("COUNTERS map missing")?)?;
-        let sum = |index: u32| -> Result<u64> {
-            Ok(counters.get(&index, 0).context("reading COUNTERS")?.iter().sum())
-        };
+        let counters: PerCpuArray<_, u64> = PerCpuArray::try_from(self.ebpf.map("COUNTERS").context("COUNTERS map missing")?)?;
+        let sum = |index: u32| -> Result<u64> { Ok(counters.get(&index, 0).context("reading COUNTERS")?.iter().sum()) };
         debug_assert_eq!(COUNTER_COUNT, 4);
         Ok(Counters {
             matched: sum(COUNTER_MATCHED)?,
@@ -426,9 +409,7 @@ fn forget_created_clsact(removed: &BTreeSet<String>) -> Result<()> {
 fn write_state(path: &PathBuf, ifnames: &BTreeSet<String>) -> Result<()> {
     if ifnames.is_empty() {
         return match fs::remove_file(path) {
-            Err(err) if err.kind() != ErrorKind::NotFound => {
-                Err(err).with_context(|| format!("removing {}", path.display()))
-            }
+            Err(err) if err.kind() != ErrorKind::NotFound => Err(err).with_context(|| format!("removing {}", path.display())),
             _ => Ok(()),
         };
     }

@@ -391,10 +391,7 @@ mod tests {
         let plain = packet(inner.clone(), 3, Direction::Ingress, 0);
         let mut encapsulated = packet(icmp("10.99.0.1", "10.99.0.2", 0, 0, 7), 9, Direction::Egress, 10);
         encapsulated.inner = Some(inner);
-        assert_eq!(
-            fingerprint(plain.pod_layer(), &pod()).unwrap().0,
-            fingerprint(encapsulated.pod_layer(), &pod()).unwrap().0
-        );
+        assert_eq!(fingerprint(plain.pod_layer(), &pod()).unwrap().0, fingerprint(encapsulated.pod_layer(), &pod()).unwrap().0);
     }
 
     #[test]

@@ -4,9 +4,8 @@ use std::net::{IpAddr, Ipv6Addr};
 
 use anyhow::{Result, bail};
 use tracer_common::{
-    DIR_EGRESS, DIR_INGRESS, IP_DF, IP_FRAGMENT, IP_LATER_FRAGMENT, IP_OPTIONS, IPPROTO_ICMP,
-    IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IpLayer, KEV_DROP, KEV_ICMP_SEND, KEV_RECEIVED,
-    KEV_RETRANSMIT, KernelEvent, PKT_INNER_TRUNCATED, PKT_VLAN, PKT_VXLAN, PacketEvent,
+    DIR_EGRESS, DIR_INGRESS, IP_DF, IP_FRAGMENT, IP_LATER_FRAGMENT, IP_OPTIONS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
+    IpLayer, KEV_DROP, KEV_ICMP_SEND, KEV_RECEIVED, KEV_RETRANSMIT, KernelEvent, PKT_INNER_TRUNCATED, PKT_VLAN, PKT_VXLAN, PacketEvent,
 };
 
 use crate::Direction;
@@ -96,14 +95,7 @@ impl Layer {
     pub fn describe(&self) -> String {
         match self.proto {
             IPPROTO_TCP | IPPROTO_UDP => {
-                let mut text = format!(
-                    "{} {}:{} > {}:{}",
-                    self.proto_name(),
-                    self.src,
-                    self.sport,
-                    self.dst,
-                    self.dport
-                );
+                let mut text = format!("{} {}:{} > {}:{}", self.proto_name(), self.src, self.sport, self.dst, self.dport);
                 if self.proto == IPPROTO_TCP {
                     text.push_str(&format!(" [{}] seq {} ack {}", tcp_flags(self.tcp_flags), self.tcp_seq, self.tcp_ack));
                 }
@@ -287,7 +279,8 @@ mod tests {
 
     #[test]
     fn kernel_events_decode_by_kind() {
-        let mut event = KernelEvent { kind: KEV_DROP, reason: 12, location: 0xffff_ffff_8100_0000, flags: KEV_RECEIVED, ..Default::default() };
+        let mut event =
+            KernelEvent { kind: KEV_DROP, reason: 12, location: 0xffff_ffff_8100_0000, flags: KEV_RECEIVED, ..Default::default() };
         let record = from_kernel_event(&event).unwrap();
         assert_eq!(record.kind, KernelRecordKind::Drop { reason: 12, location: 0xffff_ffff_8100_0000 });
         assert!(record.received);
@@ -307,9 +300,7 @@ mod tests {
         event.inner.total_len = 1450;
         event.inner.header_len = 20;
         event.inner.tcp_header_len = 32;
-        let bytes = unsafe {
-            std::slice::from_raw_parts((&event as *const PacketEvent).cast::<u8>(), size_of::<PacketEvent>())
-        };
+        let bytes = unsafe { std::slice::from_raw_parts((&event as *const PacketEvent).cast::<u8>(), size_of::<PacketEvent>()) };
         let packet = decode(bytes).unwrap();
         assert_eq!(packet.direction, Direction::Egress);
         assert_eq!(packet.outer.src, "10.99.0.1".parse::<IpAddr>().unwrap());

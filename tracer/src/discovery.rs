@@ -8,11 +8,11 @@ use anyhow::{Context as _, Result, bail};
 use futures::TryStreamExt as _;
 use netlink_packet_route::{
     AddressFamily,
-    link::{
-        InfoBond, InfoBondPort, InfoData, InfoKind, InfoPortData, InfoVxlan, LacpState,
-        LinkAttribute, LinkInfo, LinkLayerType, LinkMessage, MiiStatus, State,
-    },
     address::AddressAttribute,
+    link::{
+        InfoBond, InfoBondPort, InfoData, InfoKind, InfoPortData, InfoVxlan, LacpState, LinkAttribute, LinkInfo, LinkLayerType,
+        LinkMessage, MiiStatus, State,
+    },
     neighbour::{NeighbourAddress, NeighbourAttribute},
     route::{RouteAddress, RouteAttribute, RouteType},
 };
@@ -155,9 +155,7 @@ pub async fn discover(pod_ip: IpAddr, overrides: &PathOverrides) -> Result<Path>
 async fn discover_with(handle: &Handle, pod_ip: IpAddr, overrides: &PathOverrides) -> Result<Path> {
     let links = dump_links(handle).await?;
     let route_oif = route_oif(handle, pod_ip).await?;
-    let oif = links
-        .get(&route_oif)
-        .with_context(|| format!("route to {pod_ip} uses ifindex {route_oif}, which is gone"))?;
+    let oif = links.get(&route_oif).with_context(|| format!("route to {pod_ip} uses ifindex {route_oif}, which is gone"))?;
 
     let addresses = dump_addresses(handle).await?;
     let mut warnings = Vec::new();
@@ -171,9 +169,7 @@ async fn discover_with(handle: &Handle, pod_ip: IpAddr, overrides: &PathOverride
         }
         // Routed CNIs (Calico and the like) point the pod route straight at its veth, which
         // carries no address of its own; a veth with addresses is a node's uplink instead.
-        Some(InfoKind::Veth)
-            if !addresses.iter().any(|(index, ip, _)| *index == oif.index && !is_link_local(ip)) =>
-        {
+        Some(InfoKind::Veth) if !addresses.iter().any(|(index, ip, _)| *index == oif.index && !is_link_local(ip)) => {
             path.push((oif.index, HopKind::PodVeth, Direction::Ingress));
             Locality::Local
         }
@@ -208,10 +204,8 @@ async fn discover_with(handle: &Handle, pod_ip: IpAddr, overrides: &PathOverride
     path.extend(network_hops.into_iter().map(|(index, kind)| (index, kind, network_side)));
 
     for name in &overrides.add {
-        let link = links
-            .values()
-            .find(|link| &link.name == name)
-            .with_context(|| format!("--iface {name}: no such interface on this node"))?;
+        let link =
+            links.values().find(|link| &link.name == name).with_context(|| format!("--iface {name}: no such interface on this node"))?;
         path.push((link.index, classify(link, &links), network_side));
     }
     for name in &overrides.exclude {
@@ -309,9 +303,7 @@ fn classify(link: &Link, links: &BTreeMap<u32, Link>) -> HopKind {
         Some(InfoKind::Bridge) => HopKind::Bridge,
         Some(InfoKind::Vxlan) => HopKind::Vxlan,
         Some(InfoKind::Bond) => HopKind::Bond,
-        _ if link.controller.and_then(|c| links.get(&c)).is_some_and(|c| c.kind == Some(InfoKind::Bond)) => {
-            HopKind::BondSlave
-        }
+        _ if link.controller.and_then(|c| links.get(&c)).is_some_and(|c| c.kind == Some(InfoKind::Bond)) => HopKind::BondSlave,
         Some(InfoKind::Veth) if link.controller.and_then(|c| links.get(&c)).is_some_and(|c| c.kind == Some(InfoKind::Bridge)) => {
             HopKind::PodVeth
         }
@@ -339,14 +331,8 @@ async fn pod_ports(
         IpAddr::V4(_) => AddressFamily::Inet,
         IpAddr::V6(_) => AddressFamily::Inet6,
     };
-    let neighbours: Vec<_> = handle
-        .neighbours()
-        .get()
-        .set_address_family(family)
-        .execute()
-        .try_collect()
-        .await
-        .context("dumping the neighbour table")?;
+    let neighbours: Vec<_> =
+        handle.neighbours().get().set_address_family(family).execute().try_collect().await.context("dumping the neighbour table")?;
     let mac = neighbours.iter().find_map(|neigh| {
         if neigh.header.ifindex != bridge.index {
             return None;
@@ -377,10 +363,7 @@ async fn pod_ports(
             .context("dumping the bridge fdb")?;
         let port = fdb.iter().find_map(|entry| {
             let on_bridge = links.get(&entry.header.ifindex).is_some_and(|l| l.controller == Some(bridge.index));
-            let same_mac = entry
-                .attributes
-                .iter()
-                .any(|attr| matches!(attr, NeighbourAttribute::LinkLayerAddress(m) if m == mac));
+            let same_mac = entry.attributes.iter().any(|attr| matches!(attr, NeighbourAttribute::LinkLayerAddress(m) if m == mac));
             (on_bridge && same_mac).then_some(entry.header.ifindex)
         });
         if let Some(port) = port {
@@ -388,19 +371,11 @@ async fn pod_ports(
         }
     }
 
-    let ports: Vec<u32> = links
-        .values()
-        .filter(|link| link.controller == Some(bridge.index))
-        .map(|link| link.index)
-        .collect();
+    let ports: Vec<u32> = links.values().filter(|link| link.controller == Some(bridge.index)).map(|link| link.index).collect();
     if ports.is_empty() {
         bail!("no path to {pod_ip} on this node: its route points at bridge {}, which has no ports", bridge.name);
     }
-    warnings.push(format!(
-        "{pod_ip} has no resolved MAC behind {} yet; tracing all {} of its ports",
-        bridge.name,
-        ports.len()
-    ));
+    warnings.push(format!("{pod_ip} has no resolved MAC behind {} yet; tracing all {} of its ports", bridge.name, ports.len()));
     Ok(ports)
 }
 
@@ -441,7 +416,10 @@ async fn default_route_oif(handle: &Handle) -> Result<Option<u32>> {
     Ok(routes.iter().find_map(|route| {
         let is_default = route.header.destination_prefix_length == 0
             && route.header.kind == RouteType::Unicast
-            && !route.attributes.iter().any(|attr| matches!(attr, RouteAttribute::Destination(RouteAddress::Inet(a)) if !a.is_unspecified()));
+            && !route
+                .attributes
+                .iter()
+                .any(|attr| matches!(attr, RouteAttribute::Destination(RouteAddress::Inet(a)) if !a.is_unspecified()));
         if !is_default {
             return None;
         }
@@ -453,13 +431,7 @@ async fn default_route_oif(handle: &Handle) -> Result<Option<u32>> {
 }
 
 async fn dump_links(handle: &Handle) -> Result<BTreeMap<u32, Link>> {
-    let messages: Vec<LinkMessage> = handle
-        .link()
-        .get()
-        .execute()
-        .try_collect()
-        .await
-        .context("dumping links")?;
+    let messages: Vec<LinkMessage> = handle.link().get().execute().try_collect().await.context("dumping links")?;
     let mut links = BTreeMap::new();
     for message in messages {
         let link = parse_link(&message);
@@ -605,11 +577,9 @@ pub async fn link_drops(handle: &Handle, index: u32) -> Result<Option<LinkDrops>
         Err(err) => return Err(err).context("querying link statistics"),
     };
     Ok(Some(message.attributes.iter().fold(LinkDrops::default(), |drops, attr| match attr {
-        LinkAttribute::Stats64(stats) => LinkDrops {
-            rx_dropped: stats.rx_dropped,
-            rx_length_errors: stats.rx_length_errors,
-            tx_dropped: stats.tx_dropped,
-        },
+        LinkAttribute::Stats64(stats) => {
+            LinkDrops { rx_dropped: stats.rx_dropped, rx_length_errors: stats.rx_length_errors, tx_dropped: stats.tx_dropped }
+        }
         _ => drops,
     })))
 }

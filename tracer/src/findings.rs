@@ -455,11 +455,7 @@ impl<'a> Diagnosis<'a> {
     fn drop_findings(&self, finish: &Finish<'_>, per_hop: &mut HashMap<HopKey, u64>) -> Vec<Finding> {
         let mut findings = Vec::new();
         for ((reason, location, _, _, _), group) in &self.drops {
-            let reason_name = finish
-                .drop_reasons
-                .get(&i64::from(*reason))
-                .cloned()
-                .unwrap_or_else(|| format!("reason {reason}"));
+            let reason_name = finish.drop_reasons.get(&i64::from(*reason)).cloned().unwrap_or_else(|| format!("reason {reason}"));
             let function = finish.symbols.map(|s| s.function(*location)).unwrap_or_else(|| format!("{location:#x}"));
             if is_normal_consumption(&reason_name, &function, group.echo_reply) {
                 continue;
@@ -548,22 +544,15 @@ impl<'a> Diagnosis<'a> {
 
     fn mtu_findings(&self, finish: &Finish<'_>) -> Vec<Finding> {
         let mut findings = Vec::new();
-        let frag_needed: u64 = self
-            .icmp_sent
-            .iter()
-            .filter(|((t, c, _), _)| (*t == 3 && *c == 4) || *t == 2)
-            .map(|(_, (count, _))| *count)
-            .sum();
-        let frag_needed_dropped: u64 = self
-            .drops
-            .values()
-            .filter(|group| group.frag_needed)
-            .map(|group| group.count)
-            .sum();
+        let frag_needed: u64 =
+            self.icmp_sent.iter().filter(|((t, c, _), _)| (*t == 3 && *c == 4) || *t == 2).map(|(_, (count, _))| *count).sum();
+        let frag_needed_dropped: u64 = self.drops.values().filter(|group| group.frag_needed).map(|group| group.count).sum();
         let icmp_state = if frag_needed == 0 {
             "no ICMP fragmentation-needed was sent, so senders never learn the smaller MTU: a blackhole".to_string()
         } else if frag_needed_dropped > 0 {
-            format!("{frag_needed} ICMP fragmentation-needed messages were generated but {frag_needed_dropped} were dropped before reaching the pod: a blackhole")
+            format!(
+                "{frag_needed} ICMP fragmentation-needed messages were generated but {frag_needed_dropped} were dropped before reaching the pod: a blackhole"
+            )
         } else {
             format!("{frag_needed} ICMP fragmentation-needed messages were sent back")
         };
@@ -605,7 +594,13 @@ impl<'a> Diagnosis<'a> {
         let tunnel_mtu = self.path.hops.iter().filter(|h| h.kind == HopKind::Vxlan).map(|h| h.mtu).min();
         if let Some(tunnel_mtu) = tunnel_mtu {
             for hop in self.path.hops.iter().filter(|h| matches!(h.kind, HopKind::PodVeth | HopKind::Bridge) && h.mtu > tunnel_mtu) {
-                let tunnel = self.path.hops.iter().find(|h| h.kind == HopKind::Vxlan && h.mtu == tunnel_mtu).map(|h| h.ifname.clone()).unwrap_or_default();
+                let tunnel = self
+                    .path
+                    .hops
+                    .iter()
+                    .find(|h| h.kind == HopKind::Vxlan && h.mtu == tunnel_mtu)
+                    .map(|h| h.ifname.clone())
+                    .unwrap_or_default();
                 findings.push(Finding {
                     kind: "mtu-mismatch",
                     severity: Severity::Error,
@@ -675,10 +670,8 @@ impl<'a> Diagnosis<'a> {
     fn vxlan_source_findings(&self) -> Vec<Finding> {
         let mut findings = Vec::new();
         // Where peers send to is this node's endpoint, unless the user said otherwise.
-        let endpoint = self
-            .settings
-            .node_ip
-            .or_else(|| self.vxlan_in_destinations.iter().max_by_key(|(_, count)| **count).map(|(ip, _)| *ip));
+        let endpoint =
+            self.settings.node_ip.or_else(|| self.vxlan_in_destinations.iter().max_by_key(|(_, count)| **count).map(|(ip, _)| *ip));
         let underlays: Vec<_> = self.path.hops.iter().filter(|h| matches!(h.kind, HopKind::Nic | HopKind::Bond)).collect();
         if let Some(endpoint) = endpoint {
             for (source, count) in &self.vxlan_out_sources {
@@ -750,17 +743,14 @@ impl<'a> Diagnosis<'a> {
         for ((kind, peer, port), requests) in groups {
             let packets: u64 = requests.iter().map(|r| r.packets).sum();
             // Hops every unanswered request reached, in path order.
-            let seen: BTreeSet<usize> = requests
-                .iter()
-                .flat_map(|r| r.hops.iter())
-                .filter_map(|hop| self.position(*hop))
-                .collect();
+            let seen: BTreeSet<usize> = requests.iter().flat_map(|r| r.hops.iter()).filter_map(|hop| self.position(*hop)).collect();
             let last = seen.iter().max().copied();
             let seen_names: Vec<String> = seen.iter().filter_map(|p| self.label_at(*p)).collect();
             let first_missing = last.and_then(|p| self.label_at(p + 1));
             let last_name = seen_names.last().cloned();
             let last_hop = last.map(|p| self.path.hops[self.order[p].0].ifname.clone());
-            let dnat: Vec<String> = requests.iter().filter_map(|r| r.dnat_to).map(|(ip, p)| format!("{ip}:{p}")).collect::<BTreeSet<_>>().into_iter().collect();
+            let dnat: Vec<String> =
+                requests.iter().filter_map(|r| r.dnat_to).map(|(ip, p)| format!("{ip}:{p}")).collect::<BTreeSet<_>>().into_iter().collect();
             let what = match kind {
                 RequestKind::Echo => "ICMP echo requests".to_string(),
                 RequestKind::TcpSyn => format!("TCP connection attempts to port {port}"),
@@ -895,24 +885,18 @@ fn hop_is_underlay(path: &Path, ifindex: u32) -> bool {
 
 fn request_key(layer: &Layer) -> Option<RequestKey> {
     match layer.proto {
-        IPPROTO_ICMP | IPPROTO_ICMPV6 if matches!(layer.icmp_type, 8 | 128) => Some(RequestKey {
-            kind: RequestKind::Echo,
-            proto: layer.proto,
-            pod_port: 0,
-            echo: (layer.icmp_id, layer.icmp_seq),
-        }),
+        IPPROTO_ICMP | IPPROTO_ICMPV6 if matches!(layer.icmp_type, 8 | 128) => {
+            Some(RequestKey { kind: RequestKind::Echo, proto: layer.proto, pod_port: 0, echo: (layer.icmp_id, layer.icmp_seq) })
+        }
         IPPROTO_TCP if layer.tcp_flags & TCP_SYN != 0 && layer.tcp_flags & 0x10 == 0 => Some(RequestKey {
             kind: if layer.dport == DNS_PORT { RequestKind::Dns } else { RequestKind::TcpSyn },
             proto: IPPROTO_TCP,
             pod_port: layer.sport,
             echo: (0, 0),
         }),
-        IPPROTO_UDP if layer.dport == DNS_PORT => Some(RequestKey {
-            kind: RequestKind::Dns,
-            proto: IPPROTO_UDP,
-            pod_port: layer.sport,
-            echo: (0, 0),
-        }),
+        IPPROTO_UDP if layer.dport == DNS_PORT => {
+            Some(RequestKey { kind: RequestKind::Dns, proto: IPPROTO_UDP, pod_port: layer.sport, echo: (0, 0) })
+        }
         _ => None,
     }
 }

@@ -49,12 +49,8 @@ impl KernelBtf {
     }
 
     pub fn parse(data: &[u8]) -> Result<Self> {
-        let u16_at = |off: usize| -> Result<u16> {
-            Ok(u16::from_le_bytes(data.get(off..off + 2).context("BTF truncated")?.try_into()?))
-        };
-        let u32_at = |off: usize| -> Result<u32> {
-            Ok(u32::from_le_bytes(data.get(off..off + 4).context("BTF truncated")?.try_into()?))
-        };
+        let u16_at = |off: usize| -> Result<u16> { Ok(u16::from_le_bytes(data.get(off..off + 2).context("BTF truncated")?.try_into()?)) };
+        let u32_at = |off: usize| -> Result<u32> { Ok(u32::from_le_bytes(data.get(off..off + 4).context("BTF truncated")?.try_into()?)) };
         if u16_at(0)? != BTF_MAGIC {
             bail!("not little-endian BTF (bad magic)");
         }
@@ -173,9 +169,8 @@ impl KernelBtf {
         let mut offset = 0;
         let mut parts = field.split('.').peekable();
         while let Some(part) = parts.next() {
-            let (bits, type_id) = self
-                .find_member(members, part)
-                .with_context(|| format!("{name} has no member {field} in the kernel BTF"))?;
+            let (bits, type_id) =
+                self.find_member(members, part).with_context(|| format!("{name} has no member {field} in the kernel BTF"))?;
             offset += bits;
             if parts.peek().is_some() {
                 members = self.members_of(type_id).with_context(|| format!("{name}.{part} is not a struct"))?;

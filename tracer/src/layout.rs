@@ -45,10 +45,7 @@ impl TracepointFormat {
     }
 
     pub fn offset(&self, field: &str) -> Result<u32> {
-        self.fields
-            .get(field)
-            .copied()
-            .with_context(|| format!("tracepoint {} has no field {field} on this kernel", self.name))
+        self.fields.get(field).copied().with_context(|| format!("tracepoint {} has no field {field} on this kernel", self.name))
     }
 }
 

@@ -157,10 +157,7 @@ async fn follow(args: FollowArgs) -> Result<()> {
         node_ip: args.node_ip,
         reply_timeout: Duration::from_millis(args.reply_timeout_ms),
         btf: args.btf,
-        node: std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .context("reading the hostname")?
-            .trim()
-            .to_string(),
+        node: std::fs::read_to_string("/proc/sys/kernel/hostname").context("reading the hostname")?.trim().to_string(),
     };
     let report = trace::follow(&options).await?;
     match args.output {

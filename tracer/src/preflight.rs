@@ -21,10 +21,7 @@ const CAP_BPF: u32 = 39;
 /// BPF capabilities, as the kernel allows).
 pub fn check_privileges() -> Result<()> {
     let status = fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
-    let effective = status
-        .lines()
-        .find_map(|line| line.strip_prefix("CapEff:"))
-        .context("no CapEff line in /proc/self/status")?;
+    let effective = status.lines().find_map(|line| line.strip_prefix("CapEff:")).context("no CapEff line in /proc/self/status")?;
     let effective = u64::from_str_radix(effective.trim(), 16).context("parsing CapEff")?;
     let has = |cap: u32| effective & (1u64 << cap) != 0;
     let mut missing = Vec::new();
@@ -38,10 +35,7 @@ pub fn check_privileges() -> Result<()> {
         missing.push("CAP_PERFMON");
     }
     if !missing.is_empty() {
-        bail!(
-            "missing privileges: run as root or with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (lacking {})",
-            missing.join(", ")
-        );
+        bail!("missing privileges: run as root or with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (lacking {})", missing.join(", "));
     }
     Ok(())
 }
@@ -49,10 +43,7 @@ pub fn check_privileges() -> Result<()> {
 /// The kernel's BTF is needed to read its struct layouts and enum names at load time.
 pub fn check_btf(path: &Path) -> Result<()> {
     if !path.exists() {
-        bail!(
-            "no BTF at {}: podtrace needs a kernel built with CONFIG_DEBUG_INFO_BTF (or pass --btf <file>)",
-            path.display()
-        );
+        bail!("no BTF at {}: podtrace needs a kernel built with CONFIG_DEBUG_INFO_BTF (or pass --btf <file>)", path.display());
     }
     Ok(())
 }

@@ -248,15 +248,18 @@ mod tests {
     #[test]
     fn hops_are_in_request_then_reply_order() {
         let path = local_path();
-        let order: Vec<_> = ordered_hops(&path)
-            .into_iter()
-            .map(|(i, d)| format!("{}:{}", path.hops[i].ifname, d))
-            .collect();
+        let order: Vec<_> = ordered_hops(&path).into_iter().map(|(i, d)| format!("{}:{}", path.hops[i].ifname, d)).collect();
         assert_eq!(
             order,
             [
-                "veth1:ingress", "cni0:ingress", "flannel.1:egress", "eth0:egress",
-                "eth0:ingress", "flannel.1:ingress", "cni0:egress", "veth1:egress"
+                "veth1:ingress",
+                "cni0:ingress",
+                "flannel.1:egress",
+                "eth0:egress",
+                "eth0:ingress",
+                "flannel.1:ingress",
+                "cni0:egress",
+                "veth1:egress"
             ]
         );
     }

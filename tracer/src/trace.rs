@@ -110,11 +110,7 @@ pub async fn follow(options: &FollowOptions) -> Result<Report> {
     );
 
     let started = Instant::now();
-    let settings = Settings {
-        node_ip: options.node_ip,
-        reply_timeout_ns: options.reply_timeout.as_nanos() as u64,
-        own_netns,
-    };
+    let settings = Settings { node_ip: options.node_ip, reply_timeout_ns: options.reply_timeout.as_nanos() as u64, own_netns };
     let mut collector = Collector::new(options, &path, settings);
     let collected = collector.run(events, kernel_events, options.duration, &mut sigint, &mut sigterm).await;
     let duration_s = started.elapsed().as_secs_f64();
@@ -162,11 +158,8 @@ fn read_tracepoint_formats() -> Result<(Tracepoints, [Option<TracepointFormat>; 
         }
     };
     let formats = [read("skb", "kfree_skb"), read("tcp", "tcp_retransmit_skb"), read("icmp", "icmp_send")];
-    let tracepoints = Tracepoints {
-        kfree_skb: formats[0].is_some(),
-        tcp_retransmit_skb: formats[1].is_some(),
-        icmp_send: formats[2].is_some(),
-    };
+    let tracepoints =
+        Tracepoints { kfree_skb: formats[0].is_some(), tcp_retransmit_skb: formats[1].is_some(), icmp_send: formats[2].is_some() };
     Ok((tracepoints, formats))
 }
 
@@ -261,10 +254,8 @@ impl<'a> Collector<'a> {
         let mut events = unsafe { AsyncFd::register(events) }.map_err(|err| anyhow!("polling the ring buffer: {err}"))?;
         let mut kernel_events =
             unsafe { AsyncFd::register(kernel_events) }.map_err(|err| anyhow!("polling the kernel ring buffer: {err}"))?;
-        let result = with_rtnetlink(async |handle| {
-            self.watch(handle, &mut events, &mut kernel_events, duration, sigint, sigterm).await
-        })
-        .await;
+        let result =
+            with_rtnetlink(async |handle| self.watch(handle, &mut events, &mut kernel_events, duration, sigint, sigterm).await).await;
         // Whatever the kernel wrote before we stopped still belongs in the report.
         self.drain_packets(events.get_mut());
         self.drain_kernel(kernel_events.get_mut());
@@ -332,11 +323,14 @@ impl<'a> Collector<'a> {
             .into_iter()
             .filter_map(|(index, now)| {
                 let before = baseline.get(&index)?;
-                Some((index, LinkDrops {
-                    rx_dropped: now.rx_dropped.saturating_sub(before.rx_dropped),
-                    rx_length_errors: now.rx_length_errors.saturating_sub(before.rx_length_errors),
-                    tx_dropped: now.tx_dropped.saturating_sub(before.tx_dropped),
-                }))
+                Some((
+                    index,
+                    LinkDrops {
+                        rx_dropped: now.rx_dropped.saturating_sub(before.rx_dropped),
+                        rx_length_errors: now.rx_length_errors.saturating_sub(before.rx_length_errors),
+                        tx_dropped: now.tx_dropped.saturating_sub(before.tx_dropped),
+                    },
+                ))
             })
             .collect();
         result

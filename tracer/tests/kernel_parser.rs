@@ -359,7 +359,9 @@ fn truncated_at_every_header_boundary_counts_unparsed() {
     tagged.extend_from_slice(&vlan(0x8100, 5, 0x0800));
     tagged.extend_from_slice(&frame[14..]);
     assert!(!Harness::default().run(Direction::Ingress, &tagged, None).is_empty(), "whole tagged frame parses");
-    for (cut, what) in [(15, "mid VLAN tag"), (18, "VLAN tag only"), (28, "mid IPv4 header"), (38, "IPv4 header only"), (48, "mid TCP header")] {
+    for (cut, what) in
+        [(15, "mid VLAN tag"), (18, "VLAN tag only"), (28, "mid IPv4 header"), (38, "IPv4 header only"), (48, "mid TCP header")]
+    {
         assert_unparsed(&tagged[..cut], what);
     }
     // IPv6: cut inside the fixed header and inside the fragment extension header.
@@ -407,7 +409,8 @@ fn unfollowed_traffic_and_unregistered_devices_are_ignored() {
     let other = ethernet(0x0800, &V4::new("10.1.1.1", "10.1.1.2", 6).packet(&tcp(1, 2, 3, 4, 0x10, 0)));
     assert!(harness.run(Direction::Ingress, &other, None).is_empty());
 
-    let mut probes = Probes::load(&LoadOptions { filter: default_filter(), layout: Default::default(), ring_bytes: 1 << 16 }, AttachMode::Auto).unwrap();
+    let mut probes =
+        Probes::load(&LoadOptions { filter: default_filter(), layout: Default::default(), ring_bytes: 1 << 16 }, AttachMode::Auto).unwrap();
     probes.follow(ip(POD)).unwrap();
     let mut events = probes.take_events().unwrap();
     let program = probes.program(Direction::Ingress).unwrap();
@@ -427,20 +430,10 @@ fn peer_port_and_protocol_narrow_the_filter() {
         ethernet(0x0800, &V4::new(POD, PEER, 6).packet(&tcp(40000, 443, 1, 0, 0x10, 0))),
         ethernet(0x0800, &V4::new(POD, PEER, 17).packet(&udp(40000, 80, b"x"))),
     ];
-    let filter = FilterConfig {
-        peer: peer_v4.to_ipv6_mapped().octets(),
-        has_peer: 1,
-        proto: 6,
-        port: 80,
-        ..default_filter()
-    };
+    let filter = FilterConfig { peer: peer_v4.to_ipv6_mapped().octets(), has_peer: 1, proto: 6, port: 80, ..default_filter() };
     let mut harness = Harness::new(filter, false);
-    let matched: Vec<usize> = frames
-        .iter()
-        .enumerate()
-        .filter(|(_, frame)| !harness.run(Direction::Ingress, frame, None).is_empty())
-        .map(|(i, _)| i)
-        .collect();
+    let matched: Vec<usize> =
+        frames.iter().enumerate().filter(|(_, frame)| !harness.run(Direction::Ingress, frame, None).is_empty()).map(|(i, _)| i).collect();
     assert_eq!(matched, [0]);
 }
 

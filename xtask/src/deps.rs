@@ -40,12 +40,7 @@ fn forbidden_path(metadata: &Value) -> Result<Option<Vec<String>>> {
     let nodes = metadata["resolve"]["nodes"].as_array().context("cargo metadata has no resolve graph")?;
     let packages = metadata["packages"].as_array().context("cargo metadata has no packages")?;
     let name_of = |id: &str| {
-        packages
-            .iter()
-            .find(|package| package["id"] == id)
-            .and_then(|package| package["name"].as_str())
-            .unwrap_or(id)
-            .to_string()
+        packages.iter().find(|package| package["id"] == id).and_then(|package| package["name"].as_str()).unwrap_or(id).to_string()
     };
     let root = packages
         .iter()
@@ -64,11 +59,8 @@ fn forbidden_path(metadata: &Value) -> Result<Option<Vec<String>>> {
         }
         let Some(node) = nodes.iter().find(|node| node["id"] == id.as_str()) else { continue };
         for dep in node["deps"].as_array().into_iter().flatten() {
-            let built_by_xtask = dep["dep_kinds"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|kind| kind["kind"].is_null() || kind["kind"] == "build");
+            let built_by_xtask =
+                dep["dep_kinds"].as_array().into_iter().flatten().any(|kind| kind["kind"].is_null() || kind["kind"] == "build");
             if let (true, Some(dep_id)) = (built_by_xtask, dep["pkg"].as_str()) {
                 let mut next = path.clone();
                 next.push(dep_id.to_string());

@@ -4,8 +4,8 @@
 //! installed what the kernel programs need (nightly rust-src, bpf-linker). Everything that needs
 //! `tracer` runs as a `cargo` subprocess after setup; `deps` checks that this stays true.
 
-mod deps;
 mod demo;
+mod deps;
 mod setup;
 mod vm;
 

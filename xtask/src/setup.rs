@@ -51,11 +51,7 @@ fn succeeds(program: &str, args: &[&str]) -> bool {
 }
 
 fn output(program: &str, args: &[&str]) -> String {
-    Command::new(program)
-        .args(args)
-        .output()
-        .map(|output| String::from_utf8_lossy(&output.stdout).into_owned())
-        .unwrap_or_default()
+    Command::new(program).args(args).output().map(|output| String::from_utf8_lossy(&output.stdout).into_owned()).unwrap_or_default()
 }
 
 /// Runs a command, echoing it; a failure names the command.
@@ -85,9 +81,7 @@ fn install(what: &str, command: &mut Command) -> Result<Duration> {
 
 /// The command as a user would type it, environment included.
 fn shown(command: &Command) -> String {
-    let env = command
-        .get_envs()
-        .filter_map(|(key, value)| Some(format!("{}={}", key.to_string_lossy(), value?.to_string_lossy())));
+    let env = command.get_envs().filter_map(|(key, value)| Some(format!("{}={}", key.to_string_lossy(), value?.to_string_lossy())));
     let words = std::iter::once(command.get_program().to_string_lossy().into_owned())
         .chain(command.get_args().map(|arg| arg.to_string_lossy().into_owned()));
     env.chain(words).collect::<Vec<_>>().join(" ")

@@ -26,15 +26,41 @@ const KERNELS: &[(&str, &str)] = &[("6.1", "linux-image-cloud-amd64"), ("6.12", 
 
 /// Modules the lab and podtrace need; their dependencies are added from modules.dep.
 const MODULES: &[&str] = &[
-    "veth", "vxlan", "bridge", "bonding", "sch_ingress", "cls_bpf", "nf_tables", "nft_compat", "nft_chain_nat", "nf_nat",
-    "nf_conntrack", "xt_nat", "xt_tcpudp", "xt_conntrack", "ip_tables", "iptable_filter", "iptable_nat", "nf_reject_ipv4",
-    "nft_reject_ipv4", "xt_MASQUERADE",
+    "veth",
+    "vxlan",
+    "bridge",
+    "bonding",
+    "sch_ingress",
+    "cls_bpf",
+    "nf_tables",
+    "nft_compat",
+    "nft_chain_nat",
+    "nf_nat",
+    "nf_conntrack",
+    "xt_nat",
+    "xt_tcpudp",
+    "xt_conntrack",
+    "ip_tables",
+    "iptable_filter",
+    "iptable_nat",
+    "nf_reject_ipv4",
+    "nft_reject_ipv4",
+    "xt_MASQUERADE",
 ];
 
 /// Host programs the tests call, copied with their shared libraries.
 const TOOLS: &[&str] = &[
-    "/usr/bin/ip", "/usr/sbin/tc", "/usr/sbin/bridge", "/usr/sbin/ethtool", "/usr/bin/tcpdump", "/usr/bin/ping",
-    "/usr/sbin/bpftool", "/usr/bin/setpriv", "/usr/sbin/xtables-nft-multi", "/usr/bin/python3.11", "/usr/sbin/sysctl",
+    "/usr/bin/ip",
+    "/usr/sbin/tc",
+    "/usr/sbin/bridge",
+    "/usr/sbin/ethtool",
+    "/usr/bin/tcpdump",
+    "/usr/bin/ping",
+    "/usr/sbin/bpftool",
+    "/usr/bin/setpriv",
+    "/usr/sbin/xtables-nft-multi",
+    "/usr/bin/python3.11",
+    "/usr/sbin/sysctl",
 ];
 
 /// Serial-console markers the init script prints.
@@ -47,7 +73,9 @@ pub fn run(kernels: &[String], filter: &[String]) -> Result<()> {
     } else {
         kernels
             .iter()
-            .map(|k| KERNELS.iter().find(|(name, _)| name == k).copied().with_context(|| format!("unknown kernel {k}: use 6.1, 6.12 or all")))
+            .map(|k| {
+                KERNELS.iter().find(|(name, _)| name == k).copied().with_context(|| format!("unknown kernel {k}: use 6.1, 6.12 or all"))
+            })
             .collect::<Result<_>>()?
     };
     let binaries = build_static()?;
@@ -99,7 +127,10 @@ fn build_static() -> Result<StaticBinaries> {
         // Integration tests, and the tracer library's unit tests (they read the running
         // kernel's BTF and tracefs); the empty unit-test harnesses of the others are skipped.
         if kinds.iter().any(|k| k == "test") || name == "tracer" && kinds.iter().any(|k| k == "lib") {
-            tests.push((if kinds.iter().any(|k| k == "lib") { "tracer-unit".to_string() } else { name.to_string() }, PathBuf::from(executable)));
+            tests.push((
+                if kinds.iter().any(|k| k == "lib") { "tracer-unit".to_string() } else { name.to_string() },
+                PathBuf::from(executable),
+            ));
         }
     }
     tests.sort();
