@@ -70,6 +70,10 @@ struct FollowArgs {
     /// How long a request may wait for its reply before it counts as unanswered, in ms.
     #[arg(long, default_value_t = 1000)]
     reply_timeout_ms: u64,
+    /// The node name the report shows (in a debug pod, the Kubernetes node's name from the
+    /// downward API; default: the host name).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -157,7 +161,10 @@ async fn follow(args: FollowArgs) -> Result<()> {
         node_ip: args.node_ip,
         reply_timeout: Duration::from_millis(args.reply_timeout_ms),
         btf: args.btf,
-        node: std::fs::read_to_string("/proc/sys/kernel/hostname").context("reading the hostname")?.trim().to_string(),
+        node: match args.node_name {
+            Some(node_name) => node_name,
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname").context("reading the hostname")?.trim().to_string(),
+        },
     };
     let report = trace::follow(&options).await?;
     match args.output {

@@ -33,8 +33,12 @@ const PACKAGES: &[&str] = &[
     "runc",
     "containernetworking-plugins",
     "dnsmasq-base",
-    "kubernetes-client",
 ];
+
+/// Commands that may come from another package already on the machine (kubectl from Google's
+/// or Kubernetes' own repository conflicts with Debian's `kubernetes-client`), each with the
+/// Debian package that provides it otherwise.
+const COMMANDS: &[(&str, &str)] = &[("kubectl", "kubernetes-client")];
 
 const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
 
@@ -92,6 +96,7 @@ fn apt_packages() -> Result<()> {
         .iter()
         .copied()
         .filter(|package| !output("dpkg-query", &["-W", "-f=${Status}", package]).contains("install ok installed"))
+        .chain(COMMANDS.iter().filter(|(command, _)| !succeeds("sh", &["-c", &format!("command -v {command}")])).map(|(_, package)| *package))
         .collect();
     if missing.is_empty() {
         println!("xtask setup: Debian packages present");
