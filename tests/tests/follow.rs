@@ -8,7 +8,7 @@ use podtrace_tests::{
     capture::{Capture, Dir, ip_filter, vxlan_inner_filter},
     fixture, inspect,
     lab::{Lab, LabSpec, unique_prefix},
-    podtrace::{Podtrace, run_podtrace},
+    podtrace::{self, Launcher, Podtrace, run_podtrace},
     traffic,
 };
 use serde_json::Value;
@@ -124,10 +124,14 @@ impl Captures {
 
 /// Traces pod A while `traffic` runs, with tcpdump on every hop, and checks the counts.
 fn counts_match_tcpdump(tag: &str, traffic: impl FnOnce(&Lab)) -> Result<Value> {
+    counts_match_tcpdump_with(Launcher::Binary, tag, traffic)
+}
+
+fn counts_match_tcpdump_with(launcher: Launcher, tag: &str, traffic: impl FnOnce(&Lab)) -> Result<Value> {
     let lab = lab(tag);
     let pod_ip = lab.pod_a().ip;
     let captures = Captures::start(&lab, pod_ip)?;
-    let podtrace = Podtrace::start(&lab.node_a().netns, &["follow", &pod_ip.to_string(), "-o", "json"])?;
+    let podtrace = Podtrace::launch(launcher, &lab.node_a().netns, &["follow", &pod_ip.to_string(), "-o", "json"])?;
     traffic(&lab);
     // Let the last packets cross every hop before stopping.
     std::thread::sleep(Duration::from_millis(300));
@@ -168,6 +172,27 @@ fn ping_counts_match_tcpdump_and_every_packet_is_linked_across_hops() -> Result<
     assert_eq!(hop(&report, "eth0", "egress")["max_len"], 98 + 50);
     assert_eq!(hop(&report, &veth, "egress")["last_seen"], 5);
     assert_eq!(hop(&report, "eth0", "egress")["last_seen"], 5);
+    Ok(())
+}
+
+/// The OCI image (`cargo xtask image`) run by podman inside node A's namespace with a debug
+/// pod's mounts: the same counts as tcpdump, as for the binary. Skipped only where podman is
+/// not installed (the VM suite).
+#[test]
+fn container_image_counts_match_tcpdump() -> Result<()> {
+    let Some(image) = podtrace::image()? else {
+        eprintln!("skipped: podman is not installed");
+        return Ok(());
+    };
+    let report = counts_match_tcpdump_with(Launcher::Image(&image), "image", |lab| {
+        let output = traffic::ping(&lab.pod_a().netns, lab.pod_b().ip, 4, 56).unwrap();
+        assert_eq!(traffic::ping_received(&output), 4);
+        let _server = traffic::udp_echo(&lab.pod_b().netns, 7000).unwrap();
+        assert_eq!(traffic::udp_send(&lab.pod_a().netns, lab.pod_b().ip, 7000, 3, 200).unwrap(), 3);
+    })?;
+    // 4 echo requests and 3 datagrams out of the pod, 4 replies and 3 echoes back.
+    assert_eq!(hop(&report, "eth0", "egress")["packets"], 7);
+    assert_eq!(hop(&report, "eth0", "ingress")["packets"], 7);
     Ok(())
 }
 

@@ -6,6 +6,7 @@
 
 mod demo;
 mod deps;
+mod image;
 mod setup;
 mod vm;
 
@@ -50,6 +51,9 @@ enum Task {
         #[arg(last = true)]
         filter: Vec<String>,
     },
+    /// Build the OCI image `podtrace:<version>` (FROM scratch, the static binary) and write
+    /// it as an OCI archive under target/.
+    Image,
     /// Bring the built-in lab up (and leave it) or tear it down.
     Lab {
         #[command(subcommand)]
@@ -100,6 +104,11 @@ fn run(task: Task) -> Result<()> {
             // `cargo bench` measures the optimised build.
             setup::step("cargo", &["bench", "--package", "tracer", "--bench", "podtrace"])
         }
+        Task::Image => {
+            setup::require_root()?;
+            setup::run()?;
+            image::build().map(drop)
+        }
         Task::Vm { kernel, filter } => {
             setup::require_root()?;
             setup::run()?;
@@ -137,7 +146,7 @@ fn pod_list(node: &lab::Node) -> String {
 }
 
 fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
 }
 
 /// Builds the userspace binary (and, through its build script, the kernel programs).
@@ -149,12 +158,16 @@ fn build_podtrace() -> Result<PathBuf> {
 fn test(skip_vm: bool) -> Result<()> {
     deps::check_tooling_only()?;
     println!("xtask: xtask's dependency tree holds none of {}", deps::FORBIDDEN.join(", "));
+    setup::step("cargo", &["fmt", "--all", "--check"])?;
+    setup::step("cargo", &["clippy", "--workspace", "--all-targets", "--quiet", "--", "-D", "warnings"])?;
     let binary = build_podtrace()?;
+    let image = image::build()?;
     let namespaces_before = namespaces()?;
     println!("xtask: cargo test --workspace (unit, kernel-parser and lab integration tests)");
     let status = Command::new("cargo")
         .args(["test", "--workspace", "--", "--test-threads=2"])
         .env("PODTRACE_BIN", &binary)
+        .env("PODTRACE_IMAGE", &image)
         .status()
         .context("running cargo test")?;
     if !status.success() {

@@ -2,10 +2,7 @@
 //! step checks first and skips what is present. Each step says what it installs; a failure
 //! names the step and the command to retry.
 
-use std::{
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::{process::Command, time::Instant};
 
 use anyhow::{Context as _, Result, bail};
 
@@ -70,7 +67,7 @@ pub fn step(program: &str, args: &[&str]) -> Result<()> {
 
 /// One setup step that installs something: says what, runs it, says how long it took, and on
 /// failure names the step and the command that retries it.
-fn install(what: &str, command: &mut Command) -> Result<Duration> {
+fn install(what: &str, command: &mut Command) -> Result<()> {
     let shown = shown(command);
     println!("xtask setup: installing {what}: {shown}");
     let started = Instant::now();
@@ -80,7 +77,7 @@ fn install(what: &str, command: &mut Command) -> Result<Duration> {
         bail!("setup step '{what}' failed ({status}) after {:.0} s; retry with: {shown}", took.as_secs_f64());
     }
     println!("xtask setup: installed {what} in {:.0} s", took.as_secs_f64());
-    Ok(took)
+    Ok(())
 }
 
 /// The command as a user would type it, environment included.
@@ -96,7 +93,9 @@ fn apt_packages() -> Result<()> {
         .iter()
         .copied()
         .filter(|package| !output("dpkg-query", &["-W", "-f=${Status}", package]).contains("install ok installed"))
-        .chain(COMMANDS.iter().filter(|(command, _)| !succeeds("sh", &["-c", &format!("command -v {command}")])).map(|(_, package)| *package))
+        .chain(
+            COMMANDS.iter().filter(|(command, _)| !succeeds("sh", &["-c", &format!("command -v {command}")])).map(|(_, package)| *package),
+        )
         .collect();
     if missing.is_empty() {
         println!("xtask setup: Debian packages present");
@@ -137,13 +136,12 @@ fn bpf_linker() -> Result<()> {
         println!("xtask setup: bpf-linker 0.13 present");
         return Ok(());
     }
-    let took = install(
-        "bpf-linker 0.13 built against LLVM 22 (the slow step: about 4 minutes)",
+    install(
+        "bpf-linker 0.13, built against LLVM 22 (the slow step)",
         Command::new("cargo")
             .args(["install", "bpf-linker", "--version", "^0.13", "--locked", "--no-default-features", "--features", "llvm-22"])
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
     )?;
-    println!("xtask setup: bpf-linker took {}:{:02}", took.as_secs() / 60, took.as_secs() % 60);
     Ok(())
 }
 
