@@ -39,7 +39,9 @@ fn assert_debug_pod(pod: &Value) {
     let security = &container["securityContext"];
     assert_ne!(security["privileged"], true, "capabilities, not a privileged container");
     let capabilities: Vec<&str> = security["capabilities"]["add"].as_array().unwrap().iter().map(|cap| cap.as_str().unwrap()).collect();
-    for needed in ["BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN"] {
+    // eBPF (SYS_ADMIN for older runtimes' seccomp profiles), the pods' namespaces through
+    // /proc/<pid>/ns/net (SYS_PTRACE), kernel addresses in /proc/kallsyms (SYSLOG).
+    for needed in ["BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN", "SYS_PTRACE", "SYSLOG"] {
         assert!(capabilities.contains(&needed), "{needed} missing from {capabilities:?}");
     }
 
