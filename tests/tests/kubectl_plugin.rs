@@ -269,6 +269,19 @@ fn a_missing_pod_is_an_error() {
 }
 
 #[test]
+fn an_unreachable_api_server_is_an_error() {
+    let standin = StandIn::new("unreachable");
+    fs::write(standin.dir.join("unreachable"), "").unwrap();
+    let output = standin.run(&["web-0", "-n", "shop"]);
+    // kubectl's conclusion, without the log lines of its client libraries.
+    assert_refused(
+        &standin,
+        &output,
+        "reading pod shop/web-0: The connection to the server localhost:8080 was refused - did you specify the right host or port?",
+    );
+}
+
+#[test]
 fn a_pending_pod_is_an_error() {
     let standin = StandIn::new("pending").with_pod("web-1", POD_PENDING);
     let output = standin.run(&["web-1", "-n", "shop"]);

@@ -13,9 +13,14 @@ pub struct Output {
 }
 
 impl Output {
-    /// kubectl's own message for a failure, on one line.
+    /// kubectl's own message for a failure, on one line, without the log lines (`E1129
+    /// 12:29:51.941652 …`) its client libraries print on the way.
     pub fn error(&self) -> String {
-        let message = self.stderr.split_whitespace().collect::<Vec<_>>().join(" ");
+        let is_log_line = |line: &str| {
+            let mut chars = line.chars();
+            chars.next().is_some_and(|level| "IWEF".contains(level)) && chars.take(4).filter(char::is_ascii_digit).count() == 4
+        };
+        let message = self.stderr.lines().filter(|line| !is_log_line(line)).flat_map(str::split_whitespace).collect::<Vec<_>>().join(" ");
         if message.is_empty() { format!("kubectl exited with {}", self.status) } else { message }
     }
 }
