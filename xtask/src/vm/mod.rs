@@ -1,0 +1,172 @@
+//! `cargo xtask vm`: the privileged test suite inside QEMU on Debian's kernels, 5.10 to 7.2.
+//!
+//! Each kernel is the newest Debian cloud package of its line (`kernel`), extracted into a
+//! cache outside the repository. The initramfs is built on the fly (`initramfs`): busybox, the
+//! statically linked (musl) podtrace and test binaries, the tools the tests call, and the
+//! kernel's own modules. The VM runs the suite and reports each test binary's exit status on
+//! the serial console (`boot`).
+
+mod boot;
+mod initramfs;
+mod kernel;
+
+use std::{
+    path::PathBuf,
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{setup::step, workspace};
+
+/// A kernel line of the matrix.
+struct KernelLine {
+    name: &'static str,
+    /// Package-name prefix of the line's cloud images; the newest match is tested.
+    package_prefix: &'static str,
+    /// What runs there: the whole suite, or a subset.
+    tests: Selection,
+    /// Part of `--kernel all` (what `cargo xtask test` runs).
+    in_all: bool,
+}
+
+#[derive(Clone, Copy)]
+enum Selection {
+    Whole,
+    /// Test binaries, each with the name filters of the tests that run (none: all of it).
+    Subset(&'static [(&'static str, &'static [&'static str])]),
+}
+
+/// The kernel-parser tests, the tracer's unit tests (which read the running kernel's BTF and
+/// tracefs), one follow-vs-tcpdump test, detaching, the healthy lab, and one finding per
+/// kernel source: drops (kfree_skb), retransmits, ICMP errors (icmp_send); and a bond.
+const SUBSET: Selection = Selection::Subset(&[
+    ("kernel_parser", &[]),
+    ("tracer-unit", &[]),
+    ("follow", &["ping_counts_match_tcpdump", "nothing_stays_attached"]),
+    (
+        "findings",
+        &[
+            "healthy_lab_has_no_warning_or_error",
+            "firewall_drop_on_node_b",
+            "underlay_mtu_mismatch_between_nodes",
+            "pod_mtu_above_the_tunnel_with_icmp_blocked",
+        ],
+    ),
+    ("bond", &["active_backup_bond_is_traced_with_its_slaves"]),
+]);
+
+const KERNELS: &[KernelLine] = &[
+    KernelLine { name: "5.10", package_prefix: "linux-image-5.10.0-", tests: SUBSET, in_all: false },
+    KernelLine { name: "6.1", package_prefix: "linux-image-6.1.0-", tests: Selection::Whole, in_all: true },
+    KernelLine { name: "6.12", package_prefix: "linux-image-6.12.", tests: Selection::Whole, in_all: true },
+    KernelLine { name: "7.2", package_prefix: "linux-image-7.2.", tests: SUBSET, in_all: true },
+];
+
+/// Test binaries that never touch the kernel (they test the kubectl plugin and the manifest
+/// against stand-ins and files of the repository): host only.
+const HOST_ONLY: &[&str] = &["kubectl_plugin", "manifest"];
+
+/// Serial-console markers the init script prints.
+const RESULT_MARK: &str = "PODTRACE-VM-EXIT";
+const DONE_MARK: &str = "PODTRACE-VM-DONE";
+
+/// One test binary to run in the VM, with its name filters.
+pub struct TestRun {
+    binary: String,
+    filters: Vec<String>,
+}
+
+pub fn run(kernels: &[String], filter: &[String]) -> Result<()> {
+    let names = || KERNELS.iter().map(|line| line.name).collect::<Vec<_>>().join(", ");
+    let selected: Vec<&KernelLine> = if kernels.iter().any(|k| k == "all") {
+        KERNELS.iter().filter(|line| line.in_all).collect()
+    } else {
+        kernels
+            .iter()
+            .map(|k| KERNELS.iter().find(|line| line.name == k).with_context(|| format!("unknown kernel {k}: use {} or all", names())))
+            .collect::<Result<_>>()?
+    };
+    let binaries = build_static()?;
+    let mut failures = Vec::new();
+    for line in selected {
+        let kernel = kernel::fetch(line.package_prefix)?;
+        println!("xtask: VM kernel {}: package {} version {}", line.name, kernel.package, kernel.version);
+        let runs = test_runs(line.tests, &binaries.tests, filter);
+        let initramfs = initramfs::build(&kernel, &binaries.podtrace, &binaries.tests, &runs)?;
+        match boot::boot(&kernel, &initramfs) {
+            Ok(()) => println!("xtask: VM kernel {} ({}): all test binaries passed", line.name, kernel.release),
+            Err(err) => {
+                println!("xtask: VM kernel {} ({}): {err:#}", line.name, kernel.release);
+                failures.push(format!("{}: {err:#}", line.name));
+            }
+        }
+    }
+    if !failures.is_empty() {
+        bail!("VM tests failed: {}", failures.join("; "));
+    }
+    Ok(())
+}
+
+/// The binaries to run and their filters: the selection's, narrowed by the user's filter.
+fn test_runs(selection: Selection, binaries: &[(String, PathBuf)], user_filter: &[String]) -> Vec<TestRun> {
+    let user = || user_filter.to_vec();
+    match selection {
+        Selection::Whole => binaries
+            .iter()
+            .filter(|(name, _)| !HOST_ONLY.contains(&name.as_str()))
+            .map(|(name, _)| TestRun { binary: name.clone(), filters: user() })
+            .collect(),
+        Selection::Subset(subset) => subset
+            .iter()
+            .filter(|(binary, _)| binaries.iter().any(|(name, _)| name == binary))
+            .map(|(binary, filters)| TestRun {
+                binary: binary.to_string(),
+                // libtest runs a test that matches any filter; the user's filter replaces
+                // the subset's.
+                filters: if user_filter.is_empty() { filters.iter().map(|f| f.to_string()).collect() } else { user() },
+            })
+            .collect(),
+    }
+}
+
+struct StaticBinaries {
+    podtrace: PathBuf,
+    tests: Vec<(String, PathBuf)>,
+}
+
+/// podtrace and the test binaries, linked statically against musl so the VM needs no libc
+/// of theirs.
+fn build_static() -> Result<StaticBinaries> {
+    const TARGET: &str = "x86_64-unknown-linux-musl";
+    step("cargo", &["build", "--package", "tracer", "--target", TARGET])?;
+    println!("xtask: cargo test --no-run --target {TARGET} (tracer, podtrace-tests)");
+    let output = Command::new("cargo")
+        .args(["test", "--no-run", "--target", TARGET, "--package", "tracer", "--package", "podtrace-tests", "--message-format=json"])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("building the test binaries")?;
+    if !output.status.success() {
+        bail!("building the static test binaries failed");
+    }
+    let mut tests = Vec::new();
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let (Some(executable), Some(name)) = (message["executable"].as_str(), message["target"]["name"].as_str()) else {
+            continue;
+        };
+        let kinds = message["target"]["kind"].as_array().cloned().unwrap_or_default();
+        // Integration tests, and the tracer library's unit tests (they read the running
+        // kernel's BTF and tracefs); the empty unit-test harnesses of the others are skipped.
+        if kinds.iter().any(|k| k == "test") || name == "tracer" && kinds.iter().any(|k| k == "lib") {
+            tests.push((
+                if kinds.iter().any(|k| k == "lib") { "tracer-unit".to_string() } else { name.to_string() },
+                PathBuf::from(executable),
+            ));
+        }
+    }
+    tests.sort();
+    tests.dedup_by(|a, b| a.0 == b.0);
+    Ok(StaticBinaries { podtrace: workspace().join("target").join(TARGET).join("debug/podtrace"), tests })
+}
+
