@@ -233,4 +233,3 @@ fn symlink(target: &str, link: &Path) -> Result<()> {
     let _ = fs::remove_file(link);
     std::os::unix::fs::symlink(target, link).with_context(|| format!("linking {}", link.display()))
 }
-

@@ -169,4 +169,3 @@ fn build_static() -> Result<StaticBinaries> {
     tests.dedup_by(|a, b| a.0 == b.0);
     Ok(StaticBinaries { podtrace: workspace().join("target").join(TARGET).join("debug/podtrace"), tests })
 }
-
