@@ -15,9 +15,11 @@ use anyhow::{Context as _, Result};
 use aya::programs::{TestRun as _, TestRunOptions};
 use tracer::{
     Direction,
-    attach::{AttachMode, LoadOptions, Probes},
-    correlate::{Correlator, Limits},
-    decode,
+    events::{
+        correlate::{Correlator, Limits},
+        decode,
+    },
+    probes::{AttachMode, LoadOptions, Probes},
 };
 use tracer_common::{FilterConfig, IPPROTO_TCP, IpLayer, PKT_VXLAN, PacketEvent};
 

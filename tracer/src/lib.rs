@@ -1,26 +1,22 @@
 //! podtrace: follows a pod's packets hop by hop through a Kubernetes node.
 //!
-//! Each module has one job: `discovery` finds the path (netlink), `attach` loads and attaches
-//! the kernel programs, `decode` reads their events, `correlate` links a packet's sightings
-//! across hops, `findings` says what is wrong, `report` renders the result, and `preflight`
-//! checks the machine before anything is touched.
+//! `follow` is the pipeline, one folder per stage: `kernel` reads the running kernel's
+//! layouts, `node` discovers the pod's path, `probes` loads and attaches the kernel programs,
+//! `events` decodes and correlates what they report, `diagnosis` turns it into findings, and
+//! `report` renders the result. `preflight` checks the machine before anything is touched.
 
 use std::fmt;
 
 use serde::Serialize;
 
-pub mod attach;
-pub mod correlate;
-pub mod decode;
-pub mod discovery;
-pub mod findings;
-pub mod kernel_btf;
-pub mod layout;
-pub mod netns;
+pub mod diagnosis;
+pub mod events;
+pub mod follow;
+pub mod kernel;
+pub mod node;
 pub mod preflight;
+pub mod probes;
 pub mod report;
-pub mod symbols;
-pub mod trace;
 
 /// A TC hook.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]

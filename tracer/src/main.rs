@@ -3,10 +3,11 @@ use std::{net::IpAddr, path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use tracer::{
-    attach::{self, AttachMode},
-    discovery::PathOverrides,
-    preflight, report,
-    trace::{self, FollowOptions},
+    follow::{self, FollowOptions},
+    node::PathOverrides,
+    preflight,
+    probes::{self, AttachMode},
+    report,
 };
 use tracer_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 
@@ -114,7 +115,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Follow(args) => follow(args).await,
         Command::Cleanup => {
             preflight::check_privileges()?;
-            let swept = attach::sweep().await?;
+            let swept = probes::sweep().await?;
             println!(
                 "removed {} filter(s) and {} clsact qdisc(s){}",
                 swept.filters.len(),
@@ -166,7 +167,7 @@ async fn follow(args: FollowArgs) -> Result<()> {
             None => std::fs::read_to_string("/proc/sys/kernel/hostname").context("reading the hostname")?.trim().to_string(),
         },
     };
-    let report = trace::follow(&options).await?;
+    let report = follow::follow(&options).await?;
     match args.output {
         Output::Text => print!("{}", report::render_text(&report)),
         Output::Json => println!("{}", serde_json::to_string_pretty(&report).context("serialising the report")?),

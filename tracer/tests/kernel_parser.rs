@@ -11,8 +11,8 @@ use aya::{
 };
 use tracer::{
     Direction,
-    attach::{AttachMode, Counters, LoadOptions, Probes},
-    decode::{self, Packet},
+    events::decode::{self, Packet},
+    probes::{AttachMode, Counters, LoadOptions, Probes},
 };
 use tracer_common::FilterConfig;
 

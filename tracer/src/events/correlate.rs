@@ -13,10 +13,11 @@ use std::{
 
 use tracer_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
 
-use crate::{
-    Direction,
+use super::{
     decode::{Layer, Packet},
+    histogram::Histogram,
 };
+use crate::node::HopKey;
 
 /// Identity of one packet, stable across hops.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -65,79 +66,6 @@ pub fn fingerprint(layer: &Layer, followed: &[IpAddr]) -> Option<(Fingerprint, F
         _ => {}
     }
     Some((Fingerprint(hasher.finish()), flow))
-}
-
-/// A hop as the report sees it: one interface, one direction.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct HopKey {
-    pub ifindex: u32,
-    pub direction: Direction,
-}
-
-/// Fixed-size log-linear latency histogram: 8 sub-buckets per power of two, so every
-/// percentile is within 12.5% of the true value and memory never grows.
-#[derive(Clone, Debug)]
-pub struct Histogram {
-    buckets: [u64; Self::BUCKETS],
-    count: u64,
-}
-
-impl Default for Histogram {
-    fn default() -> Self {
-        Self { buckets: [0; Self::BUCKETS], count: 0 }
-    }
-}
-
-impl Histogram {
-    const SUB_BITS: u32 = 3;
-    const BUCKETS: usize = 64 << Self::SUB_BITS;
-
-    fn bucket(value: u64) -> usize {
-        if value < (1 << Self::SUB_BITS) {
-            return value as usize;
-        }
-        let exponent = 63 - value.leading_zeros();
-        let mantissa = (value >> (exponent - Self::SUB_BITS)) & ((1 << Self::SUB_BITS) - 1);
-        (((exponent - Self::SUB_BITS + 1) << Self::SUB_BITS) as u64 + mantissa) as usize
-    }
-
-    /// The midpoint of the bucket's value range.
-    fn representative(bucket: usize) -> u64 {
-        let sub = 1usize << Self::SUB_BITS;
-        if bucket < sub {
-            return bucket as u64;
-        }
-        let exponent = (bucket / sub) as u32 + Self::SUB_BITS - 1;
-        let mantissa = (bucket % sub) as u64;
-        let width = 1u64 << (exponent - Self::SUB_BITS);
-        let low = (1u64 << exponent) + mantissa * width;
-        low + width / 2
-    }
-
-    pub fn record(&mut self, value: u64) {
-        self.buckets[Self::bucket(value)] += 1;
-        self.count += 1;
-    }
-
-    pub fn count(&self) -> u64 {
-        self.count
-    }
-
-    /// `quantile` in 0..=1; `None` when nothing was recorded.
-    pub fn quantile(&self, quantile: f64) -> Option<u64> {
-        if self.count == 0 {
-            return None;
-        }
-        let rank = ((quantile * self.count as f64).ceil() as u64).clamp(1, self.count);
-        let mut seen = 0;
-        for (bucket, count) in self.buckets.iter().enumerate() {
-            seen += count;
-            if seen >= rank {
-                return Some(Self::representative(bucket));
-            }
-        }
-        unreachable!("rank {rank} is at most count {}", self.count)
-    }
 }
 
 /// Everything counted at one hop.
@@ -311,7 +239,7 @@ impl Correlator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::Layer;
+    use crate::Direction;
 
     fn icmp(src: &str, dst: &str, id: u16, seq: u16, ip_id: u16) -> Layer {
         Layer {
@@ -496,21 +424,5 @@ mod tests {
         correlator.observe(&packet(icmp("10.244.0.2", "10.244.1.2", 1, 1, 1), 3, Direction::Ingress, 0));
         correlator.observe(&packet(icmp("10.244.0.2", "10.244.1.2", 1, 2, 2), 3, Direction::Ingress, 5_000));
         assert_eq!(correlator.in_flight(), 1);
-    }
-
-    #[test]
-    fn histogram_quantiles_are_within_bucket_precision() {
-        let mut histogram = Histogram::default();
-        for value in 1..=10_000u64 {
-            histogram.record(value * 1000);
-        }
-        let p50 = histogram.quantile(0.5).unwrap() as f64;
-        let p99 = histogram.quantile(0.99).unwrap() as f64;
-        assert!((p50 / 5_000_000.0 - 1.0).abs() < 0.125, "p50 {p50}");
-        assert!((p99 / 9_900_000.0 - 1.0).abs() < 0.125, "p99 {p99}");
-        assert_eq!(Histogram::default().quantile(0.5), None);
-        let mut small = Histogram::default();
-        small.record(3);
-        assert_eq!(small.quantile(0.99), Some(3));
     }
 }

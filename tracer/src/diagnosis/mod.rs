@@ -16,11 +16,13 @@ use tracer_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::{
     Direction,
-    attach::Counters,
-    correlate::{Fingerprint, Flow, HopKey, Sighting},
-    decode::{KernelRecord, KernelRecordKind, Layer, Packet, TCP_RST, TCP_SYN, proto_name},
-    discovery::{HopKind, LinkDrops, Path},
-    symbols::KernelSymbols,
+    events::{
+        correlate::{Fingerprint, Flow, Sighting},
+        decode::{KernelRecord, KernelRecordKind, Layer, Packet, TCP_RST, TCP_SYN, proto_name},
+    },
+    kernel::symbols::KernelSymbols,
+    node::{HopKey, HopKind, LinkDrops, Path, path::Step},
+    probes::Counters,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -136,10 +138,6 @@ struct Oversized {
 pub struct Diagnosis<'a> {
     path: &'a Path,
     settings: Settings,
-    first_hop: HopKey,
-    /// The path's (hop index, direction) pairs in travel order, computed once: the per-packet
-    /// MTU check walks it.
-    order: Vec<(usize, Direction)>,
     requests: HashMap<RequestKey, Request>,
     by_fingerprint: HashMap<Fingerprint, RequestKey>,
     dropped_requests: u64,
@@ -180,12 +178,9 @@ pub struct Finish<'b> {
 
 impl<'a> Diagnosis<'a> {
     pub fn new(path: &'a Path, settings: Settings) -> Self {
-        let first = &path.hops[0];
         Self {
             path,
             settings,
-            first_hop: HopKey { ifindex: first.ifindex, direction: first.from_pod },
-            order: crate::report::ordered_hops(path),
             requests: HashMap::new(),
             by_fingerprint: HashMap::new(),
             dropped_requests: 0,
@@ -201,18 +196,8 @@ impl<'a> Diagnosis<'a> {
         }
     }
 
-    /// Where a hop stands in travel order.
-    fn position(&self, hop: HopKey) -> Option<usize> {
-        self.order.iter().position(|(i, d)| self.path.hops[*i].ifindex == hop.ifindex && *d == hop.direction)
-    }
-
-    /// The hop name and direction at a position in travel order, e.g. "cni0 egress".
-    fn label_at(&self, position: usize) -> Option<String> {
-        self.order.get(position).map(|(i, d)| format!("{} {d}", self.path.hops[*i].ifname))
-    }
-
     fn hop_name(&self, ifindex: u32) -> Option<&str> {
-        self.path.hops.iter().find(|hop| hop.ifindex == ifindex).map(|hop| hop.ifname.as_str())
+        self.path.hop(ifindex).map(|hop| hop.ifname.as_str())
     }
 
     pub fn observe_packet(&mut self, packet: &Packet, sighting: Option<&Sighting>) {
@@ -267,7 +252,7 @@ impl<'a> Diagnosis<'a> {
         }
         let Some(next) = self.next_mtu(hop) else { return };
         let layer = if self.is_tunnel_egress(hop) { &packet.outer } else { packet.pod_layer() };
-        let ip_len = u32::from(if hop_is_underlay(self.path, hop.ifindex) { packet.outer.total_len } else { layer.total_len });
+        let ip_len = u32::from(if self.path.is_underlay(hop.ifindex) { packet.outer.total_len } else { layer.total_len });
         if ip_len <= next.1 {
             return;
         }
@@ -280,22 +265,16 @@ impl<'a> Diagnosis<'a> {
     }
 
     fn is_tunnel_egress(&self, hop: HopKey) -> bool {
-        hop.direction == Direction::Egress && hop_is_underlay(self.path, hop.ifindex)
+        hop.direction == Direction::Egress && self.path.is_underlay(hop.ifindex)
     }
 
-    /// The hop a packet at `hop` goes to next in path order, and the IP-level MTU it must fit.
+    /// The hop a packet at `hop` goes to next on its way, and the IP-level MTU it must fit:
+    /// of alternatives, the smallest.
     fn next_mtu(&self, hop: HopKey) -> Option<(u32, u32)> {
-        let (next_index, next_direction) = *self.order.get(self.position(hop)? + 1)?;
-        // Only the same direction of travel: the turn from request to reply is not a hop.
-        let next = &self.path.hops[next_index];
-        let current = self.path.hops.iter().find(|h| h.ifindex == hop.ifindex)?;
-        let same_leg = (hop.direction == current.from_pod) == (next_direction == next.from_pod);
-        if !same_leg || next.ifindex == hop.ifindex {
-            return None;
-        }
+        let next = self.path.next_on_same_way(self.path.step_of(hop)?)?;
         // A packet that enters a VXLAN device must fit its MTU; one leaving it must fit the
         // underlay's with the encapsulation included, which the outer header already shows.
-        Some((next.ifindex, next.mtu))
+        self.path.at_step(next).iter().filter_map(|key| self.path.hop(key.ifindex)).map(|h| (h.ifindex, h.mtu)).min_by_key(|(_, mtu)| *mtu)
     }
 
     fn track_request(&mut self, layer: &Layer, hop: HopKey, sighting: &Sighting, now: u64) {
@@ -310,7 +289,8 @@ impl<'a> Diagnosis<'a> {
             }
             return;
         }
-        if hop != self.first_hop {
+        // Each followed IP's requests start where its packets enter the path.
+        if hop != self.path.entry(layer.src) {
             return;
         }
         let Some(key) = request_key(layer) else { return };
@@ -443,10 +423,10 @@ impl<'a> Diagnosis<'a> {
                 advice: "Narrow the trace with --peer, --port or --proto.".into(),
             });
         }
-        let retransmits: u64 = self.retransmits.values().map(|g| g.count).sum();
+        // Retransmits belong to the hop where the pod that owns the connection enters the path.
         let mut retransmits_per_hop = HashMap::new();
-        if retransmits > 0 {
-            retransmits_per_hop.insert(self.first_hop, retransmits);
+        for ((src, _, dst, _), group) in &self.retransmits {
+            *retransmits_per_hop.entry(self.path.entry(self.followed_of(*src, *dst))).or_default() += group.count;
         }
         findings.sort_by_key(|finding| std::cmp::Reverse(finding.severity));
         Outcome { findings, drops: drops_per_hop, retransmits: retransmits_per_hop }
@@ -498,7 +478,7 @@ impl<'a> Diagnosis<'a> {
     }
 
     fn next_hop_name(&self, hop: HopKey) -> Option<String> {
-        self.label_at(self.position(hop)? + 1)
+        self.path.label(&self.path.at_step(self.path.step_of(hop)? + 1))
     }
 
     fn retransmit_findings(&self) -> Vec<Finding> {
@@ -522,7 +502,7 @@ impl<'a> Diagnosis<'a> {
                 Finding {
                     kind: "retransmits",
                     severity: Severity::Warning,
-                    hop: Some(self.path.hops[0].ifname.clone()),
+                    hop: Some(self.entry_name(*src, *dst)),
                     summary,
                     evidence: json!({
                         "flow": format!("{src}:{sport} > {dst}:{dport}"),
@@ -559,8 +539,8 @@ impl<'a> Diagnosis<'a> {
         let blackhole = frag_needed == 0 || frag_needed_dropped > 0;
 
         // Configuration: a tunnel whose packets cannot fit its underlay.
-        for hop in self.path.hops.iter().filter(|hop| hop.kind == HopKind::Vxlan) {
-            let Some(underlay) = hop.underlay.and_then(|u| self.path.hops.iter().find(|h| h.ifindex == u)) else { continue };
+        for hop in self.path.hops().filter(|hop| hop.kind == HopKind::Vxlan) {
+            let Some(underlay) = hop.underlay.and_then(|u| self.path.hop(u)) else { continue };
             let overhead = match hop.vxlan_local {
                 Some(IpAddr::V6(_)) => VXLAN_OVERHEAD_V6,
                 _ => VXLAN_OVERHEAD_V4,
@@ -591,13 +571,12 @@ impl<'a> Diagnosis<'a> {
             }
         }
         // Configuration: pod-side MTU above the tunnel's.
-        let tunnel_mtu = self.path.hops.iter().filter(|h| h.kind == HopKind::Vxlan).map(|h| h.mtu).min();
+        let tunnel_mtu = self.path.hops().filter(|h| h.kind == HopKind::Vxlan).map(|h| h.mtu).min();
         if let Some(tunnel_mtu) = tunnel_mtu {
-            for hop in self.path.hops.iter().filter(|h| matches!(h.kind, HopKind::PodVeth | HopKind::Bridge) && h.mtu > tunnel_mtu) {
+            for hop in self.path.hops().filter(|h| matches!(h.kind, HopKind::PodVeth | HopKind::Bridge) && h.mtu > tunnel_mtu) {
                 let tunnel = self
                     .path
-                    .hops
-                    .iter()
+                    .hops()
                     .find(|h| h.kind == HopKind::Vxlan && h.mtu == tunnel_mtu)
                     .map(|h| h.ifname.clone())
                     .unwrap_or_default();
@@ -647,10 +626,10 @@ impl<'a> Diagnosis<'a> {
         }
         // The underlay dropped frames on receive while the tunnel was in use: what an MTU
         // mismatch with a peer looks like from this side.
-        for hop in self.path.hops.iter().filter(|h| matches!(h.kind, HopKind::Nic | HopKind::Bond | HopKind::BondSlave)) {
+        for hop in self.path.hops().filter(|h| h.kind.is_underlay()) {
             let drops = finish.link_drops.get(&hop.ifindex).copied().unwrap_or_default();
             let already = findings.iter().any(|f| f.kind == "mtu-mismatch");
-            if drops.rx_dropped + drops.rx_length_errors > 0 && !already && self.path.hops.iter().any(|h| h.kind == HopKind::Vxlan) {
+            if drops.rx_dropped + drops.rx_length_errors > 0 && !already && self.path.has_kind(HopKind::Vxlan) {
                 findings.push(Finding {
                     kind: "mtu-mismatch",
                     severity: Severity::Warning,
@@ -672,7 +651,7 @@ impl<'a> Diagnosis<'a> {
         // Where peers send to is this node's endpoint, unless the user said otherwise.
         let endpoint =
             self.settings.node_ip.or_else(|| self.vxlan_in_destinations.iter().max_by_key(|(_, count)| **count).map(|(ip, _)| *ip));
-        let underlays: Vec<_> = self.path.hops.iter().filter(|h| matches!(h.kind, HopKind::Nic | HopKind::Bond)).collect();
+        let underlays: Vec<_> = self.path.hops().filter(|h| matches!(h.kind, HopKind::Nic | HopKind::Bond)).collect();
         if let Some(endpoint) = endpoint {
             for (source, count) in &self.vxlan_out_sources {
                 if *source == endpoint {
@@ -690,7 +669,7 @@ impl<'a> Diagnosis<'a> {
                     evidence: json!({
                         "outer_source": source, "packets": count, "endpoint": endpoint,
                         "inbound_destinations": self.vxlan_in_destinations,
-                        "vxlan_local": self.path.hops.iter().find_map(|h| h.vxlan_local),
+                        "vxlan_local": self.path.hops().find_map(|h| h.vxlan_local),
                         "interface": nic.map(|h| h.ifname.clone()),
                     }),
                     advice: format!("Bind the VXLAN device to {endpoint} (flannel: --iface / --public-ip), or remove the extra address {source} from the NIC."),
@@ -708,7 +687,7 @@ impl<'a> Diagnosis<'a> {
                 }
             }
             if !same_subnet.is_empty() {
-                let vxlan_local = self.path.hops.iter().find_map(|h| h.vxlan_local);
+                let vxlan_local = self.path.hops().find_map(|h| h.vxlan_local);
                 findings.push(Finding {
                     kind: "vxlan-source-mismatch",
                     severity: Severity::Warning,
@@ -742,13 +721,10 @@ impl<'a> Diagnosis<'a> {
         let mut findings = Vec::new();
         for ((kind, peer, port), requests) in groups {
             let packets: u64 = requests.iter().map(|r| r.packets).sum();
-            // Hops every unanswered request reached, in path order.
-            let seen: BTreeSet<usize> = requests.iter().flat_map(|r| r.hops.iter()).filter_map(|hop| self.position(*hop)).collect();
-            let last = seen.iter().max().copied();
-            let seen_names: Vec<String> = seen.iter().filter_map(|p| self.label_at(*p)).collect();
-            let first_missing = last.and_then(|p| self.label_at(p + 1));
+            let reach = Reach::of(self.path, requests.iter().flat_map(|r| r.hops.iter().copied()));
+            let (seen_names, first_missing) = (reach.seen_labels(self.path), reach.first_missing(self.path));
             let last_name = seen_names.last().cloned();
-            let last_hop = last.map(|p| self.path.hops[self.order[p].0].ifname.clone());
+            let last_hop = reach.seen.last().and_then(|(_, key)| self.hop_name(key.ifindex)).map(str::to_string);
             let dnat: Vec<String> =
                 requests.iter().filter_map(|r| r.dnat_to).map(|(ip, p)| format!("{ip}:{p}")).collect::<BTreeSet<_>>().into_iter().collect();
             let what = match kind {
@@ -812,6 +788,16 @@ impl<'a> Diagnosis<'a> {
         findings
     }
 
+    /// The followed one of two addresses (`a` if neither is).
+    fn followed_of(&self, a: IpAddr, b: IpAddr) -> IpAddr {
+        if self.path.entries.iter().any(|e| e.pod_ip == a) || !self.path.entries.iter().any(|e| e.pod_ip == b) { a } else { b }
+    }
+
+    /// The name of the hop where the followed one of `a` and `b` enters the path.
+    fn entry_name(&self, a: IpAddr, b: IpAddr) -> String {
+        self.hop_name(self.path.entry(self.followed_of(a, b)).ifindex).unwrap_or_default().to_string()
+    }
+
     fn count_refusal(&mut self, first_sighting: bool, key: (IpAddr, u8, u16, &'static str)) {
         if first_sighting && (self.refused.len() < MAX_GROUPS || self.refused.contains_key(&key)) {
             *self.refused.entry(key).or_default() += 1;
@@ -827,7 +813,7 @@ impl<'a> Diagnosis<'a> {
                 Finding {
                     kind: "port-refused",
                     severity: Severity::Error,
-                    hop: Some(self.path.hops[0].ifname.clone()),
+                    hop: Some(self.entry_name(self.path.pod_ip, *peer)),
                     summary: format!("{peer} port {port}/{proto} refused the pod's packets ({how}, {count} times): nothing listens there."),
                     evidence: json!({ "peer": peer, "port": port, "proto": proto, "signal": how, "count": count }),
                     advice: format!("Check that the server on {peer} listens on {proto} port {port} ({listing} in that pod) and that the Service's targetPort matches."),
@@ -840,7 +826,7 @@ impl<'a> Diagnosis<'a> {
 /// Slaves that are down, flapped, or lack an LACP partner.
 fn bond_findings(path: &Path) -> Vec<Finding> {
     let mut findings = Vec::new();
-    for hop in &path.hops {
+    for hop in path.hops() {
         let Some(slave) = &hop.slave else { continue };
         let mut problems = Vec::new();
         if !slave.mii_up {
@@ -855,7 +841,7 @@ fn bond_findings(path: &Path) -> Vec<Finding> {
         if problems.is_empty() {
             continue;
         }
-        let bond = path.hops.iter().find(|h| h.ifname == slave.bond).and_then(|h| h.bond.clone());
+        let bond = path.hops().find(|h| h.ifname == slave.bond).and_then(|h| h.bond.clone());
         findings.push(Finding {
             kind: "bond-degraded",
             severity: if slave.mii_up { Severity::Warning } else { Severity::Error },
@@ -879,8 +865,34 @@ fn bond_findings(path: &Path) -> Vec<Finding> {
     findings
 }
 
-fn hop_is_underlay(path: &Path, ifindex: u32) -> bool {
-    path.hops.iter().any(|h| h.ifindex == ifindex && matches!(h.kind, HopKind::Nic | HopKind::Bond | HopKind::BondSlave))
+/// The hops a set of requests reached, and so the first hop on their way that none reached.
+struct Reach {
+    /// (step, hop) of every hop that saw a request, in travel order.
+    seen: Vec<(Step, HopKey)>,
+}
+
+impl Reach {
+    fn of(path: &Path, hops: impl Iterator<Item = HopKey>) -> Self {
+        let mut seen: Vec<(Step, HopKey)> = hops.filter_map(|key| Some((path.step_of(key)?, key))).collect();
+        seen.sort_by_key(|(step, key)| (*step, path.at_step(*step).iter().position(|k| k == key)));
+        seen.dedup();
+        Self { seen }
+    }
+
+    fn seen_labels(&self, path: &Path) -> Vec<String> {
+        self.seen.iter().filter_map(|(_, key)| path.label(&[*key])).collect()
+    }
+
+    /// The step after the last one reached. Of its alternatives, those the requests used at
+    /// the same stage on the other way, if any: a reply returns through the bond slave the
+    /// request left by, not through an idle one.
+    fn first_missing(&self, path: &Path) -> Option<String> {
+        let (last, _) = self.seen.last()?;
+        let alternatives = path.at_step(last + 1);
+        let used: Vec<HopKey> =
+            alternatives.iter().copied().filter(|key| self.seen.iter().any(|(_, seen)| seen.ifindex == key.ifindex)).collect();
+        path.label(if used.is_empty() { &alternatives } else { &used })
+    }
 }
 
 fn request_key(layer: &Layer) -> Option<RequestKey> {

@@ -22,7 +22,7 @@ use netlink_packet_route::{
 };
 use rtnetlink::Handle;
 
-use crate::discovery::with_rtnetlink;
+use super::netlink::with_rtnetlink;
 
 /// The inode number of this process's network namespace: how the kernel programs and the
 /// state files tell namespaces apart.

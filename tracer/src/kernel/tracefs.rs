@@ -1,12 +1,11 @@
-//! Builds the `KernelLayout` the tracepoint programs read kernel memory with: struct member
-//! offsets from BTF, tracepoint record offsets from tracefs.
+//! Tracepoint record layouts from tracefs: the `format` file of each tracepoint podtrace
+//! attaches to.
 
 use std::{collections::HashMap, path::Path};
 
 use anyhow::{Context as _, Result, bail};
-use tracer_common::KernelLayout;
 
-use crate::kernel_btf::KernelBtf;
+use crate::preflight;
 
 pub const TRACEFS: &str = "/sys/kernel/tracing";
 
@@ -49,51 +48,32 @@ impl TracepointFormat {
     }
 }
 
-/// Struct offsets from BTF plus, for each tracepoint whose format is available, its record
-/// offsets. Missing tracepoints leave their offsets at zero; their programs are not attached.
-pub fn build(
-    btf: &KernelBtf,
-    kfree_skb: Option<&TracepointFormat>,
-    retransmit: Option<&TracepointFormat>,
-    icmp_send: Option<&TracepointFormat>,
-) -> Result<KernelLayout> {
-    let mut layout = KernelLayout {
-        skb_head: btf.offset_of("sk_buff", "head")?,
-        skb_len: btf.offset_of("sk_buff", "len")?,
-        skb_network_header: btf.offset_of("sk_buff", "network_header")?,
-        skb_dev: btf.offset_of("sk_buff", "dev")?,
-        skb_sk: btf.offset_of("sk_buff", "sk")?,
-        skb_iif: btf.offset_of("sk_buff", "skb_iif")?,
-        skb_cb: btf.offset_of("sk_buff", "cb")?,
-        dev_ifindex: btf.offset_of("net_device", "ifindex")?,
-        dev_nd_net: btf.offset_of("net_device", "nd_net")?,
-        net_ns_inum: btf.offset_of("net", "ns.inum")?,
-        sock_net: btf.offset_of("sock", "__sk_common.skc_net")?,
-        ..Default::default()
-    };
-    if let Some(format) = kfree_skb {
-        layout.kfree_skbaddr = format.offset("skbaddr")?;
-        layout.kfree_location = format.offset("location")?;
-        layout.kfree_reason = format.offset("reason")?;
+/// The formats of the tracepoints podtrace uses; `None` where this kernel has none readable,
+/// which disables that source instead of failing the trace.
+#[derive(Debug, Default)]
+pub struct TracepointFormats {
+    pub kfree_skb: Option<TracepointFormat>,
+    pub tcp_retransmit_skb: Option<TracepointFormat>,
+    pub icmp_send: Option<TracepointFormat>,
+}
+
+impl TracepointFormats {
+    pub fn read() -> Result<Self> {
+        preflight::ensure_tracefs()?;
+        let tracefs = Path::new(TRACEFS);
+        let read = |category: &str, name: &str| match TracepointFormat::read(tracefs, category, name) {
+            Ok(format) => Some(format),
+            Err(err) => {
+                log::info!("{category}:{name} unavailable: {err:#}");
+                None
+            }
+        };
+        Ok(Self {
+            kfree_skb: read("skb", "kfree_skb"),
+            tcp_retransmit_skb: read("tcp", "tcp_retransmit_skb"),
+            icmp_send: read("icmp", "icmp_send"),
+        })
     }
-    if let Some(format) = retransmit {
-        layout.retrans_skbaddr = format.offset("skbaddr")?;
-        layout.retrans_skaddr = format.offset("skaddr")?;
-        layout.retrans_state = format.offset("state")?;
-        layout.retrans_family = format.offset("family")?;
-        layout.retrans_sport = format.offset("sport")?;
-        layout.retrans_dport = format.offset("dport")?;
-        layout.retrans_saddr = format.offset("saddr")?;
-        layout.retrans_daddr = format.offset("daddr")?;
-        layout.retrans_saddr_v6 = format.offset("saddr_v6")?;
-        layout.retrans_daddr_v6 = format.offset("daddr_v6")?;
-    }
-    if let Some(format) = icmp_send {
-        layout.icmp_skbaddr = format.offset("skbaddr")?;
-        layout.icmp_type = format.offset("type")?;
-        layout.icmp_code = format.offset("code")?;
-    }
-    Ok(layout)
 }
 
 #[cfg(test)]
@@ -124,19 +104,5 @@ print fmt: \"skbaddr=%p\"";
         let arrays = "format:\n\tfield:__u8 saddr_v6[16];\toffset:42;\tsize:16;\tsigned:0;\n";
         assert_eq!(TracepointFormat::parse("t", arrays).unwrap().offset("saddr_v6").unwrap(), 42);
         assert!(TracepointFormat::parse("t", "nothing here").is_err());
-    }
-
-    #[test]
-    fn running_kernel_layout() {
-        let btf = KernelBtf::from_file(Path::new("/sys/kernel/btf/vmlinux")).unwrap();
-        crate::preflight::ensure_tracefs().unwrap();
-        let tracefs = Path::new(TRACEFS);
-        let kfree = TracepointFormat::read(tracefs, "skb", "kfree_skb").unwrap();
-        let retransmit = TracepointFormat::read(tracefs, "tcp", "tcp_retransmit_skb").unwrap();
-        let layout = build(&btf, Some(&kfree), Some(&retransmit), None).unwrap();
-        assert!(layout.skb_len > 0 && layout.skb_head > layout.skb_len);
-        assert_eq!(layout.kfree_skbaddr, 8);
-        assert!(layout.kfree_reason > layout.kfree_location);
-        assert_eq!(layout.icmp_type, 0);
     }
 }

@@ -1,0 +1,230 @@
+//! The event loop: reads both ring buffers until the deadline, a signal or every hop gone,
+//! feeding the correlator and the diagnosis, samples the hops' drop counters, and prints the
+//! live lines of `--verbose`.
+
+use std::{collections::HashMap, io::Write as _, time::Duration};
+
+use anyhow::{Context as _, Result, anyhow};
+use aya::maps::{MapData, RingBuf};
+use tokio::{io::unix::AsyncFd, signal::unix::Signal};
+
+use crate::{
+    diagnosis::Diagnosis,
+    events::{
+        correlate::{Correlator, Limits, Sighting},
+        decode::{self, Packet},
+    },
+    node::{self, LinkDrops, Path, with_rtnetlink},
+};
+
+/// Where `--verbose` prints a line per packet per hop, if at all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LiveLines {
+    Off,
+    Stdout,
+    /// When stdout carries the JSON report.
+    Stderr,
+}
+
+/// Reads events and feeds the correlator and the diagnosis until the trace ends.
+pub struct Collector<'a> {
+    correlator: Correlator,
+    diagnosis: Diagnosis<'a>,
+    path: &'a Path,
+    names: HashMap<u32, String>,
+    live: LiveLines,
+    vanished: Vec<u32>,
+    /// Each hop's drop counters when the trace started, then how much they grew.
+    link_drops: HashMap<u32, LinkDrops>,
+    decode_errors: u64,
+}
+
+/// What a trace collected.
+pub struct Collected<'a> {
+    pub correlator: Correlator,
+    pub diagnosis: Diagnosis<'a>,
+    /// Hops (ifindexes) that disappeared during the trace.
+    pub vanished: Vec<u32>,
+    /// How much each hop's drop counters grew during the trace.
+    pub link_drops: HashMap<u32, LinkDrops>,
+}
+
+impl<'a> Collector<'a> {
+    pub fn new(path: &'a Path, diagnosis: Diagnosis<'a>, live: LiveLines) -> Self {
+        let followed = path.entries.iter().map(|entry| entry.pod_ip).collect();
+        Self {
+            correlator: Correlator::new(followed, Limits::default()),
+            diagnosis,
+            path,
+            names: path.hops().map(|hop| (hop.ifindex, hop.ifname.clone())).collect(),
+            live,
+            vanished: Vec::new(),
+            link_drops: HashMap::new(),
+            decode_errors: 0,
+        }
+    }
+
+    pub fn finish(self) -> Collected<'a> {
+        let Self { correlator, diagnosis, vanished, link_drops, .. } = self;
+        Collected { correlator, diagnosis, vanished, link_drops }
+    }
+
+    pub async fn run(
+        &mut self,
+        events: RingBuf<MapData>,
+        kernel_events: RingBuf<MapData>,
+        duration: Option<Duration>,
+        sigint: &mut Signal,
+        sigterm: &mut Signal,
+    ) -> Result<()> {
+        // SAFETY: each ring buffer owns its map fd, which stays open and unchanged for as long
+        // as the AsyncFd that owns the ring buffer.
+        let mut events = unsafe { AsyncFd::register(events) }.map_err(|err| anyhow!("polling the ring buffer: {err}"))?;
+        // SAFETY: as above.
+        let mut kernel_events =
+            unsafe { AsyncFd::register(kernel_events) }.map_err(|err| anyhow!("polling the kernel ring buffer: {err}"))?;
+        let result =
+            with_rtnetlink(async |handle| self.watch(handle, &mut events, &mut kernel_events, duration, sigint, sigterm).await).await;
+        // Whatever the kernel wrote before we stopped still belongs in the report.
+        self.drain_packets(events.get_mut());
+        self.drain_kernel(kernel_events.get_mut());
+        if self.decode_errors > 0 {
+            eprintln!("podtrace: warning: {} ring records could not be decoded", self.decode_errors);
+        }
+        result
+    }
+
+    /// Reads events until the deadline, a signal, or every hop gone. The hops' drop counters
+    /// are sampled at the start, every 500 ms (which notices vanished hops) and at the end.
+    async fn watch(
+        &mut self,
+        handle: &rtnetlink::Handle,
+        events: &mut AsyncFd<RingBuf<MapData>>,
+        kernel_events: &mut AsyncFd<RingBuf<MapData>>,
+        duration: Option<Duration>,
+        sigint: &mut Signal,
+        sigterm: &mut Signal,
+    ) -> Result<()> {
+        let deadline = async {
+            match duration {
+                Some(duration) => tokio::time::sleep(duration).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(deadline);
+        let baseline = self.sample_links(handle).await?;
+        let mut link_check = tokio::time::interval(Duration::from_millis(500));
+        let result = loop {
+            tokio::select! {
+                guard = events.readable_mut() => match guard {
+                    Ok(mut guard) => {
+                        self.drain_packets(guard.get_inner_mut());
+                        guard.clear_ready();
+                    }
+                    Err(err) => break Err(err).context("waiting for events"),
+                },
+                guard = kernel_events.readable_mut() => match guard {
+                    Ok(mut guard) => {
+                        self.drain_kernel(guard.get_inner_mut());
+                        guard.clear_ready();
+                    }
+                    Err(err) => break Err(err).context("waiting for kernel events"),
+                },
+                _ = &mut deadline => break Ok(()),
+                _ = sigint.recv() => break Ok(()),
+                _ = sigterm.recv() => break Ok(()),
+                _ = link_check.tick() => {
+                    if let Err(err) = self.sample_links(handle).await {
+                        break Err(err);
+                    }
+                    if self.vanished.len() == self.path.hops().count() {
+                        eprintln!("podtrace: every traced interface is gone; ending the trace");
+                        break Ok(());
+                    }
+                }
+            }
+        };
+        let last = match self.sample_links(handle).await {
+            Ok(last) => last,
+            Err(err) => return result.and(Err(err)),
+        };
+        self.link_drops = last.into_iter().filter_map(|(index, now)| Some((index, now.since(*baseline.get(&index)?)))).collect();
+        result
+    }
+
+    fn drain_packets(&mut self, ring: &mut RingBuf<MapData>) {
+        while let Some(item) = ring.next() {
+            match decode::decode(&item) {
+                Ok(packet) => {
+                    let sighting = self.correlator.observe(&packet);
+                    self.diagnosis.observe_packet(&packet, sighting.as_ref());
+                    if self.live != LiveLines::Off {
+                        self.print_live(&packet, sighting.as_ref());
+                    }
+                }
+                Err(_) => self.decode_errors += 1,
+            }
+        }
+    }
+
+    fn drain_kernel(&mut self, ring: &mut RingBuf<MapData>) {
+        while let Some(item) = ring.next() {
+            match decode::decode_kernel(&item) {
+                Ok(record) => self.diagnosis.observe_kernel(&record),
+                Err(_) => self.decode_errors += 1,
+            }
+        }
+    }
+
+    /// Reads every hop's drop counters, noticing hops that disappeared.
+    async fn sample_links(&mut self, handle: &rtnetlink::Handle) -> Result<HashMap<u32, LinkDrops>> {
+        let mut sample = HashMap::new();
+        for hop in self.path.hops() {
+            if self.vanished.contains(&hop.ifindex) {
+                continue;
+            }
+            match node::link_drops(handle, hop.ifindex).await? {
+                Some(drops) => {
+                    sample.insert(hop.ifindex, drops);
+                }
+                None => {
+                    eprintln!(
+                        "podtrace: warning: interface {} (ifindex {}) disappeared; tracing continues on the other hops",
+                        hop.ifname, hop.ifindex
+                    );
+                    self.vanished.push(hop.ifindex);
+                }
+            }
+        }
+        Ok(sample)
+    }
+
+    fn print_live(&self, packet: &Packet, sighting: Option<&Sighting>) {
+        let name = self.names.get(&packet.ifindex).map_or("?", String::as_str);
+        let mut line = format!(
+            "{:>15.6} {:<12} {:<7} len {:<5} {}",
+            packet.ktime_ns as f64 / 1e9,
+            name,
+            packet.direction.to_string(),
+            packet.skb_len,
+            packet.pod_layer().describe()
+        );
+        if let Some(vni) = packet.vni {
+            line.push_str(&format!(" (vxlan vni {vni} {} > {})", packet.outer.src, packet.outer.dst));
+        }
+        if packet.is_gso() {
+            line.push_str(&format!(" gso {}x{}", packet.gso_segs, packet.gso_size));
+        }
+        if let Some((previous, latency_ns)) = sighting.and_then(|s| s.previous) {
+            let from = self.names.get(&previous.ifindex).map_or("?", String::as_str);
+            line.push_str(&format!(" +{:.1}µs from {from} {}", latency_ns as f64 / 1000.0, previous.direction));
+        }
+        if self.live == LiveLines::Stderr {
+            eprintln!("{line}");
+        } else {
+            let mut stdout = std::io::stdout().lock();
+            // A closed stdout (e.g. `| head`) must not abort the trace before detaching.
+            let _ = writeln!(stdout, "{line}");
+        }
+    }
+}

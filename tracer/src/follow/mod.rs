@@ -1,0 +1,226 @@
+//! One `podtrace follow` run, as a pipeline: read the kernel's layouts, discover the path,
+//! attach the probes, collect events until the deadline or a signal, detach, diagnose, and
+//! build the report. The event loop itself is `collect`.
+
+mod collect;
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::IpAddr,
+    path::{Path as FsPath, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow};
+use aya::maps::{MapData, RingBuf};
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tracer_common::FilterConfig;
+
+use self::collect::{Collected, Collector, LiveLines};
+use crate::{
+    diagnosis::{Diagnosis, Finish, Settings},
+    kernel::{btf::KernelBtf, layout, symbols::KernelSymbols, tracefs::TracepointFormats},
+    node::{self, Path, PathOverrides, bond, netns},
+    probes::{self, AttachMode, KernelSources, LoadOptions, Probes},
+    report::{self, Report, RunFacts},
+};
+
+pub struct FollowOptions {
+    pub pod_ips: Vec<IpAddr>,
+    pub duration: Option<Duration>,
+    pub peer: Option<IpAddr>,
+    pub port: Option<u16>,
+    pub proto: Option<u8>,
+    pub overrides: PathOverrides,
+    pub attach_mode: AttachMode,
+    pub ring_bytes: u32,
+    pub verbose: bool,
+    /// Live lines go to stderr when stdout carries JSON.
+    pub live_to_stderr: bool,
+    pub node: String,
+    pub node_ip: Option<IpAddr>,
+    pub reply_timeout: Duration,
+    pub btf: PathBuf,
+}
+
+pub async fn follow(options: &FollowOptions) -> Result<Report> {
+    let kernel = KernelFacts::read(&options.btf)?;
+    let node = discover(options).await?;
+    let mut signals = Signals::install()?;
+    let attached = attach(options, &kernel, &node).await?;
+    let run = collect(options, &node, attached, &mut signals).await?;
+    // Bonds can fail over mid-trace: findings and the report use their state at the end.
+    let final_path = bond::refresh_bond_state(&node.path).await?;
+    let Collected { correlator, diagnosis, vanished, link_drops } = run.collected;
+    let symbols = if diagnosis.has_drops() { KernelSymbols::load().ok() } else { None };
+    let outcome = diagnosis.finish(Finish {
+        end_ns: run.end_ns,
+        counters: run.counters,
+        ring_bytes: options.ring_bytes,
+        link_drops: &link_drops,
+        final_path: &final_path,
+        drop_reasons: &kernel.drop_reasons,
+        symbols: symbols.as_ref(),
+    });
+    let facts = RunFacts {
+        node: options.node.clone(),
+        attach_mode: run.attach_mode.to_string(),
+        kernel_sources: run.sources,
+        duration_s: run.duration_s,
+        counters: run.counters,
+        vanished: &vanished,
+    };
+    Ok(report::build(&final_path, &correlator, facts, outcome))
+}
+
+/// What the running kernel says about itself: its BTF, the layout the kernel programs read
+/// memory with, and its drop reason names.
+struct KernelFacts {
+    btf: aya::Btf,
+    formats: TracepointFormats,
+    layout: tracer_common::KernelLayout,
+    drop_reasons: HashMap<i64, String>,
+}
+
+impl KernelFacts {
+    fn read(btf_file: &FsPath) -> Result<Self> {
+        let kernel_btf = KernelBtf::from_file(btf_file)?;
+        let btf = aya::Btf::parse_file(btf_file, aya::Endianness::default())
+            .map_err(|err| anyhow!("unreadable BTF at {}: {err}", btf_file.display()))?;
+        let formats = TracepointFormats::read()?;
+        let layout = layout::build(&kernel_btf, &formats)?;
+        let drop_reasons = kernel_btf.enum_values("skb_drop_reason", "SKB_DROP_REASON_")?;
+        Ok(Self { btf, formats, layout, drop_reasons })
+    }
+}
+
+/// The pod's path and the network namespaces whose kernel events count.
+struct NodeFacts {
+    path: Path,
+    namespaces: BTreeSet<u32>,
+    own_netns: u32,
+}
+
+async fn discover(options: &FollowOptions) -> Result<NodeFacts> {
+    let path = node::discover(&options.pod_ips, &options.overrides).await?;
+    for warning in &path.warnings {
+        eprintln!("podtrace: warning: {warning}");
+    }
+    eprint!("{}", path.describe());
+    let namespaces = netns::node_namespaces(&path.pod_netnsids).await?;
+    Ok(NodeFacts { path, namespaces, own_netns: netns::own_inode()? })
+}
+
+/// Registered before attaching, so a signal during attach still ends in a clean detach.
+struct Signals {
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self> {
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            terminate: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+        })
+    }
+}
+
+struct Attached {
+    probes: Probes,
+    events: RingBuf<MapData>,
+    kernel_events: RingBuf<MapData>,
+    sources: KernelSources,
+}
+
+/// Sweeps what a killed run left, loads the programs and attaches them to every hop and
+/// tracepoint; on failure, detaches whatever was attached.
+async fn attach(options: &FollowOptions, kernel: &KernelFacts, node: &NodeFacts) -> Result<Attached> {
+    let swept = probes::sweep().await.context("sweeping leftovers of earlier runs")?;
+    if !swept.filters.is_empty() || !swept.qdiscs.is_empty() {
+        eprintln!(
+            "podtrace: removed leftovers of an earlier run: filters [{}], clsact qdiscs [{}]",
+            swept.filters.join(", "),
+            swept.qdiscs.join(", ")
+        );
+    }
+    let filter = FilterConfig {
+        peer: options.peer.map(probes::mapped).unwrap_or_default(),
+        has_peer: u8::from(options.peer.is_some()),
+        proto: options.proto.unwrap_or(0),
+        port: options.port.unwrap_or(0),
+        vxlan_ports: [8472, 4789],
+    };
+    let load = LoadOptions { filter, layout: kernel.layout, ring_bytes: options.ring_bytes };
+    let mut probes = Probes::load(&load, options.attach_mode)?;
+    let attached = async {
+        for ip in &options.pod_ips {
+            probes.follow(*ip)?;
+        }
+        for hop in node.path.hops() {
+            probes.attach(hop).await?;
+        }
+        let sources = probes.attach_kernel_events(&kernel.btf, &node.namespaces, &kernel.formats)?;
+        Ok::<_, anyhow::Error>((probes.take_events()?, probes.take_kernel_events()?, sources))
+    }
+    .await;
+    match attached {
+        Ok((events, kernel_events, sources)) => Ok(Attached { probes, events, kernel_events, sources }),
+        Err(err) => {
+            probes.detach().await.ok();
+            Err(err)
+        }
+    }
+}
+
+/// What the event loop and the kernel's counters gave.
+struct Run<'a> {
+    collected: Collected<'a>,
+    counters: probes::Counters,
+    sources: KernelSources,
+    attach_mode: &'static str,
+    duration_s: f64,
+    /// CLOCK_MONOTONIC when the trace ended, on the same clock as the events.
+    end_ns: u64,
+}
+
+/// Runs the event loop, then detaches (also when the loop failed).
+async fn collect<'a>(options: &FollowOptions, node: &'a NodeFacts, attached: Attached, signals: &mut Signals) -> Result<Run<'a>> {
+    let Attached { probes, events, kernel_events, sources } = attached;
+    let attach_mode = match probes.mode() {
+        AttachMode::Clsact => "clsact",
+        _ => "tcx",
+    };
+    let hops = node.path.hops().count();
+    eprintln!(
+        "podtrace: tracing {hops} hops ({} programs, {attach_mode}) and kernel drops, retransmits and ICMP errors in {} namespaces{}; Ctrl-C to stop",
+        hops * 2,
+        node.namespaces.len(),
+        options.duration.map(|d| format!(" for {} s", d.as_secs_f64())).unwrap_or_default()
+    );
+    let started = Instant::now();
+    let settings =
+        Settings { node_ip: options.node_ip, reply_timeout_ns: options.reply_timeout.as_nanos() as u64, own_netns: node.own_netns };
+    let live = match (options.verbose, options.live_to_stderr) {
+        (false, _) => LiveLines::Off,
+        (true, false) => LiveLines::Stdout,
+        (true, true) => LiveLines::Stderr,
+    };
+    let mut collector = Collector::new(&node.path, Diagnosis::new(&node.path, settings), live);
+    let looped = collector.run(events, kernel_events, options.duration, &mut signals.interrupt, &mut signals.terminate).await;
+    let duration_s = started.elapsed().as_secs_f64();
+    let end_ns = monotonic_ns();
+    let counters = probes.counters();
+    let detached = probes.detach().await;
+    looped?;
+    detached.context("detaching")?;
+    Ok(Run { collected: collector.finish(), counters: counters?, sources, attach_mode, duration_s, end_ns })
+}
+
+/// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `now` is a valid, writable timespec for the duration of the call.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}

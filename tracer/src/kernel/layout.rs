@@ -1,0 +1,81 @@
+//! Builds the `KernelLayout` the tracepoint programs read kernel memory with: struct member
+//! offsets from BTF, tracepoint record offsets from tracefs.
+
+use anyhow::Result;
+use tracer_common::KernelLayout;
+
+use super::{btf::KernelBtf, tracefs::TracepointFormats};
+
+/// Struct offsets from BTF plus, for each tracepoint whose format is available, its record
+/// offsets. Missing tracepoints leave their offsets at zero; their programs are not attached.
+pub fn build(btf: &KernelBtf, formats: &TracepointFormats) -> Result<KernelLayout> {
+    let mut layout = KernelLayout {
+        skb_head: btf.offset_of("sk_buff", "head")?,
+        skb_len: btf.offset_of("sk_buff", "len")?,
+        skb_network_header: btf.offset_of("sk_buff", "network_header")?,
+        skb_dev: btf.offset_of("sk_buff", "dev")?,
+        skb_sk: btf.offset_of("sk_buff", "sk")?,
+        skb_iif: btf.offset_of("sk_buff", "skb_iif")?,
+        skb_cb: btf.offset_of("sk_buff", "cb")?,
+        dev_ifindex: btf.offset_of("net_device", "ifindex")?,
+        dev_nd_net: btf.offset_of("net_device", "nd_net")?,
+        net_ns_inum: btf.offset_of("net", "ns.inum")?,
+        sock_net: btf.offset_of("sock", "__sk_common.skc_net")?,
+        ..Default::default()
+    };
+    if let Some(format) = &formats.kfree_skb {
+        layout.kfree_skbaddr = format.offset("skbaddr")?;
+        layout.kfree_location = format.offset("location")?;
+        layout.kfree_reason = format.offset("reason")?;
+    }
+    if let Some(format) = &formats.tcp_retransmit_skb {
+        layout.retrans_skbaddr = format.offset("skbaddr")?;
+        layout.retrans_skaddr = format.offset("skaddr")?;
+        layout.retrans_state = format.offset("state")?;
+        layout.retrans_family = format.offset("family")?;
+        layout.retrans_sport = format.offset("sport")?;
+        layout.retrans_dport = format.offset("dport")?;
+        layout.retrans_saddr = format.offset("saddr")?;
+        layout.retrans_daddr = format.offset("daddr")?;
+        layout.retrans_saddr_v6 = format.offset("saddr_v6")?;
+        layout.retrans_daddr_v6 = format.offset("daddr_v6")?;
+    }
+    if let Some(format) = &formats.icmp_send {
+        layout.icmp_skbaddr = format.offset("skbaddr")?;
+        layout.icmp_type = format.offset("type")?;
+        layout.icmp_code = format.offset("code")?;
+    }
+    Ok(layout)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    #[test]
+    fn running_kernel_layout() {
+        let btf = KernelBtf::from_file(Path::new("/sys/kernel/btf/vmlinux")).unwrap();
+        let formats = TracepointFormats::read().unwrap();
+        let (Some(kfree), Some(icmp)) = (&formats.kfree_skb, &formats.icmp_send) else { panic!("kfree_skb and icmp_send formats") };
+        let layout = build(&btf, &formats).unwrap();
+        assert!(layout.skb_len > 0 && layout.skb_head > layout.skb_len);
+        assert_eq!(layout.kfree_skbaddr, 8);
+        assert_eq!(layout.kfree_reason, kfree.offset("reason").unwrap());
+        assert!(layout.kfree_reason > layout.kfree_location);
+        // Record fields start after the 8 bytes of common fields.
+        assert_eq!(layout.icmp_type, icmp.offset("type").unwrap());
+        assert!(layout.icmp_type >= 8 && layout.icmp_code > layout.icmp_type, "{layout:?}");
+    }
+
+    #[test]
+    fn a_missing_tracepoint_leaves_its_offsets_zero() {
+        let btf = KernelBtf::from_file(Path::new("/sys/kernel/btf/vmlinux")).unwrap();
+        let mut formats = TracepointFormats::read().unwrap();
+        formats.icmp_send = None;
+        let layout = build(&btf, &formats).unwrap();
+        assert_eq!((layout.icmp_skbaddr, layout.icmp_type, layout.icmp_code), (0, 0, 0));
+        assert!(layout.kfree_skbaddr > 0 && layout.retrans_skaddr > 0, "{layout:?}");
+    }
+}

@@ -1,0 +1,387 @@
+//! Finds the interfaces a pod's packets cross on this node, from the kernel's own tables
+//! (rtnetlink): the route to the pod, the bridge fdb and neighbour entries, VXLAN devices
+//! and their underlay, and bonds with their slaves.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use anyhow::{Context as _, Result, bail};
+use futures::TryStreamExt as _;
+use netlink_packet_route::{
+    AddressFamily,
+    link::{InfoKind, LinkLayerType},
+    neighbour::{NeighbourAddress, NeighbourAttribute},
+    route::{RouteAddress, RouteAttribute, RouteType},
+};
+use rtnetlink::{Handle, RouteMessageBuilder};
+
+use super::{
+    bond::slave_state,
+    netlink::{Link, dump_addresses, dump_links, with_rtnetlink},
+    path::{Entry, Hop, HopKey, HopKind, Locality, Path, Stage},
+};
+use crate::Direction;
+
+/// User adjustments to the discovered path.
+#[derive(Clone, Debug, Default)]
+pub struct PathOverrides {
+    pub add: Vec<String>,
+    pub exclude: Vec<String>,
+}
+
+/// One stage as discovery first finds it: (ifindex, kind) alternatives and the direction of
+/// packets from the pod.
+type Candidate = (Vec<(u32, HopKind)>, Direction);
+
+/// The path of the first IP, with the hops of every further IP merged in as alternatives.
+pub async fn discover(pod_ips: &[IpAddr], overrides: &PathOverrides) -> Result<Path> {
+    let (first, rest) = pod_ips.split_first().context("no pod IP given")?;
+    let mut path = with_rtnetlink(async |handle| discover_one(handle, *first, overrides).await).await?;
+    for ip in rest {
+        let more = with_rtnetlink(async |handle| discover_one(handle, *ip, overrides).await).await?;
+        merge(&mut path, more);
+    }
+    Ok(path)
+}
+
+/// Adds another IP's path: its entry, and each hop not yet on the path as an alternative in
+/// the stage of the same kind and direction (another pod's veth beside the first pod's), or
+/// as a stage of its own at the end.
+fn merge(path: &mut Path, more: Path) {
+    path.entries.extend(more.entries);
+    for hop in more.stages.into_iter().flat_map(|stage| stage.hops) {
+        if path.hop(hop.ifindex).is_some() {
+            continue;
+        }
+        let same_role = path.stages.iter_mut().find(|stage| stage.hops.iter().any(|h| h.kind == hop.kind && h.from_pod == hop.from_pod));
+        match same_role {
+            Some(stage) => stage.hops.push(hop),
+            None => path.stages.push(Stage { hops: vec![hop] }),
+        }
+    }
+    path.warnings.extend(more.warnings);
+    path.pod_netnsids.extend(more.pod_netnsids);
+}
+
+async fn discover_one(handle: &Handle, pod_ip: IpAddr, overrides: &PathOverrides) -> Result<Path> {
+    let links = dump_links(handle).await?;
+    let route_oif = route_oif(handle, pod_ip).await?;
+    let oif = links.get(&route_oif).with_context(|| format!("route to {pod_ip} uses ifindex {route_oif}, which is gone"))?;
+    let addresses = dump_addresses(handle).await?;
+    let mut warnings = Vec::new();
+    let (locality, mut candidates) = pod_side(handle, &links, &addresses, oif, pod_ip, &mut warnings).await?;
+
+    let network_side = match locality {
+        Locality::Local => Direction::Egress,
+        Locality::Remote => Direction::Ingress,
+    };
+    let mut network = network_stages(&links, default_route_oif(handle).await?);
+    // A packet from a remote pod meets the wire before the tunnel device.
+    if locality == Locality::Remote {
+        network.reverse();
+        network.iter_mut().for_each(|stage| stage.reverse());
+    }
+    candidates.extend(network.into_iter().map(|stage| (stage, network_side)));
+    for name in &overrides.add {
+        let link =
+            links.values().find(|link| &link.name == name).with_context(|| format!("--iface {name}: no such interface on this node"))?;
+        candidates.push((vec![(link.index, classify(link, &links))], network_side));
+    }
+    for name in &overrides.exclude {
+        if !links.values().any(|link| &link.name == name) {
+            bail!("--exclude-iface {name}: no such interface on this node");
+        }
+    }
+
+    let stages = build_stages(candidates, &links, &addresses, overrides, &mut warnings);
+    let Some(first) = stages.first().map(|stage| &stage.hops[0]) else {
+        bail!("no path to {pod_ip} on this node: every hop was excluded");
+    };
+    let entries = vec![Entry { pod_ip, hop: HopKey { ifindex: first.ifindex, direction: first.from_pod } }];
+    // Every pod behind a pod bridge or on a pod veth is local, not only the followed one.
+    let pod_netnsids = links
+        .values()
+        .filter(|link| link.kind == Some(InfoKind::Veth))
+        .filter(|link| {
+            let on_path = stages.iter().flat_map(|s| &s.hops).any(|hop| hop.ifindex == link.index && hop.kind == HopKind::PodVeth);
+            link.controlled_by(&InfoKind::Bridge, &links) || on_path
+        })
+        .filter_map(|link| link.link_netnsid)
+        .collect();
+    Ok(Path { pod_ip, locality, stages, entries, pod_netnsids, warnings })
+}
+
+/// The pod-side stages, decided by the device the route to the pod leaves through.
+async fn pod_side(
+    handle: &Handle,
+    links: &BTreeMap<u32, Link>,
+    addresses: &[(u32, IpAddr, u8)],
+    oif: &Link,
+    pod_ip: IpAddr,
+    warnings: &mut Vec<String>,
+) -> Result<(Locality, Vec<Candidate>)> {
+    match oif.kind {
+        Some(InfoKind::Bridge) => {
+            // Without a resolved MAC every bridge port may be the pod's: alternatives.
+            let veths = pod_ports(handle, links, oif, pod_ip, warnings).await?;
+            let veths = veths.into_iter().map(|index| (index, HopKind::PodVeth)).collect();
+            Ok((Locality::Local, vec![(veths, Direction::Ingress), (vec![(oif.index, HopKind::Bridge)], Direction::Ingress)]))
+        }
+        // Routed CNIs (Calico and the like) point the pod route straight at its veth, which
+        // carries no address of its own; a veth with addresses is a node's uplink instead.
+        Some(InfoKind::Veth) if !addresses.iter().any(|(index, ip, _)| *index == oif.index && !is_link_local(ip)) => {
+            Ok((Locality::Local, vec![(vec![(oif.index, HopKind::PodVeth)], Direction::Ingress)]))
+        }
+        Some(InfoKind::Vxlan) => Ok((Locality::Remote, Vec::new())),
+        _ => bail!(
+            "no path to {pod_ip} on this node: its route leaves through {} ({}), which is not a pod bridge, pod veth or VXLAN device",
+            oif.name,
+            kind_name(oif.kind.as_ref())
+        ),
+    }
+}
+
+/// Every VXLAN device and its underlay, then the default route's device; a bond is one stage
+/// and its slaves the next, as alternatives.
+fn network_stages(links: &BTreeMap<u32, Link>, default_oif: Option<u32>) -> Vec<Vec<(u32, HopKind)>> {
+    let mut stages = Vec::new();
+    for vxlan in links.values().filter(|link| link.kind == Some(InfoKind::Vxlan)) {
+        stages.push(vec![(vxlan.index, HopKind::Vxlan)]);
+        // Without an explicit `dev`, the kernel sends the encapsulated packet by route lookup.
+        if let Some(underlay) = vxlan.vxlan_underlay.or(default_oif) {
+            push_underlay(links, underlay, &mut stages);
+        }
+    }
+    if let Some(default_oif) = default_oif {
+        push_underlay(links, default_oif, &mut stages);
+    }
+    stages
+}
+
+/// Adds an underlay device, and for a bond its slaves, once.
+fn push_underlay(links: &BTreeMap<u32, Link>, index: u32, stages: &mut Vec<Vec<(u32, HopKind)>>) {
+    let Some(link) = links.get(&index) else { return };
+    if stages.iter().flatten().any(|(i, _)| *i == index) {
+        return;
+    }
+    let kind = classify(link, links);
+    stages.push(vec![(index, kind)]);
+    if kind == HopKind::Bond {
+        let slaves: Vec<_> =
+            links.values().filter(|l| l.controller == Some(index)).map(|slave| (slave.index, HopKind::BondSlave)).collect();
+        if !slaves.is_empty() {
+            stages.push(slaves);
+        }
+    }
+}
+
+/// Turns candidates into hops: each interface once, excluded ones dropped, empty stages gone.
+fn build_stages(
+    candidates: Vec<Candidate>,
+    links: &BTreeMap<u32, Link>,
+    addresses: &[(u32, IpAddr, u8)],
+    overrides: &PathOverrides,
+    warnings: &mut Vec<String>,
+) -> Vec<Stage> {
+    let mut seen = Vec::new();
+    let mut stages = Vec::new();
+    for (alternatives, from_pod) in candidates {
+        let mut hops = Vec::new();
+        for (index, kind) in alternatives {
+            let link = &links[&index];
+            if seen.contains(&index) || overrides.exclude.contains(&link.name) {
+                continue;
+            }
+            seen.push(index);
+            if !link.oper_up && kind != HopKind::BondSlave {
+                warnings.push(format!("{} is not up; tracing it anyway", link.name));
+            }
+            hops.push(Hop {
+                ifname: link.name.clone(),
+                ifindex: link.index,
+                kind,
+                mtu: link.mtu,
+                no_mac_header: !matches!(link.link_layer, LinkLayerType::Ether | LinkLayerType::Loopback),
+                from_pod,
+                underlay: link.vxlan_underlay,
+                vxlan_local: link.vxlan_local,
+                addresses: addresses.iter().filter(|(i, _, _)| *i == index).map(|(_, ip, len)| (*ip, *len)).collect(),
+                bond: link.bond.clone(),
+                slave: slave_state(link, links),
+            });
+        }
+        if !hops.is_empty() {
+            stages.push(Stage { hops });
+        }
+    }
+    stages
+}
+
+fn classify(link: &Link, links: &BTreeMap<u32, Link>) -> HopKind {
+    match link.kind {
+        Some(InfoKind::Bridge) => HopKind::Bridge,
+        Some(InfoKind::Vxlan) => HopKind::Vxlan,
+        Some(InfoKind::Bond) => HopKind::Bond,
+        _ if link.controlled_by(&InfoKind::Bond, links) => HopKind::BondSlave,
+        Some(InfoKind::Veth) if link.controlled_by(&InfoKind::Bridge, links) => HopKind::PodVeth,
+        _ => HopKind::Nic,
+    }
+}
+
+fn kind_name(kind: Option<&InfoKind>) -> String {
+    match kind {
+        None => "device".into(),
+        Some(kind) => kind.to_string(),
+    }
+}
+
+fn is_link_local(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.is_unicast_link_local(),
+    }
+}
+
+/// The pod's MAC address behind `bridge`, from the neighbour table.
+async fn pod_mac(handle: &Handle, bridge: &Link, pod_ip: IpAddr) -> Result<Option<Vec<u8>>> {
+    let family = match pod_ip {
+        IpAddr::V4(_) => AddressFamily::Inet,
+        IpAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let neighbours: Vec<_> =
+        handle.neighbours().get().set_address_family(family).execute().try_collect().await.context("dumping the neighbour table")?;
+    Ok(neighbours.iter().find_map(|neigh| {
+        if neigh.header.ifindex != bridge.index {
+            return None;
+        }
+        let dst_matches = neigh.attributes.iter().any(|attr| match (attr, pod_ip) {
+            (NeighbourAttribute::Destination(NeighbourAddress::Inet(a)), IpAddr::V4(ip)) => *a == ip,
+            (NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)), IpAddr::V6(ip)) => *a == ip,
+            _ => false,
+        });
+        dst_matches
+            .then(|| {
+                neigh.attributes.iter().find_map(|attr| match attr {
+                    NeighbourAttribute::LinkLayerAddress(mac) if mac.iter().any(|b| *b != 0) => Some(mac.clone()),
+                    _ => None,
+                })
+            })
+            .flatten()
+    }))
+}
+
+/// The bridge port(s) behind which the pod sits: its MAC from the neighbour table, then the
+/// port that MAC was learned on from the bridge fdb; every port when that fails.
+async fn pod_ports(
+    handle: &Handle,
+    links: &BTreeMap<u32, Link>,
+    bridge: &Link,
+    pod_ip: IpAddr,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<u32>> {
+    if let Some(mac) = pod_mac(handle, bridge, pod_ip).await? {
+        let fdb: Vec<_> = handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Bridge)
+            .execute()
+            .try_collect()
+            .await
+            .context("dumping the bridge fdb")?;
+        let port = fdb.iter().find_map(|entry| {
+            let on_bridge = links.get(&entry.header.ifindex).is_some_and(|l| l.controller == Some(bridge.index));
+            let same_mac = entry.attributes.iter().any(|attr| matches!(attr, NeighbourAttribute::LinkLayerAddress(m) if *m == mac));
+            (on_bridge && same_mac).then_some(entry.header.ifindex)
+        });
+        if let Some(port) = port {
+            return Ok(vec![port]);
+        }
+    }
+    let ports: Vec<u32> = links.values().filter(|link| link.controller == Some(bridge.index)).map(|link| link.index).collect();
+    if ports.is_empty() {
+        bail!("no path to {pod_ip} on this node: its route points at bridge {}, which has no ports", bridge.name);
+    }
+    warnings.push(format!("{pod_ip} has no resolved MAC behind {} yet; tracing all {} of its ports", bridge.name, ports.len()));
+    Ok(ports)
+}
+
+async fn route_oif(handle: &Handle, ip: IpAddr) -> Result<u32> {
+    let message = RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(ip, if ip.is_ipv4() { 32 } else { 128 })
+        .context("building route query")?
+        .build();
+    let routes: Vec<_> = match handle.route().get(message).execute().try_collect().await {
+        Ok(routes) => routes,
+        Err(err) => bail!("no path to {ip} on this node: no route ({err})"),
+    };
+    let route = routes.first().with_context(|| format!("no path to {ip} on this node: no route"))?;
+    match route.header.kind {
+        RouteType::Unicast => {}
+        RouteType::Local => bail!("no path to {ip} on this node: it is an address of this node, not a pod"),
+        kind => bail!("no path to {ip} on this node: its route is of type {kind:?}"),
+    }
+    route
+        .attributes
+        .iter()
+        .find_map(|attr| match attr {
+            RouteAttribute::Oif(index) => Some(*index),
+            _ => None,
+        })
+        .with_context(|| format!("no path to {ip} on this node: its route has no output interface"))
+}
+
+/// The device of the IPv4 default route in the main table, if any.
+async fn default_route_oif(handle: &Handle) -> Result<Option<u32>> {
+    let routes: Vec<_> = handle
+        .route()
+        .get(RouteMessageBuilder::<std::net::Ipv4Addr>::new().build())
+        .execute()
+        .try_collect()
+        .await
+        .context("dumping IPv4 routes")?;
+    Ok(routes.iter().find_map(|route| {
+        let is_default = route.header.destination_prefix_length == 0
+            && route.header.kind == RouteType::Unicast
+            && !route
+                .attributes
+                .iter()
+                .any(|attr| matches!(attr, RouteAttribute::Destination(RouteAddress::Inet(a)) if !a.is_unspecified()));
+        if !is_default {
+            return None;
+        }
+        route.attributes.iter().find_map(|attr| match attr {
+            RouteAttribute::Oif(index) => Some(*index),
+            _ => None,
+        })
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::path::fixtures::{hop, key, local_path, path};
+
+    #[test]
+    fn a_second_local_pod_is_an_alternative_with_its_own_entry() {
+        let mut first = local_path();
+        let second_ip: IpAddr = "10.244.0.3".parse().unwrap();
+        let mut second = path(vec![
+            vec![hop("veth2", 8, HopKind::PodVeth, Direction::Ingress)],
+            vec![hop("cni0", 4, HopKind::Bridge, Direction::Ingress)],
+            vec![hop("eth0", 2, HopKind::Nic, Direction::Egress)],
+        ]);
+        second.entries[0].pod_ip = second_ip;
+        merge(&mut first, second);
+        let names: Vec<Vec<&str>> = first.stages.iter().map(|s| s.hops.iter().map(|h| h.ifname.as_str()).collect()).collect();
+        assert_eq!(names, [vec!["veth1", "veth2"], vec!["cni0"], vec!["flannel.1"], vec!["eth0"]]);
+        assert_eq!(first.entry(second_ip), key(8, Direction::Ingress));
+        assert_eq!(first.entry(first.pod_ip), key(5, Direction::Ingress));
+    }
+
+    #[test]
+    fn a_hop_with_no_matching_role_gets_its_own_stage() {
+        let mut first = local_path();
+        merge(&mut first, path(vec![vec![hop("wg0", 9, HopKind::Bond, Direction::Egress)]]));
+        assert_eq!(first.stages.len(), 5);
+        assert_eq!(first.stages[4].hops[0].ifname, "wg0");
+    }
+}

@@ -1,0 +1,13 @@
+//! This node's side of the story, from rtnetlink: which interfaces the pod's packets cross
+//! (`discovery`, into the `path` model), bonds and their slaves (`bond`), the namespaces
+//! that belong to the node (`netns`), and the shared netlink access (`netlink`).
+
+pub mod bond;
+pub mod discovery;
+pub mod netlink;
+pub mod netns;
+pub mod path;
+
+pub use discovery::{PathOverrides, discover};
+pub use netlink::{LinkDrops, link_drops, with_rtnetlink};
+pub use path::{Hop, HopKey, HopKind, Locality, Path};

@@ -1,0 +1,162 @@
+//! The kernel programs from userspace: loading them and writing their maps (this file),
+//! attaching the TC programs to every hop (`tc`), attaching the tracepoint programs
+//! (`tracepoints`), and removing what a killed run left behind (`cleanup`).
+
+mod cleanup;
+mod tc;
+mod tracepoints;
+
+use std::{collections::BTreeSet, net::IpAddr};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    programs::SchedClassifier,
+    util::KernelVersion,
+};
+use tracer_common::{
+    COUNTER_COUNT, COUNTER_LOST_EVENTS, COUNTER_MATCHED, COUNTER_NOT_IP, COUNTER_UNPARSED, FilterConfig, HOP_NO_MAC_HEADER, HopConfig,
+    KernelLayout,
+};
+
+pub use self::{
+    cleanup::{Swept, sweep},
+    tc::{EGRESS_PROGRAM, INGRESS_PROGRAM},
+    tracepoints::KernelSources,
+};
+use crate::Direction;
+
+/// The compiled kernel object, built by `build.rs` from `tracer-ebpf`.
+static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
+
+/// How TC programs are attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttachMode {
+    /// TCX where the kernel has it (6.6+), clsact otherwise.
+    Auto,
+    Tcx,
+    /// clsact qdisc with a cls_bpf filter, as on kernels before 6.6.
+    Clsact,
+}
+
+/// What the kernel counted, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub matched: u64,
+    pub lost_events: u64,
+    pub unparsed: u64,
+    pub not_ip: u64,
+}
+
+pub struct LoadOptions {
+    pub filter: FilterConfig,
+    pub layout: KernelLayout,
+    pub ring_bytes: u32,
+}
+
+/// The loaded programs and maps, before or after attaching.
+pub struct Probes {
+    ebpf: Ebpf,
+    mode: AttachMode,
+    /// Interfaces whose clsact qdisc podtrace created and must remove.
+    created_clsact: BTreeSet<String>,
+}
+
+impl Probes {
+    pub fn load(options: &LoadOptions, mode: AttachMode) -> Result<Self> {
+        let mut ebpf = EbpfLoader::new()
+            .override_global("FILTER", &options.filter, true)
+            .override_global("LAYOUT", &options.layout, true)
+            .map_max_entries("EVENTS", options.ring_bytes)
+            .load(KERNEL_OBJECT)
+            .context("loading the kernel programs")?;
+        for name in [INGRESS_PROGRAM, EGRESS_PROGRAM] {
+            let program: &mut SchedClassifier =
+                ebpf.program_mut(name).with_context(|| format!("program {name} missing from the kernel object"))?.try_into()?;
+            program.load().with_context(|| format!("verifying program {name}"))?;
+        }
+        let kernel = KernelVersion::current().map_err(|err| anyhow!("reading the kernel version: {err}"))?;
+        let has_tcx = kernel >= KernelVersion::new(6, 6, 0);
+        let mode = match mode {
+            AttachMode::Auto if has_tcx => AttachMode::Tcx,
+            AttachMode::Auto => AttachMode::Clsact,
+            AttachMode::Tcx if !has_tcx => bail!("--attach tcx needs kernel 6.6 or newer; use --attach clsact (or auto) here"),
+            explicit => explicit,
+        };
+        Ok(Self { ebpf, mode, created_clsact: BTreeSet::new() })
+    }
+
+    pub fn mode(&self) -> AttachMode {
+        self.mode
+    }
+
+    pub fn follow(&mut self, ip: IpAddr) -> Result<()> {
+        let mut followed: HashMap<_, [u8; 16], u8> = HashMap::try_from(self.ebpf.map_mut("FOLLOWED").context("FOLLOWED map missing")?)?;
+        followed.insert(mapped(ip), 1, 0).context("adding a followed IP")
+    }
+
+    /// Tells the kernel programs to report packets seen on `ifindex`.
+    pub fn register_hop(&mut self, ifindex: u32, no_mac_header: bool) -> Result<()> {
+        let mut hops: HashMap<_, u32, HopConfig> = HashMap::try_from(self.ebpf.map_mut("HOPS").context("HOPS map missing")?)?;
+        let flags = if no_mac_header { HOP_NO_MAC_HEADER } else { 0 };
+        hops.insert(ifindex, HopConfig { flags }, 0).context("registering the hop")
+    }
+
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self.ebpf.take_map("EVENTS").context("EVENTS map missing")?;
+        Ok(RingBuf::try_from(map)?)
+    }
+
+    pub fn take_kernel_events(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self.ebpf.take_map("KERNEL_EVENTS").context("KERNEL_EVENTS map missing")?;
+        Ok(RingBuf::try_from(map)?)
+    }
+
+    pub fn counters(&self) -> Result<Counters> {
+        let counters: PerCpuArray<_, u64> = PerCpuArray::try_from(self.ebpf.map("COUNTERS").context("COUNTERS map missing")?)?;
+        let sum = |index: u32| -> Result<u64> { Ok(counters.get(&index, 0).context("reading COUNTERS")?.iter().sum()) };
+        debug_assert_eq!(COUNTER_COUNT, 4);
+        Ok(Counters {
+            matched: sum(COUNTER_MATCHED)?,
+            lost_events: sum(COUNTER_LOST_EVENTS)?,
+            unparsed: sum(COUNTER_UNPARSED)?,
+            not_ip: sum(COUNTER_NOT_IP)?,
+        })
+    }
+
+    /// Access for the kernel-parser tests, which run the programs with BPF_PROG_TEST_RUN.
+    pub fn program(&self, direction: Direction) -> Result<&SchedClassifier> {
+        let name = match direction {
+            Direction::Ingress => INGRESS_PROGRAM,
+            Direction::Egress => EGRESS_PROGRAM,
+        };
+        Ok(self.ebpf.program(name).context("program missing")?.try_into()?)
+    }
+
+    /// Detaches every program and removes the clsact qdiscs podtrace created.
+    pub async fn detach(self) -> Result<()> {
+        let Self { ebpf, created_clsact, .. } = self;
+        // Dropping the programs closes TCX links and deletes our cls_bpf filters.
+        drop(ebpf);
+        let mut failures = Vec::new();
+        for ifname in &created_clsact {
+            if let Err(err) = cleanup::remove_clsact_if_unused(ifname).await {
+                failures.push(format!("{ifname}: {err:#}"));
+            }
+        }
+        cleanup::forget_created_clsact(&created_clsact)?;
+        if !failures.is_empty() {
+            bail!("could not remove clsact qdiscs: {}", failures.join("; "));
+        }
+        Ok(())
+    }
+}
+
+/// The map key form of an address: IPv4 as IPv4-mapped IPv6.
+pub fn mapped(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}

@@ -1,0 +1,163 @@
+//! The report: the model (this file), which serialises as the JSON report, and its text
+//! rendering (`text`).
+
+mod text;
+
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+pub use self::text::render_text;
+
+use crate::{
+    Direction,
+    diagnosis::{Finding, Outcome},
+    events::correlate::Correlator,
+    node::{
+        HopKey, HopKind, Locality, Path,
+        bond::{BondState, SlaveState},
+    },
+    probes::{Counters, KernelSources},
+};
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Latency {
+    pub p50: Option<f64>,
+    pub p99: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct HopReport {
+    pub ifname: String,
+    pub ifindex: u32,
+    pub kind: HopKind,
+    pub direction: Direction,
+    pub mtu: u32,
+    pub packets: u64,
+    pub bytes: u64,
+    pub max_len: u32,
+    /// Latency from the previous hop the same packet crossed, in microseconds.
+    pub latency_us: Latency,
+    pub drops: u64,
+    pub retransmits: u64,
+    /// Packets also seen at an earlier hop (the fingerprint linked them).
+    pub linked: u64,
+    /// Packets whose last sighting was here.
+    pub last_seen: u64,
+    /// The interface disappeared during the trace.
+    pub vanished: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bond: Option<BondState>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slave: Option<SlaveState>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Report {
+    pub pod_ip: IpAddr,
+    pub node: String,
+    pub locality: Locality,
+    pub attach_mode: String,
+    pub kernel_sources: KernelSources,
+    pub duration_s: f64,
+    pub hops: Vec<HopReport>,
+    pub findings: Vec<Finding>,
+    pub lost_events: u64,
+    pub unparsed: u64,
+    /// Packets the kernel matched (each crossing of each hop counts once).
+    pub events: u64,
+}
+
+/// Inputs that are not per-hop statistics.
+pub struct RunFacts<'a> {
+    pub node: String,
+    pub attach_mode: String,
+    pub kernel_sources: KernelSources,
+    pub duration_s: f64,
+    pub counters: Counters,
+    pub vanished: &'a [u32],
+}
+
+pub fn build(path: &Path, correlator: &Correlator, facts: RunFacts<'_>, outcome: Outcome) -> Report {
+    let hops = path
+        .travel_order()
+        .into_iter()
+        .map(|(hop, direction)| {
+            let key = HopKey { ifindex: hop.ifindex, direction };
+            let stats = correlator.hop_stats(key).cloned().unwrap_or_default();
+            let micros = |q: f64| stats.latency_ns.quantile(q).map(|ns| (ns as f64 / 100.0).round() / 10.0);
+            HopReport {
+                ifname: hop.ifname.clone(),
+                ifindex: hop.ifindex,
+                kind: hop.kind,
+                direction,
+                mtu: hop.mtu,
+                packets: stats.packets,
+                bytes: stats.bytes,
+                max_len: stats.max_len,
+                latency_us: Latency { p50: micros(0.5), p99: micros(0.99) },
+                drops: outcome.drops.get(&key).copied().unwrap_or(0),
+                retransmits: outcome.retransmits.get(&key).copied().unwrap_or(0),
+                linked: stats.linked,
+                last_seen: stats.last_seen,
+                vanished: facts.vanished.contains(&hop.ifindex),
+                bond: hop.bond.clone(),
+                slave: hop.slave.clone(),
+            }
+        })
+        .collect();
+    Report {
+        pod_ip: path.pod_ip,
+        node: facts.node,
+        locality: path.locality,
+        attach_mode: facts.attach_mode,
+        kernel_sources: facts.kernel_sources,
+        duration_s: (facts.duration_s * 1000.0).round() / 1000.0,
+        hops,
+        findings: outcome.findings,
+        lost_events: facts.counters.lost_events,
+        unparsed: facts.counters.unparsed,
+        events: facts.counters.matched,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::path::fixtures::local_path;
+
+    #[test]
+    fn report_serialises_the_documented_schema() {
+        let path = local_path();
+        let correlator = Correlator::new(vec![path.pod_ip], Default::default());
+        let facts = RunFacts {
+            node: "node-a".into(),
+            attach_mode: "tcx".into(),
+            kernel_sources: KernelSources::default(),
+            duration_s: 1.23456,
+            counters: Counters { matched: 0, lost_events: 2, unparsed: 1, not_ip: 0 },
+            vanished: &[3],
+        };
+        let outcome = Outcome { findings: vec![], drops: Default::default(), retransmits: Default::default() };
+        let report = build(&path, &correlator, facts, outcome);
+        let json = serde_json::to_value(&report).unwrap();
+        for key in ["pod_ip", "node", "duration_s", "hops", "findings", "lost_events", "unparsed"] {
+            assert!(json.get(key).is_some(), "missing {key}");
+        }
+        assert_eq!(json["duration_s"], 1.235);
+        assert_eq!(json["lost_events"], 2);
+        let first = &json["hops"][0];
+        for key in ["ifname", "ifindex", "kind", "direction", "mtu", "packets", "bytes", "max_len", "latency_us", "drops", "retransmits"] {
+            assert!(first.get(key).is_some(), "hop missing {key}");
+        }
+        assert_eq!(first["kind"], "pod-veth");
+        assert_eq!(first["direction"], "ingress");
+        assert!(first["latency_us"]["p50"].is_null());
+        assert_eq!(json["hops"][2]["vanished"], true);
+        let rows: Vec<String> = json["hops"].as_array().unwrap().iter().map(|h| format!("{}:{}", h["ifname"], h["direction"])).collect();
+        assert_eq!(rows.len(), 8, "each hop out and back: {rows:?}");
+        let text = render_text(&report);
+        assert!(text.contains("flannel.1 (gone)"));
+        assert!(text.contains("lost events: 2, unparsed packets: 1"));
+    }
+}
