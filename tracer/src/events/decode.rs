@@ -176,9 +176,13 @@ pub fn decode(bytes: &[u8]) -> Result<Packet> {
     }
     // SAFETY: length checked; PacketEvent is plain old data, read unaligned from the ring.
     let event: PacketEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    if !matches!(event.direction, DIR_INGRESS | DIR_EGRESS) {
+        bail!("ring record with unknown direction {} (not written by this podtrace's programs)", event.direction);
+    }
     Ok(from_event(&event))
 }
 
+/// A packet from an event our own programs wrote (`decode` checks records from the ring).
 pub fn from_event(event: &PacketEvent) -> Packet {
     let vxlan = event.flags & PKT_VXLAN != 0;
     let inner_truncated = event.flags & PKT_INNER_TRUNCATED != 0;

@@ -63,9 +63,9 @@ const KERNELS: &[KernelLine] = &[
     KernelLine { name: "7.2", package_prefix: "linux-image-7.2.", tests: SUBSET, in_all: true },
 ];
 
-/// Test binaries that never touch the kernel (they test the kubectl plugin and the manifest
-/// against stand-ins and files of the repository): host only.
-const HOST_ONLY: &[&str] = &["kubectl_plugin", "manifest"];
+/// Test binaries that never touch the kernel (the kubectl plugin and the manifest against
+/// stand-ins and files of the repository; property tests of the decoders): host only.
+const HOST_ONLY: &[&str] = &["kubectl_plugin", "manifest", "decode_properties"];
 
 /// Serial-console markers the init script prints.
 const RESULT_MARK: &str = "PODTRACE-VM-EXIT";
