@@ -9,6 +9,9 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use serde_json::Value;
+
+use crate::{lab::Lab, report::hop};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dir {
@@ -27,7 +30,9 @@ impl Capture {
     pub fn start(netns: &str, ifname: &str, dir: Dir, filter: &str) -> Result<Self> {
         let what = format!("tcpdump -i {ifname} -Q {dir:?} '{filter}' in {netns}");
         let mut child = Command::new("ip")
-            .args(["netns", "exec", netns, "tcpdump", "-n", "-i", ifname, "-Q"])
+            // -p: a promiscuous capture on a bridge makes the kernel copy and free frames not
+            // meant for it, which a drop tracer then sees.
+            .args(["netns", "exec", netns, "tcpdump", "-p", "-n", "-i", ifname, "-Q"])
             .arg(match dir {
                 Dir::In => "in",
                 Dir::Out => "out",
@@ -101,4 +106,38 @@ pub fn ip_filter(ip: Ipv4Addr) -> String {
 pub fn vxlan_inner_filter(ip: Ipv4Addr) -> String {
     let hex = u32::from(ip);
     format!("udp dst port 8472 and (udp[42:4] = {hex:#010x} or udp[46:4] = {hex:#010x})")
+}
+
+/// One tcpdump per hop podtrace traces on node A for a pod of node A, in each direction, with
+/// the filter that matches what podtrace follows there.
+pub struct Captures(Vec<(String, String, Capture)>);
+
+impl Captures {
+    pub fn start(lab: &Lab, pod_ip: Ipv4Addr) -> Result<Self> {
+        let ns = lab.node_a().netns.as_str();
+        let mut captures = Vec::new();
+        for ifname in [lab.pod_a().host_veth.as_str(), "cni0", "flannel.1", "eth0"] {
+            let filter = if ifname == "eth0" { vxlan_inner_filter(pod_ip) } else { ip_filter(pod_ip) };
+            for (dir, name) in [(Dir::In, "ingress"), (Dir::Out, "egress")] {
+                captures.push((ifname.to_string(), name.to_string(), Capture::start(ns, ifname, dir, &filter)?));
+            }
+        }
+        Ok(Self(captures))
+    }
+
+    /// Stops every capture and asserts that each hop's packet count in `report` equals
+    /// tcpdump's, and that traffic crossed every hop.
+    pub fn assert_equal_to(self, report: &Value) -> Result<()> {
+        let mut mismatches = Vec::new();
+        for (ifname, direction, capture) in self.0 {
+            let tcpdump = capture.stop()?;
+            let podtrace = hop(report, &ifname, &direction)["packets"].as_u64().context("a hop's packets")?;
+            if tcpdump != podtrace {
+                mismatches.push(format!("{ifname} {direction}: tcpdump {tcpdump}, podtrace {podtrace}"));
+            }
+            assert!(tcpdump > 0, "{ifname} {direction}: no traffic at all");
+        }
+        assert!(mismatches.is_empty(), "per-hop counts differ: {mismatches:#?}");
+        Ok(())
+    }
 }

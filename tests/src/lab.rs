@@ -1,17 +1,37 @@
-//! The built-in lab: a two-node flannel-VXLAN cluster in network namespaces, programmed the
-//! way flanneld and the CNI bridge plugin program a real node.
+//! The built-in lab: a two-node flannel-VXLAN cluster in network namespaces. Pods are made by
+//! the real CNI plugins (`bridge`, `host-local`, `loopback`) run inside the node's namespace,
+//! as kubelet's runtime makes them; `flannel.1` is programmed by hand the way flanneld programs
+//! it (Debian ships no flanneld). Cluster DNS is dnsmasq in a pod on node B behind a Service
+//! written the way kube-proxy's iptables mode writes it.
 //!
 //! Everything is created inside namespaces the lab owns (`ip -n NS link add … netns OTHER`),
 //! so nothing touches the root namespace and interface names repeat per node as on real
-//! nodes. Dropping a `Lab` deletes every namespace it made, also when a test panics.
+//! nodes. Dropping a `Lab` runs CNI DEL for every pod and deletes every namespace it made,
+//! also when a test panics.
 
 use std::{
-    net::Ipv4Addr,
+    fs::File,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
     process::{Child, Command, Output, Stdio},
     sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
+
+use crate::{
+    cni::{self, BridgeNetwork, Sandbox},
+    kube_proxy::{self, ServicePort},
+};
+
+/// The cluster DNS Service's IP (kube-dns' usual ClusterIP).
+pub const DNS_SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+/// The name cluster DNS answers for, and its answer (the `kubernetes` Service's ClusterIP).
+pub const KUBERNETES_SERVICE_NAME: &str = "kubernetes.default.svc.cluster.local";
+pub const KUBERNETES_SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
+/// Per-instance state (host-local's leases, dnsmasq's log) lives in `STATE_DIR/<prefix>`.
+pub const STATE_DIR: &str = "/run/podtrace-lab";
 
 /// What to build; `Default` is a healthy lab.
 #[derive(Clone, Debug)]
@@ -20,7 +40,7 @@ pub struct LabSpec {
     pub prefix: String,
     pub underlay_mtu_a: u32,
     pub underlay_mtu_b: u32,
-    /// MTU of pod eth0 and its host-side veth.
+    /// The `mtu` of the bridge plugin's configuration: pod eth0, its host-side veth and cni0.
     pub pod_mtu: u32,
     pub vxlan_mtu: u32,
     pub pods_per_node: usize,
@@ -69,8 +89,14 @@ pub struct Lab {
     pub prefix: String,
     pub switch_ns: String,
     pub nodes: [Node; 2],
+    /// The cluster DNS pod (dnsmasq) on node B, once made.
+    dns: Option<Pod>,
     /// Namespaces created so far, deleted on drop.
     created: Vec<String>,
+    /// Pods the CNI plugins were called for, each deleted with CNI DEL on drop.
+    sandboxes: Vec<(Sandbox, BridgeNetwork)>,
+    dns_server: Option<Child>,
+    state_dir: PathBuf,
     keep: bool,
 }
 
@@ -104,17 +130,22 @@ impl Lab {
             vxlan: "flannel.1".into(),
             vtep_mac: format!("0e:00:00:00:0{}:01", index + 1),
             pod_cidr: format!("10.244.{index}.0/24"),
+            // What the bridge plugin gives cni0 with isGateway: the subnet's first address.
             gateway: Ipv4Addr::new(10, 244, index, 1),
-            pods: (0..spec.pods_per_node)
-                .map(|i| Pod {
-                    netns: if i == 0 { format!("{p}-p{suffix}") } else { format!("{p}-p{suffix}{}", i + 1) },
-                    ip: Ipv4Addr::new(10, 244, index, 2 + i as u8),
-                    host_veth: format!("veth{suffix}{i}"),
-                })
-                .collect(),
+            // Filled in as the plugin makes them.
+            pods: Vec::new(),
         };
-        let mut lab =
-            Self { prefix: p.clone(), switch_ns: format!("{p}-sw"), nodes: [node("a", 0), node("b", 1)], created: Vec::new(), keep: false };
+        let mut lab = Self {
+            prefix: p.clone(),
+            switch_ns: format!("{p}-sw"),
+            nodes: [node("a", 0), node("b", 1)],
+            dns: None,
+            created: Vec::new(),
+            sandboxes: Vec::new(),
+            dns_server: None,
+            state_dir: PathBuf::from(STATE_DIR).join(&p),
+            keep: false,
+        };
         // On failure the partly built lab is dropped, which deletes what was created.
         lab.build(&spec)?;
         Ok(lab)
@@ -125,19 +156,36 @@ impl Lab {
         let _ = run(&["ip", "netns", "del", name]);
         run(&["ip", "netns", "add", name])?;
         self.created.push(name.to_string());
-        run(&["ip", "-n", name, "link", "set", "lo", "up"])?;
         Ok(())
     }
 
+    /// A pod as the runtime makes it: a namespace, then CNI ADD of loopback and bridge in the
+    /// node's namespace.
+    fn add_pod(&mut self, node_index: usize, netns: String, network: &BridgeNetwork) -> Result<Pod> {
+        self.add_netns(&netns)?;
+        let node_netns = self.nodes[node_index].netns.clone();
+        let sandbox = Sandbox { node_netns: node_netns.clone(), pod_netns: netns.clone() };
+        // Recorded before ADD: the runtime also DELs a pod whose ADD failed halfway.
+        self.sandboxes.push((sandbox.clone(), network.clone()));
+        let attachment = cni::add(&sandbox, network)?;
+        // The plugin leaves offloads on; the MTU labs need both veth ends to behave as a wire.
+        wire_like(&node_netns, &attachment.host_veth)?;
+        wire_like(&netns, "eth0")?;
+        Ok(Pod { netns, ip: attachment.ip, host_veth: attachment.host_veth })
+    }
+
     fn build(&mut self, spec: &LabSpec) -> Result<()> {
+        std::fs::create_dir_all(&self.state_dir).with_context(|| format!("creating {}", self.state_dir.display()))?;
         let sw = self.switch_ns.clone();
         self.add_netns(&sw)?;
+        run(&["ip", "-n", &sw, "link", "set", "lo", "up"])?;
         run(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"])?;
         run(&["ip", "-n", &sw, "link", "set", "br0", "up"])?;
         let nodes = self.nodes.clone();
         for (index, node) in nodes.iter().enumerate() {
             let ns = node.netns.as_str();
             self.add_netns(ns)?;
+            run(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
             let mtu = if index == 0 { spec.underlay_mtu_a } else { spec.underlay_mtu_b }.to_string();
             let bond_mode = if index == 0 { spec.bond_a.as_deref() } else { None };
             let links: &[&str] = if bond_mode.is_some() { &["eth0", "eth1"] } else { &["eth0"] };
@@ -175,14 +223,6 @@ impl Lab {
             run(&["ip", "-n", ns, "addr", "add", &format!("{}/24", node.ip), "dev", underlay])?;
             run(&["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
 
-            let pod_mtu = spec.pod_mtu.to_string();
-            run(&["ip", "-n", ns, "link", "add", "cni0", "type", "bridge"])?;
-            // A fixed MAC: otherwise the bridge takes its lowest port's, and changes it (breaking
-            // every pod's ARP entry for the gateway) when that pod goes away.
-            run(&["ip", "-n", ns, "link", "set", "cni0", "address", &format!("0a:58:0a:f4:0{index}:01")])?;
-            run(&["ip", "-n", ns, "addr", "add", &format!("{}/24", node.gateway), "dev", "cni0"])?;
-            run(&["ip", "-n", ns, "link", "set", "cni0", "mtu", &pod_mtu, "up"])?;
-
             let local = node.ip.to_string();
             run(&[
                 "ip",
@@ -211,16 +251,19 @@ impl Lab {
             // its underlay, but not an underlay lowered later, which is how nodes get there.
             run(&["ip", "-n", ns, "link", "set", underlay, "mtu", &mtu])?;
 
-            for pod in &node.pods {
-                self.add_netns(&pod.netns)?;
-                let pns = pod.netns.as_str();
-                run(&["ip", "-n", ns, "link", "add", &pod.host_veth, "type", "veth", "peer", "name", "eth0", "netns", pns])?;
-                run(&["ip", "-n", ns, "link", "set", &pod.host_veth, "master", "cni0", "mtu", &pod_mtu, "up"])?;
-                run(&["ip", "-n", pns, "link", "set", "eth0", "mtu", &pod_mtu, "up"])?;
-                run(&["ip", "-n", pns, "addr", "add", &format!("{}/24", pod.ip), "dev", "eth0"])?;
-                run(&["ip", "-n", pns, "route", "add", "default", "via", &node.gateway.to_string()])?;
-                wire_like(ns, &pod.host_veth)?;
-                wire_like(pns, "eth0")?;
+            // The plugin creates cni0 (with its gateway address and a MAC of its own) on the
+            // first ADD. host-local hands out .2, .3, … in the order pods are made. A pod MTU
+            // above the tunnel's (the pod-mtu fault) is a configuration the plugin makes as
+            // readily: a CNI config whose mtu disagrees with flannel's.
+            let network = BridgeNetwork { subnet: node.pod_cidr.clone(), mtu: spec.pod_mtu, data_dir: self.state_dir.join(ns) };
+            for i in 0..spec.pods_per_node {
+                let suffix = if index == 0 { "a" } else { "b" };
+                let netns = if i == 0 { format!("{}-p{suffix}", self.prefix) } else { format!("{}-p{suffix}{}", self.prefix, i + 1) };
+                let pod = self.add_pod(index, netns, &network)?;
+                self.nodes[index].pods.push(pod);
+            }
+            if index == 1 {
+                self.dns = Some(self.add_pod(index, format!("{}-dns", self.prefix), &network)?);
             }
         }
         // Each node reaches the other's pod subnet through its VTEP, as flanneld programs it.
@@ -232,14 +275,54 @@ impl Lab {
             run(&["ip", "-n", ns, "neigh", "add", &peer_vtep, "lladdr", &peer.vtep_mac, "dev", "flannel.1", "nud", "permanent"])?;
             run(&["ip", "netns", "exec", ns, "bridge", "fdb", "append", &peer.vtep_mac, "dev", "flannel.1", "dst", &peer.ip.to_string()])?;
         }
-        // As on a real node, the node learns each pod's MAC when the pod first talks.
+        let dns = self.dns_pod().clone();
+        // kube-proxy runs on every node and writes every Service there.
         for node in &nodes {
-            for pod in &node.pods {
-                run(&["ip", "netns", "exec", &pod.netns, "ping", "-c", "1", "-W", "2", &node.gateway.to_string()])
-                    .with_context(|| format!("pod {} cannot reach its gateway", pod.ip))?;
-            }
+            kube_proxy::load(&node.netns, &dns_service(dns.ip))?;
         }
-        Ok(())
+        // As on a real node, the node learns each pod's MAC when the pod first talks.
+        for (node, pod) in self.nodes.iter().flat_map(|node| node.pods.iter().map(move |pod| (node, pod))).chain([(&self.nodes[1], &dns)]) {
+            run(&["ip", "netns", "exec", &pod.netns, "ping", "-c", "1", "-W", "2", &node.gateway.to_string()])
+                .with_context(|| format!("pod {} cannot reach its gateway", pod.ip))?;
+        }
+        self.start_dns_server(&dns)
+    }
+
+    /// dnsmasq in the DNS pod, answering for the `kubernetes` Service's name. It stays in the
+    /// foreground, a child of the lab, killed on teardown.
+    fn start_dns_server(&mut self, dns: &Pod) -> Result<()> {
+        let log_path = self.state_dir.join("dnsmasq.log");
+        let log = File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &dns.netns, "dnsmasq", "--no-daemon", "--no-resolv", "--no-hosts", "--bind-interfaces"])
+            .arg(format!("--address=/{KUBERNETES_SERVICE_NAME}/{KUBERNETES_SERVICE_IP}"))
+            .arg(format!("--listen-address={}", dns.ip))
+            // Stay root: the VM has no dnsmasq user or dip group to switch to.
+            .args(["--user=root", "--group=root"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting dnsmasq")?;
+        let dnsmasq = self.dns_server.insert(child);
+        // dnsmasq's /proc/PID/net/{udp,tcp} (its namespace's sockets) show what it bound: the
+        // address as the in-memory word in hex, then port 53.
+        let local = format!("{:08X}:0035", u32::from_ne_bytes(dns.ip.octets()));
+        for _ in 0..100 {
+            if let Some(status) = dnsmasq.try_wait().context("waiting for dnsmasq")? {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                bail!("dnsmasq exited ({status}): {}", log.trim());
+            }
+            let pid = dnsmasq.id();
+            let listening = ["udp", "tcp"]
+                .iter()
+                .all(|proto| std::fs::read_to_string(format!("/proc/{pid}/net/{proto}")).is_ok_and(|sockets| sockets.contains(&local)));
+            if listening {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("dnsmasq did not listen on {}:53 within 10 s", dns.ip)
     }
 
     pub fn node_a(&self) -> &Node {
@@ -256,6 +339,11 @@ impl Lab {
 
     pub fn pod_b(&self) -> &Pod {
         &self.nodes[1].pods[0]
+    }
+
+    /// The cluster DNS pod on node B, behind `DNS_SERVICE_IP`.
+    pub fn dns_pod(&self) -> &Pod {
+        self.dns.as_ref().expect("Lab::up makes the DNS pod")
     }
 
     /// Keep the namespaces when the lab is dropped (`cargo xtask lab up`).
@@ -345,16 +433,35 @@ impl Lab {
         Ok(())
     }
 
-    /// Deletes every namespace now.
+    /// Deletes every pod and namespace now.
     pub fn down(mut self) {
         self.teardown();
     }
 
+    /// As a node does: the DNS server stops, the runtime runs CNI DEL for each pod, and then
+    /// the namespaces go. Failures are printed, not returned: this runs in `drop`.
     fn teardown(&mut self) {
+        if let Some(mut dnsmasq) = self.dns_server.take() {
+            let _ = dnsmasq.kill();
+            let _ = dnsmasq.wait();
+        }
+        for (sandbox, network) in self.sandboxes.drain(..).rev() {
+            if let Err(err) = cni::del(&sandbox, &network) {
+                eprintln!("lab teardown: {err:#}");
+            }
+        }
         for ns in self.created.drain(..).rev() {
             delete_netns(&ns);
         }
+        let _ = std::fs::remove_dir_all(&self.state_dir);
     }
+}
+
+/// The kube-dns Service's ports, each with the DNS pod as its endpoint.
+fn dns_service(endpoint: Ipv4Addr) -> [ServicePort<'static>; 2] {
+    let port =
+        |name, protocol| ServicePort { name, protocol, cluster_ip: DNS_SERVICE_IP, port: 53, endpoint: SocketAddrV4::new(endpoint, 53) };
+    [port("kube-system/kube-dns:dns", "udp"), port("kube-system/kube-dns:dns-tcp", "tcp")]
 }
 
 impl Drop for Lab {
@@ -378,8 +485,11 @@ pub fn delete_netns(ns: &str) {
     let _ = Command::new("ip").args(["netns", "del", ns]).stderr(Stdio::null()).status();
 }
 
-/// Deletes every namespace whose name starts with `prefix-` (`cargo xtask lab down`).
+/// Deletes every namespace whose name starts with `prefix-` (`cargo xtask lab down`), and the
+/// instance's state. Deleting a pod's namespace deletes its veth; host-local's leases go with
+/// the state directory.
 pub fn delete_prefix(prefix: &str) -> Result<Vec<String>> {
+    let _ = std::fs::remove_dir_all(PathBuf::from(STATE_DIR).join(prefix));
     let output = run(&["ip", "netns", "list"])?;
     let mut deleted = Vec::new();
     for line in String::from_utf8_lossy(&output.stdout).lines() {

@@ -5,10 +5,8 @@ use std::{net::Ipv4Addr, time::Duration};
 
 use anyhow::{Result, bail};
 
-use crate::{lab::Lab, traffic};
-
-/// The Service IP of the lab's DNS Service.
-pub const DNS_SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+pub use crate::lab::DNS_SERVICE_IP;
+use crate::{kube_proxy, lab::Lab, traffic};
 /// A TCP port pod B serves on, for the firewall case.
 pub const APP_PORT: u16 = 8080;
 /// A port nothing listens on.
@@ -54,14 +52,10 @@ impl Scenario {
                 lab.rebind_vxlan(a, Ipv4Addr::new(10, 99, 0, 11))?;
             }
             "no-reply" => lab.route(&b.netns, &["del", &a.pod_cidr])?,
-            "dns" => {
-                servers.push(traffic::dns_server(&lab.pod_b().netns)?);
-            }
-            "dns-ok" => {
-                servers.push(traffic::dns_server(&lab.pod_b().netns)?);
-                add_dns_service(lab)?;
-            }
-            "port-refused" => {}
+            // Cluster DNS (dnsmasq behind the kube-dns Service) is part of every lab; without
+            // kube-proxy on node A, nothing there DNATs the Service IP.
+            "dns" => kube_proxy::flush(&a.netns)?,
+            "dns-ok" | "port-refused" => {}
             other => bail!("unknown scenario {other}"),
         }
         Ok(Self { name: name.to_string(), _servers: servers })
@@ -115,19 +109,6 @@ impl Scenario {
         }
         Ok(())
     }
-}
-
-/// The Service as kube-proxy programs it: DNAT of the Service IP to the backend on the node.
-pub fn add_dns_service(lab: &Lab) -> Result<()> {
-    let backend = format!("{}:53", lab.pod_b().ip);
-    let service = DNS_SERVICE_IP.to_string();
-    for proto in ["udp", "tcp"] {
-        lab.iptables(
-            &lab.node_a().netns,
-            &["-t", "nat", "-A", "PREROUTING", "-d", &service, "-p", proto, "--dport", "53", "-j", "DNAT", "--to-destination", &backend],
-        )?;
-    }
-    Ok(())
 }
 
 /// Pings with Don't Fragment set and a payload of `size` bytes.

@@ -10,6 +10,8 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
+use crate::lab::KUBERNETES_SERVICE_NAME;
+
 /// `ping -c count -s size` from a namespace; returns ping's output whether or not replies came.
 pub fn ping(ns: &str, dst: Ipv4Addr, count: u32, size: u32) -> Result<Output> {
     Command::new("ip")
@@ -119,31 +121,34 @@ for i in range(count):
 print(got)
 "#;
 
-/// Answers every query with an empty NOERROR response (QR set, question echoed).
-const DNS_SERVER: &str = r#"
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", int(sys.argv[1])))
-print("ready", flush=True)
-while True:
-    q, a = s.recvfrom(512)
-    if len(q) >= 12:
-        s.sendto(q[:2] + b"\x81\x80" + q[4:6] + b"\x00\x00\x00\x00\x00\x00" + q[12:], a)
-"#;
-
-/// Sends `count` queries for `name` (one per timeout) and prints how many were answered.
+/// Sends `count` A queries for `name` (one per timeout) and prints a line per answered query:
+/// `answer` and the addresses of its A records.
 const DNS_QUERY: &str = r#"
 import socket, sys, struct
-server, count, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+server, name, count, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(timeout)
-name = b"".join(bytes([len(p)]) + p for p in b"kubernetes.default.svc.cluster.local".split(b".")) + b"\x00"
-got = 0
+qname = b"".join(bytes([len(p)]) + p for p in name.encode().split(b".")) + b"\x00"
 for i in range(count):
-    s.sendto(struct.pack(">HHHHHH", 0x1000 + i, 0x0100, 1, 0, 0, 0) + name + b"\x00\x01\x00\x01", (server, 53))
+    s.sendto(struct.pack(">HHHHHH", 0x1000 + i, 0x0100, 1, 0, 0, 0) + qname + b"\x00\x01\x00\x01", (server, 53))
     try:
-        s.recvfrom(512); got += 1
+        r, _ = s.recvfrom(512)
     except OSError:
-        pass
-print(got)
+        continue
+    if r[:2] != struct.pack(">H", 0x1000 + i):
+        continue
+    addresses, at = [], 12 + len(qname) + 4
+    for _ in range(struct.unpack(">H", r[6:8])[0]):
+        # The owner name: a compression pointer (2 bytes) or labels.
+        if r[at] & 0xc0:
+            at += 2
+        else:
+            while r[at]: at += r[at] + 1
+            at += 1
+        rtype, _, _, length = struct.unpack(">HHIH", r[at:at + 10]); at += 10
+        if rtype == 1 and length == 4:
+            addresses.append(socket.inet_ntoa(r[at:at + 4]))
+        at += length
+    print("answer", *addresses, flush=True)
 "#;
 
 pub fn tcp_sink(ns: &str, port: u16) -> Result<Server> {
@@ -168,13 +173,32 @@ pub fn udp_send(ns: &str, dst: Ipv4Addr, port: u16, count: u32, size: usize) -> 
     String::from_utf8_lossy(&output.stdout).trim().parse().context("parsing the UDP client's count")
 }
 
-pub fn dns_server(ns: &str) -> Result<Server> {
-    start_server(ns, DNS_SERVER, &["53".to_string()])
+/// Sends `count` A queries for the `kubernetes` Service's name to `server`, each waiting up to
+/// `timeout`; returns the A records of each answered query.
+fn dns_answers(ns: &str, server: Ipv4Addr, count: u32, timeout: Duration) -> Result<Vec<Vec<Ipv4Addr>>> {
+    let args = [server.to_string(), KUBERNETES_SERVICE_NAME.to_string(), count.to_string(), timeout.as_secs_f64().to_string()];
+    let output = python(ns, DNS_QUERY, &args)?.output().context("running the DNS client")?;
+    if !output.status.success() {
+        bail!("the DNS client failed ({}): {}", output.status, String::from_utf8_lossy(&output.stderr).trim());
+    }
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| {
+            line.split_whitespace()
+                .skip(1)
+                .map(|address| address.parse().with_context(|| format!("parsing the DNS answer {line:?}")))
+                .collect()
+        })
+        .collect()
 }
 
 /// Sends `count` DNS queries to `server`; returns how many were answered.
 pub fn dns_query(ns: &str, server: Ipv4Addr, count: u32, timeout: Duration) -> Result<u32> {
-    let args = [server.to_string(), count.to_string(), timeout.as_secs_f64().to_string()];
-    let output = python(ns, DNS_QUERY, &args)?.output().context("running the DNS client")?;
-    String::from_utf8_lossy(&output.stdout).trim().parse().context("parsing the DNS client's count")
+    Ok(dns_answers(ns, server, count, timeout)?.len() as u32)
+}
+
+/// Resolves the `kubernetes` Service's name through `server`, as a pod's resolver does with
+/// cluster DNS; returns the A records of the answer, and fails when no answer came.
+pub fn dns_lookup(ns: &str, server: Ipv4Addr, timeout: Duration) -> Result<Vec<Ipv4Addr>> {
+    dns_answers(ns, server, 1, timeout)?.into_iter().next().with_context(|| format!("no answer from {server} within {timeout:?}"))
 }

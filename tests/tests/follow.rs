@@ -1,14 +1,15 @@
 //! `podtrace follow` on the built-in lab, run as a user would, checked against the lab's real
 //! interfaces and against tcpdump on the same interfaces. Needs root.
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::time::Duration;
 
 use anyhow::Result;
 use podtrace_tests::{
-    capture::{Capture, Dir, ip_filter, vxlan_inner_filter},
+    capture::Captures,
     fixture, inspect,
     lab::{Lab, LabSpec, unique_prefix},
     podtrace::{self, Launcher, Podtrace, run_podtrace},
+    report::hop,
     traffic,
 };
 use serde_json::Value;
@@ -31,15 +32,6 @@ fn hops(report: &Value) -> Vec<(String, String, String, u64)> {
             )
         })
         .collect()
-}
-
-fn hop<'a>(report: &'a Value, ifname: &str, direction: &str) -> &'a Value {
-    report["hops"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|h| h["ifname"] == ifname && h["direction"] == direction)
-        .unwrap_or_else(|| panic!("no hop {ifname} {direction} in {report:#}"))
 }
 
 #[test]
@@ -88,38 +80,6 @@ fn discovered_path_is_the_labs_real_interfaces() -> Result<()> {
     let names: Vec<String> = hops(&adjusted.json()?).into_iter().map(|h| h.0).collect();
     assert!(!names.contains(&"cni0".to_string()) && names.contains(&"lo".to_string()), "{names:?}");
     Ok(())
-}
-
-/// One tcpdump per traced hop and direction, with the filter that matches what podtrace
-/// follows there.
-struct Captures(Vec<(String, String, Capture)>);
-
-impl Captures {
-    fn start(lab: &Lab, pod_ip: Ipv4Addr) -> Result<Self> {
-        let ns = lab.node_a().netns.as_str();
-        let mut captures = Vec::new();
-        for ifname in [lab.pod_a().host_veth.as_str(), "cni0", "flannel.1", "eth0"] {
-            let filter = if ifname == "eth0" { vxlan_inner_filter(pod_ip) } else { ip_filter(pod_ip) };
-            for (dir, name) in [(Dir::In, "ingress"), (Dir::Out, "egress")] {
-                captures.push((ifname.to_string(), name.to_string(), Capture::start(ns, ifname, dir, &filter)?));
-            }
-        }
-        Ok(Self(captures))
-    }
-
-    fn assert_equal_to(self, report: &Value) -> Result<()> {
-        let mut mismatches = Vec::new();
-        for (ifname, direction, capture) in self.0 {
-            let tcpdump = capture.stop()?;
-            let podtrace = hop(report, &ifname, &direction)["packets"].as_u64().unwrap();
-            if tcpdump != podtrace {
-                mismatches.push(format!("{ifname} {direction}: tcpdump {tcpdump}, podtrace {podtrace}"));
-            }
-            assert!(tcpdump > 0, "{ifname} {direction}: no traffic at all");
-        }
-        assert!(mismatches.is_empty(), "per-hop counts differ: {mismatches:#?}");
-        Ok(())
-    }
 }
 
 /// Traces pod A while `traffic` runs, with tcpdump on every hop, and checks the counts.

@@ -1,0 +1,113 @@
+//! The built-in lab as real software builds it: pods made by Debian's CNI plugins (bridge,
+//! host-local, loopback), cluster DNS served by dnsmasq behind a Service written the way
+//! kube-proxy's iptables mode writes it. Checks that the lab really is that, and that podtrace
+//! on it counts what tcpdump counts and reports no problem where there is none. Needs root.
+
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use podtrace_tests::{
+    capture::Captures,
+    lab::{DNS_SERVICE_IP, KUBERNETES_SERVICE_IP, Lab, LabSpec, unique_prefix},
+    podtrace::Podtrace,
+    report::serious_findings,
+    traffic,
+};
+use serde_json::Value;
+
+fn lab(tag: &str) -> Lab {
+    Lab::up(LabSpec { prefix: unique_prefix(tag), ..Default::default() }).expect("bringing up the lab")
+}
+
+fn text(output: std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn mtu(lab: &Lab, ns: &str, ifname: &str) -> Result<u32> {
+    text(lab.run_in(ns, &["cat", &format!("/sys/class/net/{ifname}/mtu")])?).trim().parse().context("parsing an MTU")
+}
+
+/// Ping, a TCP bulk transfer and UDP echoes from pod A to pod B (across the tunnel).
+fn healthy_traffic(lab: &Lab) -> Result<()> {
+    let (pod_a, pod_b) = (lab.pod_a(), lab.pod_b());
+    let _sink = traffic::tcp_sink(&pod_b.netns, 5201)?;
+    let _echo = traffic::udp_echo(&pod_b.netns, 7000)?;
+    assert_eq!(traffic::ping_received(&traffic::ping(&pod_a.netns, pod_b.ip, 5, 56)?), 5);
+    let sent = traffic::tcp_send(&pod_a.netns, pod_b.ip, 5201, 200_000, 16_384, Duration::from_secs(10))?;
+    assert_eq!(text(sent).trim(), "200000");
+    assert_eq!(traffic::udp_send(&pod_a.netns, pod_b.ip, 7000, 10, 300)?, 10);
+    Ok(())
+}
+
+/// Follows pod A on node A while `traffic` runs; the JSON report.
+fn trace(lab: &Lab, traffic: impl FnOnce(&Lab) -> Result<()>) -> Result<Value> {
+    let podtrace = Podtrace::start(&lab.node_a().netns, &["follow", &lab.pod_a().ip.to_string(), "-o", "json"])?;
+    traffic(lab)?;
+    // Let the last packets cross every hop before stopping.
+    std::thread::sleep(Duration::from_millis(300));
+    let finished = podtrace.finish()?;
+    assert!(finished.status.success(), "{}", finished.stderr);
+    finished.json()
+}
+
+#[test]
+fn pods_are_made_by_the_bridge_plugin() -> Result<()> {
+    let lab = lab("cni");
+    for (node, pod) in [(lab.node_a(), lab.pod_a()), (lab.node_b(), lab.pod_b()), (lab.node_b(), lab.dns_pod())] {
+        // The plugin names the host-side veth "veth" + 8 random hex digits.
+        let random = pod.host_veth.strip_prefix("veth").unwrap_or_default();
+        assert!(random.len() == 8 && random.chars().all(|c| c.is_ascii_hexdigit()), "{}", pod.host_veth);
+        let port = text(lab.run_in(&node.netns, &["bridge", "-d", "link", "show", "dev", &pod.host_veth])?);
+        assert!(port.contains("master cni0") && port.contains("hairpin on"), "{port}");
+        assert_eq!(mtu(&lab, &node.netns, &pod.host_veth)?, 1450, "{}", pod.host_veth);
+        assert_eq!(mtu(&lab, &pod.netns, "eth0")?, 1450, "eth0 of {}", pod.netns);
+        assert_eq!(mtu(&lab, &node.netns, "cni0")?, 1450, "cni0 of {}", node.netns);
+        let route = text(lab.run_in(&pod.netns, &["ip", "route", "show", "default"])?);
+        assert_eq!(route.trim(), format!("default via {} dev eth0", node.gateway), "{}", pod.netns);
+        // host-local allocated the address from the node's subnet, as the pod has it.
+        let address = text(lab.run_in(&pod.netns, &["ip", "-4", "-o", "addr", "show", "dev", "eth0"])?);
+        assert!(address.contains(&format!("inet {}/24", pod.ip)), "{address}");
+        let subnet: std::net::Ipv4Addr = node.pod_cidr.split('/').next().unwrap_or_default().parse()?;
+        assert_eq!(pod.ip.octets()[..3], subnet.octets()[..3], "{} in {}", pod.ip, node.pod_cidr);
+    }
+    Ok(())
+}
+
+#[test]
+fn counts_match_tcpdump_on_the_real_cni_lab() -> Result<()> {
+    let lab = lab("rcnt");
+    let captures = Captures::start(&lab, lab.pod_a().ip)?;
+    let report = trace(&lab, healthy_traffic)?;
+    captures.assert_equal_to(&report)?;
+    assert_eq!(report["lost_events"], 0);
+    assert_eq!(report["unparsed"], 0);
+    Ok(())
+}
+
+#[test]
+fn cluster_dns_answers_through_the_service_without_findings() -> Result<()> {
+    let lab = lab("rdns");
+    let report = trace(&lab, |lab| {
+        // dnsmasq answers the pod's query sent to the Service IP: kube-proxy's DNAT on node A
+        // took it to the DNS pod on node B, and conntrack took the answer back.
+        let addresses = traffic::dns_lookup(&lab.pod_a().netns, DNS_SERVICE_IP, Duration::from_secs(2))?;
+        assert_eq!(addresses, [KUBERNETES_SERVICE_IP]);
+        assert_eq!(traffic::dns_query(&lab.pod_a().netns, DNS_SERVICE_IP, 3, Duration::from_secs(2))?, 3);
+        Ok(())
+    })?;
+    let unanswered: Vec<_> = report["findings"].as_array().unwrap().iter().filter(|f| f["kind"] == "dns-unanswered").collect();
+    assert!(unanswered.is_empty(), "{unanswered:#?}");
+    let serious = serious_findings(&report);
+    assert!(serious.is_empty(), "{serious:#?}");
+    Ok(())
+}
+
+#[test]
+fn healthy_real_cni_lab_has_no_warning_or_error() -> Result<()> {
+    let lab = lab("rok");
+    let report = trace(&lab, healthy_traffic)?;
+    let serious = serious_findings(&report);
+    assert!(serious.is_empty(), "{serious:#?}");
+    assert!(report["hops"][0]["packets"].as_u64().unwrap() > 100, "the traffic ran");
+    Ok(())
+}
