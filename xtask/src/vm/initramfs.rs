@@ -39,6 +39,9 @@ const MODULES: &[&str] = &[
     "nf_reject_ipv4",
     "nft_reject_ipv4",
     "xt_MASQUERADE",
+    // kube-proxy's rules: comments on every rule, and the masquerade mark.
+    "xt_comment",
+    "xt_mark",
 ];
 
 /// Host programs the tests call, copied with their shared libraries.
@@ -54,6 +57,11 @@ const TOOLS: &[&str] = &[
     "/usr/sbin/xtables-nft-multi",
     "/usr/bin/python3.11",
     "/usr/sbin/sysctl",
+    // The lab makes pods with the CNI plugins, and serves cluster DNS with dnsmasq.
+    "/usr/lib/cni/bridge",
+    "/usr/lib/cni/host-local",
+    "/usr/lib/cni/loopback",
+    "/usr/sbin/dnsmasq",
 ];
 
 /// The initramfs for `kernel`, whose init runs each of `runs` (a test binary and its name
@@ -79,8 +87,10 @@ pub fn build(kernel: &Kernel, podtrace: &Path, binaries: &[(String, PathBuf)], r
     for library in &libraries {
         copy(library, &root.join(library.strip_prefix("/").unwrap_or(library)))?;
     }
-    // iptables is a name of the xtables multi-call binary; python3 of python3.11.
+    // iptables and iptables-restore (kube-proxy's way of loading Services) are names of the
+    // xtables multi-call binary; python3 of python3.11.
     symlink("xtables-nft-multi", &root.join("usr/sbin/iptables"))?;
+    symlink("xtables-nft-multi", &root.join("usr/sbin/iptables-restore"))?;
     symlink("python3.11", &root.join("usr/bin/python3"))?;
     // iptables loads its match and target extensions with dlopen, which ldd cannot see.
     let xtables = Path::new("/usr/lib/x86_64-linux-gnu/xtables");
