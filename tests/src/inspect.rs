@@ -39,14 +39,17 @@ pub fn leftovers(ns: &str, ifname: &str) -> Result<Vec<String>> {
     Ok(found)
 }
 
-/// podtrace's state file for `ns` (clsact qdiscs it created) and any bpffs pins of podtrace.
+/// podtrace's state files for `ns` (the clsact qdiscs it created, the filters runs
+/// attached) and any bpffs pins of podtrace.
 pub fn state_leftovers(ns: &str) -> Result<Vec<String>> {
     use std::os::unix::fs::MetadataExt as _;
     let inode = std::fs::metadata(format!("/run/netns/{ns}")).context("reading the namespace inode")?.ino();
     let mut found = Vec::new();
-    let state = format!("/run/podtrace/clsact-{inode}");
-    if std::path::Path::new(&state).exists() {
-        found.push(state);
+    for kind in ["clsact", "filters"] {
+        let state = format!("/run/podtrace/{kind}-{inode}");
+        if std::path::Path::new(&state).exists() {
+            found.push(state);
+        }
     }
     if let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") {
         for entry in entries.flatten() {

@@ -9,6 +9,16 @@ use std::fmt;
 
 use serde::Serialize;
 
+/// `eprintln!` that never panics. After SIGHUP (a dropped SSH or `kubectl exec` session) the
+/// terminal is gone and writes to it fail; a trace must still detach and end cleanly.
+#[macro_export]
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 pub mod diagnosis;
 pub mod events;
 pub mod follow;

@@ -1,4 +1,4 @@
-use std::{net::IpAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{io::Write as _, net::IpAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -104,7 +104,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             // One line: what failed and why, through every context layer.
-            eprintln!("podtrace: {err:#}");
+            tracer::note!("podtrace: {err:#}");
             ExitCode::FAILURE
         }
     }
@@ -115,7 +115,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Follow(args) => follow(args).await,
         Command::Cleanup => {
             preflight::check_privileges()?;
-            let swept = probes::sweep().await?;
+            let _lock = probes::StateLock::acquire()?;
+            let swept = probes::sweep(None).await?;
             println!(
                 "removed {} filter(s) and {} clsact qdisc(s){}",
                 swept.filters.len(),
@@ -167,10 +168,16 @@ async fn follow(args: FollowArgs) -> Result<()> {
             None => std::fs::read_to_string("/proc/sys/kernel/hostname").context("reading the hostname")?.trim().to_string(),
         },
     };
-    let report = follow::follow(&options).await?;
-    match args.output {
-        Output::Text => print!("{}", report::render_text(&report)),
-        Output::Json => println!("{}", serde_json::to_string_pretty(&report).context("serialising the report")?),
+    let followed = follow::follow(&options).await?;
+    let text = match args.output {
+        Output::Text => report::render_text(&followed.report),
+        Output::Json => serde_json::to_string_pretty(&followed.report).context("serialising the report")? + "\n",
+    };
+    // Everything is detached by now; after SIGHUP stdout may be gone, which is no reason to
+    // panic.
+    let written = std::io::stdout().lock().write_all(text.as_bytes());
+    if let Some(err) = followed.detach_error {
+        return Err(err.context("detaching (the report above is complete)"));
     }
-    Ok(())
+    written.context("writing the report")
 }

@@ -6,7 +6,9 @@ use std::{collections::HashMap, io::Write as _, time::Duration};
 
 use anyhow::{Context as _, Result, anyhow};
 use aya::maps::{MapData, RingBuf};
-use tokio::{io::unix::AsyncFd, signal::unix::Signal};
+use tokio::io::unix::AsyncFd;
+
+use super::signals::Signals;
 
 use crate::{
     diagnosis::Diagnosis,
@@ -74,8 +76,7 @@ impl<'a> Collector<'a> {
         events: RingBuf<MapData>,
         kernel_events: RingBuf<MapData>,
         duration: Option<Duration>,
-        sigint: &mut Signal,
-        sigterm: &mut Signal,
+        signals: &mut Signals,
     ) -> Result<()> {
         // SAFETY: each ring buffer owns its map fd, which stays open and unchanged for as long
         // as the AsyncFd that owns the ring buffer.
@@ -83,13 +84,12 @@ impl<'a> Collector<'a> {
         // SAFETY: as above.
         let mut kernel_events =
             unsafe { AsyncFd::register(kernel_events) }.map_err(|err| anyhow!("polling the kernel ring buffer: {err}"))?;
-        let result =
-            with_rtnetlink(async |handle| self.watch(handle, &mut events, &mut kernel_events, duration, sigint, sigterm).await).await;
+        let result = with_rtnetlink(async |handle| self.watch(handle, &mut events, &mut kernel_events, duration, signals).await).await;
         // Whatever the kernel wrote before we stopped still belongs in the report.
         self.drain_packets(events.get_mut());
         self.drain_kernel(kernel_events.get_mut());
         if self.decode_errors > 0 {
-            eprintln!("podtrace: warning: {} ring records could not be decoded", self.decode_errors);
+            crate::note!("podtrace: warning: {} ring records could not be decoded", self.decode_errors);
         }
         result
     }
@@ -102,8 +102,7 @@ impl<'a> Collector<'a> {
         events: &mut AsyncFd<RingBuf<MapData>>,
         kernel_events: &mut AsyncFd<RingBuf<MapData>>,
         duration: Option<Duration>,
-        sigint: &mut Signal,
-        sigterm: &mut Signal,
+        signals: &mut Signals,
     ) -> Result<()> {
         let deadline = async {
             match duration {
@@ -131,14 +130,13 @@ impl<'a> Collector<'a> {
                     Err(err) => break Err(err).context("waiting for kernel events"),
                 },
                 _ = &mut deadline => break Ok(()),
-                _ = sigint.recv() => break Ok(()),
-                _ = sigterm.recv() => break Ok(()),
+                _ = signals.recv() => break Ok(()),
                 _ = link_check.tick() => {
                     if let Err(err) = self.sample_links(handle).await {
                         break Err(err);
                     }
                     if self.vanished.len() == self.path.hops().count() {
-                        eprintln!("podtrace: every traced interface is gone; ending the trace");
+                        crate::note!("podtrace: every traced interface is gone; ending the trace");
                         break Ok(());
                     }
                 }
@@ -188,9 +186,10 @@ impl<'a> Collector<'a> {
                     sample.insert(hop.ifindex, drops);
                 }
                 None => {
-                    eprintln!(
+                    crate::note!(
                         "podtrace: warning: interface {} (ifindex {}) disappeared; tracing continues on the other hops",
-                        hop.ifname, hop.ifindex
+                        hop.ifname,
+                        hop.ifindex
                     );
                     self.vanished.push(hop.ifindex);
                 }
@@ -220,7 +219,7 @@ impl<'a> Collector<'a> {
             line.push_str(&format!(" +{:.1}µs from {from} {}", latency_ns as f64 / 1000.0, previous.direction));
         }
         if self.live == LiveLines::Stderr {
-            eprintln!("{line}");
+            crate::note!("{line}");
         } else {
             let mut stdout = std::io::stdout().lock();
             // A closed stdout (e.g. `| head`) must not abort the trace before detaching.

@@ -3,6 +3,7 @@
 //! build the report. The event loop itself is `collect`.
 
 mod collect;
+mod signals;
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -13,15 +14,17 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow};
 use aya::maps::{MapData, RingBuf};
-use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracer_common::FilterConfig;
 
-use self::collect::{Collected, Collector, LiveLines};
+use self::{
+    collect::{Collected, Collector, LiveLines},
+    signals::Signals,
+};
 use crate::{
     diagnosis::{Diagnosis, Finish, Settings},
     kernel::{btf::KernelBtf, layout, symbols::KernelSymbols, tracefs::TracepointFormats},
     node::{self, Path, PathOverrides, bond, netns},
-    probes::{self, AttachMode, KernelSources, LoadOptions, Probes},
+    probes::{self, AttachMode, KernelSources, LoadOptions, Owner, Probes, StateLock},
     report::{self, Report, RunFacts},
 };
 
@@ -43,7 +46,13 @@ pub struct FollowOptions {
     pub btf: PathBuf,
 }
 
-pub async fn follow(options: &FollowOptions) -> Result<Report> {
+/// The report, and whether detaching failed (the report stands either way).
+pub struct Followed {
+    pub report: Report,
+    pub detach_error: Option<anyhow::Error>,
+}
+
+pub async fn follow(options: &FollowOptions) -> Result<Followed> {
     let kernel = KernelFacts::read(&options.btf)?;
     let node = discover(options).await?;
     let mut signals = Signals::install()?;
@@ -70,7 +79,7 @@ pub async fn follow(options: &FollowOptions) -> Result<Report> {
         counters: run.counters,
         vanished: &vanished,
     };
-    Ok(report::build(&final_path, &correlator, facts, outcome))
+    Ok(Followed { report: report::build(&final_path, &correlator, facts, outcome), detach_error: run.detach_error })
 }
 
 /// What the running kernel says about itself: its BTF, the layout the kernel programs read
@@ -104,26 +113,11 @@ struct NodeFacts {
 async fn discover(options: &FollowOptions) -> Result<NodeFacts> {
     let path = node::discover(&options.pod_ips, &options.overrides).await?;
     for warning in &path.warnings {
-        eprintln!("podtrace: warning: {warning}");
+        crate::note!("podtrace: warning: {warning}");
     }
-    eprint!("{}", path.describe());
+    crate::note!("{}", path.describe().trim_end());
     let namespaces = netns::node_namespaces(&path.pod_netnsids).await?;
     Ok(NodeFacts { path, namespaces, own_netns: netns::own_inode()? })
-}
-
-/// Registered before attaching, so a signal during attach still ends in a clean detach.
-struct Signals {
-    interrupt: Signal,
-    terminate: Signal,
-}
-
-impl Signals {
-    fn install() -> Result<Self> {
-        Ok(Self {
-            interrupt: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
-            terminate: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
-        })
-    }
 }
 
 struct Attached {
@@ -133,12 +127,15 @@ struct Attached {
     sources: KernelSources,
 }
 
-/// Sweeps what a killed run left, loads the programs and attaches them to every hop and
-/// tracepoint; on failure, detaches whatever was attached.
+/// Sweeps what killed runs left, loads the programs and attaches them to every hop and
+/// tracepoint; on failure, detaches whatever was attached. Holds the state lock throughout,
+/// so another run's sweep never meets a half-attached, not yet recorded filter of ours.
 async fn attach(options: &FollowOptions, kernel: &KernelFacts, node: &NodeFacts) -> Result<Attached> {
-    let swept = probes::sweep().await.context("sweeping leftovers of earlier runs")?;
+    let lock = StateLock::acquire()?;
+    let owner = Owner::register()?;
+    let swept = probes::sweep(Some(&owner)).await.context("sweeping leftovers of earlier runs")?;
     if !swept.filters.is_empty() || !swept.qdiscs.is_empty() {
-        eprintln!(
+        crate::note!(
             "podtrace: removed leftovers of an earlier run: filters [{}], clsact qdiscs [{}]",
             swept.filters.join(", "),
             swept.qdiscs.join(", ")
@@ -153,6 +150,7 @@ async fn attach(options: &FollowOptions, kernel: &KernelFacts, node: &NodeFacts)
     };
     let load = LoadOptions { filter, layout: kernel.layout, ring_bytes: options.ring_bytes };
     let mut probes = Probes::load(&load, options.attach_mode)?;
+    probes.set_owner(owner);
     let attached = async {
         for ip in &options.pod_ips {
             probes.follow(*ip)?;
@@ -164,6 +162,7 @@ async fn attach(options: &FollowOptions, kernel: &KernelFacts, node: &NodeFacts)
         Ok::<_, anyhow::Error>((probes.take_events()?, probes.take_kernel_events()?, sources))
     }
     .await;
+    drop(lock);
     match attached {
         Ok((events, kernel_events, sources)) => Ok(Attached { probes, events, kernel_events, sources }),
         Err(err) => {
@@ -182,6 +181,8 @@ struct Run<'a> {
     duration_s: f64,
     /// CLOCK_MONOTONIC when the trace ended, on the same clock as the events.
     end_ns: u64,
+    /// Detaching failed: the report still stands, but something may be left behind.
+    detach_error: Option<anyhow::Error>,
 }
 
 /// Runs the event loop, then detaches (also when the loop failed).
@@ -192,7 +193,7 @@ async fn collect<'a>(options: &FollowOptions, node: &'a NodeFacts, attached: Att
         _ => "tcx",
     };
     let hops = node.path.hops().count();
-    eprintln!(
+    crate::note!(
         "podtrace: tracing {hops} hops ({} programs, {attach_mode}) and kernel drops, retransmits and ICMP errors in {} namespaces{}; Ctrl-C to stop",
         hops * 2,
         node.namespaces.len(),
@@ -207,14 +208,13 @@ async fn collect<'a>(options: &FollowOptions, node: &'a NodeFacts, attached: Att
         (true, true) => LiveLines::Stderr,
     };
     let mut collector = Collector::new(&node.path, Diagnosis::new(&node.path, settings), live);
-    let looped = collector.run(events, kernel_events, options.duration, &mut signals.interrupt, &mut signals.terminate).await;
+    let looped = collector.run(events, kernel_events, options.duration, signals).await;
     let duration_s = started.elapsed().as_secs_f64();
     let end_ns = monotonic_ns();
     let counters = probes.counters();
     let detached = probes.detach().await;
     looped?;
-    detached.context("detaching")?;
-    Ok(Run { collected: collector.finish(), counters: counters?, sources, attach_mode, duration_s, end_ns })
+    Ok(Run { collected: collector.finish(), counters: counters?, sources, attach_mode, duration_s, end_ns, detach_error: detached.err() })
 }
 
 /// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.

@@ -9,5 +9,5 @@ pub mod netns;
 pub mod path;
 
 pub use discovery::{PathOverrides, discover};
-pub use netlink::{LinkDrops, link_drops, with_rtnetlink};
+pub use netlink::{LinkDrops, ifindex_of, interfaces, link_drops, with_rtnetlink};
 pub use path::{Hop, HopKey, HopKind, Locality, Path};

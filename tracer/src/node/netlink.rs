@@ -47,6 +47,20 @@ impl Link {
     }
 }
 
+/// Every interface of this network namespace, by index, from netlink (not /sys/class/net,
+/// which shows the namespace sysfs was mounted in, not ours, under `nsenter -n`).
+pub async fn interfaces() -> Result<BTreeMap<u32, String>> {
+    with_rtnetlink(async |handle| Ok(dump_links(handle).await?.into_values().map(|link| (link.index, link.name)).collect())).await
+}
+
+/// The index the kernel gives `ifname` now, if it exists.
+pub fn ifindex_of(ifname: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(ifname).ok()?;
+    // SAFETY: `name` is a valid NUL-terminated string that lives across the call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
+}
+
 pub(super) async fn dump_links(handle: &Handle) -> Result<BTreeMap<u32, Link>> {
     let messages: Vec<LinkMessage> = handle.link().get().execute().try_collect().await.context("dumping links")?;
     let mut links: BTreeMap<u32, Link> = messages.iter().map(parse_link).map(|link| (link.index, link)).collect();

@@ -1,18 +1,20 @@
 //! The kernel programs from userspace: loading them and writing their maps (this file),
 //! attaching the TC programs to every hop (`tc`), attaching the tracepoint programs
-//! (`tracepoints`), and removing what a killed run left behind (`cleanup`).
+//! (`tracepoints`), what runs record so they never undo each other (`state`), and removing
+//! what a killed run left behind (`cleanup`).
 
 mod cleanup;
+mod state;
 mod tc;
 mod tracepoints;
 
-use std::{collections::BTreeSet, net::IpAddr};
+use std::net::IpAddr;
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
-    programs::SchedClassifier,
+    programs::{SchedClassifier, tc::SchedClassifierLink},
     util::KernelVersion,
 };
 use tracer_common::{
@@ -22,6 +24,7 @@ use tracer_common::{
 
 pub use self::{
     cleanup::{Swept, sweep},
+    state::{Owner, StateLock},
     tc::{EGRESS_PROGRAM, INGRESS_PROGRAM},
     tracepoints::KernelSources,
 };
@@ -59,8 +62,12 @@ pub struct LoadOptions {
 pub struct Probes {
     ebpf: Ebpf,
     mode: AttachMode,
-    /// Interfaces whose clsact qdisc podtrace created and must remove.
-    created_clsact: BTreeSet<String>,
+    /// The run that owns the attachments, when they are recorded (a `follow`).
+    owner: Option<Owner>,
+    /// The TC links; dropping one detaches it.
+    links: Vec<SchedClassifierLink>,
+    /// The cls_bpf filters this run recorded.
+    filters: Vec<state::FilterRecord>,
 }
 
 impl Probes {
@@ -84,7 +91,13 @@ impl Probes {
             AttachMode::Tcx if !has_tcx => bail!("--attach tcx needs kernel 6.6 or newer; use --attach clsact (or auto) here"),
             explicit => explicit,
         };
-        Ok(Self { ebpf, mode, created_clsact: BTreeSet::new() })
+        Ok(Self { ebpf, mode, owner: None, links: Vec::new(), filters: Vec::new() })
+    }
+
+    /// Records what `attach` attaches as `owner`'s, so other runs leave it alone while the
+    /// owner lives and sweep it once it is gone.
+    pub fn set_owner(&mut self, owner: Owner) {
+        self.owner = Some(owner);
     }
 
     pub fn mode(&self) -> AttachMode {
@@ -134,21 +147,19 @@ impl Probes {
         Ok(self.ebpf.program(name).context("program missing")?.try_into()?)
     }
 
-    /// Detaches every program and removes the clsact qdiscs podtrace created.
+    /// Detaches every program, forgets this run's records and removes the clsact qdiscs
+    /// podtrace created that nothing uses any more (another live run's filters keep theirs).
     pub async fn detach(self) -> Result<()> {
-        let Self { ebpf, created_clsact, .. } = self;
-        // Dropping the programs closes TCX links and deletes our cls_bpf filters.
+        let Self { ebpf, mode, links, filters, owner } = self;
+        let _lock = StateLock::acquire()?;
+        // Dropping a link closes a TCX link or deletes a cls_bpf filter; then the programs.
+        drop(links);
         drop(ebpf);
-        let mut failures = Vec::new();
-        for ifname in &created_clsact {
-            if let Err(err) = cleanup::remove_clsact_if_unused(ifname).await {
-                failures.push(format!("{ifname}: {err:#}"));
-            }
+        state::forget_filters(&filters)?;
+        if mode == AttachMode::Clsact {
+            cleanup::remove_unused_clsact().await?;
         }
-        cleanup::forget_created_clsact(&created_clsact)?;
-        if !failures.is_empty() {
-            bail!("could not remove clsact qdiscs: {}", failures.join("; "));
-        }
+        drop(owner);
         Ok(())
     }
 }

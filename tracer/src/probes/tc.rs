@@ -1,34 +1,36 @@
 //! The TC programs on every hop: TCX links where the kernel has them, clsact with cls_bpf
 //! otherwise. TCX links (kernel 6.6+) are owned by file descriptors, so they vanish with the
-//! process even after SIGKILL; the clsact fallback survives it, which `cleanup` handles.
+//! process even after SIGKILL; the clsact fallback survives it, so each filter is recorded
+//! with its owner (`state`) for `cleanup`.
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use aya::programs::{
     LinkOrder, SchedClassifier, TcAttachType,
     tc::{self, NlOptions, TcAttachOptions},
 };
 use futures::TryStreamExt as _;
 
-use super::{AttachMode, Probes, cleanup};
+use super::{
+    AttachMode, Probes,
+    state::{self, FilterRecord},
+};
 use crate::{
     Direction,
-    node::{Hop, with_rtnetlink},
+    node::{Hop, ifindex_of, with_rtnetlink},
 };
 
 pub const INGRESS_PROGRAM: &str = "podtrace_ingress";
 pub const EGRESS_PROGRAM: &str = "podtrace_egress";
 
 impl Probes {
-    /// Registers the hop with the kernel filter and attaches both programs to it.
+    /// Registers the hop with the kernel filter and attaches both programs to it. The caller
+    /// holds the state lock (`StateLock`).
     pub async fn attach(&mut self, hop: &Hop) -> Result<()> {
         self.register_hop(hop.ifindex, hop.no_mac_header)?;
 
         if self.mode == AttachMode::Clsact {
             match tc::qdisc_add_clsact(&hop.ifname) {
-                Ok(()) => {
-                    self.created_clsact.insert(hop.ifname.clone());
-                    cleanup::record_created_clsact(&self.created_clsact)?;
-                }
+                Ok(()) => state::record_clsact(&hop.ifname)?,
                 Err(tc::TcError::NetlinkError(err)) if err.raw_os_error() == Some(libc::EEXIST) => {}
                 Err(err) => return Err(err).with_context(|| format!("adding a clsact qdisc to {}", hop.ifname)),
             }
@@ -47,9 +49,32 @@ impl Probes {
                 _ => TcAttachOptions::TcxOrder(LinkOrder::first()),
             };
             let program: &mut SchedClassifier = self.ebpf.program_mut(name).context("program missing")?.try_into()?;
-            program
+            let id = program
                 .attach_with_options(&hop.ifname, attach_type, options)
                 .with_context(|| format!("attaching {name} to {} ({:?})", hop.ifname, self.mode))?;
+            let link = program.take_link(id).context("taking the TC link")?;
+            // The kernel attaches by name: a pod restarted since discovery would have a new
+            // interface under the old name, and the hop would stay silently empty.
+            if ifindex_of(&hop.ifname) != Some(hop.ifindex) {
+                bail!(
+                    "{} was replaced since the path was discovered (it is no longer ifindex {}); run podtrace again",
+                    hop.ifname,
+                    hop.ifindex
+                );
+            }
+            if let (Ok(priority), Ok(handle), Some(owner)) = (link.priority(), link.handle(), &self.owner) {
+                let record = FilterRecord {
+                    owner: owner.id.clone(),
+                    ifindex: hop.ifindex,
+                    ifname: hop.ifname.clone(),
+                    ingress: direction == Direction::Ingress,
+                    priority,
+                    handle: handle.into(),
+                };
+                state::record_filter(&record)?;
+                self.filters.push(record);
+            }
+            self.links.push(link);
         }
         Ok(())
     }
