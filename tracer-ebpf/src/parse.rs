@@ -1,5 +1,6 @@
 //! Header parsing shared by the TC programs (reading the packet with `bpf_skb_load_bytes`)
-//! and the tracepoint programs (reading an skb's memory with `bpf_probe_read_kernel`).
+//! and the tracepoint programs (reading an skb's memory with `bpf_probe_read_kernel`):
+//! `parse_packet` reads an IP packet and, for VXLAN, the packet it carries.
 
 use aya_ebpf::{helpers::bpf_probe_read_kernel, programs::TcContext};
 use network_types::{
@@ -8,13 +9,18 @@ use network_types::{
     udp::UdpHdr,
     vlan::VlanHdr,
 };
-use tracer_common::{IP_DF, IP_FRAGMENT, IP_LATER_FRAGMENT, IP_OPTIONS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IpLayer};
+use tracer_common::{
+    COUNTER_UNPARSED, IP_DF, IP_FRAGMENT, IP_LATER_FRAGMENT, IP_OPTIONS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IpLayer,
+    PKT_INNER_TRUNCATED, PKT_VXLAN,
+};
+
+use crate::maps::count;
 
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86DD;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88A8;
-pub const VXLAN_HDR_LEN: usize = 8;
+const VXLAN_HDR_LEN: usize = 8;
 const VXLAN_FLAG_VNI: u8 = 0x08;
 
 // IPv6 extension headers we step over to reach the L4 header.
@@ -55,10 +61,48 @@ impl Headers for KernelMemory {
     }
 }
 
+/// What `parse_packet` found besides the two layers.
+pub struct Parsed {
+    /// `PKT_VXLAN`, `PKT_INNER_TRUNCATED`.
+    pub flags: u8,
+    pub vni: u32,
+}
+
+/// Parses the IP packet at `l3_offset` into `outer` and, when it is VXLAN to one of
+/// `vxlan_ports`, the packet it carries into `inner`. A VXLAN payload too short for its inner
+/// headers keeps the outer layer, which still tells where the packet was, and is counted as
+/// unparsed.
+#[inline(always)]
+pub fn parse_packet<H: Headers>(
+    headers: &H,
+    ether_type: u16,
+    l3_offset: usize,
+    vxlan_ports: &[u16; 2],
+    outer: &mut IpLayer,
+    inner: &mut IpLayer,
+) -> Result<Parsed, Skip> {
+    let l4_offset = parse_ip(headers, ether_type, l3_offset, outer)?;
+    let mut parsed = Parsed { flags: 0, vni: 0 };
+    if is_vxlan(outer, vxlan_ports) {
+        match parse_vxlan(headers, l4_offset + UDP_PAYLOAD, inner) {
+            Ok(Some(vni)) => {
+                parsed.flags |= PKT_VXLAN;
+                parsed.vni = vni;
+            }
+            Ok(None) => {}
+            Err(_) => {
+                parsed.flags |= PKT_VXLAN | PKT_INNER_TRUNCATED;
+                count(COUNTER_UNPARSED);
+            }
+        }
+    }
+    Ok(parsed)
+}
+
 /// Parses a VXLAN header at `offset` and the packet it carries into `inner`; returns the VNI,
 /// or `None` if the I flag is clear (not a VXLAN packet after all).
 #[inline(always)]
-pub fn parse_vxlan<H: Headers>(headers: &H, offset: usize, inner: &mut IpLayer) -> Result<Option<u32>, Skip> {
+fn parse_vxlan<H: Headers>(headers: &H, offset: usize, inner: &mut IpLayer) -> Result<Option<u32>, Skip> {
     let vxlan: [u8; VXLAN_HDR_LEN] = headers.read(offset)?;
     if vxlan[0] & VXLAN_FLAG_VNI == 0 {
         return Ok(None);
@@ -71,12 +115,12 @@ pub fn parse_vxlan<H: Headers>(headers: &H, offset: usize, inner: &mut IpLayer) 
 
 /// Whether a parsed outer layer is a UDP packet to one of the VXLAN ports.
 #[inline(always)]
-pub fn is_vxlan(layer: &IpLayer, ports: &[u16; 2]) -> bool {
+fn is_vxlan(layer: &IpLayer, ports: &[u16; 2]) -> bool {
     layer.proto == IPPROTO_UDP && layer.flags & IP_LATER_FRAGMENT == 0 && (layer.dport == ports[0] || layer.dport == ports[1])
 }
 
 /// The UDP payload offset for an L4 offset.
-pub const UDP_PAYLOAD: usize = UdpHdr::LEN;
+const UDP_PAYLOAD: usize = UdpHdr::LEN;
 
 /// Returns the EtherType after at most two VLAN tags, the L3 offset, and the outer VLAN id.
 #[inline(always)]
@@ -105,7 +149,7 @@ pub fn parse_ethernet<H: Headers>(ctx: &H, offset: usize) -> Result<(u16, usize,
 
 /// Fills `layer` from the IP header at `offset` and the L4 header after it; returns the L4 offset.
 #[inline(always)]
-pub fn parse_ip<H: Headers>(ctx: &H, ether_type: u16, offset: usize, layer: &mut IpLayer) -> Result<usize, Skip> {
+fn parse_ip<H: Headers>(ctx: &H, ether_type: u16, offset: usize, layer: &mut IpLayer) -> Result<usize, Skip> {
     let l4_offset = if ether_type == ETH_P_IP { parse_ipv4(ctx, offset, layer)? } else { parse_ipv6(ctx, offset, layer)? };
     if layer.flags & IP_LATER_FRAGMENT == 0 {
         parse_l4(ctx, l4_offset, layer)?;
