@@ -19,8 +19,19 @@ use tracer_common::{
 
 use crate::{
     maps::{count, filter, matches},
-    parse::{ETH_P_IP, ETH_P_IPV6, KernelMemory, Skip, parse_packet, v4_mapped},
+    parse::{ETH_P_IP, ETH_P_IPV6, Headers, Skip, parse_packet, v4_mapped},
 };
+
+/// Kernel memory starting at an skb's network header.
+struct KernelMemory(*const u8);
+
+impl Headers for KernelMemory {
+    #[inline(always)]
+    fn read<T: Copy>(&self, offset: usize) -> Result<T, Skip> {
+        // SAFETY: bpf_probe_read_kernel validates the address and fails cleanly on a bad one.
+        unsafe { bpf_probe_read_kernel(self.0.wrapping_add(offset) as *const T) }.map_err(|_| Skip::Unparsed)
+    }
+}
 
 /// Set by userspace at load time from BTF and tracefs.
 #[unsafe(no_mangle)]

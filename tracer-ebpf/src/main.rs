@@ -13,7 +13,7 @@
 mod kernel_events;
 #[cfg(target_arch = "bpf")]
 mod maps;
-#[cfg(target_arch = "bpf")]
+#[cfg(any(target_arch = "bpf", test))]
 mod parse;
 #[cfg(target_arch = "bpf")]
 mod tc;

@@ -14,8 +14,17 @@ use tracer_common::{
 
 use crate::{
     maps::{count, filter, matches},
-    parse::{ETH_P_IP, ETH_P_IPV6, Headers as _, Skip, parse_ethernet, parse_packet},
+    parse::{ETH_P_IP, ETH_P_IPV6, Headers, Skip, parse_ethernet, parse_packet},
 };
+
+/// The TC programs read the packet with `bpf_skb_load_bytes`, which also reads the paged
+/// part of a non-linear skb and fails cleanly past the end.
+impl Headers for TcContext {
+    #[inline(always)]
+    fn read<T: Copy>(&self, offset: usize) -> Result<T, Skip> {
+        self.load(offset).map_err(|_| Skip::Unparsed)
+    }
+}
 
 /// Traced hops by ifindex; packets on other devices are ignored.
 #[map]
@@ -42,6 +51,20 @@ pub fn podtrace_egress(ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
+/// Why a packet on a hop produced no event.
+enum NoEvent {
+    Parse(Skip),
+    /// Not a traced hop, or not a followed flow.
+    NotFollowed,
+}
+
+impl From<Skip> for NoEvent {
+    #[inline(always)]
+    fn from(skip: Skip) -> Self {
+        Self::Parse(skip)
+    }
+}
+
 #[inline(always)]
 fn trace(ctx: &TcContext, direction: u8) {
     match build_event(ctx, direction) {
@@ -51,26 +74,26 @@ fn trace(ctx: &TcContext, direction: u8) {
                 count(COUNTER_LOST_EVENTS);
             }
         }
-        Err(Skip::NotIp) => count(COUNTER_NOT_IP),
-        Err(Skip::Unparsed) => count(COUNTER_UNPARSED),
-        Err(Skip::NotFollowed) => {}
+        Err(NoEvent::Parse(Skip::NotIp)) => count(COUNTER_NOT_IP),
+        Err(NoEvent::Parse(Skip::Unparsed)) => count(COUNTER_UNPARSED),
+        Err(NoEvent::NotFollowed) => {}
     }
 }
 
 #[inline(always)]
-fn build_event(ctx: &TcContext, direction: u8) -> Result<&PacketEvent, Skip> {
+fn build_event(ctx: &TcContext, direction: u8) -> Result<&PacketEvent, NoEvent> {
     // SAFETY: ctx.skb.skb is the program's context pointer, valid for the whole run.
     let skb = unsafe { &*ctx.skb.skb };
     let ifindex = skb.ifindex;
     // SAFETY: the entry is copied out at once, and userspace only adds hops.
     let hop = match unsafe { HOPS.get(&ifindex) } {
         Some(hop) => *hop,
-        None => return Err(Skip::NotFollowed),
+        None => return Err(NoEvent::NotFollowed),
     };
     let event = match SCRATCH.get_ptr_mut(0) {
         // SAFETY: a per-CPU slot, exclusively ours until this program run ends.
         Some(event) => unsafe { &mut *event },
-        None => return Err(Skip::NotFollowed),
+        None => return Err(NoEvent::NotFollowed),
     };
     *event = PacketEvent::default();
     event.ifindex = ifindex;
@@ -85,7 +108,7 @@ fn build_event(ctx: &TcContext, direction: u8) -> Result<&PacketEvent, Skip> {
     event.flags |= parsed.flags;
     event.vni = parsed.vni;
     if !matches(&filter, &event.outer, &event.inner, event.flags) {
-        return Err(Skip::NotFollowed);
+        return Err(NoEvent::NotFollowed);
     }
     // SAFETY: a helper without arguments or preconditions.
     event.ktime_ns = unsafe { bpf_ktime_get_ns() };
