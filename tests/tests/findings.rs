@@ -65,12 +65,19 @@ fn firewall_drop_on_node_b_names_the_reason_and_the_hop() -> Result<()> {
     assert_eq!(drop["hop"], "flannel.1");
     assert_eq!(drop["evidence"]["direction"], "ingress");
     // nf_hook_slow with legacy iptables, nft_do_chain with iptables-nft.
-    assert!(drop["evidence"]["function"].as_str().unwrap().starts_with("nf"), "{drop:#}");
-    assert!(drop["evidence"]["count"].as_u64().unwrap() >= 1);
+    let function = drop["evidence"]["function"].as_str().unwrap();
+    assert!(["nf_hook_slow", "nft_do_chain"].contains(&function), "{drop:#}");
+    assert!(drop["evidence"]["location"].as_str().unwrap().starts_with(&format!("{function}+0x")), "{drop:#}");
     // Between flannel.1 ingress and cni0 egress.
     assert!(drop["summary"].as_str().unwrap().contains("after flannel.1 ingress, before cni0 egress"), "{drop:#}");
+    // Every SYN to the firewalled port was dropped, and nothing else: the connection attempt
+    // and at least one retransmission of it, each a packet whose journey ended at
+    // flannel.1 ingress.
     let hop = report["hops"].as_array().unwrap().iter().find(|h| h["ifname"] == "flannel.1" && h["direction"] == "ingress").unwrap();
-    assert_eq!(hop["drops"], drop["evidence"]["count"]);
+    let count = drop["evidence"]["count"].as_u64().unwrap();
+    assert!(count >= 2, "{drop:#}");
+    assert_eq!(hop["last_seen"], count, "{hop:#}");
+    assert_eq!(hop["drops"], count);
     Ok(())
 }
 
@@ -91,13 +98,17 @@ fn underlay_mtu_mismatch_between_nodes() -> Result<()> {
 
     let retransmits = one(&report_a, "retransmits");
     assert_shape(retransmits);
+    // On the hop where the pod's packets enter the path, with the count that hop shows.
+    assert_eq!(retransmits["hop"], lab.pod_a().host_veth.as_str(), "{retransmits:#}");
+    let count = retransmits["evidence"]["retransmits"].as_u64().unwrap();
+    assert!(count > 0);
+    assert_eq!(report_a["hops"][0]["retransmits"], count);
     assert_eq!(retransmits["evidence"]["mtu_signature"], true, "{retransmits:#}");
     assert!(retransmits["summary"].as_str().unwrap().contains("only full-size segments"));
     // Full-size: 1450 MTU - 20 IP - 32 TCP header with timestamps.
     let sizes = retransmits["evidence"]["segment_sizes"].as_array().unwrap();
     assert!(sizes.iter().all(|s| s["bytes"] == 1398), "{sizes:?}");
-    let first_hop = &report_a["hops"][0];
-    assert!(first_hop["retransmits"].as_u64().unwrap() > 0);
+    assert_eq!(sizes.iter().map(|s| s["count"].as_u64().unwrap()).sum::<u64>(), count, "{sizes:?}");
     // Node A's own configuration is consistent: no MTU finding there.
     assert!(findings(&report_a, "mtu-mismatch").is_empty(), "{:#}", report_a["findings"]);
     // Pod A's retransmits never show up in node B's report.
@@ -185,6 +196,10 @@ fn dns_without_service_rules_is_never_dnated() -> Result<()> {
     assert_eq!(finding["evidence"]["port"], 53);
     assert_eq!(finding["evidence"]["dnat_to"], serde_json::json!([]));
     assert!(finding["summary"].as_str().unwrap().contains("never DNATed"), "{finding:#}");
+    // Without the Service rules the node has no route to the Service IP: the queries stop
+    // where the node routes them, at the pod bridge.
+    assert_eq!(finding["hop"], "cni0", "{finding:#}");
+    assert_eq!(finding["evidence"]["last_hop"], "cni0 ingress");
     assert!(finding["advice"].as_str().unwrap().contains("kube-proxy"));
 
     // With the Service rules in place, the same queries are answered: no finding.
@@ -227,6 +242,8 @@ fn lost_events_are_reported() -> Result<()> {
     assert!(lost > 0, "expected lost events with a 4 KiB ring");
     let finding = one(&report, "lost-events");
     assert_eq!(finding["severity"], "warning");
+    // About the whole report, not one hop.
+    assert!(finding["hop"].is_null(), "{finding:#}");
     assert_eq!(finding["evidence"]["lost_events"].as_u64().unwrap(), lost);
     Ok(())
 }

@@ -1,7 +1,8 @@
 //! Tracepoint programs: drops, TCP retransmits and ICMP errors for the followed flows.
 //!
-//! Tracepoints fire for the whole kernel, so every event is filtered twice: by the followed
-//! IPs, and by network namespace (only this node's and its local pods' namespaces count).
+//! Tracepoints fire for the whole kernel, so every event is filtered twice: by network
+//! namespace (only this node's and its local pods' namespaces count), and like the TC
+//! programs' packets, by `matches` (the followed IPs and `--peer/--port/--proto`).
 //! Struct offsets and tracepoint record layouts come from userspace (`LAYOUT`), read from the
 //! running kernel's BTF and tracefs.
 
@@ -12,14 +13,25 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, TracePointContext},
 };
 use tracer_common::{
-    COUNTER_UNPARSED, IPPROTO_TCP, KEV_DROP, KEV_ICMP_SEND, KEV_RECEIVED, KEV_RETRANSMIT, KernelEvent, KernelLayout, MAX_NETNS,
-    PKT_INNER_TRUNCATED, PKT_VXLAN,
+    COUNTER_LOST_EVENTS, COUNTER_UNPARSED, IPPROTO_TCP, IpLayer, KEV_DROP, KEV_ICMP_SEND, KEV_RECEIVED, KEV_RETRANSMIT, KernelEvent,
+    KernelLayout, MAX_NETNS,
 };
 
 use crate::{
-    parse::{ETH_P_IP, ETH_P_IPV6, KernelMemory, Skip, UDP_PAYLOAD, is_vxlan, parse_ip, parse_vxlan, v4_mapped},
-    tc::{FILTER, count, is_followed},
+    maps::{count, filter, matches},
+    parse::{ETH_P_IP, ETH_P_IPV6, Headers, Skip, parse_packet, v4_mapped},
 };
+
+/// Kernel memory starting at an skb's network header.
+struct KernelMemory(*const u8);
+
+impl Headers for KernelMemory {
+    #[inline(always)]
+    fn read<T: Copy>(&self, offset: usize) -> Result<T, Skip> {
+        // SAFETY: bpf_probe_read_kernel validates the address and fails cleanly on a bad one.
+        unsafe { bpf_probe_read_kernel(self.0.wrapping_add(offset) as *const T) }.map_err(|_| Skip::Unparsed)
+    }
+}
 
 /// Set by userspace at load time from BTF and tracefs.
 #[unsafe(no_mangle)]
@@ -79,8 +91,22 @@ fn read<T: Copy>(base: *const u8, offset: u32) -> Option<T> {
     if base.is_null() {
         return None;
     }
-    // SAFETY: bpf_probe_read_kernel validates the address.
+    // SAFETY: bpf_probe_read_kernel validates the address and fails cleanly on a bad one.
     unsafe { bpf_probe_read_kernel(base.wrapping_add(offset as usize) as *const T) }.ok()
+}
+
+/// A field of the tracepoint's record at `offset` (from tracefs, through `LAYOUT`).
+#[inline(always)]
+fn field<T: Copy>(ctx: &TracePointContext, offset: u32) -> Option<T> {
+    // SAFETY: read_at goes through bpf_probe_read, which fails cleanly past the record.
+    unsafe { ctx.read_at(offset as usize) }.ok()
+}
+
+/// `bpf_ktime_get_ns`, the clock of the TC programs' events.
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: a helper without arguments or preconditions.
+    unsafe { bpf_ktime_get_ns() }
 }
 
 #[inline(always)]
@@ -108,19 +134,25 @@ fn sock_netns(sk: *const u8, layout: &KernelLayout) -> Option<u32> {
 
 #[inline(always)]
 fn on_this_node(netns: u32) -> bool {
+    // SAFETY: only whether an entry exists is used; the returned reference is never read.
     unsafe { NETNS.get(&netns).is_some() }
 }
 
+/// The per-CPU event, cleared.
 #[inline(always)]
 fn scratch() -> Option<&'static mut KernelEvent> {
-    // SAFETY: per-CPU slot, exclusively ours for this run.
-    KERNEL_SCRATCH.get_ptr_mut(0).map(|event| unsafe { &mut *event })
+    // SAFETY: a per-CPU slot, exclusively ours until this program run ends.
+    let event = KERNEL_SCRATCH.get_ptr_mut(0).map(|event| unsafe { &mut *event })?;
+    *event = KernelEvent::default();
+    Some(event)
 }
 
 #[inline(always)]
-fn submit(event: &KernelEvent) {
+fn submit(event: &mut KernelEvent, kind: u8) {
+    event.kind = kind;
+    event.ktime_ns = now();
     if KERNEL_EVENTS.output::<KernelEvent>(event, 0).is_err() {
-        count(tracer_common::COUNTER_LOST_EVENTS);
+        count(COUNTER_LOST_EVENTS);
     }
 }
 
@@ -154,38 +186,30 @@ fn fill_from_skb(skb: *const u8, event: &mut KernelEvent, layout: &KernelLayout)
         6 => ETH_P_IPV6,
         _ => return false,
     };
-    let l4_offset = match parse_ip(&headers, ether_type, 0, &mut event.outer) {
-        Ok(offset) => offset,
+    let filter = filter();
+    match parse_packet(&headers, ether_type, 0, &filter.vxlan_ports, &mut event.outer, &mut event.inner) {
+        Ok(parsed) => {
+            event.flags |= parsed.flags;
+            matches(&filter, &event.outer, &event.inner, parsed.flags)
+        }
         Err(Skip::Unparsed) => {
             count(COUNTER_UNPARSED);
-            return false;
+            false
         }
-        Err(_) => return false,
-    };
-    let filter = unsafe { core::ptr::read_volatile(&FILTER) };
-    if is_vxlan(&event.outer, &filter.vxlan_ports) {
-        match parse_vxlan(&headers, l4_offset + UDP_PAYLOAD, &mut event.inner) {
-            Ok(Some(_)) => event.flags |= PKT_VXLAN,
-            Ok(None) => {}
-            Err(_) => event.flags |= PKT_VXLAN | PKT_INNER_TRUNCATED,
-        }
+        Err(_) => false,
     }
-    is_followed(&event.outer) || (event.flags & PKT_VXLAN != 0 && is_followed(&event.inner))
 }
 
 #[inline(always)]
 fn on_drop(skb: *const u8, location: u64, reason: u32) {
     let layout = layout();
     let Some(event) = scratch() else { return };
-    *event = KernelEvent::default();
     if !fill_from_skb(skb, event, &layout) {
         return;
     }
-    event.kind = KEV_DROP;
     event.location = location;
     event.reason = reason;
-    event.ktime_ns = unsafe { bpf_ktime_get_ns() };
-    submit(event);
+    submit(event, KEV_DROP);
 }
 
 /// `skb:kfree_skb` through its BTF-typed arguments: (skb, location, reason, ...).
@@ -202,9 +226,9 @@ pub fn podtrace_kfree_skb_btf(ctx: BtfTracePointContext) -> i32 {
 #[tracepoint]
 pub fn podtrace_kfree_skb(ctx: TracePointContext) -> u32 {
     let layout = layout();
-    let skb: u64 = unsafe { ctx.read_at(layout.kfree_skbaddr as usize) }.unwrap_or(0);
-    let location: u64 = unsafe { ctx.read_at(layout.kfree_location as usize) }.unwrap_or(0);
-    let reason: u32 = unsafe { ctx.read_at(layout.kfree_reason as usize) }.unwrap_or(0);
+    let skb: u64 = field(&ctx, layout.kfree_skbaddr).unwrap_or(0);
+    let location: u64 = field(&ctx, layout.kfree_location).unwrap_or(0);
+    let reason: u32 = field(&ctx, layout.kfree_reason).unwrap_or(0);
     on_drop(skb as *const u8, location, reason);
     0
 }
@@ -213,60 +237,60 @@ pub fn podtrace_kfree_skb(ctx: TracePointContext) -> u32 {
 pub fn podtrace_tcp_retransmit(ctx: TracePointContext) -> u32 {
     let layout = layout();
     let Some(event) = scratch() else { return 0 };
-    *event = KernelEvent::default();
-    let sk: u64 = unsafe { ctx.read_at(layout.retrans_skaddr as usize) }.unwrap_or(0);
+    let sk: u64 = field(&ctx, layout.retrans_skaddr).unwrap_or(0);
     let Some(netns) = sock_netns(sk as *const u8, &layout) else { return 0 };
-    if !on_this_node(netns) {
+    if !on_this_node(netns) || !retransmitted_flow(&ctx, &layout, &mut event.outer) {
         return 0;
     }
-    let family: u16 = unsafe { ctx.read_at(layout.retrans_family as usize) }.unwrap_or(0);
-    let outer = &mut event.outer;
-    match family {
-        AF_INET => {
-            outer.version = 4;
-            outer.src = v4_mapped(unsafe { ctx.read_at(layout.retrans_saddr as usize) }.unwrap_or([0; 4]));
-            outer.dst = v4_mapped(unsafe { ctx.read_at(layout.retrans_daddr as usize) }.unwrap_or([0; 4]));
-        }
-        AF_INET6 => {
-            outer.version = 6;
-            outer.src = unsafe { ctx.read_at(layout.retrans_saddr_v6 as usize) }.unwrap_or([0; 16]);
-            outer.dst = unsafe { ctx.read_at(layout.retrans_daddr_v6 as usize) }.unwrap_or([0; 16]);
-        }
-        _ => return 0,
-    }
-    if !is_followed(outer) {
+    // The retransmitted segment is a TCP packet of the flow; no VXLAN layer, so no flags.
+    if !matches(&filter(), &event.outer, &event.inner, 0) {
         return 0;
     }
-    outer.proto = IPPROTO_TCP;
-    outer.sport = unsafe { ctx.read_at(layout.retrans_sport as usize) }.unwrap_or(0);
-    outer.dport = unsafe { ctx.read_at(layout.retrans_dport as usize) }.unwrap_or(0);
-    let skb: u64 = unsafe { ctx.read_at(layout.retrans_skbaddr as usize) }.unwrap_or(0);
+    let skb: u64 = field(&ctx, layout.retrans_skbaddr).unwrap_or(0);
     let skb = skb as *const u8;
     // The skb still sits in the write queue: its length is the segment's payload, and the
     // first word of its control block (struct tcp_skb_cb) is the sequence number.
     event.skb_len = read(skb, layout.skb_len).unwrap_or(0);
     event.tcp_seq = read(skb, layout.skb_cb).unwrap_or(0);
-    event.reason = unsafe { ctx.read_at::<i32>(layout.retrans_state as usize) }.unwrap_or(0) as u32;
+    event.reason = field::<i32>(&ctx, layout.retrans_state).unwrap_or(0) as u32;
     event.netns = netns;
-    event.kind = KEV_RETRANSMIT;
-    event.ktime_ns = unsafe { bpf_ktime_get_ns() };
-    submit(event);
+    submit(event, KEV_RETRANSMIT);
     0
+}
+
+/// The retransmitting socket's addresses and ports, from the tracepoint's record; `false`
+/// for a family other than IPv4 and IPv6.
+#[inline(always)]
+fn retransmitted_flow(ctx: &TracePointContext, layout: &KernelLayout, outer: &mut IpLayer) -> bool {
+    match field::<u16>(ctx, layout.retrans_family).unwrap_or(0) {
+        AF_INET => {
+            outer.version = 4;
+            outer.src = v4_mapped(field(ctx, layout.retrans_saddr).unwrap_or([0; 4]));
+            outer.dst = v4_mapped(field(ctx, layout.retrans_daddr).unwrap_or([0; 4]));
+        }
+        AF_INET6 => {
+            outer.version = 6;
+            outer.src = field(ctx, layout.retrans_saddr_v6).unwrap_or([0; 16]);
+            outer.dst = field(ctx, layout.retrans_daddr_v6).unwrap_or([0; 16]);
+        }
+        _ => return false,
+    }
+    outer.proto = IPPROTO_TCP;
+    outer.sport = field(ctx, layout.retrans_sport).unwrap_or(0);
+    outer.dport = field(ctx, layout.retrans_dport).unwrap_or(0);
+    true
 }
 
 #[tracepoint]
 pub fn podtrace_icmp_send(ctx: TracePointContext) -> u32 {
     let layout = layout();
     let Some(event) = scratch() else { return 0 };
-    *event = KernelEvent::default();
-    let skb: u64 = unsafe { ctx.read_at(layout.icmp_skbaddr as usize) }.unwrap_or(0);
+    let skb: u64 = field(&ctx, layout.icmp_skbaddr).unwrap_or(0);
     if !fill_from_skb(skb as *const u8, event, &layout) {
         return 0;
     }
-    event.kind = KEV_ICMP_SEND;
-    event.icmp_type = unsafe { ctx.read_at::<i32>(layout.icmp_type as usize) }.unwrap_or(0) as u8;
-    event.icmp_code = unsafe { ctx.read_at::<i32>(layout.icmp_code as usize) }.unwrap_or(0) as u8;
-    event.ktime_ns = unsafe { bpf_ktime_get_ns() };
-    submit(event);
+    event.icmp_type = field::<i32>(&ctx, layout.icmp_type).unwrap_or(0) as u8;
+    event.icmp_code = field::<i32>(&ctx, layout.icmp_code).unwrap_or(0) as u8;
+    submit(event, KEV_ICMP_SEND);
     0
 }

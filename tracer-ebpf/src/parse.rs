@@ -1,20 +1,28 @@
 //! Header parsing shared by the TC programs (reading the packet with `bpf_skb_load_bytes`)
-//! and the tracepoint programs (reading an skb's memory with `bpf_probe_read_kernel`).
+//! and the tracepoint programs (reading an skb's memory with `bpf_probe_read_kernel`):
+//! `parse_packet` reads an IP packet and, for VXLAN, the packet it carries.
 
-use aya_ebpf::{helpers::bpf_probe_read_kernel, programs::TcContext};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
     udp::UdpHdr,
     vlan::VlanHdr,
 };
-use tracer_common::{IP_DF, IP_FRAGMENT, IP_LATER_FRAGMENT, IP_OPTIONS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IpLayer};
+use tracer_common::{
+    COUNTER_UNPARSED, IP_DF, IP_FRAGMENT, IP_LATER_FRAGMENT, IP_OPTIONS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IpLayer,
+    PKT_INNER_TRUNCATED, PKT_VXLAN,
+};
+
+#[cfg(target_arch = "bpf")]
+use crate::maps::count;
+#[cfg(test)]
+use tests::count;
 
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86DD;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88A8;
-pub const VXLAN_HDR_LEN: usize = 8;
+const VXLAN_HDR_LEN: usize = 8;
 const VXLAN_FLAG_VNI: u8 = 0x08;
 
 // IPv6 extension headers we step over to reach the L4 header.
@@ -25,40 +33,60 @@ const IPV6_DSTOPTS: u8 = 60;
 /// Bounded so the verifier sees a finite loop; real traffic rarely chains more than two.
 const IPV6_MAX_EXT_HEADERS: usize = 4;
 
-/// Why a packet produced no event.
+/// Why a packet could not be parsed.
 pub enum Skip {
     NotIp,
     Unparsed,
-    NotFollowed,
 }
 
-/// Somewhere headers can be read from at an offset.
+/// Somewhere headers can be read from at an offset: the packet for the TC programs
+/// (`tc.rs`), an skb's memory for the tracepoint programs (`kernel_events.rs`).
 pub trait Headers {
     fn read<T: Copy>(&self, offset: usize) -> Result<T, Skip>;
 }
 
-impl Headers for TcContext {
-    #[inline(always)]
-    fn read<T: Copy>(&self, offset: usize) -> Result<T, Skip> {
-        self.load(offset).map_err(|_| Skip::Unparsed)
-    }
+/// What `parse_packet` found besides the two layers.
+pub struct Parsed {
+    /// `PKT_VXLAN`, `PKT_INNER_TRUNCATED`.
+    pub flags: u8,
+    pub vni: u32,
 }
 
-/// Kernel memory starting at an skb's network header.
-pub struct KernelMemory(pub *const u8);
-
-impl Headers for KernelMemory {
-    #[inline(always)]
-    fn read<T: Copy>(&self, offset: usize) -> Result<T, Skip> {
-        // SAFETY: bpf_probe_read_kernel validates the address and fails cleanly.
-        unsafe { bpf_probe_read_kernel(self.0.wrapping_add(offset) as *const T) }.map_err(|_| Skip::Unparsed)
+/// Parses the IP packet at `l3_offset` into `outer` and, when it is VXLAN to one of
+/// `vxlan_ports`, the packet it carries into `inner`. A VXLAN payload too short for its inner
+/// headers keeps the outer layer, which still tells where the packet was, and is counted as
+/// unparsed.
+#[inline(always)]
+pub fn parse_packet<H: Headers>(
+    headers: &H,
+    ether_type: u16,
+    l3_offset: usize,
+    vxlan_ports: &[u16; 2],
+    outer: &mut IpLayer,
+    inner: &mut IpLayer,
+) -> Result<Parsed, Skip> {
+    let l4_offset = parse_ip(headers, ether_type, l3_offset, outer)?;
+    let mut parsed = Parsed { flags: 0, vni: 0 };
+    if is_vxlan(outer, vxlan_ports) {
+        match parse_vxlan(headers, l4_offset + UDP_PAYLOAD, inner) {
+            Ok(Some(vni)) => {
+                parsed.flags |= PKT_VXLAN;
+                parsed.vni = vni;
+            }
+            Ok(None) => {}
+            Err(_) => {
+                parsed.flags |= PKT_VXLAN | PKT_INNER_TRUNCATED;
+                count(COUNTER_UNPARSED);
+            }
+        }
     }
+    Ok(parsed)
 }
 
 /// Parses a VXLAN header at `offset` and the packet it carries into `inner`; returns the VNI,
 /// or `None` if the I flag is clear (not a VXLAN packet after all).
 #[inline(always)]
-pub fn parse_vxlan<H: Headers>(headers: &H, offset: usize, inner: &mut IpLayer) -> Result<Option<u32>, Skip> {
+fn parse_vxlan<H: Headers>(headers: &H, offset: usize, inner: &mut IpLayer) -> Result<Option<u32>, Skip> {
     let vxlan: [u8; VXLAN_HDR_LEN] = headers.read(offset)?;
     if vxlan[0] & VXLAN_FLAG_VNI == 0 {
         return Ok(None);
@@ -71,12 +99,12 @@ pub fn parse_vxlan<H: Headers>(headers: &H, offset: usize, inner: &mut IpLayer) 
 
 /// Whether a parsed outer layer is a UDP packet to one of the VXLAN ports.
 #[inline(always)]
-pub fn is_vxlan(layer: &IpLayer, ports: &[u16; 2]) -> bool {
+fn is_vxlan(layer: &IpLayer, ports: &[u16; 2]) -> bool {
     layer.proto == IPPROTO_UDP && layer.flags & IP_LATER_FRAGMENT == 0 && (layer.dport == ports[0] || layer.dport == ports[1])
 }
 
 /// The UDP payload offset for an L4 offset.
-pub const UDP_PAYLOAD: usize = UdpHdr::LEN;
+const UDP_PAYLOAD: usize = UdpHdr::LEN;
 
 /// Returns the EtherType after at most two VLAN tags, the L3 offset, and the outer VLAN id.
 #[inline(always)]
@@ -105,7 +133,7 @@ pub fn parse_ethernet<H: Headers>(ctx: &H, offset: usize) -> Result<(u16, usize,
 
 /// Fills `layer` from the IP header at `offset` and the L4 header after it; returns the L4 offset.
 #[inline(always)]
-pub fn parse_ip<H: Headers>(ctx: &H, ether_type: u16, offset: usize, layer: &mut IpLayer) -> Result<usize, Skip> {
+fn parse_ip<H: Headers>(ctx: &H, ether_type: u16, offset: usize, layer: &mut IpLayer) -> Result<usize, Skip> {
     let l4_offset = if ether_type == ETH_P_IP { parse_ipv4(ctx, offset, layer)? } else { parse_ipv6(ctx, offset, layer)? };
     if layer.flags & IP_LATER_FRAGMENT == 0 {
         parse_l4(ctx, l4_offset, layer)?;
@@ -257,4 +285,120 @@ fn parse_quoted<H: Headers>(ctx: &H, offset: usize, layer: &mut IpLayer) -> Resu
 #[inline(always)]
 pub fn v4_mapped(addr: [u8; 4]) -> [u8; 16] {
     [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, addr[0], addr[1], addr[2], addr[3]]
+}
+
+#[cfg(test)]
+mod tests {
+    //! The parser on the host, against a byte slice standing in for the packet: what
+    //! `bpf_skb_load_bytes` does, a read that fails past the end.
+
+    use std::cell::Cell;
+
+    use super::*;
+
+    struct Bytes<'a>(&'a [u8]);
+
+    impl Headers for Bytes<'_> {
+        fn read<T: Copy>(&self, offset: usize) -> Result<T, Skip> {
+            let bytes = self.0.get(offset..offset + size_of::<T>()).ok_or(Skip::Unparsed)?;
+            // SAFETY: `bytes` holds size_of::<T>() bytes; T is a plain header type read unaligned.
+            Ok(unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast()) })
+        }
+    }
+
+    thread_local! {
+        static UNPARSED: Cell<u64> = const { Cell::new(0) };
+    }
+
+    /// The stand-in for the per-CPU counters.
+    pub fn count(index: u32) {
+        assert_eq!(index, COUNTER_UNPARSED, "the parser counts only unparsed packets");
+        UNPARSED.set(UNPARSED.get() + 1);
+    }
+
+    const POD: [u8; 4] = [10, 244, 0, 2];
+    const PEER: [u8; 4] = [10, 244, 1, 2];
+
+    fn ipv4(src: [u8; 4], dst: [u8; 4], proto: u8, l4: &[u8]) -> Vec<u8> {
+        let total = (20 + l4.len()) as u16;
+        let mut packet = vec![0x45, 0];
+        packet.extend_from_slice(&total.to_be_bytes());
+        packet.extend_from_slice(&[0x12, 0x34, 0x40, 0, 64, proto, 0, 0]);
+        packet.extend_from_slice(&src);
+        packet.extend_from_slice(&dst);
+        packet.extend_from_slice(l4);
+        packet
+    }
+
+    fn ethernet(payload: &[u8]) -> Vec<u8> {
+        let mut frame = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x08, 0x00];
+        frame.extend_from_slice(payload);
+        frame
+    }
+
+    fn echo_request() -> Vec<u8> {
+        vec![8, 0, 0, 0, 0, 7, 0, 3]
+    }
+
+    fn vxlan(inner: &[u8]) -> Vec<u8> {
+        let mut udp = vec![0xc7, 0x38, 0x21, 0x18, 0, 0, 0, 0, VXLAN_FLAG_VNI, 0, 0, 0, 0, 0, 1, 0];
+        udp.extend_from_slice(inner);
+        ipv4([10, 99, 0, 1], [10, 99, 0, 2], IPPROTO_UDP, &udp)
+    }
+
+    fn parse(packet: &[u8]) -> Result<(Parsed, IpLayer, IpLayer), Skip> {
+        let (mut outer, mut inner) = (IpLayer::default(), IpLayer::default());
+        let parsed = parse_packet(&Bytes(packet), ETH_P_IP, 0, &[8472, 4789], &mut outer, &mut inner)?;
+        Ok((parsed, outer, inner))
+    }
+
+    #[test]
+    fn vxlan_exposes_the_inner_packet() {
+        let (parsed, outer, inner) = parse(&vxlan(&ethernet(&ipv4(POD, PEER, IPPROTO_ICMP, &echo_request())))).ok().unwrap();
+        assert_eq!((parsed.flags, parsed.vni), (PKT_VXLAN, 1));
+        assert_eq!((outer.proto, outer.dport), (IPPROTO_UDP, 8472));
+        assert_eq!((inner.src, inner.dst, inner.proto), (v4_mapped(POD), v4_mapped(PEER), IPPROTO_ICMP));
+        assert_eq!((inner.icmp_type, inner.icmp_id, inner.icmp_seq, inner.ip_id), (8, 7, 3, 0x1234));
+        assert!(inner.flags & IP_DF != 0);
+    }
+
+    #[test]
+    fn a_truncated_inner_packet_keeps_the_outer_and_counts_unparsed() {
+        let inner = ethernet(&ipv4(POD, PEER, IPPROTO_ICMP, &echo_request()));
+        for cut in [0, 10, 14 + 10, 14 + 20 + 2] {
+            UNPARSED.set(0);
+            let (parsed, outer, _) = parse(&vxlan(&inner[..cut])).ok().unwrap();
+            assert_eq!(parsed.flags, PKT_VXLAN | PKT_INNER_TRUNCATED, "cut at {cut}");
+            assert_eq!(outer.src, v4_mapped([10, 99, 0, 1]));
+            assert_eq!(UNPARSED.get(), 1, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn a_udp_packet_to_another_port_is_not_vxlan() {
+        UNPARSED.set(0);
+        let udp = [0xc7, 0x38, 0x00, 0x35, 0, 8, 0, 0];
+        let (parsed, outer, inner) = parse(&ipv4(POD, PEER, IPPROTO_UDP, &udp)).ok().unwrap();
+        assert_eq!((parsed.flags, outer.dport, inner), (0, 53, IpLayer::default()));
+        assert_eq!(UNPARSED.get(), 0);
+    }
+
+    #[test]
+    fn a_truncated_outer_header_is_unparsed_without_counting_here() {
+        UNPARSED.set(0);
+        let packet = ipv4(POD, PEER, IPPROTO_TCP, &[0; 20]);
+        assert!(matches!(parse(&packet[..19]), Err(Skip::Unparsed)), "inside the IP header");
+        assert!(matches!(parse(&packet[..30]), Err(Skip::Unparsed)), "inside the TCP header");
+        // The caller counts what it cannot report at all.
+        assert_eq!(UNPARSED.get(), 0);
+    }
+
+    #[test]
+    fn later_fragments_have_no_ports() {
+        let mut packet = ipv4(POD, PEER, IPPROTO_UDP, &[0x11; 16]);
+        packet[6..8].copy_from_slice(&0x0010u16.to_be_bytes());
+        let (_, outer, _) = parse(&packet).ok().unwrap();
+        assert!(outer.flags & IP_LATER_FRAGMENT != 0);
+        assert_eq!((outer.sport, outer.dport), (0, 0));
+    }
 }

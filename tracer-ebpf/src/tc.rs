@@ -8,19 +8,23 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use tracer_common::{
-    COUNTER_COUNT, COUNTER_LOST_EVENTS, COUNTER_MATCHED, COUNTER_NOT_IP, COUNTER_UNPARSED, DIR_EGRESS, DIR_INGRESS, FilterConfig,
-    HOP_NO_MAC_HEADER, HopConfig, IpLayer, MAX_FOLLOWED, MAX_HOPS, PKT_INNER_TRUNCATED, PKT_VLAN, PKT_VXLAN, PacketEvent,
+    COUNTER_LOST_EVENTS, COUNTER_MATCHED, COUNTER_NOT_IP, COUNTER_UNPARSED, DIR_EGRESS, DIR_INGRESS, HOP_NO_MAC_HEADER, HopConfig,
+    MAX_HOPS, PKT_VLAN, PacketEvent,
 };
 
-use crate::parse::{ETH_P_IP, ETH_P_IPV6, Headers as _, Skip, UDP_PAYLOAD, is_vxlan, parse_ethernet, parse_ip, parse_vxlan};
+use crate::{
+    maps::{count, filter, matches},
+    parse::{ETH_P_IP, ETH_P_IPV6, Headers, Skip, parse_ethernet, parse_packet},
+};
 
-/// Set by userspace at load time; zero fields mean "any".
-#[unsafe(no_mangle)]
-pub static FILTER: FilterConfig = FilterConfig { peer: [0; 16], has_peer: 0, proto: 0, port: 0, vxlan_ports: [8472, 4789] };
-
-/// Followed pod IPs (IPv4-mapped for IPv4).
-#[map]
-pub static FOLLOWED: HashMap<[u8; 16], u8> = HashMap::with_max_entries(MAX_FOLLOWED, 0);
+/// The TC programs read the packet with `bpf_skb_load_bytes`, which also reads the paged
+/// part of a non-linear skb and fails cleanly past the end.
+impl Headers for TcContext {
+    #[inline(always)]
+    fn read<T: Copy>(&self, offset: usize) -> Result<T, Skip> {
+        self.load(offset).map_err(|_| Skip::Unparsed)
+    }
+}
 
 /// Traced hops by ifindex; packets on other devices are ignored.
 #[map]
@@ -29,9 +33,6 @@ static HOPS: HashMap<u32, HopConfig> = HashMap::with_max_entries(MAX_HOPS, 0);
 /// Userspace resizes this at load time (`--ring-size`).
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
-
-#[map]
-pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
 
 /// Per-CPU scratch space: the event is too large for the 512-byte BPF stack alongside
 /// the header copies.
@@ -50,11 +51,17 @@ pub fn podtrace_egress(ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
-#[inline(always)]
-pub fn count(index: u32) {
-    if let Some(counter) = COUNTERS.get_ptr_mut(index) {
-        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-        unsafe { *counter += 1 };
+/// Why a packet on a hop produced no event.
+enum NoEvent {
+    Parse(Skip),
+    /// Not a traced hop, or not a followed flow.
+    NotFollowed,
+}
+
+impl From<Skip> for NoEvent {
+    #[inline(always)]
+    fn from(skip: Skip) -> Self {
+        Self::Parse(skip)
     }
 }
 
@@ -67,25 +74,26 @@ fn trace(ctx: &TcContext, direction: u8) {
                 count(COUNTER_LOST_EVENTS);
             }
         }
-        Err(Skip::NotIp) => count(COUNTER_NOT_IP),
-        Err(Skip::Unparsed) => count(COUNTER_UNPARSED),
-        Err(Skip::NotFollowed) => {}
+        Err(NoEvent::Parse(Skip::NotIp)) => count(COUNTER_NOT_IP),
+        Err(NoEvent::Parse(Skip::Unparsed)) => count(COUNTER_UNPARSED),
+        Err(NoEvent::NotFollowed) => {}
     }
 }
 
 #[inline(always)]
-fn build_event(ctx: &TcContext, direction: u8) -> Result<&PacketEvent, Skip> {
+fn build_event(ctx: &TcContext, direction: u8) -> Result<&PacketEvent, NoEvent> {
     // SAFETY: ctx.skb.skb is the program's context pointer, valid for the whole run.
     let skb = unsafe { &*ctx.skb.skb };
     let ifindex = skb.ifindex;
+    // SAFETY: the entry is copied out at once, and userspace only adds hops.
     let hop = match unsafe { HOPS.get(&ifindex) } {
         Some(hop) => *hop,
-        None => return Err(Skip::NotFollowed),
+        None => return Err(NoEvent::NotFollowed),
     };
     let event = match SCRATCH.get_ptr_mut(0) {
-        // SAFETY: per-CPU slot, exclusively ours for this run.
+        // SAFETY: a per-CPU slot, exclusively ours until this program run ends.
         Some(event) => unsafe { &mut *event },
-        None => return Err(Skip::NotFollowed),
+        None => return Err(NoEvent::NotFollowed),
     };
     *event = PacketEvent::default();
     event.ifindex = ifindex;
@@ -94,64 +102,36 @@ fn build_event(ctx: &TcContext, direction: u8) -> Result<&PacketEvent, Skip> {
     event.gso_size = skb.gso_size;
     event.gso_segs = skb.gso_segs;
 
-    let (ether_type, l3_offset) = if hop.flags & HOP_NO_MAC_HEADER != 0 {
-        // Tunnel devices hand us the IP header at offset 0; its version nibble names it.
-        let first: u8 = ctx.read(0)?;
-        match first >> 4 {
-            4 => (ETH_P_IP, 0),
-            6 => (ETH_P_IPV6, 0),
-            _ => return Err(Skip::NotIp),
-        }
-    } else {
-        let (ether_type, offset, vlan_id) = parse_ethernet(ctx, 0)?;
-        if let Some(vlan_id) = vlan_id {
-            event.flags |= PKT_VLAN;
-            event.vlan_id = vlan_id;
-        }
-        (ether_type, offset)
-    };
-    let l4_offset = parse_ip(ctx, ether_type, l3_offset, &mut event.outer)?;
-
-    let filter = unsafe { core::ptr::read_volatile(&FILTER) };
-    if is_vxlan(&event.outer, &filter.vxlan_ports) {
-        match parse_vxlan(ctx, l4_offset + UDP_PAYLOAD, &mut event.inner) {
-            Ok(Some(vni)) => {
-                event.flags |= PKT_VXLAN;
-                event.vni = vni;
-            }
-            Ok(None) => {}
-            Err(_) => {
-                // Keep the event: the outer header still tells which hop saw the packet.
-                event.flags |= PKT_VXLAN | PKT_INNER_TRUNCATED;
-                count(COUNTER_UNPARSED);
-            }
-        }
+    let (ether_type, l3_offset) = l3_start(ctx, hop, event)?;
+    let filter = filter();
+    let parsed = parse_packet(ctx, ether_type, l3_offset, &filter.vxlan_ports, &mut event.outer, &mut event.inner)?;
+    event.flags |= parsed.flags;
+    event.vni = parsed.vni;
+    if !matches(&filter, &event.outer, &event.inner, event.flags) {
+        return Err(NoEvent::NotFollowed);
     }
-
-    let pod_layer = if event.flags & PKT_VXLAN != 0 && event.flags & PKT_INNER_TRUNCATED == 0 { &event.inner } else { &event.outer };
-    let followed = is_followed(&event.outer) || (event.flags & PKT_VXLAN != 0 && is_followed(&event.inner));
-    if !followed || !passes_filter(&filter, pod_layer) {
-        return Err(Skip::NotFollowed);
-    }
+    // SAFETY: a helper without arguments or preconditions.
     event.ktime_ns = unsafe { bpf_ktime_get_ns() };
     Ok(event)
 }
 
+/// The EtherType and offset of the IP header; for a VLAN-tagged frame, the tag goes into
+/// `event`.
 #[inline(always)]
-pub fn is_followed(layer: &IpLayer) -> bool {
-    unsafe { FOLLOWED.get(&layer.src).is_some() || FOLLOWED.get(&layer.dst).is_some() }
-}
-
-#[inline(always)]
-fn passes_filter(filter: &FilterConfig, layer: &IpLayer) -> bool {
-    if filter.has_peer != 0 && layer.src != filter.peer && layer.dst != filter.peer {
-        return false;
+fn l3_start(ctx: &TcContext, hop: HopConfig, event: &mut PacketEvent) -> Result<(u16, usize), Skip> {
+    if hop.flags & HOP_NO_MAC_HEADER != 0 {
+        // Tunnel devices hand us the IP header at offset 0; its version nibble names it.
+        let first: u8 = ctx.read(0)?;
+        return match first >> 4 {
+            4 => Ok((ETH_P_IP, 0)),
+            6 => Ok((ETH_P_IPV6, 0)),
+            _ => Err(Skip::NotIp),
+        };
     }
-    if filter.proto != 0 && layer.proto != filter.proto {
-        return false;
+    let (ether_type, offset, vlan_id) = parse_ethernet(ctx, 0)?;
+    if let Some(vlan_id) = vlan_id {
+        event.flags |= PKT_VLAN;
+        event.vlan_id = vlan_id;
     }
-    if filter.port != 0 && layer.sport != filter.port && layer.dport != filter.port {
-        return false;
-    }
-    true
+    Ok((ether_type, offset))
 }

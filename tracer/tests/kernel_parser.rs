@@ -358,7 +358,9 @@ fn truncated_at_every_header_boundary_counts_unparsed() {
     let mut tagged = frame[..12].to_vec();
     tagged.extend_from_slice(&vlan(0x8100, 5, 0x0800));
     tagged.extend_from_slice(&frame[14..]);
-    assert!(!Harness::default().run(Direction::Ingress, &tagged, None).is_empty(), "whole tagged frame parses");
+    let mut whole = Harness::default();
+    assert_eq!(whole.run(Direction::Ingress, &tagged, None).len(), 1, "whole tagged frame parses");
+    assert_eq!(whole.counters(), Counters { matched: 1, ..Default::default() }, "whole tagged frame");
     for (cut, what) in
         [(15, "mid VLAN tag"), (18, "VLAN tag only"), (28, "mid IPv4 header"), (38, "IPv4 header only"), (48, "mid TCP header")]
     {
@@ -370,7 +372,8 @@ fn truncated_at_every_header_boundary_counts_unparsed() {
     let v6_frame = ethernet(0x86dd, &v6("fd00::2", "fd00::9", 44, 0, &ext));
     let mut harness = Harness::default();
     harness.probes.follow(ip("fd00::2")).unwrap();
-    assert!(!harness.run(Direction::Ingress, &v6_frame, None).is_empty(), "whole IPv6 frame parses");
+    assert_eq!(harness.run(Direction::Ingress, &v6_frame, None).len(), 1, "whole IPv6 frame parses");
+    assert_eq!(harness.counters(), Counters { matched: 1, ..Default::default() }, "whole IPv6 frame");
     for (cut, what) in [(14 + 54, "mid fragment header"), (14 + 40 + 8 + 4, "mid UDP header")] {
         let mut harness = Harness::default();
         harness.probes.follow(ip("fd00::2")).unwrap();

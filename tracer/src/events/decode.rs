@@ -304,6 +304,7 @@ mod tests {
         event.inner.total_len = 1450;
         event.inner.header_len = 20;
         event.inner.tcp_header_len = 32;
+        // SAFETY: PacketEvent is repr(C) plain old data without padding, and `event` outlives `bytes`.
         let bytes = unsafe { std::slice::from_raw_parts((&event as *const PacketEvent).cast::<u8>(), size_of::<PacketEvent>()) };
         let packet = decode(bytes).unwrap();
         assert_eq!(packet.direction, Direction::Egress);

@@ -21,7 +21,7 @@ use self::{
     signals::Signals,
 };
 use crate::{
-    diagnosis::{Diagnosis, Finish, Settings},
+    diagnosis::{Diagnosis, Settings, TraceEnd},
     kernel::{btf::KernelBtf, layout, symbols::KernelSymbols, tracefs::TracepointFormats},
     node::{self, Path, PathOverrides, bond, netns},
     probes::{self, AttachMode, KernelSources, LoadOptions, Owner, Probes, StateLock},
@@ -62,7 +62,7 @@ pub async fn follow(options: &FollowOptions) -> Result<Followed> {
     let final_path = bond::refresh_bond_state(&node.path).await?;
     let Collected { correlator, diagnosis, vanished, link_drops } = run.collected;
     let symbols = if diagnosis.has_drops() { KernelSymbols::load().ok() } else { None };
-    let outcome = diagnosis.finish(Finish {
+    let outcome = diagnosis.finish(TraceEnd {
         end_ns: run.end_ns,
         counters: run.counters,
         ring_bytes: options.ring_bytes,

@@ -49,97 +49,43 @@ impl KernelBtf {
     }
 
     pub fn parse(data: &[u8]) -> Result<Self> {
-        let u16_at = |off: usize| -> Result<u16> { Ok(u16::from_le_bytes(data.get(off..off + 2).context("BTF truncated")?.try_into()?)) };
-        let u32_at = |off: usize| -> Result<u32> { Ok(u32::from_le_bytes(data.get(off..off + 4).context("BTF truncated")?.try_into()?)) };
-        if u16_at(0)? != BTF_MAGIC {
+        let bytes = Bytes(data);
+        if bytes.u16_at(0)? != BTF_MAGIC {
             bail!("not little-endian BTF (bad magic)");
         }
-        let header_len = u32_at(4)? as usize;
-        let type_off = header_len + u32_at(8)? as usize;
-        let type_len = u32_at(12)? as usize;
-        let str_off = header_len + u32_at(16)? as usize;
-        let str_len = u32_at(20)? as usize;
+        let header_len = bytes.u32_at(4)? as usize;
+        let type_off = header_len + bytes.u32_at(8)? as usize;
+        let type_len = bytes.u32_at(12)? as usize;
+        let str_off = header_len + bytes.u32_at(16)? as usize;
+        let str_len = bytes.u32_at(20)? as usize;
         let strings = data.get(str_off..str_off + str_len).context("BTF string section out of bounds")?.to_vec();
 
         // Type ids start at 1; id 0 is void.
         let mut types = vec![Type::Other];
         let mut pos = type_off;
-        let end = type_off + type_len;
-        while pos < end {
-            let name = u32_at(pos)?;
-            let info = u32_at(pos + 4)?;
-            let vlen = (info & 0xffff) as usize;
-            let kind = (info >> 24) & 0x1f;
-            let kind_flag = info >> 31 == 1;
-            pos += 12;
-            let ty = match kind {
-                KIND_STRUCT | KIND_UNION => {
-                    let mut members = Vec::with_capacity(vlen);
-                    for i in 0..vlen {
-                        let base = pos + i * 12;
-                        let offset = u32_at(base + 8)?;
-                        members.push(Member {
-                            name: u32_at(base)?,
-                            type_id: u32_at(base + 4)?,
-                            // With kind_flag, the top byte is the bitfield size.
-                            bit_offset: if kind_flag { offset & 0x00ff_ffff } else { offset },
-                        });
-                    }
-                    pos += vlen * 12;
-                    Type::Composite { name, members }
-                }
-                KIND_ENUM => {
-                    let mut values = Vec::with_capacity(vlen);
-                    for i in 0..vlen {
-                        let base = pos + i * 8;
-                        values.push((u32_at(base)?, i64::from(u32_at(base + 4)? as i32)));
-                    }
-                    pos += vlen * 8;
-                    Type::Enum { name, values }
-                }
-                KIND_ENUM64 => {
-                    let mut values = Vec::with_capacity(vlen);
-                    for i in 0..vlen {
-                        let base = pos + i * 12;
-                        let value = u64::from(u32_at(base + 4)?) | (u64::from(u32_at(base + 8)?) << 32);
-                        values.push((u32_at(base)?, value as i64));
-                    }
-                    pos += vlen * 12;
-                    Type::Enum { name, values }
-                }
-                KIND_INT | KIND_VAR | KIND_DECL_TAG => {
-                    pos += 4;
-                    Type::Other
-                }
-                KIND_ARRAY => {
-                    pos += 12;
-                    Type::Other
-                }
-                KIND_FUNC_PROTO => {
-                    pos += vlen * 8;
-                    Type::Other
-                }
-                KIND_DATASEC => {
-                    pos += vlen * 12;
-                    Type::Other
-                }
-                _ => Type::Other,
-            };
+        while pos < type_off + type_len {
+            let (ty, next) = bytes.type_at(pos)?;
             types.push(ty);
+            pos = next;
         }
         let mut btf = Self { types, strings, by_name: HashMap::new() };
+        btf.by_name = btf.names();
+        Ok(btf)
+    }
+
+    /// Type ids of the named structs, unions and enums, by name.
+    fn names(&self) -> HashMap<String, Vec<u32>> {
         let mut by_name: HashMap<String, Vec<u32>> = HashMap::new();
-        for (id, ty) in btf.types.iter().enumerate() {
+        for (id, ty) in self.types.iter().enumerate() {
             let name = match ty {
                 Type::Composite { name, .. } | Type::Enum { name, .. } => *name,
                 Type::Other => continue,
             };
             if name != 0 {
-                by_name.entry(btf.string(name).to_string()).or_default().push(id as u32);
+                by_name.entry(self.string(name).to_string()).or_default().push(id as u32);
             }
         }
-        btf.by_name = by_name;
-        Ok(btf)
+        by_name
     }
 
     fn string(&self, offset: u32) -> &str {
@@ -226,6 +172,64 @@ impl KernelBtf {
                 (*value, name.strip_prefix(strip_prefix).unwrap_or(name).to_string())
             })
             .collect())
+    }
+}
+
+/// The raw BTF data, read little-endian with bounds checks.
+struct Bytes<'d>(&'d [u8]);
+
+impl Bytes<'_> {
+    fn u16_at(&self, off: usize) -> Result<u16> {
+        Ok(u16::from_le_bytes(self.0.get(off..off + 2).context("BTF truncated")?.try_into()?))
+    }
+
+    fn u32_at(&self, off: usize) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.0.get(off..off + 4).context("BTF truncated")?.try_into()?))
+    }
+
+    /// The type whose 12-byte common header is at `pos`, and where the next type starts.
+    fn type_at(&self, pos: usize) -> Result<(Type, usize)> {
+        let name = self.u32_at(pos)?;
+        let info = self.u32_at(pos + 4)?;
+        let vlen = (info & 0xffff) as usize;
+        let kind = (info >> 24) & 0x1f;
+        let kind_flag = info >> 31 == 1;
+        let pos = pos + 12;
+        Ok(match kind {
+            KIND_STRUCT | KIND_UNION => {
+                let mut members = Vec::with_capacity(vlen);
+                for base in (0..vlen).map(|i| pos + i * 12) {
+                    let offset = self.u32_at(base + 8)?;
+                    members.push(Member {
+                        name: self.u32_at(base)?,
+                        type_id: self.u32_at(base + 4)?,
+                        // With kind_flag, the top byte is the bitfield size.
+                        bit_offset: if kind_flag { offset & 0x00ff_ffff } else { offset },
+                    });
+                }
+                (Type::Composite { name, members }, pos + vlen * 12)
+            }
+            KIND_ENUM => {
+                let mut values = Vec::with_capacity(vlen);
+                for base in (0..vlen).map(|i| pos + i * 8) {
+                    values.push((self.u32_at(base)?, i64::from(self.u32_at(base + 4)? as i32)));
+                }
+                (Type::Enum { name, values }, pos + vlen * 8)
+            }
+            KIND_ENUM64 => {
+                let mut values = Vec::with_capacity(vlen);
+                for base in (0..vlen).map(|i| pos + i * 12) {
+                    let value = u64::from(self.u32_at(base + 4)?) | (u64::from(self.u32_at(base + 8)?) << 32);
+                    values.push((self.u32_at(base)?, value as i64));
+                }
+                (Type::Enum { name, values }, pos + vlen * 12)
+            }
+            KIND_INT | KIND_VAR | KIND_DECL_TAG => (Type::Other, pos + 4),
+            KIND_ARRAY => (Type::Other, pos + 12),
+            KIND_FUNC_PROTO => (Type::Other, pos + vlen * 8),
+            KIND_DATASEC => (Type::Other, pos + vlen * 12),
+            _ => (Type::Other, pos),
+        })
     }
 }
 

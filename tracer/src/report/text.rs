@@ -1,68 +1,20 @@
 //! The report as text: a table of hops in travel order, the bonds, and the findings.
 
-use super::Report;
+use super::{HopReport, Report};
 use crate::{Direction, node::Locality};
 
 /// The human-readable report.
 pub fn render_text(report: &Report) -> String {
-    let mut out = String::new();
-    out.push_str(&format!(
-        "podtrace report for {} ({}) on {} — {:.1} s, {} events, attach {}\n\n",
-        report.pod_ip,
-        match report.locality {
-            Locality::Local => "local pod",
-            Locality::Remote => "remote pod",
-        },
-        report.node,
-        report.duration_s,
-        report.events,
-        report.attach_mode
-    ));
-    let header = ["hop", "kind", "dir", "mtu", "packets", "bytes", "max_len", "p50 µs", "p99 µs", "linked", "drops", "retrans"];
-    let rows: Vec<[String; 12]> = report
-        .hops
-        .iter()
-        .map(|hop| {
-            let latency = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
-            [
-                if hop.vanished { format!("{} (gone)", hop.ifname) } else { hop.ifname.clone() },
-                hop.kind.to_string(),
-                hop.direction.to_string(),
-                hop.mtu.to_string(),
-                hop.packets.to_string(),
-                hop.bytes.to_string(),
-                hop.max_len.to_string(),
-                latency(hop.latency_us.p50),
-                latency(hop.latency_us.p99),
-                hop.linked.to_string(),
-                hop.drops.to_string(),
-                hop.retransmits.to_string(),
-            ]
-        })
-        .collect();
-    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for row in &rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        let mut text = String::new();
-        for (i, (cell, width)) in cells.iter().zip(&widths).enumerate() {
-            // Names left-aligned, numbers right-aligned.
-            if i < 3 {
-                text.push_str(&format!("{cell:<width$}  "));
-            } else {
-                text.push_str(&format!("{cell:>width$}  "));
-            }
-        }
-        text.trim_end().to_string() + "\n"
+    let locality = match report.locality {
+        Locality::Local => "local pod",
+        Locality::Remote => "remote pod",
     };
-    out.push_str(&line(header.to_vec()));
-    for row in &rows {
-        out.push_str(&line(row.iter().map(String::as_str).collect()));
-    }
-    for hop in report.hops.iter().filter(|hop| hop.bond.is_some() && hop.direction == Direction::Egress) {
+    let mut out = format!(
+        "podtrace report for {} ({locality}) on {} — {:.1} s, {} events, attach {}\n\n",
+        report.pod_ip, report.node, report.duration_s, report.events, report.attach_mode
+    );
+    out.push_str(&hop_table(report));
+    for hop in report.hops.iter().filter(|hop| hop.direction == Direction::Egress) {
         if let Some(bond) = &hop.bond {
             out.push_str(&format!(
                 "\nbond {}: mode {}, active slave {}\n",
@@ -73,21 +25,72 @@ pub fn render_text(report: &Report) -> String {
         }
     }
     out.push_str(&format!("\nlost events: {}, unparsed packets: {}\n", report.lost_events, report.unparsed));
-    if report.findings.is_empty() {
-        out.push_str("\nfindings: none\n");
-    } else {
-        out.push_str("\nfindings:\n");
-        for finding in &report.findings {
-            out.push_str(&format!(
-                "  [{}] {}{}: {}\n      evidence: {}\n      advice: {}\n",
-                finding.severity,
-                finding.kind,
-                finding.hop.as_ref().map(|h| format!(" at {h}")).unwrap_or_default(),
-                finding.summary,
-                finding.evidence,
-                finding.advice
-            ));
+    out.push_str(&findings(report));
+    out
+}
+
+const HEADER: [&str; 12] = ["hop", "kind", "dir", "mtu", "packets", "bytes", "max_len", "p50 µs", "p99 µs", "linked", "drops", "retrans"];
+
+/// A row per hop in travel order, names left-aligned and numbers right-aligned.
+fn hop_table(report: &Report) -> String {
+    let rows: Vec<[String; 12]> = report.hops.iter().map(hop_row).collect();
+    let mut widths: Vec<usize> = HEADER.iter().map(|h| h.chars().count()).collect();
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
         }
     }
-    out
+    let line = |cells: Vec<&str>| {
+        let mut text = String::new();
+        for (i, (cell, width)) in cells.iter().zip(&widths).enumerate() {
+            if i < 3 {
+                text.push_str(&format!("{cell:<width$}  "));
+            } else {
+                text.push_str(&format!("{cell:>width$}  "));
+            }
+        }
+        text.trim_end().to_string() + "\n"
+    };
+    let mut table = line(HEADER.to_vec());
+    for row in &rows {
+        table.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    table
+}
+
+fn hop_row(hop: &HopReport) -> [String; 12] {
+    let latency = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+    [
+        if hop.vanished { format!("{} (gone)", hop.ifname) } else { hop.ifname.clone() },
+        hop.kind.to_string(),
+        hop.direction.to_string(),
+        hop.mtu.to_string(),
+        hop.packets.to_string(),
+        hop.bytes.to_string(),
+        hop.max_len.to_string(),
+        latency(hop.latency_us.p50),
+        latency(hop.latency_us.p99),
+        hop.linked.to_string(),
+        hop.drops.to_string(),
+        hop.retransmits.to_string(),
+    ]
+}
+
+fn findings(report: &Report) -> String {
+    if report.findings.is_empty() {
+        return "\nfindings: none\n".to_string();
+    }
+    let mut text = "\nfindings:\n".to_string();
+    for finding in &report.findings {
+        text.push_str(&format!(
+            "  [{}] {}{}: {}\n      evidence: {}\n      advice: {}\n",
+            finding.severity,
+            finding.kind,
+            finding.hop.as_ref().map(|h| format!(" at {h}")).unwrap_or_default(),
+            finding.summary,
+            finding.evidence,
+            finding.advice
+        ));
+    }
+    text
 }

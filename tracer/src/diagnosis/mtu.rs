@@ -1,0 +1,350 @@
+//! `mtu-mismatch`: a tunnel whose MTU plus encapsulation exceeds its underlay's; a pod-side
+//! MTU above the tunnel's; a wire-sized packet larger than the next hop's MTU; an underlay
+//! that drops received frames while the tunnel is in use. Each says whether ICMP
+//! fragmentation-needed was sent and delivered: if not, it is a blackhole.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use serde_json::json;
+use tracer_common::IPPROTO_ICMP;
+
+use super::{Detector, Finding, FindingKind, Severity, TraceEnd};
+use crate::{
+    Direction,
+    events::{
+        correlate::Sighting,
+        decode::{KernelRecord, KernelRecordKind, Packet},
+    },
+    node::{Hop, HopKey, HopKind, Path},
+};
+
+/// VXLAN over IPv4 adds outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14).
+const VXLAN_OVERHEAD_V4: u32 = 50;
+const VXLAN_OVERHEAD_V6: u32 = 70;
+
+/// The largest wire-sized packets that crossed a hop bigger than the next hop's MTU.
+#[derive(Clone, Debug, Default)]
+struct Oversized {
+    count: u64,
+    max_len: u32,
+    example: String,
+}
+
+pub struct MtuMismatch<'a> {
+    path: &'a Path,
+    oversized: BTreeMap<HopKey, Oversized>,
+    /// ICMP fragmentation-needed (and ICMPv6 packet-too-big) the kernel generated.
+    frag_needed_sent: u64,
+    /// Fragmentation-needed messages the kernel then dropped.
+    frag_needed_dropped: u64,
+}
+
+/// Whether senders can learn the smaller MTU: the ICMP errors that teach it.
+#[derive(Clone, Copy)]
+struct IcmpState {
+    sent: u64,
+    dropped: u64,
+}
+
+impl IcmpState {
+    fn blackhole(self) -> bool {
+        self.sent == 0 || self.dropped > 0
+    }
+
+    fn describe(self) -> String {
+        let Self { sent, dropped } = self;
+        if sent == 0 {
+            "no ICMP fragmentation-needed was sent, so senders never learn the smaller MTU: a blackhole".to_string()
+        } else if dropped > 0 {
+            format!(
+                "{sent} ICMP fragmentation-needed messages were generated but {dropped} were dropped before reaching the pod: a blackhole"
+            )
+        } else {
+            format!("{sent} ICMP fragmentation-needed messages were sent back")
+        }
+    }
+}
+
+impl<'a> MtuMismatch<'a> {
+    pub fn new(path: &'a Path) -> Self {
+        Self { path, oversized: BTreeMap::new(), frag_needed_sent: 0, frag_needed_dropped: 0 }
+    }
+
+    fn icmp(&self) -> IcmpState {
+        IcmpState { sent: self.frag_needed_sent, dropped: self.frag_needed_dropped }
+    }
+
+    /// The hop a packet at `hop` goes to next on its way, and the IP-level MTU it must fit:
+    /// of alternatives, the smallest.
+    fn next_mtu(&self, hop: HopKey) -> Option<&Hop> {
+        let next = self.path.next_on_same_way(self.path.step_of(hop)?)?;
+        // A packet that enters a VXLAN device must fit its MTU; one leaving it must fit the
+        // underlay's with the encapsulation included, which the outer header already shows.
+        self.path.at_step(next).iter().filter_map(|key| self.path.hop(key.ifindex)).min_by_key(|hop| hop.mtu)
+    }
+
+    /// Configuration: a tunnel whose encapsulated packets cannot fit its underlay.
+    fn tunnel_findings(&self, end: &TraceEnd<'_>) -> Vec<Finding> {
+        let icmp = self.icmp();
+        let mut findings = Vec::new();
+        for hop in self.path.hops().filter(|hop| hop.kind == HopKind::Vxlan) {
+            let Some(underlay) = hop.underlay.and_then(|u| self.path.hop(u)) else { continue };
+            let overhead = match hop.vxlan_local {
+                Some(IpAddr::V6(_)) => VXLAN_OVERHEAD_V6,
+                _ => VXLAN_OVERHEAD_V4,
+            };
+            if hop.mtu + overhead <= underlay.mtu {
+                continue;
+            }
+            let drops = end.link_drops.get(&underlay.ifindex).copied().unwrap_or_default();
+            findings.push(Finding {
+                kind: FindingKind::MtuMismatch,
+                severity: Severity::Error,
+                hop: Some(hop.ifname.clone()),
+                summary: format!(
+                    "{} has MTU {} but its underlay {} has MTU {}: encapsulated full-size packets ({} bytes) cannot fit; {}.",
+                    hop.ifname, hop.mtu, underlay.ifname, underlay.mtu, hop.mtu + overhead, icmp.describe()
+                ),
+                evidence: json!({
+                    "tunnel": hop.ifname, "tunnel_mtu": hop.mtu,
+                    "underlay": underlay.ifname, "underlay_mtu": underlay.mtu,
+                    "encapsulation_overhead": overhead,
+                    "underlay_rx_dropped_during_trace": drops.rx_dropped,
+                    "icmp_frag_needed_sent": icmp.sent,
+                    "blackhole": icmp.blackhole(),
+                }),
+                advice: format!(
+                    "Set {}'s MTU to at most {} (underlay MTU minus {overhead}), or raise {}'s MTU to {}; every node's underlay must carry the same MTU.",
+                    hop.ifname, underlay.mtu.saturating_sub(overhead), underlay.ifname, hop.mtu + overhead
+                ),
+            });
+        }
+        findings
+    }
+
+    /// Configuration: a pod-side MTU above the tunnel's.
+    fn pod_side_findings(&self) -> Vec<Finding> {
+        let icmp = self.icmp();
+        let Some(tunnel) = self.path.hops().filter(|h| h.kind == HopKind::Vxlan).min_by_key(|h| h.mtu) else { return Vec::new() };
+        self.path
+            .hops()
+            .filter(|h| matches!(h.kind, HopKind::PodVeth | HopKind::Bridge) && h.mtu > tunnel.mtu)
+            .map(|hop| Finding {
+                kind: FindingKind::MtuMismatch,
+                severity: Severity::Error,
+                hop: Some(hop.ifname.clone()),
+                summary: format!(
+                    "{} ({}) has MTU {} but the tunnel {} has MTU {}: the pod can send packets the tunnel cannot carry; {}.",
+                    hop.ifname, hop.kind, hop.mtu, tunnel.ifname, tunnel.mtu, icmp.describe()
+                ),
+                evidence: json!({
+                    "interface": hop.ifname, "mtu": hop.mtu,
+                    "tunnel": tunnel.ifname, "tunnel_mtu": tunnel.mtu,
+                    "icmp_frag_needed_sent": icmp.sent,
+                    "icmp_frag_needed_dropped": icmp.dropped,
+                    "blackhole": icmp.blackhole(),
+                }),
+                advice: format!(
+                    "Give the pod network MTU {} (the CNI's mtu setting) so pods never send larger packets, and let ICMP fragmentation-needed through.",
+                    tunnel.mtu
+                ),
+            })
+            .collect()
+    }
+
+    /// Traffic: wire-sized packets larger than the next hop's MTU.
+    fn oversized_findings(&self) -> Vec<Finding> {
+        let icmp = self.icmp();
+        self.oversized
+            .iter()
+            .filter_map(|(hop, oversized)| {
+                let name = &self.path.hop(hop.ifindex)?.ifname;
+                let next = self.next_mtu(*hop)?;
+                let direction = hop.direction;
+                Some(Finding {
+                    kind: FindingKind::MtuMismatch,
+                    severity: Severity::Error,
+                    hop: Some(name.clone()),
+                    summary: format!(
+                        "{} packets of up to {} bytes crossed {name} {direction} heading for {}, whose MTU is {}; {}.",
+                        oversized.count, oversized.max_len, next.ifname, next.mtu, icmp.describe()
+                    ),
+                    evidence: json!({
+                        "interface": name, "direction": direction,
+                        "largest_packet": oversized.max_len, "oversized_packets": oversized.count,
+                        "next_hop": next.ifname, "next_hop_mtu": next.mtu,
+                        "example": oversized.example,
+                        "icmp_frag_needed_sent": icmp.sent,
+                        "icmp_frag_needed_dropped": icmp.dropped,
+                        "blackhole": icmp.blackhole(),
+                    }),
+                    advice: format!(
+                        "Lower the sender's MTU to {} or below, and let ICMP fragmentation-needed reach the pod so path MTU discovery works.",
+                        next.mtu
+                    ),
+                })
+            })
+            .collect()
+    }
+
+    /// The underlay dropped frames on receive while the tunnel was in use: what an MTU
+    /// mismatch with a peer looks like from this side.
+    fn underlay_drop_findings(&self, end: &TraceEnd<'_>) -> Vec<Finding> {
+        if !self.path.has_kind(HopKind::Vxlan) {
+            return Vec::new();
+        }
+        let dropping = self.path.hops().filter(|h| h.kind.is_underlay()).find_map(|hop| {
+            let drops = end.link_drops.get(&hop.ifindex).copied().unwrap_or_default();
+            (drops.rx_dropped + drops.rx_length_errors > 0).then_some((hop, drops))
+        });
+        let Some((hop, drops)) = dropping else { return Vec::new() };
+        vec![Finding {
+            kind: FindingKind::MtuMismatch,
+            severity: Severity::Warning,
+            hop: Some(hop.ifname.clone()),
+            summary: format!(
+                "{} dropped {} received frames during the trace (MTU {}): frames larger than its MTU are dropped before any tracepoint sees them.",
+                hop.ifname,
+                drops.rx_dropped + drops.rx_length_errors,
+                hop.mtu
+            ),
+            evidence: json!({ "interface": hop.ifname, "mtu": hop.mtu, "rx_dropped": drops.rx_dropped, "rx_length_errors": drops.rx_length_errors }),
+            advice: "Compare this MTU with the peers' underlay MTU; all nodes' underlays must carry the same MTU.".into(),
+        }]
+    }
+}
+
+impl Detector for MtuMismatch<'_> {
+    /// A wire-sized (non-GSO) packet larger than the MTU of the hop it heads for.
+    fn observe_packet(&mut self, packet: &Packet, _sighting: Option<&Sighting>) {
+        if packet.is_gso() {
+            return;
+        }
+        let hop = HopKey { ifindex: packet.ifindex, direction: packet.direction };
+        let Some(next_mtu) = self.next_mtu(hop).map(|next| next.mtu) else { return };
+        let underlay = self.path.is_underlay(hop.ifindex);
+        // Leaving through the underlay, the outer header is what must fit.
+        let layer = if hop.direction == Direction::Egress && underlay { &packet.outer } else { packet.pod_layer() };
+        let ip_len = u32::from(if underlay { packet.outer.total_len } else { layer.total_len });
+        if ip_len <= next_mtu {
+            return;
+        }
+        let entry = self.oversized.entry(hop).or_default();
+        entry.count += 1;
+        if ip_len > entry.max_len {
+            entry.max_len = ip_len;
+            entry.example = format!("{} ({} bytes, DF {})", layer.describe(), ip_len, if layer.dont_fragment { "set" } else { "clear" });
+        }
+    }
+
+    fn observe_kernel(&mut self, record: &KernelRecord) {
+        let layer = record.pod_layer();
+        let frag_needed = (layer.proto, layer.icmp_type, layer.icmp_code) == (IPPROTO_ICMP, 3, 4);
+        match record.kind {
+            KernelRecordKind::IcmpSent { icmp_type: 3, icmp_code: 4 } | KernelRecordKind::IcmpSent { icmp_type: 2, .. } => {
+                self.frag_needed_sent += 1;
+            }
+            KernelRecordKind::Drop { .. } if frag_needed => self.frag_needed_dropped += 1,
+            _ => {}
+        }
+    }
+
+    fn findings(&self, end: &TraceEnd<'_>) -> Vec<Finding> {
+        let mut findings = self.tunnel_findings(end);
+        findings.extend(self.pod_side_findings());
+        findings.extend(self.oversized_findings());
+        // Receive drops only point at the MTU when nothing more specific did.
+        if findings.is_empty() {
+            findings.extend(self.underlay_drop_findings(end));
+        }
+        findings
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{super::testing::*, *};
+    use crate::{
+        events::decode::Layer,
+        node::{LinkDrops, path::fixtures::local_path},
+    };
+
+    fn ping_of(size: u16) -> Layer {
+        Layer { total_len: size, ..echo(POD, PEER, 8, 1) }
+    }
+
+    #[test]
+    fn a_tunnel_that_cannot_fit_its_underlay_fires_at_the_edge() {
+        let mut path = local_path();
+        // 1450 + 50 = 1500 fits eth0's 1500 exactly: quiet.
+        assert!(End::default().findings(&MtuMismatch::new(&path), &path).is_empty());
+        path.stages[3].hops[0].mtu = 1499;
+        let end = End { link_drops: [(2, LinkDrops { rx_dropped: 7, ..Default::default() })].into(), ..Default::default() };
+        let findings = end.findings(&MtuMismatch::new(&path), &path);
+        assert_eq!(findings.len(), 1, "the receive drops add no second finding: {findings:#?}");
+        let finding = &findings[0];
+        assert_eq!((finding.kind, finding.hop.as_deref()), (FindingKind::MtuMismatch, Some("flannel.1")));
+        assert_eq!(finding.evidence["underlay"], "eth0");
+        assert_eq!(finding.evidence["underlay_mtu"], 1499);
+        assert_eq!(finding.evidence["underlay_rx_dropped_during_trace"], 7);
+        assert_eq!(finding.evidence["blackhole"], true, "no fragmentation-needed was sent");
+    }
+
+    #[test]
+    fn a_pod_mtu_above_the_tunnel_and_its_oversized_packets() {
+        let mut path = local_path();
+        path.stages[0].hops[0].mtu = 1500;
+        path.stages[1].hops[0].mtu = 1500;
+        let mut detector = MtuMismatch::new(&path);
+        let mut feed = Feed::new(&path);
+        // 1450 bytes fit flannel.1; 1500 do not.
+        feed.journey(&mut detector, &ping_of(1450), &OUT[..2], 0);
+        let mut big = ping_of(1500);
+        big.ip_id = 2;
+        feed.journey(&mut detector, &big, &OUT[..2], 10_000);
+        detector.observe_kernel(&kernel(KernelRecordKind::IcmpSent { icmp_type: 3, icmp_code: 4 }, big.clone(), 4, true, 1));
+        let quoted = Layer { icmp_type: 3, icmp_code: 4, ..echo(PEER, POD, 3, 0) };
+        detector.observe_kernel(&kernel(KernelRecordKind::Drop { reason: 9, location: 0 }, quoted, 5, false, 1));
+
+        let findings = End::default().findings(&detector, &path);
+        let config: Vec<_> = findings.iter().filter(|f| f.evidence["tunnel"] == "flannel.1").collect();
+        assert_eq!(config.iter().map(|f| f.hop.as_deref().unwrap()).collect::<Vec<_>>(), ["veth1", "cni0"]);
+        assert_eq!(config[0].evidence["mtu"], 1500);
+        let traffic: Vec<_> = findings.iter().filter(|f| f.evidence["largest_packet"].is_number()).collect();
+        assert_eq!(traffic.len(), 1, "only cni0 ingress heads for a smaller MTU: {findings:#?}");
+        assert_eq!(traffic[0].hop.as_deref(), Some("cni0"));
+        assert_eq!(traffic[0].evidence["largest_packet"], 1500);
+        assert_eq!(traffic[0].evidence["oversized_packets"], 1);
+        assert_eq!(traffic[0].evidence["next_hop"], "flannel.1");
+        assert_eq!(traffic[0].evidence["next_hop_mtu"], 1450);
+        assert_eq!(traffic[0].evidence["icmp_frag_needed_sent"], 1);
+        assert_eq!(traffic[0].evidence["icmp_frag_needed_dropped"], 1);
+        assert_eq!(traffic[0].evidence["blackhole"], true);
+    }
+
+    #[test]
+    fn gso_packets_and_a_consistent_path_are_quiet() {
+        let path = local_path();
+        let mut detector = MtuMismatch::new(&path);
+        let mut feed = Feed::new(&path);
+        // A GSO super-packet is split before it reaches the wire.
+        let mut gso = packet(ping_of(9000), 4, Direction::Ingress, 0);
+        gso.gso_size = 1398;
+        feed.packet(&mut detector, &gso);
+        // Sent back with fragmentation-needed delivered: not a blackhole, but no finding either.
+        detector.observe_kernel(&kernel(KernelRecordKind::IcmpSent { icmp_type: 3, icmp_code: 4 }, ping_of(1500), 4, true, 1));
+        assert!(End::default().findings(&detector, &path).is_empty());
+    }
+
+    #[test]
+    fn underlay_receive_drops_need_a_tunnel_in_use() {
+        let mut path = local_path();
+        let end = End { link_drops: [(2, LinkDrops { rx_length_errors: 3, ..Default::default() })].into(), ..Default::default() };
+        let findings = end.findings(&MtuMismatch::new(&path), &path);
+        assert_eq!(findings.len(), 1);
+        assert_eq!((findings[0].severity, findings[0].hop.as_deref()), (Severity::Warning, Some("eth0")));
+        assert_eq!(findings[0].evidence["rx_length_errors"], 3);
+        path.stages.remove(2);
+        assert!(end.findings(&MtuMismatch::new(&path), &path).is_empty(), "no VXLAN device on the path");
+    }
+}

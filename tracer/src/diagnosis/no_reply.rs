@@ -1,0 +1,153 @@
+//! `no-reply`: ICMP echo requests or TCP connection attempts left the pod and got no reply
+//! within the reply timeout. Names the last hop they reached and the first that never saw them.
+
+use super::{
+    Detector, Finding, FindingKind, Severity, TraceEnd,
+    requests::{RequestKind, RequestTracker},
+};
+use crate::{
+    events::{correlate::Sighting, decode::Packet},
+    node::Path,
+};
+
+pub struct NoReply<'a> {
+    path: &'a Path,
+    requests: RequestTracker<'a>,
+    reply_timeout_ns: u64,
+}
+
+impl<'a> NoReply<'a> {
+    pub fn new(path: &'a Path, reply_timeout_ns: u64) -> Self {
+        Self { path, requests: RequestTracker::new(path, &[RequestKind::Echo, RequestKind::TcpSyn], reply_timeout_ns), reply_timeout_ns }
+    }
+
+    pub fn untracked(&self) -> u64 {
+        self.requests.untracked()
+    }
+}
+
+impl Detector for NoReply<'_> {
+    fn observe_packet(&mut self, packet: &Packet, sighting: Option<&Sighting>) {
+        self.requests.observe(packet, sighting);
+    }
+
+    fn findings(&self, end: &TraceEnd<'_>) -> Vec<Finding> {
+        let pod = self.path.pod_ip;
+        self.requests
+            .unanswered(end.end_ns)
+            .into_iter()
+            .map(|group| Finding {
+                kind: FindingKind::NoReply,
+                severity: Severity::Error,
+                hop: group.last_hop.clone(),
+                summary: format!(
+                    "{} {} from {pod} to {} got no reply within {} ms; {}.",
+                    group.requests,
+                    group.what(),
+                    group.peer,
+                    self.reply_timeout_ns / 1_000_000,
+                    group.reach
+                ),
+                advice: format!(
+                    "Follow the flow on the node that owns {}: check its route back to {pod} and its firewall; see the drop findings on either node.",
+                    group.peer
+                ),
+                evidence: group.evidence,
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{super::testing::*, *};
+    use crate::{
+        Direction,
+        events::decode::Layer,
+        node::path::{
+            Entry,
+            fixtures::{bonded_path, hop, key, local_path},
+        },
+    };
+
+    const TIMEOUT: u64 = 1_000_000_000;
+
+    fn ping(seq: u16) -> Layer {
+        echo(POD, PEER, 8, seq)
+    }
+
+    #[test]
+    fn an_unanswered_ping_names_the_last_hop_and_the_first_missing_one() {
+        let path = local_path();
+        let mut detector = NoReply::new(&path, TIMEOUT);
+        let mut feed = Feed::new(&path);
+        for seq in 1..=3 {
+            feed.journey(&mut detector, &ping(seq), &OUT, u64::from(seq) * 1_000_000);
+        }
+        let findings = End { end_ns: 5 * TIMEOUT, ..Default::default() }.findings(&detector, &path);
+        assert_eq!(findings.len(), 1, "{findings:#?}");
+        let finding = &findings[0];
+        assert_eq!((finding.kind, finding.severity, finding.hop.as_deref()), (FindingKind::NoReply, Severity::Error, Some("eth0")));
+        assert_eq!(finding.evidence["requests"], 3);
+        assert_eq!(finding.evidence["last_hop"], "eth0 egress");
+        assert_eq!(finding.evidence["first_hop_missing"], "eth0 ingress");
+        assert_eq!(finding.evidence["hops_seen"], serde_json::json!(["veth1 ingress", "cni0 ingress", "flannel.1 egress", "eth0 egress"]));
+        assert!(finding.summary.starts_with("3 ICMP echo requests from 10.244.0.2 to 10.244.1.2 got no reply within 1000 ms"));
+    }
+
+    #[test]
+    fn answered_pings_are_quiet() {
+        let path = local_path();
+        let mut detector = NoReply::new(&path, TIMEOUT);
+        let mut feed = Feed::new(&path);
+        feed.journey(&mut detector, &ping(1), &OUT, 0);
+        feed.journey(&mut detector, &echo(PEER, POD, 0, 1), &BACK, 100_000);
+        assert!(End { end_ns: 5 * TIMEOUT, ..Default::default() }.findings(&detector, &path).is_empty());
+    }
+
+    #[test]
+    fn a_request_younger_than_the_timeout_is_not_judged() {
+        let path = local_path();
+        let mut detector = NoReply::new(&path, TIMEOUT);
+        Feed::new(&path).journey(&mut detector, &ping(1), &OUT, 500);
+        assert!(End { end_ns: 500 + TIMEOUT - 1, ..Default::default() }.findings(&detector, &path).is_empty());
+        assert_eq!(End { end_ns: 500 + TIMEOUT, ..Default::default() }.findings(&detector, &path).len(), 1);
+    }
+
+    #[test]
+    fn requests_start_only_at_the_pods_entry_hop() {
+        let path = local_path();
+        let mut detector = NoReply::new(&path, TIMEOUT);
+        // First seen on the underlay: a packet that did not come from the pod's veth.
+        Feed::new(&path).journey(&mut detector, &ping(1), &OUT[3..], 0);
+        assert!(End { end_ns: 5 * TIMEOUT, ..Default::default() }.findings(&detector, &path).is_empty());
+    }
+
+    #[test]
+    fn an_idle_bond_slave_is_not_the_first_hop_missing() {
+        let path = bonded_path();
+        let mut detector = NoReply::new(&path, TIMEOUT);
+        let out =
+            [(5, Direction::Ingress), (4, Direction::Ingress), (3, Direction::Egress), (6, Direction::Egress), (2, Direction::Egress)];
+        Feed::new(&path).journey(&mut detector, &ping(1), &out, 0);
+        let findings = End { end_ns: 5 * TIMEOUT, ..Default::default() }.findings(&detector, &path);
+        assert_eq!(findings[0].evidence["last_hop"], "eth0 egress");
+        assert_eq!(findings[0].evidence["first_hop_missing"], "eth0 ingress", "not the idle eth1");
+        assert_eq!(findings[0].hop.as_deref(), Some("eth0"));
+    }
+
+    #[test]
+    fn each_followed_ip_tracks_requests_from_its_own_first_hop() {
+        let mut path = local_path();
+        let second = "10.244.0.3";
+        path.stages[0].hops.push(hop("veth2", 8, crate::node::HopKind::PodVeth, Direction::Ingress));
+        path.entries.push(Entry { pod_ip: ip(second), hop: key(8, Direction::Ingress) });
+        let mut detector = NoReply::new(&path, TIMEOUT);
+        let mut out = OUT;
+        out[0] = (8, Direction::Ingress);
+        Feed::new(&path).journey(&mut detector, &echo(second, PEER, 8, 1), &out, 0);
+        let findings = End { end_ns: 5 * TIMEOUT, ..Default::default() }.findings(&detector, &path);
+        assert_eq!(findings.len(), 1, "the second pod's request is tracked");
+        assert_eq!(findings[0].evidence["hops_seen"][0], "veth2 ingress");
+    }
+}

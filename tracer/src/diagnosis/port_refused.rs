@@ -1,0 +1,125 @@
+//! `port-refused`: a TCP RST or ICMP port unreachable came back from the destination, counted
+//! once per refusal (where the reply was first seen), with the peer, protocol and port.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use serde_json::json;
+use tracer_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP};
+
+use super::{Detector, Finding, FindingKind, MAX_GROUPS, Severity, TraceEnd};
+use crate::{
+    events::{
+        correlate::{Flow, Sighting},
+        decode::{Packet, TCP_RST, proto_name},
+    },
+    node::Path,
+};
+
+/// (peer, protocol, port, pod) of a refused connection.
+type Refusal = (IpAddr, u8, u16, IpAddr);
+
+pub struct PortRefused<'a> {
+    path: &'a Path,
+    /// How often each refusal came, per signal ("TCP RST", "ICMP port unreachable").
+    refused: BTreeMap<(Refusal, &'static str), u64>,
+}
+
+impl<'a> PortRefused<'a> {
+    pub fn new(path: &'a Path) -> Self {
+        Self { path, refused: BTreeMap::new() }
+    }
+}
+
+impl Detector for PortRefused<'_> {
+    fn observe_packet(&mut self, packet: &Packet, sighting: Option<&Sighting>) {
+        // A reply crosses several hops: count it once, where first seen.
+        if !sighting.is_some_and(|s| s.flow == Flow::ToPod && s.previous.is_none()) {
+            return;
+        }
+        let layer = packet.pod_layer();
+        let key = match (layer.proto, layer.icmp_type, layer.icmp_code) {
+            // Port unreachable (ICMP 3/3, ICMPv6 1/4) names the refused port in its quote.
+            (IPPROTO_ICMP, 3, 3) | (IPPROTO_ICMPV6, 1, 4) => {
+                ((layer.src, layer.quoted_proto, layer.quoted_dport, layer.dst), "ICMP port unreachable")
+            }
+            (IPPROTO_TCP, ..) if layer.tcp_flags & TCP_RST != 0 => ((layer.src, IPPROTO_TCP, layer.sport, layer.dst), "TCP RST"),
+            _ => return,
+        };
+        if self.refused.len() < MAX_GROUPS || self.refused.contains_key(&key) {
+            *self.refused.entry(key).or_default() += 1;
+        }
+    }
+
+    fn findings(&self, _end: &TraceEnd<'_>) -> Vec<Finding> {
+        self.refused
+            .iter()
+            .map(|(((peer, proto, port, pod), how), count)| {
+                let proto = proto_name(*proto);
+                let listing = if proto == "udp" { "ss -lunp" } else { "ss -ltnp" };
+                Finding {
+                    kind: FindingKind::PortRefused,
+                    severity: Severity::Error,
+                    hop: self.path.hop(self.path.entry(*pod).ifindex).map(|hop| hop.ifname.clone()),
+                    summary: format!("{peer} port {port}/{proto} refused the pod's packets ({how}, {count} times): nothing listens there."),
+                    evidence: json!({ "peer": peer, "port": port, "proto": proto, "signal": how, "count": count }),
+                    advice: format!(
+                        "Check that the server on {peer} listens on {proto} port {port} ({listing} in that pod) and that the Service's targetPort matches."
+                    ),
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tracer_common::IPPROTO_UDP;
+
+    use super::{super::testing::*, *};
+    use crate::{events::decode::Layer, node::path::fixtures::local_path};
+
+    fn port_unreachable(code: u8) -> Layer {
+        Layer { icmp_type: 3, icmp_code: code, quoted_proto: IPPROTO_UDP, quoted_sport: 40000, quoted_dport: 9, ..echo(PEER, POD, 3, 0) }
+    }
+
+    #[test]
+    fn a_rst_and_port_unreachables_are_counted_once_per_refusal() {
+        let path = local_path();
+        let mut detector = PortRefused::new(&path);
+        let mut feed = Feed::new(&path);
+        feed.journey(&mut detector, &tcp(PEER, 9, POD, 40000, TCP_RST | 0x10, 0), &BACK, 0);
+        for id in 1..=3 {
+            feed.journey(&mut detector, &Layer { ip_id: id, ..port_unreachable(3) }, &BACK, u64::from(id) * 10_000);
+        }
+        let findings = End::default().findings(&detector, &path);
+        assert_eq!(findings.len(), 2, "{findings:#?}");
+        for (finding, (signal, proto, count)) in findings.iter().zip([("TCP RST", "tcp", 1), ("ICMP port unreachable", "udp", 3)]) {
+            assert_eq!((finding.kind, finding.hop.as_deref()), (FindingKind::PortRefused, Some("veth1")));
+            assert_eq!(finding.evidence["signal"], signal);
+            assert_eq!(finding.evidence["proto"], proto);
+            assert_eq!(finding.evidence["port"], 9);
+            assert_eq!(finding.evidence["peer"], PEER);
+            assert_eq!(finding.evidence["count"], count, "once per refusal, not per hop");
+        }
+    }
+
+    #[test]
+    fn ordinary_replies_are_quiet() {
+        let path = local_path();
+        let mut detector = PortRefused::new(&path);
+        let mut feed = Feed::new(&path);
+        feed.journey(&mut detector, &tcp(PEER, 80, POD, 40000, 0x12, 0), &BACK, 0);
+        feed.journey(&mut detector, &echo(PEER, POD, 0, 1), &BACK, 10_000);
+        // A RST the pod sends refuses nothing of the pod's.
+        feed.journey(&mut detector, &tcp(POD, 40000, PEER, 80, TCP_RST, 0), &OUT, 20_000);
+        assert!(End::default().findings(&detector, &path).is_empty());
+    }
+
+    #[test]
+    fn host_unreachable_is_no_refusal() {
+        let path = local_path();
+        let mut detector = PortRefused::new(&path);
+        Feed::new(&path).journey(&mut detector, &port_unreachable(1), &BACK, 0);
+        assert!(End::default().findings(&detector, &path).is_empty());
+    }
+}

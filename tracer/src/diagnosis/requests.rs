@@ -1,0 +1,256 @@
+//! Requests the pod sent and whether their replies came back, shared by the no-reply and the
+//! dns-unanswered detectors, each of which tracks its own kinds of request.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+};
+
+use serde_json::{Value, json};
+use tracer_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
+
+use super::MAX_REQUESTS;
+use crate::{
+    events::{
+        correlate::{Fingerprint, Flow, Sighting},
+        decode::{Layer, Packet, TCP_SYN},
+    },
+    node::{HopKey, Path, path::Step},
+};
+
+const DNS_PORT: u16 = 53;
+const TCP_ACK: u8 = 0x10;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RequestKind {
+    Echo,
+    TcpSyn,
+    Dns,
+}
+
+/// A request the pod sent, identified so that its reply can be recognised.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct RequestKey {
+    kind: RequestKind,
+    proto: u8,
+    pod_port: u16,
+    /// ICMP echo id and sequence.
+    echo: (u16, u16),
+}
+
+#[derive(Clone, Debug)]
+struct Request {
+    first_ns: u64,
+    peer: IpAddr,
+    peer_port: u16,
+    packets: u64,
+    /// Hops that saw the request, in the order they saw it.
+    hops: Vec<HopKey>,
+    /// Destination after Service DNAT, when a hop saw a different one.
+    dnat_to: Option<(IpAddr, u16)>,
+    answered: bool,
+}
+
+/// Unanswered requests of one kind to one peer and port, and how far they got.
+pub struct Unanswered {
+    pub kind: RequestKind,
+    pub peer: IpAddr,
+    pub port: u16,
+    pub requests: usize,
+    /// The evidence both detectors report: counts, peer, and the hops reached.
+    pub evidence: Value,
+    /// "the last hop they reached was …; … never saw them or their reply".
+    pub reach: String,
+    /// The interface of the last hop they reached.
+    pub last_hop: Option<String>,
+    /// Where Service DNAT sent them, as `ip:port`.
+    pub dnat_to: Vec<String>,
+}
+
+impl Unanswered {
+    /// "ICMP echo requests", "TCP connection attempts to port 80", "DNS queries to …".
+    pub fn what(&self) -> String {
+        match self.kind {
+            RequestKind::Echo => "ICMP echo requests".to_string(),
+            RequestKind::TcpSyn => format!("TCP connection attempts to port {}", self.port),
+            RequestKind::Dns => format!("DNS queries to {}:{}", self.peer, self.port),
+        }
+    }
+}
+
+pub struct RequestTracker<'a> {
+    path: &'a Path,
+    kinds: &'static [RequestKind],
+    reply_timeout_ns: u64,
+    requests: HashMap<RequestKey, Request>,
+    by_fingerprint: HashMap<Fingerprint, RequestKey>,
+    /// Requests not tracked because the table was full.
+    untracked: u64,
+}
+
+impl<'a> RequestTracker<'a> {
+    pub fn new(path: &'a Path, kinds: &'static [RequestKind], reply_timeout_ns: u64) -> Self {
+        Self { path, kinds, reply_timeout_ns, requests: HashMap::new(), by_fingerprint: HashMap::new(), untracked: 0 }
+    }
+
+    pub fn untracked(&self) -> u64 {
+        self.untracked
+    }
+
+    pub fn observe(&mut self, packet: &Packet, sighting: Option<&Sighting>) {
+        let Some(sighting) = sighting else { return };
+        let layer = packet.pod_layer();
+        match sighting.flow {
+            Flow::FromPod => {
+                self.track_request(layer, HopKey { ifindex: packet.ifindex, direction: packet.direction }, sighting, packet.ktime_ns)
+            }
+            Flow::ToPod => self.track_reply(layer),
+        }
+    }
+
+    fn track_request(&mut self, layer: &Layer, hop: HopKey, sighting: &Sighting, now: u64) {
+        if let Some(key) = self.by_fingerprint.get(&sighting.fingerprint).copied() {
+            if let Some(request) = self.requests.get_mut(&key) {
+                if !request.hops.contains(&hop) {
+                    request.hops.push(hop);
+                }
+                if (layer.dst, layer.dport) != (request.peer, request.peer_port) && request.dnat_to.is_none() {
+                    request.dnat_to = Some((layer.dst, layer.dport));
+                }
+            }
+            return;
+        }
+        // Each followed IP's requests start where its packets enter the path.
+        if hop != self.path.entry(layer.src) {
+            return;
+        }
+        let Some(key) = request_key(layer).filter(|key| self.kinds.contains(&key.kind)) else { return };
+        if let Some(request) = self.requests.get_mut(&key) {
+            request.packets += 1;
+        } else if self.requests.len() < MAX_REQUESTS {
+            let request = Request {
+                first_ns: now,
+                peer: layer.dst,
+                peer_port: layer.dport,
+                packets: 1,
+                hops: vec![hop],
+                dnat_to: None,
+                answered: false,
+            };
+            self.requests.insert(key, request);
+        } else {
+            self.untracked += 1;
+            return;
+        }
+        if self.by_fingerprint.len() < 4 * MAX_REQUESTS {
+            self.by_fingerprint.insert(sighting.fingerprint, key);
+        }
+    }
+
+    fn track_reply(&mut self, layer: &Layer) {
+        let answered: &[RequestKey] = match layer.proto {
+            IPPROTO_ICMP | IPPROTO_ICMPV6 if matches!(layer.icmp_type, 0 | 129) => {
+                &[RequestKey { kind: RequestKind::Echo, proto: layer.proto, pod_port: 0, echo: (layer.icmp_id, layer.icmp_seq) }]
+            }
+            // Any TCP segment back, even a RST, answers the connection attempt.
+            IPPROTO_TCP => &[
+                RequestKey { kind: RequestKind::TcpSyn, proto: IPPROTO_TCP, pod_port: layer.dport, echo: (0, 0) },
+                RequestKey { kind: RequestKind::Dns, proto: IPPROTO_TCP, pod_port: layer.dport, echo: (0, 0) },
+            ],
+            IPPROTO_UDP => &[RequestKey { kind: RequestKind::Dns, proto: IPPROTO_UDP, pod_port: layer.dport, echo: (0, 0) }],
+            _ => &[],
+        };
+        for key in answered {
+            if let Some(request) = self.requests.get_mut(key) {
+                request.answered = true;
+            }
+        }
+    }
+
+    /// Requests still unanswered a reply timeout before `end_ns` (younger ones may yet be
+    /// answered), grouped by kind, peer and port.
+    pub fn unanswered(&self, end_ns: u64) -> Vec<Unanswered> {
+        let settled = end_ns.saturating_sub(self.reply_timeout_ns);
+        let mut groups: BTreeMap<(RequestKind, IpAddr, u16), Vec<&Request>> = BTreeMap::new();
+        for (key, request) in &self.requests {
+            if !request.answered && request.first_ns <= settled {
+                groups.entry((key.kind, request.peer, request.peer_port)).or_default().push(request);
+            }
+        }
+        groups.into_iter().map(|((kind, peer, port), requests)| self.summarise(kind, peer, port, &requests)).collect()
+    }
+
+    fn summarise(&self, kind: RequestKind, peer: IpAddr, port: u16, requests: &[&Request]) -> Unanswered {
+        let reach = Reach::of(self.path, requests.iter().flat_map(|r| r.hops.iter().copied()));
+        let seen_labels = reach.seen_labels(self.path);
+        let first_missing = reach.first_missing(self.path);
+        let last_label = seen_labels.last().cloned();
+        let dnat_to: Vec<String> =
+            requests.iter().filter_map(|r| r.dnat_to).map(|(ip, p)| format!("{ip}:{p}")).collect::<BTreeSet<_>>().into_iter().collect();
+        let evidence = json!({
+            "requests": requests.len(),
+            "packets": requests.iter().map(|r| r.packets).sum::<u64>(),
+            "peer": peer,
+            "port": port,
+            "last_hop": last_label,
+            "first_hop_missing": first_missing,
+            "hops_seen": seen_labels,
+            "dnat_to": dnat_to,
+        });
+        let reach_text = match (&last_label, &first_missing) {
+            (Some(last), Some(missing)) => format!("the last hop they reached was {last}; {missing} never saw them or their reply"),
+            (Some(last), None) => format!("they reached {last}"),
+            _ => "no hop saw them".to_string(),
+        };
+        let last_hop = reach.seen.last().and_then(|(_, key)| self.path.hop(key.ifindex)).map(|hop| hop.ifname.clone());
+        Unanswered { kind, peer, port, requests: requests.len(), evidence, reach: reach_text, last_hop, dnat_to }
+    }
+}
+
+fn request_key(layer: &Layer) -> Option<RequestKey> {
+    match layer.proto {
+        IPPROTO_ICMP | IPPROTO_ICMPV6 if matches!(layer.icmp_type, 8 | 128) => {
+            Some(RequestKey { kind: RequestKind::Echo, proto: layer.proto, pod_port: 0, echo: (layer.icmp_id, layer.icmp_seq) })
+        }
+        IPPROTO_TCP if layer.tcp_flags & TCP_SYN != 0 && layer.tcp_flags & TCP_ACK == 0 => Some(RequestKey {
+            kind: if layer.dport == DNS_PORT { RequestKind::Dns } else { RequestKind::TcpSyn },
+            proto: IPPROTO_TCP,
+            pod_port: layer.sport,
+            echo: (0, 0),
+        }),
+        IPPROTO_UDP if layer.dport == DNS_PORT => {
+            Some(RequestKey { kind: RequestKind::Dns, proto: IPPROTO_UDP, pod_port: layer.sport, echo: (0, 0) })
+        }
+        _ => None,
+    }
+}
+
+/// The hops a set of requests reached, and so the first hop on their way that none reached.
+struct Reach {
+    /// (step, hop) of every hop that saw a request, in travel order.
+    seen: Vec<(Step, HopKey)>,
+}
+
+impl Reach {
+    fn of(path: &Path, hops: impl Iterator<Item = HopKey>) -> Self {
+        let mut seen: Vec<(Step, HopKey)> = hops.filter_map(|key| Some((path.step_of(key)?, key))).collect();
+        seen.sort_by_key(|(step, key)| (*step, path.at_step(*step).iter().position(|k| k == key)));
+        seen.dedup();
+        Self { seen }
+    }
+
+    fn seen_labels(&self, path: &Path) -> Vec<String> {
+        self.seen.iter().filter_map(|(_, key)| path.label(&[*key])).collect()
+    }
+
+    /// The step after the last one reached. Of its alternatives, those the requests used at
+    /// the same stage on the other way, if any: a reply returns through the bond slave the
+    /// request left by, not through an idle one.
+    fn first_missing(&self, path: &Path) -> Option<String> {
+        let (last, _) = self.seen.last()?;
+        let alternatives = path.at_step(last + 1);
+        let used: Vec<HopKey> =
+            alternatives.iter().copied().filter(|key| self.seen.iter().any(|(_, seen)| seen.ifindex == key.ifindex)).collect();
+        path.label(if used.is_empty() { &alternatives } else { &used })
+    }
+}
