@@ -126,7 +126,7 @@ impl Lab {
             netns: format!("{p}-{suffix}"),
             ip: Ipv4Addr::new(10, 99, 0, index + 1),
             underlay: if index == 0 && spec.bond_a.is_some() { "bond0".into() } else { "eth0".into() },
-            bridge: "cni0".into(),
+            bridge: cni::BRIDGE.into(),
             vxlan: "flannel.1".into(),
             vtep_mac: format!("0e:00:00:00:0{}:01", index + 1),
             pod_cidr: format!("10.244.{index}.0/24"),
@@ -175,6 +175,8 @@ impl Lab {
     }
 
     fn build(&mut self, spec: &LabSpec) -> Result<()> {
+        // Leases left by a killed run with this prefix would shift every pod's address.
+        let _ = std::fs::remove_dir_all(&self.state_dir);
         std::fs::create_dir_all(&self.state_dir).with_context(|| format!("creating {}", self.state_dir.display()))?;
         let sw = self.switch_ns.clone();
         self.add_netns(&sw)?;

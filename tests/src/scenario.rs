@@ -7,6 +7,7 @@ use anyhow::{Result, bail};
 
 pub use crate::lab::DNS_SERVICE_IP;
 use crate::{kube_proxy, lab::Lab, traffic};
+
 /// A TCP port pod B serves on, for the firewall case.
 pub const APP_PORT: u16 = 8080;
 /// A port nothing listens on.
