@@ -146,6 +146,11 @@ pub const KEV_RETRANSMIT: u8 = 2;
 /// `icmp:icmp_send`: the kernel answered a followed flow's packet with an ICMP error.
 pub const KEV_ICMP_SEND: u8 = 3;
 
+/// `KernelEvent::reason` of a drop on a kernel whose `skb:kfree_skb` has no reason field
+/// (before 5.17). `KernelLayout::kfree_reason` is 0 there: no record field sits at offset 0,
+/// which holds the common header.
+pub const DROP_REASON_UNKNOWN: u32 = u32::MAX;
+
 /// `KernelEvent::flags`: the skb had been received on `ifindex` (skb_iif), not sent out of it.
 pub const KEV_RECEIVED: u8 = 1 << 0;
 

@@ -13,13 +13,13 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, TracePointContext},
 };
 use tracer_common::{
-    COUNTER_LOST_EVENTS, COUNTER_UNPARSED, IPPROTO_TCP, IpLayer, KEV_DROP, KEV_ICMP_SEND, KEV_RECEIVED, KEV_RETRANSMIT, KernelEvent,
-    KernelLayout, MAX_NETNS,
+    COUNTER_LOST_EVENTS, COUNTER_UNPARSED, DROP_REASON_UNKNOWN, IPPROTO_TCP, IpLayer, KEV_DROP, KEV_ICMP_SEND, KEV_RECEIVED,
+    KEV_RETRANSMIT, KernelEvent, KernelLayout, MAX_NETNS,
 };
 
 use crate::{
     maps::{count, filter, matches},
-    parse::{ETH_P_IP, ETH_P_IPV6, Headers, Skip, parse_packet, v4_mapped},
+    parse::{ETH_P_IP, ETH_P_IPV6, Headers, Skip, is_v4_mapped, parse_packet, v4_mapped},
 };
 
 /// Kernel memory starting at an skb's network header.
@@ -228,7 +228,11 @@ pub fn podtrace_kfree_skb(ctx: TracePointContext) -> u32 {
     let layout = layout();
     let skb: u64 = field(&ctx, layout.kfree_skbaddr).unwrap_or(0);
     let location: u64 = field(&ctx, layout.kfree_location).unwrap_or(0);
-    let reason: u32 = field(&ctx, layout.kfree_reason).unwrap_or(0);
+    let reason: u32 = match layout.kfree_reason {
+        // This kernel's record has no reason field (before 5.17).
+        0 => DROP_REASON_UNKNOWN,
+        offset => field(&ctx, offset).unwrap_or(0),
+    };
     on_drop(skb as *const u8, location, reason);
     0
 }
@@ -262,7 +266,22 @@ pub fn podtrace_tcp_retransmit(ctx: TracePointContext) -> u32 {
 /// for a family other than IPv4 and IPv6.
 #[inline(always)]
 fn retransmitted_flow(ctx: &TracePointContext, layout: &KernelLayout, outer: &mut IpLayer) -> bool {
-    match field::<u16>(ctx, layout.retrans_family).unwrap_or(0) {
+    // Before 5.13 the record has no family field (its offset is 0, the common header); the
+    // IPv6 fields hold every socket's addresses there, IPv4 ones as v4-mapped.
+    let family = match layout.retrans_family {
+        0 => None,
+        offset => Some(field::<u16>(ctx, offset).unwrap_or(0)),
+    };
+    let Some(family) = family else {
+        outer.src = field(ctx, layout.retrans_saddr_v6).unwrap_or([0; 16]);
+        outer.dst = field(ctx, layout.retrans_daddr_v6).unwrap_or([0; 16]);
+        outer.version = if is_v4_mapped(&outer.src) { 4 } else { 6 };
+        outer.proto = IPPROTO_TCP;
+        outer.sport = field(ctx, layout.retrans_sport).unwrap_or(0);
+        outer.dport = field(ctx, layout.retrans_dport).unwrap_or(0);
+        return true;
+    };
+    match family {
         AF_INET => {
             outer.version = 4;
             outer.src = v4_mapped(field(ctx, layout.retrans_saddr).unwrap_or([0; 4]));

@@ -287,6 +287,12 @@ pub fn v4_mapped(addr: [u8; 4]) -> [u8; 16] {
     [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, addr[0], addr[1], addr[2], addr[3]]
 }
 
+/// Whether an IPv6-form address is an IPv4 one, v4-mapped (`::ffff:a.b.c.d`).
+#[inline(always)]
+pub fn is_v4_mapped(address: &[u8; 16]) -> bool {
+    address[..10] == [0; 10] && address[10] == 0xff && address[11] == 0xff
+}
+
 #[cfg(test)]
 mod tests {
     //! The parser on the host, against a byte slice standing in for the packet: what
@@ -400,5 +406,14 @@ mod tests {
         let (_, outer, _) = parse(&packet).ok().unwrap();
         assert!(outer.flags & IP_LATER_FRAGMENT != 0);
         assert_eq!((outer.sport, outer.dport), (0, 0));
+    }
+
+    #[test]
+    fn v4_mapped_addresses_are_recognised() {
+        assert!(is_v4_mapped(&v4_mapped(POD)));
+        let mut v6 = v4_mapped(POD);
+        v6[0] = 0xfd;
+        assert!(!is_v4_mapped(&v6));
+        assert!(!is_v4_mapped(&[0; 16]));
     }
 }

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use serde_json::json;
-use tracer_common::{IPPROTO_ICMP, IPPROTO_ICMPV6};
+use tracer_common::{DROP_REASON_UNKNOWN, IPPROTO_ICMP, IPPROTO_ICMPV6};
 
 use super::{Detector, Finding, FindingKind, MAX_GROUPS, Severity, TraceEnd};
 use crate::{
@@ -66,7 +66,10 @@ impl<'a> Drops<'a> {
             .iter()
             .map(|(key, group)| {
                 let (reason, location, ..) = *key;
-                let reason = end.drop_reasons.get(&i64::from(reason)).cloned().unwrap_or_else(|| format!("reason {reason}"));
+                let reason = match reason {
+                    DROP_REASON_UNKNOWN => UNKNOWN_REASON.to_string(),
+                    reason => end.drop_reasons.get(&i64::from(reason)).cloned().unwrap_or_else(|| format!("reason {reason}")),
+                };
                 let function = end.symbols.map(|s| s.function(location)).unwrap_or_else(|| format!("{location:#x}"));
                 Judged { key: *key, group, reason, function }
             })
@@ -138,18 +141,22 @@ impl Detector for Drops<'_> {
     }
 }
 
+/// How a drop's reason reads on a kernel that reports none (before 5.17).
+const UNKNOWN_REASON: &str = "reason unknown on this kernel";
+
 /// Frees that are the kernel's normal work, not losses: the reason says "not a drop" or the
-/// function is a known consumer that still uses the generic free.
+/// function is a known consumer that still uses the generic free. Where the kernel gives no
+/// reason, the function alone decides, as for NOT_SPECIFIED.
 fn is_normal_consumption(reason: &str, function: &str, echo_reply: bool) -> bool {
     if matches!(reason, "NOT_DROPPED_YET" | "CONSUMED") {
         return true;
     }
     // Echo replies are delivered to raw sockets (ping) as clones; the original is then freed
     // because no ICMP datagram socket wants it (in ping_rcv, or icmp_rcv where it is inlined).
-    if reason == "NO_SOCKET" && echo_reply {
+    if matches!(reason, "NO_SOCKET" | UNKNOWN_REASON) && echo_reply {
         return true;
     }
-    reason == "NOT_SPECIFIED"
+    matches!(reason, "NOT_SPECIFIED" | UNKNOWN_REASON)
         && matches!(
             function,
             "skb_release_data" | "kfree_skb_list_reason" | "sk_stream_kill_queues" | "skb_queue_purge_reason" | "tcp_v4_rcv" | "tcp_v6_rcv"
@@ -166,6 +173,7 @@ fn drop_advice(reason: &str) -> String {
         "IP_RPFILTER" => "Reverse-path filtering dropped the packets: the return route points elsewhere; check rp_filter and the routes.".into(),
         "QDISC_DROP" | "QDISC_OVERLIMIT" | "CPU_BACKLOG" | "FULL_RING" => "The interface or CPU is congested: check qdisc and ring statistics (tc -s qdisc, ethtool -S).".into(),
         reason if reason.starts_with("TCP_") => "TCP discarded the segments: check for window or sequence problems (ss -ti) on the endpoints.".into(),
+        UNKNOWN_REASON => "This kernel (before 5.17) does not say why it drops packets: the function that dropped them and the hop point at the cause (a firewall rule for nf_hook_slow or nft_do_chain, a route for ip_route_input, a listener for the receive functions).".into(),
         _ => "Look up the drop reason in the kernel's include/net/dropreason-core.h and inspect the function that dropped the packets.".into(),
     }
 }
@@ -254,5 +262,21 @@ mod tests {
         let findings = end().findings(&detector, &path);
         assert_eq!(findings[0].hop, None);
         assert!(findings[0].summary.contains("inside a local pod's network namespace"));
+    }
+
+    /// Before 5.17 the kernel gives no reason: a drop is still a drop, named by its function,
+    /// and the normal frees are still told apart by function alone.
+    #[test]
+    fn drops_without_a_reason_are_named_by_their_function() {
+        let path = local_path();
+        let mut detector = Drops::new(&path, NODE_NS);
+        detector.observe_kernel(&drop(DROP_REASON_UNKNOWN, NF_HOOK_SLOW, tcp(PEER, 8080, POD, 40000, 0x12, 0), 3, NODE_NS));
+        detector.observe_kernel(&drop(DROP_REASON_UNKNOWN, SKB_RELEASE_DATA, tcp(POD, 40000, PEER, 80, 0x10, 100), 5, NODE_NS));
+        detector.observe_kernel(&drop(DROP_REASON_UNKNOWN, ICMP_RCV, echo(PEER, POD, 0, 1), 0, NODE_NS));
+        let findings = end().findings(&detector, &path);
+        assert_eq!(findings.len(), 1, "{findings:#?}");
+        assert_eq!(findings[0].evidence["reason"], UNKNOWN_REASON);
+        assert_eq!(findings[0].evidence["function"], "nf_hook_slow");
+        assert!(findings[0].advice.contains("before 5.17"), "{}", findings[0].advice);
     }
 }

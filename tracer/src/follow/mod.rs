@@ -98,7 +98,8 @@ impl KernelFacts {
             .map_err(|err| anyhow!("unreadable BTF at {}: {err}", btf_file.display()))?;
         let formats = TracepointFormats::read()?;
         let layout = layout::build(&kernel_btf, &formats)?;
-        let drop_reasons = kernel_btf.enum_values("skb_drop_reason", "SKB_DROP_REASON_")?;
+        // Kernels before 5.17 have no drop reasons: their drops are named "unknown".
+        let drop_reasons = kernel_btf.enum_values("skb_drop_reason", "SKB_DROP_REASON_").unwrap_or_default();
         Ok(Self { btf, formats, layout, drop_reasons })
     }
 }

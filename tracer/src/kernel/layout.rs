@@ -8,6 +8,7 @@ use super::{btf::KernelBtf, tracefs::TracepointFormats};
 
 /// Struct offsets from BTF plus, for each tracepoint whose format is available, its record
 /// offsets. Missing tracepoints leave their offsets at zero; their programs are not attached.
+/// A missing `reason` in `skb:kfree_skb` (kernels before 5.17) leaves that offset zero too.
 pub fn build(btf: &KernelBtf, formats: &TracepointFormats) -> Result<KernelLayout> {
     let mut layout = KernelLayout {
         skb_head: btf.offset_of("sk_buff", "head")?,
@@ -26,13 +27,16 @@ pub fn build(btf: &KernelBtf, formats: &TracepointFormats) -> Result<KernelLayou
     if let Some(format) = &formats.kfree_skb {
         layout.kfree_skbaddr = format.offset("skbaddr")?;
         layout.kfree_location = format.offset("location")?;
-        layout.kfree_reason = format.offset("reason")?;
+        // No reason field before 5.17: 0 tells the program so (`DROP_REASON_UNKNOWN`).
+        layout.kfree_reason = format.offset("reason").unwrap_or(0);
     }
     if let Some(format) = &formats.tcp_retransmit_skb {
         layout.retrans_skbaddr = format.offset("skbaddr")?;
         layout.retrans_skaddr = format.offset("skaddr")?;
         layout.retrans_state = format.offset("state")?;
-        layout.retrans_family = format.offset("family")?;
+        // No family field before 5.13: 0 tells the program to read the IPv6 fields, which
+        // hold IPv4 addresses v4-mapped there.
+        layout.retrans_family = format.offset("family").unwrap_or(0);
         layout.retrans_sport = format.offset("sport")?;
         layout.retrans_dport = format.offset("dport")?;
         layout.retrans_saddr = format.offset("saddr")?;
@@ -53,6 +57,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
+    use crate::kernel::tracefs::TracepointFormat;
 
     #[test]
     fn running_kernel_layout() {
@@ -67,6 +72,19 @@ mod tests {
         // Record fields start after the 8 bytes of common fields.
         assert_eq!(layout.icmp_type, icmp.offset("type").unwrap());
         assert!(layout.icmp_type >= 8 && layout.icmp_code > layout.icmp_type, "{layout:?}");
+    }
+
+    #[test]
+    fn kfree_skb_without_a_reason_field_leaves_its_offset_zero() {
+        // skb:kfree_skb on 5.10.
+        let format = "name: kfree_skb\nID: 1420\nformat:\n\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\
+                      \tfield:void * skbaddr;\toffset:8;\tsize:8;\tsigned:0;\n\tfield:void * location;\toffset:16;\tsize:8;\tsigned:0;\n\
+                      \tfield:unsigned short protocol;\toffset:24;\tsize:2;\tsigned:0;\n";
+        let btf = KernelBtf::from_file(Path::new("/sys/kernel/btf/vmlinux")).unwrap();
+        let mut formats = TracepointFormats::read().unwrap();
+        formats.kfree_skb = Some(TracepointFormat::parse("skb:kfree_skb", format).unwrap());
+        let layout = build(&btf, &formats).unwrap();
+        assert_eq!((layout.kfree_skbaddr, layout.kfree_location, layout.kfree_reason), (8, 16, 0));
     }
 
     #[test]

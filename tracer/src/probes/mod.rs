@@ -10,12 +10,11 @@ mod tracepoints;
 
 use std::net::IpAddr;
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Context as _, Result};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::{SchedClassifier, tc::SchedClassifierLink},
-    util::KernelVersion,
 };
 use tracer_common::{
     COUNTER_COUNT, COUNTER_LOST_EVENTS, COUNTER_MATCHED, COUNTER_NOT_IP, COUNTER_UNPARSED, FilterConfig, HOP_NO_MAC_HEADER, HopConfig,
@@ -36,7 +35,7 @@ static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"
 /// How TC programs are attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum AttachMode {
-    /// TCX where the kernel has it (6.6+), clsact otherwise.
+    /// TCX where the kernel accepts it (6.6+, or backported), clsact otherwise.
     Auto,
     Tcx,
     /// clsact qdisc with a cls_bpf filter, as on kernels before 6.6.
@@ -83,14 +82,6 @@ impl Probes {
                 ebpf.program_mut(name).with_context(|| format!("program {name} missing from the kernel object"))?.try_into()?;
             program.load().with_context(|| format!("verifying program {name}"))?;
         }
-        let kernel = KernelVersion::current().map_err(|err| anyhow!("reading the kernel version: {err}"))?;
-        let has_tcx = kernel >= KernelVersion::new(6, 6, 0);
-        let mode = match mode {
-            AttachMode::Auto if has_tcx => AttachMode::Tcx,
-            AttachMode::Auto => AttachMode::Clsact,
-            AttachMode::Tcx if !has_tcx => bail!("--attach tcx needs kernel 6.6 or newer; use --attach clsact (or auto) here"),
-            explicit => explicit,
-        };
         Ok(Self { ebpf, mode, owner: None, links: Vec::new(), filters: Vec::new() })
     }
 
@@ -100,6 +91,7 @@ impl Probes {
         self.owner = Some(owner);
     }
 
+    /// The attach mode; `Auto` until the first hop's attach has probed what the kernel accepts.
     pub fn mode(&self) -> AttachMode {
         self.mode
     }

@@ -24,10 +24,23 @@ pub const EGRESS_PROGRAM: &str = "podtrace_egress";
 
 impl Probes {
     /// Registers the hop with the kernel filter and attaches both programs to it. The caller
-    /// holds the state lock (`StateLock`).
+    /// holds the state lock (`StateLock`). In auto mode the first hop decides: TCX if the
+    /// kernel accepts a TCX link (6.6+, or a kernel that backported it), clsact otherwise.
     pub async fn attach(&mut self, hop: &Hop) -> Result<()> {
         self.register_hop(hop.ifindex, hop.no_mac_header)?;
-
+        if self.mode == AttachMode::Auto {
+            match self.attach_program(hop, Direction::Ingress, AttachMode::Tcx).await {
+                Ok(()) => {
+                    self.mode = AttachMode::Tcx;
+                    return self.attach_program(hop, Direction::Egress, AttachMode::Tcx).await;
+                }
+                Err(err) if tcx_refused(&err) => {
+                    log::info!("the kernel refuses TCX links ({err:#}); attaching with clsact");
+                    self.mode = AttachMode::Clsact;
+                }
+                Err(err) => return Err(err),
+            }
+        }
         if self.mode == AttachMode::Clsact {
             match tc::qdisc_add_clsact(&hop.ifname) {
                 Ok(()) => state::record_clsact(&hop.ifname)?,
@@ -36,48 +49,66 @@ impl Probes {
             }
         }
         for direction in [Direction::Ingress, Direction::Egress] {
-            let (name, attach_type) = match direction {
-                Direction::Ingress => (INGRESS_PROGRAM, TcAttachType::Ingress),
-                Direction::Egress => (EGRESS_PROGRAM, TcAttachType::Egress),
-            };
-            // First in line, so a later program that drops or redirects cannot hide the packet;
-            // the program returns "continue", so everything after it still runs.
-            let options = match self.mode {
-                AttachMode::Clsact => {
-                    TcAttachOptions::Netlink(NlOptions { priority: first_priority(hop, direction).await?, ..Default::default() })
+            self.attach_program(hop, direction, self.mode).await.map_err(|err| match self.mode {
+                AttachMode::Tcx if tcx_refused(&err) => {
+                    err.context("this kernel does not accept TCX links (before 6.6, unless backported): use --attach clsact or auto")
                 }
-                _ => TcAttachOptions::TcxOrder(LinkOrder::first()),
-            };
-            let program: &mut SchedClassifier = self.ebpf.program_mut(name).context("program missing")?.try_into()?;
-            let id = program
-                .attach_with_options(&hop.ifname, attach_type, options)
-                .with_context(|| format!("attaching {name} to {} ({:?})", hop.ifname, self.mode))?;
-            let link = program.take_link(id).context("taking the TC link")?;
-            // The kernel attaches by name: a pod restarted since discovery would have a new
-            // interface under the old name, and the hop would stay silently empty.
-            if ifindex_of(&hop.ifname) != Some(hop.ifindex) {
-                bail!(
-                    "{} was replaced since the path was discovered (it is no longer ifindex {}); run podtrace again",
-                    hop.ifname,
-                    hop.ifindex
-                );
-            }
-            if let (Ok(priority), Ok(handle), Some(owner)) = (link.priority(), link.handle(), &self.owner) {
-                let record = FilterRecord {
-                    owner: owner.id.clone(),
-                    ifindex: hop.ifindex,
-                    ifname: hop.ifname.clone(),
-                    ingress: direction == Direction::Ingress,
-                    priority,
-                    handle: handle.into(),
-                };
-                state::record_filter(&record)?;
-                self.filters.push(record);
-            }
-            self.links.push(link);
+                _ => err,
+            })?;
         }
         Ok(())
     }
+
+    /// Attaches one program to one hook of the hop, first in line, and records it.
+    async fn attach_program(&mut self, hop: &Hop, direction: Direction, mode: AttachMode) -> Result<()> {
+        let (name, attach_type) = match direction {
+            Direction::Ingress => (INGRESS_PROGRAM, TcAttachType::Ingress),
+            Direction::Egress => (EGRESS_PROGRAM, TcAttachType::Egress),
+        };
+        // First in line, so a later program that drops or redirects cannot hide the packet;
+        // the program returns "continue", so everything after it still runs.
+        let options = match mode {
+            AttachMode::Clsact => {
+                TcAttachOptions::Netlink(NlOptions { priority: first_priority(hop, direction).await?, ..Default::default() })
+            }
+            _ => TcAttachOptions::TcxOrder(LinkOrder::first()),
+        };
+        let program: &mut SchedClassifier = self.ebpf.program_mut(name).context("program missing")?.try_into()?;
+        let id = program
+            .attach_with_options(&hop.ifname, attach_type, options)
+            .with_context(|| format!("attaching {name} to {} ({mode:?})", hop.ifname))?;
+        let link = program.take_link(id).context("taking the TC link")?;
+        // The kernel attaches by name: a pod restarted since discovery would have a new
+        // interface under the old name, and the hop would stay silently empty.
+        if ifindex_of(&hop.ifname) != Some(hop.ifindex) {
+            bail!(
+                "{} was replaced since the path was discovered (it is no longer ifindex {}); run podtrace again",
+                hop.ifname,
+                hop.ifindex
+            );
+        }
+        if let (Ok(priority), Ok(handle), Some(owner)) = (link.priority(), link.handle(), &self.owner) {
+            let record = FilterRecord {
+                owner: owner.id.clone(),
+                ifindex: hop.ifindex,
+                ifname: hop.ifname.clone(),
+                ingress: direction == Direction::Ingress,
+                priority,
+                handle: handle.into(),
+            };
+            state::record_filter(&record)?;
+            self.filters.push(record);
+        }
+        self.links.push(link);
+        Ok(())
+    }
+}
+
+/// Whether a TCX attach failed because the kernel has no TCX: it rejects the attach type.
+fn tcx_refused(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause.downcast_ref::<std::io::Error>().is_some_and(|io| matches!(io.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)))
+    })
 }
 
 /// A cls_bpf priority ahead of every filter already on the hook (lower runs first).

@@ -34,12 +34,19 @@ impl Probes {
         for inode in namespaces {
             netns.insert(*inode, 1, 0).context("registering a network namespace")?;
         }
+        // The tp_btf program reads the reason argument, which the verifier refuses where
+        // kfree_skb has none (before 5.17): the classic tracepoint serves there.
         let drops = match self.attach_btf_tracepoint("podtrace_kfree_skb_btf", "kfree_skb", btf) {
             Ok(()) => "tp_btf skb:kfree_skb".into(),
             Err(btf_err) if formats.kfree_skb.is_some() => {
                 log::info!("tp_btf kfree_skb unavailable ({btf_err:#}); using the classic tracepoint");
                 self.attach_tracepoint("podtrace_kfree_skb", "skb", "kfree_skb")?;
-                "tracepoint skb:kfree_skb".into()
+                match formats.kfree_skb.as_ref().is_some_and(|format| format.offset("reason").is_ok()) {
+                    true => "tracepoint skb:kfree_skb".into(),
+                    false => {
+                        "tracepoint skb:kfree_skb, without drop reasons on this kernel (before 5.17): each drop's reason is unknown".into()
+                    }
+                }
             }
             Err(err) => return Err(err.context("attaching to skb:kfree_skb")),
         };

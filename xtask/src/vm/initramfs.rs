@@ -39,6 +39,13 @@ const MODULES: &[&str] = &[
     "nf_reject_ipv4",
     "nft_reject_ipv4",
     "xt_MASQUERADE",
+    // Separate modules on older kernels (5.10), built into nf_tables later: iptables-nft's
+    // rule counters, REJECT and conntrack expressions.
+    "nft_counter",
+    "nft_ct",
+    "nft_reject",
+    "nft_reject_inet",
+    "ipt_REJECT",
     // kube-proxy's rules: comments on every rule, and the masquerade mark.
     "xt_comment",
     "xt_mark",
