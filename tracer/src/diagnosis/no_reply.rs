@@ -150,4 +150,22 @@ mod tests {
         assert_eq!(findings.len(), 1, "the second pod's request is tracked");
         assert_eq!(findings[0].evidence["hops_seen"][0], "veth2 ingress");
     }
+
+    #[test]
+    fn with_both_ends_followed_the_peers_reply_answers() {
+        let mut path = local_path();
+        // The peer is a remote pod: its packets enter at eth0 ingress.
+        path.entries.push(Entry { pod_ip: ip(PEER), hop: key(2, Direction::Ingress) });
+        let mut detector = NoReply::new(&path, TIMEOUT);
+        let mut feed = Feed::new(&path);
+        feed.journey(&mut detector, &ping(1), &OUT, 0);
+        feed.journey(&mut detector, &echo(PEER, POD, 0, 1), &BACK, 100_000);
+        assert!(End { end_ns: 5 * TIMEOUT, ..Default::default() }.findings(&detector, &path).is_empty());
+        // The peer's own unanswered ping is tracked from where it enters.
+        feed.journey(&mut detector, &echo(PEER, POD, 8, 9), &BACK[..2], 200_000);
+        let findings = End { end_ns: 5 * TIMEOUT, ..Default::default() }.findings(&detector, &path);
+        assert_eq!(findings.len(), 1, "{findings:#?}");
+        assert_eq!(findings[0].evidence["hops_seen"], serde_json::json!(["eth0 ingress", "flannel.1 ingress"]));
+        assert_eq!(findings[0].evidence["first_hop_missing"], "cni0 egress");
+    }
 }

@@ -9,7 +9,7 @@ use tracer_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP};
 use super::{Detector, Finding, FindingKind, MAX_GROUPS, Severity, TraceEnd};
 use crate::{
     events::{
-        correlate::{Flow, Sighting},
+        correlate::Sighting,
         decode::{Packet, TCP_RST, proto_name},
     },
     node::Path,
@@ -32,11 +32,13 @@ impl<'a> PortRefused<'a> {
 
 impl Detector for PortRefused<'_> {
     fn observe_packet(&mut self, packet: &Packet, sighting: Option<&Sighting>) {
-        // A reply crosses several hops: count it once, where first seen.
-        if !sighting.is_some_and(|s| s.flow == Flow::ToPod && s.previous.is_none()) {
+        // A reply crosses several hops: count it once, where first seen. With both ends
+        // followed, the refusing side is a followed pod too.
+        let layer = packet.pod_layer();
+        let first_sighting = sighting.is_some_and(|s| s.previous.is_none());
+        if !first_sighting || !self.path.follows(layer.dst) {
             return;
         }
-        let layer = packet.pod_layer();
         let key = match (layer.proto, layer.icmp_type, layer.icmp_code) {
             // Port unreachable (ICMP 3/3, ICMPv6 1/4) names the refused port in its quote.
             (IPPROTO_ICMP, 3, 3) | (IPPROTO_ICMPV6, 1, 4) => {
@@ -76,7 +78,14 @@ mod tests {
     use tracer_common::IPPROTO_UDP;
 
     use super::{super::testing::*, *};
-    use crate::{events::decode::Layer, node::path::fixtures::local_path};
+    use crate::{
+        Direction,
+        events::decode::Layer,
+        node::path::{
+            Entry,
+            fixtures::{key, local_path},
+        },
+    };
 
     fn port_unreachable(code: u8) -> Layer {
         Layer { icmp_type: 3, icmp_code: code, quoted_proto: IPPROTO_UDP, quoted_sport: 40000, quoted_dport: 9, ..echo(PEER, POD, 3, 0) }
@@ -121,5 +130,16 @@ mod tests {
         let mut detector = PortRefused::new(&path);
         Feed::new(&path).journey(&mut detector, &port_unreachable(1), &BACK, 0);
         assert!(End::default().findings(&detector, &path).is_empty());
+    }
+
+    #[test]
+    fn with_both_ends_followed_a_refusal_by_the_peer_counts() {
+        let mut path = local_path();
+        path.entries.push(Entry { pod_ip: ip(PEER), hop: key(2, Direction::Ingress) });
+        let mut detector = PortRefused::new(&path);
+        Feed::new(&path).journey(&mut detector, &tcp(PEER, 9, POD, 40000, TCP_RST | 0x10, 0), &BACK, 0);
+        let findings = End::default().findings(&detector, &path);
+        assert_eq!(findings.len(), 1);
+        assert_eq!((findings[0].hop.as_deref(), &findings[0].evidence["count"]), (Some("veth1"), &serde_json::json!(1)));
     }
 }

@@ -100,11 +100,12 @@ impl<'a> RequestTracker<'a> {
     pub fn observe(&mut self, packet: &Packet, sighting: Option<&Sighting>) {
         let Some(sighting) = sighting else { return };
         let layer = packet.pod_layer();
-        match sighting.flow {
-            Flow::FromPod => {
-                self.track_request(layer, HopKey { ifindex: packet.ifindex, direction: packet.direction }, sighting, packet.ktime_ns)
-            }
-            Flow::ToPod => self.track_reply(layer),
+        if sighting.flow == Flow::FromPod {
+            self.track_request(layer, HopKey { ifindex: packet.ifindex, direction: packet.direction }, sighting, packet.ktime_ns);
+        }
+        // With both ends followed, a reply comes from a followed pod too.
+        if self.path.follows(layer.dst) {
+            self.track_reply(layer);
         }
     }
 

@@ -51,8 +51,7 @@ impl<'a> Retransmits<'a> {
 
     /// The hop where the pod that owns a connection enters the path.
     fn entry(&self, (src, _, dst, _): FlowKey) -> HopKey {
-        let followed = |ip: IpAddr| self.path.entries.iter().any(|entry| entry.pod_ip == ip);
-        self.path.entry(if !followed(src) && followed(dst) { dst } else { src })
+        self.path.entry(if !self.path.follows(src) && self.path.follows(dst) { dst } else { src })
     }
 
     /// Retransmits per hop, for the report's `retransmits` column.

@@ -5,3 +5,5 @@
 pub mod correlate;
 pub mod decode;
 pub mod histogram;
+#[cfg(test)]
+pub(crate) mod testing;

@@ -1,8 +1,8 @@
 //! The event loop: reads both ring buffers until the deadline, a signal or every hop gone,
-//! feeding the correlator and the diagnosis, samples the hops' drop counters, and prints the
-//! live lines of `--verbose`.
+//! feeding the correlator, the diagnosis and the live lines, and samples the hops' drop
+//! counters.
 
-use std::{collections::HashMap, io::Write as _, time::Duration};
+use std::{collections::HashMap, time::Duration};
 
 use anyhow::{Context as _, Result, anyhow};
 use aya::maps::{MapData, RingBuf};
@@ -10,30 +10,21 @@ use tokio::io::unix::AsyncFd;
 
 use super::signals::Signals;
 
+use super::live::LiveLines;
 use crate::{
     diagnosis::Diagnosis,
     events::{
-        correlate::{Correlator, Limits, Sighting},
-        decode::{self, Packet},
+        correlate::{Correlator, Limits},
+        decode,
     },
     node::{self, LinkDrops, Path, with_rtnetlink},
 };
-
-/// Where `--verbose` prints a line per packet per hop, if at all.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LiveLines {
-    Off,
-    Stdout,
-    /// When stdout carries the JSON report.
-    Stderr,
-}
 
 /// Reads events and feeds the correlator and the diagnosis until the trace ends.
 pub struct Collector<'a> {
     correlator: Correlator,
     diagnosis: Diagnosis<'a>,
     path: &'a Path,
-    names: HashMap<u32, String>,
     live: LiveLines,
     vanished: Vec<u32>,
     /// Each hop's drop counters when the trace started, then how much they grew.
@@ -58,7 +49,6 @@ impl<'a> Collector<'a> {
             correlator: Correlator::new(followed, Limits::default()),
             diagnosis,
             path,
-            names: path.hops().map(|hop| (hop.ifindex, hop.ifname.clone())).collect(),
             live,
             vanished: Vec::new(),
             link_drops: HashMap::new(),
@@ -156,9 +146,7 @@ impl<'a> Collector<'a> {
                 Ok(packet) => {
                     let sighting = self.correlator.observe(&packet);
                     self.diagnosis.observe_packet(&packet, sighting.as_ref());
-                    if self.live != LiveLines::Off {
-                        self.print_live(&packet, sighting.as_ref());
-                    }
+                    self.live.print(&packet, sighting.as_ref());
                 }
                 Err(_) => self.decode_errors += 1,
             }
@@ -196,34 +184,5 @@ impl<'a> Collector<'a> {
             }
         }
         Ok(sample)
-    }
-
-    fn print_live(&self, packet: &Packet, sighting: Option<&Sighting>) {
-        let name = self.names.get(&packet.ifindex).map_or("?", String::as_str);
-        let mut line = format!(
-            "{:>15.6} {:<12} {:<7} len {:<5} {}",
-            packet.ktime_ns as f64 / 1e9,
-            name,
-            packet.direction.to_string(),
-            packet.skb_len,
-            packet.pod_layer().describe()
-        );
-        if let Some(vni) = packet.vni {
-            line.push_str(&format!(" (vxlan vni {vni} {} > {})", packet.outer.src, packet.outer.dst));
-        }
-        if packet.is_gso() {
-            line.push_str(&format!(" gso {}x{}", packet.gso_segs, packet.gso_size));
-        }
-        if let Some((previous, latency_ns)) = sighting.and_then(|s| s.previous) {
-            let from = self.names.get(&previous.ifindex).map_or("?", String::as_str);
-            line.push_str(&format!(" +{:.1}µs from {from} {}", latency_ns as f64 / 1000.0, previous.direction));
-        }
-        if self.live == LiveLines::Stderr {
-            crate::note!("{line}");
-        } else {
-            let mut stdout = std::io::stdout().lock();
-            // A closed stdout (e.g. `| head`) must not abort the trace before detaching.
-            let _ = writeln!(stdout, "{line}");
-        }
     }
 }

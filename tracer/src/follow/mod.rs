@@ -3,6 +3,7 @@
 //! build the report. The event loop itself is `collect`.
 
 mod collect;
+mod live;
 mod signals;
 
 use std::{
@@ -17,7 +18,8 @@ use aya::maps::{MapData, RingBuf};
 use tracer_common::FilterConfig;
 
 use self::{
-    collect::{Collected, Collector, LiveLines},
+    collect::{Collected, Collector},
+    live::{Destination, LiveLines},
     signals::Signals,
 };
 use crate::{
@@ -58,9 +60,15 @@ pub async fn follow(options: &FollowOptions) -> Result<Followed> {
     let mut signals = Signals::install()?;
     let attached = attach(options, &kernel, &node).await?;
     let run = collect(options, &node, attached, &mut signals).await?;
-    // Bonds can fail over mid-trace: findings and the report use their state at the end.
-    let final_path = bond::refresh_bond_state(&node.path).await?;
+    diagnose_and_report(options, &kernel, &node.path, run).await
+}
+
+/// Turns what a run collected into findings and the report, both about the path as it is at
+/// the end: bonds can fail over mid-trace.
+async fn diagnose_and_report(options: &FollowOptions, kernel: &KernelFacts, path: &Path, run: Run<'_>) -> Result<Followed> {
+    let final_path = bond::refresh_bond_state(path).await?;
     let Collected { correlator, diagnosis, vanished, link_drops } = run.collected;
+    // Only drops need function names, and reading kallsyms takes a while.
     let symbols = if diagnosis.has_drops() { KernelSymbols::load().ok() } else { None };
     let outcome = diagnosis.finish(TraceEnd {
         end_ns: run.end_ns,
@@ -203,11 +211,12 @@ async fn collect<'a>(options: &FollowOptions, node: &'a NodeFacts, attached: Att
     let started = Instant::now();
     let settings =
         Settings { node_ip: options.node_ip, reply_timeout_ns: options.reply_timeout.as_nanos() as u64, own_netns: node.own_netns };
-    let live = match (options.verbose, options.live_to_stderr) {
-        (false, _) => LiveLines::Off,
-        (true, false) => LiveLines::Stdout,
-        (true, true) => LiveLines::Stderr,
+    let destination = match (options.verbose, options.live_to_stderr) {
+        (false, _) => None,
+        (true, false) => Some(Destination::Stdout),
+        (true, true) => Some(Destination::Stderr),
     };
+    let live = LiveLines::new(&node.path, destination);
     let mut collector = Collector::new(&node.path, Diagnosis::new(&node.path, settings), live);
     let looped = collector.run(events, kernel_events, options.duration, signals).await;
     let duration_s = started.elapsed().as_secs_f64();

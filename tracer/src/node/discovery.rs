@@ -74,12 +74,7 @@ async fn discover_one(handle: &Handle, pod_ip: IpAddr, overrides: &PathOverrides
         Locality::Local => Direction::Egress,
         Locality::Remote => Direction::Ingress,
     };
-    let mut network = network_stages(&links, default_route_oif(handle).await?);
-    // A packet from a remote pod meets the wire before the tunnel device.
-    if locality == Locality::Remote {
-        network.reverse();
-        network.iter_mut().for_each(|stage| stage.reverse());
-    }
+    let network = network_stages(&links, default_route_oif(handle).await?, locality);
     candidates.extend(network.into_iter().map(|stage| (stage, network_side)));
     for name in &overrides.add {
         let link =
@@ -141,8 +136,9 @@ async fn pod_side(
 }
 
 /// Every VXLAN device and its underlay, then the default route's device; a bond is one stage
-/// and its slaves the next, as alternatives.
-fn network_stages(links: &BTreeMap<u32, Link>, default_oif: Option<u32>) -> Vec<Vec<(u32, HopKind)>> {
+/// and its slaves the next, as alternatives. In the order a packet from the pod crosses them:
+/// one from a remote pod meets the wire before the tunnel device.
+fn network_stages(links: &BTreeMap<u32, Link>, default_oif: Option<u32>, locality: Locality) -> Vec<Vec<(u32, HopKind)>> {
     let mut stages = Vec::new();
     for vxlan in links.values().filter(|link| link.kind == Some(InfoKind::Vxlan)) {
         stages.push(vec![(vxlan.index, HopKind::Vxlan)]);
@@ -153,6 +149,10 @@ fn network_stages(links: &BTreeMap<u32, Link>, default_oif: Option<u32>) -> Vec<
     }
     if let Some(default_oif) = default_oif {
         push_underlay(links, default_oif, &mut stages);
+    }
+    if locality == Locality::Remote {
+        stages.reverse();
+        stages.iter_mut().for_each(|stage| stage.reverse());
     }
     stages
 }
@@ -383,5 +383,60 @@ mod tests {
         merge(&mut first, path(vec![vec![hop("wg0", 9, HopKind::Bond, Direction::Egress)]]));
         assert_eq!(first.stages.len(), 5);
         assert_eq!(first.stages[4].hops[0].ifname, "wg0");
+    }
+
+    fn link(index: u32, name: &str, kind: Option<InfoKind>, controller: Option<u32>) -> (u32, Link) {
+        let link = Link {
+            index,
+            name: name.into(),
+            mtu: 1500,
+            kind,
+            controller,
+            link_layer: LinkLayerType::Ether,
+            oper_up: true,
+            vxlan_underlay: None,
+            vxlan_local: None,
+            bond: None,
+            bond_port: None,
+            link_netnsid: None,
+        };
+        (index, link)
+    }
+
+    /// flannel.1 over bond0 with slaves eth0 and eth1, bond0 also the default route's device.
+    fn bonded_node() -> BTreeMap<u32, Link> {
+        let mut links = BTreeMap::from([
+            link(2, "eth0", None, Some(6)),
+            link(6, "bond0", Some(InfoKind::Bond), None),
+            link(7, "eth1", None, Some(6)),
+            link(3, "flannel.1", Some(InfoKind::Vxlan), None),
+        ]);
+        links.get_mut(&3).unwrap().vxlan_underlay = Some(6);
+        links
+    }
+
+    #[test]
+    fn a_bonds_slaves_are_one_stage_of_alternatives() {
+        let stages = network_stages(&bonded_node(), Some(6), Locality::Local);
+        assert_eq!(stages, [vec![(3, HopKind::Vxlan)], vec![(6, HopKind::Bond)], vec![(2, HopKind::BondSlave), (7, HopKind::BondSlave)]]);
+    }
+
+    #[test]
+    fn a_remote_pods_path_meets_the_wire_first() {
+        let links = bonded_node();
+        let candidates = network_stages(&links, Some(6), Locality::Remote).into_iter().map(|stage| (stage, Direction::Ingress)).collect();
+        let stages = build_stages(candidates, &links, &[], &PathOverrides::default(), &mut Vec::new());
+        let names: Vec<Vec<&str>> = stages.iter().map(|s| s.hops.iter().map(|h| h.ifname.as_str()).collect()).collect();
+        assert_eq!(names, [vec!["eth1", "eth0"], vec!["bond0"], vec!["flannel.1"]]);
+    }
+
+    #[test]
+    fn excluded_hops_go_and_empty_stages_with_them() {
+        let links = bonded_node();
+        let candidates = network_stages(&links, Some(6), Locality::Local).into_iter().map(|stage| (stage, Direction::Egress)).collect();
+        let overrides = PathOverrides { add: vec![], exclude: vec!["bond0".into(), "eth1".into()] };
+        let stages = build_stages(candidates, &links, &[], &overrides, &mut Vec::new());
+        let names: Vec<Vec<&str>> = stages.iter().map(|s| s.hops.iter().map(|h| h.ifname.as_str()).collect()).collect();
+        assert_eq!(names, [vec!["flannel.1"], vec!["eth0"]]);
     }
 }

@@ -131,6 +131,11 @@ impl Path {
         self.hops().next().expect("discovery never returns an empty path")
     }
 
+    /// Whether `ip` is one of the followed pod IPs.
+    pub fn follows(&self, ip: IpAddr) -> bool {
+        self.entries.iter().any(|entry| entry.pod_ip == ip)
+    }
+
     /// The hop where packets from `pod_ip` enter the path; the first IP's for any other address.
     pub fn entry(&self, pod_ip: IpAddr) -> HopKey {
         self.entries.iter().find(|entry| entry.pod_ip == pod_ip).or(self.entries.first()).map_or_else(
