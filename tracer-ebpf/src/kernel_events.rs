@@ -266,7 +266,7 @@ pub fn podtrace_tcp_retransmit(ctx: TracePointContext) -> u32 {
 /// for a family other than IPv4 and IPv6.
 #[inline(always)]
 fn retransmitted_flow(ctx: &TracePointContext, layout: &KernelLayout, outer: &mut IpLayer) -> bool {
-    // Before 5.13 the record has no family field (its offset is 0, the common header); the
+    // Older kernels' records (5.10) have no family field (its offset is 0, the common header); the
     // IPv6 fields hold every socket's addresses there, IPv4 ones as v4-mapped.
     let family = match layout.retrans_family {
         0 => None,

@@ -34,7 +34,7 @@ pub fn build(btf: &KernelBtf, formats: &TracepointFormats) -> Result<KernelLayou
         layout.retrans_skbaddr = format.offset("skbaddr")?;
         layout.retrans_skaddr = format.offset("skaddr")?;
         layout.retrans_state = format.offset("state")?;
-        // No family field before 5.13: 0 tells the program to read the IPv6 fields, which
+        // No family field on older kernels (5.10): 0 tells the program to read the IPv6 fields, which
         // hold IPv4 addresses v4-mapped there.
         layout.retrans_family = format.offset("family").unwrap_or(0);
         layout.retrans_sport = format.offset("sport")?;
