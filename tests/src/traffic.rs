@@ -151,6 +151,20 @@ for i in range(count):
     print("answer", *addresses, flush=True)
 "#;
 
+/// Turns TSO, GSO and GRO on or off on `ifname` in `ns`: on, TCP hands the stack buffers of
+/// many segments, as on a real node.
+pub fn set_offloads(ns: &str, ifname: &str, on: bool) -> Result<()> {
+    let state = if on { "on" } else { "off" };
+    let output = Command::new("ip")
+        .args(["netns", "exec", ns, "ethtool", "-K", ifname, "tso", state, "gso", state, "gro", state])
+        .output()
+        .context("running ethtool")?;
+    if !output.status.success() {
+        bail!("ethtool -K {ifname} offloads {state} in {ns}: {}", String::from_utf8_lossy(&output.stderr).trim());
+    }
+    Ok(())
+}
+
 pub fn tcp_sink(ns: &str, port: u16) -> Result<Server> {
     start_server(ns, TCP_SINK, &[port.to_string()])
 }

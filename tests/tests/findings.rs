@@ -5,6 +5,7 @@ use anyhow::Result;
 use podtrace_tests::{
     lab::{Lab, LabSpec, unique_prefix},
     podtrace::Podtrace,
+    report::hop,
     scenario::{self, Scenario},
 };
 use serde_json::Value;
@@ -109,6 +110,11 @@ fn underlay_mtu_mismatch_between_nodes() -> Result<()> {
     let sizes = retransmits["evidence"]["segment_sizes"].as_array().unwrap();
     assert!(sizes.iter().all(|s| s["bytes"] == 1398), "{sizes:?}");
     assert_eq!(sizes.iter().map(|s| s["count"].as_u64().unwrap()).sum::<u64>(), count, "{sizes:?}");
+    // Each packet back from pod B counted once, not once per hop it crossed: no more than
+    // pod A's veth delivered to it.
+    let back = retransmits["evidence"]["packets_back_from_peer"].as_u64().unwrap();
+    let delivered = hop(&report_a, &lab.pod_a().host_veth, "egress")["packets"].as_u64().unwrap();
+    assert!(back > 0 && back <= delivered, "{back} packets back, {delivered} delivered: {retransmits:#}");
     // Node A's own configuration is consistent: no MTU finding there.
     assert!(findings(&report_a, "mtu-mismatch").is_empty(), "{:#}", report_a["findings"]);
     // Pod A's retransmits never show up in node B's report.

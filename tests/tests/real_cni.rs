@@ -126,3 +126,44 @@ fn following_both_pods_gives_no_warning_or_error() -> Result<()> {
     assert!(serious.is_empty(), "{serious:#?}");
     Ok(())
 }
+
+/// A healthy bulk transfer with offloads on (pod A's TCP hands the stack buffers of many
+/// segments) and, now and then, one full-size segment lost on node B, out of node A's sight:
+/// each is retransmitted once and the acknowledgements move on. That is TCP recovering, not
+/// the MTU signature, and the sizes reported are wire segments, not GSO buffers.
+#[test]
+fn isolated_retransmits_with_offloads_on_are_no_mtu_signature() -> Result<()> {
+    let lab = lab("rrtx");
+    let (node_a, node_b, pod_a, pod_b) = (lab.node_a(), lab.node_b(), lab.pod_a(), lab.pod_b());
+    for (ns, ifname) in [(&pod_a.netns, "eth0"), (&node_a.netns, pod_a.host_veth.as_str()), (&pod_b.netns, "eth0")] {
+        traffic::set_offloads(ns, ifname, true)?;
+    }
+    // One in 50 full-size segments, at most two a second, so that a retransmission itself
+    // is never lost.
+    let port = "5201";
+    let nth = ["-m", "statistic", "--mode", "nth", "--every", "50", "--packet", "0"];
+    let mut rule = vec!["-A", "FORWARD", "-p", "tcp", "--dport", port, "-m", "length", "--length", "1000:65535"];
+    rule.extend(nth);
+    rule.extend(["-m", "limit", "--limit", "2/second", "--limit-burst", "1", "-j", "DROP"]);
+    lab.iptables(&node_b.netns, &rule)?;
+    let report = trace(&lab, &[&pod_a.ip.to_string()], |lab| {
+        let _sink = traffic::tcp_sink(&lab.pod_b().netns, 5201)?;
+        let sent = traffic::tcp_send(&lab.pod_a().netns, lab.pod_b().ip, 5201, 4_000_000, 65_536, Duration::from_secs(20))?;
+        assert_eq!(text(sent).trim(), "4000000");
+        Ok(())
+    })?;
+    let serious = serious_findings(&report);
+    assert!(serious.is_empty(), "{serious:#?}");
+    let retransmits: Vec<_> = report["findings"].as_array().unwrap().iter().filter(|f| f["kind"] == "retransmits").collect();
+    assert!(!retransmits.is_empty(), "the losses on node B caused retransmits: {:#}", report["findings"]);
+    for finding in retransmits {
+        assert_eq!(finding["severity"], "info", "{finding:#}");
+        assert_eq!(finding["evidence"]["mtu_signature"], false, "{finding:#}");
+        assert_eq!(finding["evidence"]["repeated_without_ack_progress"], 0, "{finding:#}");
+        // 1450 MTU - 20 IP - 32 TCP header with timestamps.
+        assert_eq!(finding["evidence"]["largest_segment_sent"], 1398, "{finding:#}");
+        let sizes = finding["evidence"]["segment_sizes"].as_array().unwrap();
+        assert!(sizes.iter().all(|s| s["bytes"].as_u64().unwrap() <= 1398), "{sizes:?}");
+    }
+    Ok(())
+}

@@ -96,6 +96,9 @@ pub struct Finding {
     pub advice: String,
 }
 
+/// The TCP ACK flag (the others are in `events::decode`).
+const TCP_ACK: u8 = 0x10;
+
 /// Bounds on what each detector keeps, whatever the trace length.
 const MAX_REQUESTS: usize = 16_384;
 const MAX_GROUPS: usize = 1_024;

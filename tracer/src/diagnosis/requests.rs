@@ -9,7 +9,7 @@ use std::{
 use serde_json::{Value, json};
 use tracer_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
 
-use super::MAX_REQUESTS;
+use super::{MAX_REQUESTS, TCP_ACK};
 use crate::{
     events::{
         correlate::{Fingerprint, Flow, Sighting},
@@ -19,7 +19,6 @@ use crate::{
 };
 
 const DNS_PORT: u16 = 53;
-const TCP_ACK: u8 = 0x10;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum RequestKind {

@@ -1,6 +1,13 @@
-//! `retransmits`: TCP segments of the pod's connections were retransmitted. When only
-//! full-size segments are, while the peer keeps answering small ones, that is the MTU
+//! `retransmits`: TCP segments of the pod's connections were retransmitted. One retransmission
+//! of a segment, after which the peer's acknowledgements move on, is TCP recovering from
+//! reordering or an isolated loss. When full-size segments are retransmitted again and again
+//! without the peer acknowledging anything new, while small ones get through, that is the MTU
 //! signature.
+//!
+//! Sizes are wire segments: a retransmitted skb can be a GSO buffer of many segments, so a
+//! size is capped at the largest segment the flow put on the wire (its `gso_size` under GSO).
+//! The kernel events carry no TCP options, so a retransmission the receiver reports as a
+//! duplicate (D-SACK) is not recognised as such; ACK progress stands in for it.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -10,10 +17,10 @@ use std::{
 use serde_json::json;
 use tracer_common::IPPROTO_TCP;
 
-use super::{Detector, Finding, FindingKind, MAX_GROUPS, MAX_REQUESTS, Severity, TraceEnd};
+use super::{Detector, Finding, FindingKind, MAX_GROUPS, MAX_REQUESTS, Severity, TCP_ACK, TraceEnd};
 use crate::{
     events::{
-        correlate::{Flow, Sighting},
+        correlate::Sighting,
         decode::{KernelRecord, KernelRecordKind, Packet},
     },
     node::{HopKey, Path},
@@ -22,26 +29,53 @@ use crate::{
 /// (source, source port, destination, destination port) as the retransmitting socket sees it.
 type FlowKey = (IpAddr, u16, IpAddr, u16);
 
+/// Sequence numbers remembered per flow to recognise a segment retransmitted again.
+const MAX_SEGMENTS: usize = 1_024;
+
 #[derive(Clone, Debug, Default)]
 struct RetransmitGroup {
     count: u64,
-    /// Segment payload sizes and how often each was retransmitted.
+    /// Wire segment payload sizes and how often each was retransmitted.
     sizes: BTreeMap<u32, u64>,
+    /// Per retransmitted sequence number: the peer's ACK advances when it was last retransmitted.
+    segments: HashMap<u32, u64>,
+    /// Retransmissions of a segment already retransmitted, with no ACK progress in between.
+    stalled: u64,
 }
 
-/// What a TCP flow the pod opened carried: its largest payload, to tell full-size segments
-/// from small ones, and whether anything came back, which shows small packets get through.
+/// What a TCP flow the pod opened carried: its largest wire segment, to tell full-size
+/// segments from small ones; how many packets came back (each once, not once per hop), which
+/// shows small packets get through; and how often the peer's acknowledgement moved forward.
 #[derive(Clone, Copy, Debug, Default)]
 struct TcpFlow {
-    largest_payload: u32,
+    largest_segment: u32,
     replies: u64,
+    /// The highest acknowledgement number the peer sent, and how many times it advanced.
+    peer_ack: u32,
+    ack_advances: u64,
+}
+
+impl TcpFlow {
+    fn acknowledged(&mut self, ack: u32) {
+        // Sequence space wraps: "after" is within half of it.
+        if self.ack_advances == 0 || (ack.wrapping_sub(self.peer_ack) as i32) > 0 {
+            self.peer_ack = ack;
+            self.ack_advances += 1;
+        }
+    }
+}
+
+/// The payload of one wire segment of `packet`: `gso_size` for a GSO buffer.
+fn wire_segment(packet: &Packet) -> u32 {
+    let payload = u32::from(packet.pod_layer().payload_len());
+    if packet.is_gso() { payload.min(packet.gso_size) } else { payload }
 }
 
 pub struct Retransmits<'a> {
     path: &'a Path,
     groups: BTreeMap<FlowKey, RetransmitGroup>,
-    /// Keyed by (pod port, peer, peer port).
-    tcp_flows: HashMap<(u16, IpAddr, u16), TcpFlow>,
+    /// Keyed by the flow as its followed pod sees it: (pod, pod port, peer, peer port).
+    tcp_flows: HashMap<FlowKey, TcpFlow>,
 }
 
 impl<'a> Retransmits<'a> {
@@ -70,34 +104,54 @@ impl Detector for Retransmits<'_> {
         if layer.proto != IPPROTO_TCP {
             return;
         }
-        match sighting.map(|s| s.flow) {
-            Some(Flow::FromPod) => {
-                let key = (layer.sport, layer.dst, layer.dport);
-                if self.tcp_flows.len() < MAX_REQUESTS || self.tcp_flows.contains_key(&key) {
-                    let flow = self.tcp_flows.entry(key).or_default();
-                    flow.largest_payload = flow.largest_payload.max(u32::from(layer.payload_len()));
-                }
+        if sighting.is_none() {
+            return;
+        }
+        // With both ends followed, a segment is both one pod's and the other's reply.
+        if self.path.follows(layer.src) {
+            let key = (layer.src, layer.sport, layer.dst, layer.dport);
+            if self.tcp_flows.len() < MAX_REQUESTS || self.tcp_flows.contains_key(&key) {
+                let flow = self.tcp_flows.entry(key).or_default();
+                flow.largest_segment = flow.largest_segment.max(wire_segment(packet));
             }
-            Some(Flow::ToPod) => {
-                if let Some(flow) = self.tcp_flows.get_mut(&(layer.dport, layer.src, layer.sport)) {
-                    flow.replies += 1;
-                }
+        }
+        // A reply crosses several hops: it is counted where it leaves the path towards its
+        // pod, where its addresses are the ones the pod's socket uses (Service DNAT undone).
+        if self.path.follows(layer.dst)
+            && packet_hop(packet) == exit(self.path, layer.dst)
+            && let Some(flow) = self.tcp_flows.get_mut(&(layer.dst, layer.dport, layer.src, layer.sport))
+        {
+            flow.replies += 1;
+            if layer.tcp_flags & TCP_ACK != 0 {
+                flow.acknowledged(layer.tcp_ack);
             }
-            None => {}
         }
     }
 
     fn observe_kernel(&mut self, record: &KernelRecord) {
-        let KernelRecordKind::Retransmit { .. } = record.kind else { return };
-        let flow = &record.outer;
-        let key = (flow.src, flow.sport, flow.dst, flow.dport);
+        let KernelRecordKind::Retransmit { seq, .. } = record.kind else { return };
+        let socket = &record.outer;
+        let key = (socket.src, socket.sport, socket.dst, socket.dport);
         if self.groups.len() >= MAX_GROUPS && !self.groups.contains_key(&key) {
             return;
         }
+        let flow = self.tcp_flows.get(&key).copied().unwrap_or_default();
+        let size = match flow.largest_segment {
+            0 => record.skb_len,
+            largest => record.skb_len.min(largest),
+        };
         let group = self.groups.entry(key).or_default();
         group.count += 1;
-        if group.sizes.len() < 64 || group.sizes.contains_key(&record.skb_len) {
-            *group.sizes.entry(record.skb_len).or_default() += 1;
+        if group.sizes.len() < 64 || group.sizes.contains_key(&size) {
+            *group.sizes.entry(size).or_default() += 1;
+        }
+        if let Some(advances) = group.segments.get(&seq)
+            && *advances == flow.ack_advances
+        {
+            group.stalled += 1;
+        }
+        if group.segments.len() < MAX_SEGMENTS || group.segments.contains_key(&seq) {
+            group.segments.insert(seq, flow.ack_advances);
         }
     }
 
@@ -106,31 +160,50 @@ impl Detector for Retransmits<'_> {
     }
 }
 
+fn packet_hop(packet: &Packet) -> HopKey {
+    HopKey { ifindex: packet.ifindex, direction: packet.direction }
+}
+
+/// The hop where packets to `pod_ip` leave the path: its entry hop, the other way.
+fn exit(path: &Path, pod_ip: IpAddr) -> HopKey {
+    let entry = path.entry(pod_ip);
+    HopKey { direction: entry.direction.opposite(), ..entry }
+}
+
 impl Retransmits<'_> {
     fn finding(&self, key: FlowKey, group: &RetransmitGroup) -> Finding {
         let (src, sport, dst, dport) = key;
-        let flow = self.tcp_flows.get(&(sport, dst, dport)).copied().unwrap_or_default();
-        let largest = flow.largest_payload;
+        let flow = self.tcp_flows.get(&key).copied().unwrap_or_default();
+        let largest = flow.largest_segment;
         let max_retransmitted = group.sizes.keys().max().copied().unwrap_or(0);
         let min_retransmitted = group.sizes.keys().min().copied().unwrap_or(0);
-        // Every retransmitted segment within 10% of the largest the flow sent, while the peer
-        // kept answering the small ones (handshake, ACKs, short writes).
-        let mtu_signature = largest > 0 && min_retransmitted * 10 >= largest * 9 && flow.replies > 0;
+        // The same full-size segments (within 10% of the largest the flow sent) retransmitted
+        // again without the peer acknowledging anything new, while the peer kept answering
+        // the small ones (handshake, ACKs, short writes).
+        let full_size_only = largest > 0 && min_retransmitted * 10 >= largest * 9;
+        let mtu_signature = full_size_only && group.stalled > 0 && flow.replies > 0;
         let mut summary = format!("{} segments of {src}:{sport} > {dst}:{dport} were retransmitted", group.count);
         if mtu_signature {
             summary.push_str(&format!(
-                "; only full-size segments ({min_retransmitted}-{max_retransmitted} bytes) were retransmitted while small ones got through: the MTU signature"
+                "; only full-size segments ({min_retransmitted}-{max_retransmitted} bytes) were retransmitted, again and again without ACK progress, while small ones got through: the MTU signature"
             ));
+        } else if group.stalled == 0 {
+            summary.push_str(
+                ", each once, and the peer's acknowledgements moved on: TCP recovered (reordering or an isolated loss), nothing was lost for good",
+            );
+        } else {
+            summary.push_str(&format!("; {} were retransmissions of the same segments without ACK progress", group.stalled));
         }
         summary.push('.');
         Finding {
             kind: FindingKind::Retransmits,
-            severity: Severity::Warning,
+            severity: if group.stalled > 0 { Severity::Warning } else { Severity::Info },
             hop: self.path.hop(self.entry(key).ifindex).map(|hop| hop.ifname.clone()),
             summary,
             evidence: json!({
                 "flow": format!("{src}:{sport} > {dst}:{dport}"),
                 "retransmits": group.count,
+                "repeated_without_ack_progress": group.stalled,
                 "segment_sizes": group.sizes.iter().map(|(size, count)| json!({"bytes": size, "count": count})).collect::<Vec<_>>(),
                 "largest_segment_sent": largest,
                 "packets_back_from_peer": flow.replies,
@@ -138,6 +211,8 @@ impl Retransmits<'_> {
             }),
             advice: if mtu_signature {
                 "Large segments are lost on the path: compare the MTUs of the pod, the tunnel and both nodes' underlays, and make sure ICMP fragmentation-needed is not blocked.".into()
+            } else if group.stalled == 0 {
+                "Nothing to fix unless it keeps growing; then look for drops and congestion on the path (see the drop findings and each hop's counters).".into()
             } else {
                 "Look for drops and congestion on the path (see the drop findings and each hop's counters).".into()
             },
@@ -151,9 +226,20 @@ mod tests {
     use crate::{Direction, node::path::fixtures::local_path};
 
     fn retransmit(payload: u32) -> KernelRecord {
-        let mut record = kernel(KernelRecordKind::Retransmit { seq: 1, tcp_state: 1 }, tcp(POD, 40000, PEER, 5201, 0x10, 0), 0, false, 1);
-        record.skb_len = payload;
+        retransmit_of(1, payload)
+    }
+
+    fn retransmit_of(seq: u32, skb_len: u32) -> KernelRecord {
+        let mut record = kernel(KernelRecordKind::Retransmit { seq, tcp_state: 1 }, tcp(POD, 40000, PEER, 5201, 0x10, 0), 0, false, 1);
+        record.skb_len = skb_len;
         record
+    }
+
+    /// The peer acknowledges up to `ack`, seen at each hop back.
+    fn ack(feed: &mut Feed, detector: &mut Retransmits<'_>, ack: u32, ip_id: u16) {
+        let mut layer = tcp(PEER, 5201, POD, 40000, 0x10, 0);
+        (layer.tcp_ack, layer.ip_id) = (ack, ip_id);
+        feed.journey(detector, &layer, &BACK, u64::from(ip_id) * 100_000);
     }
 
     /// A connection that sent small and full-size (1398-byte) segments and got answers.
@@ -211,5 +297,66 @@ mod tests {
         assert_eq!(finding.evidence["mtu_signature"], false);
         assert_eq!(finding.evidence["retransmits"], 3);
         assert!(finding.advice.contains("drops and congestion"));
+    }
+
+    #[test]
+    fn packets_back_from_the_peer_are_counted_once_not_once_per_hop() {
+        let path = local_path();
+        let mut detector = Retransmits::new(&path);
+        connection(&mut detector, &path);
+        let mut feed = Feed::new(&path);
+        let mut second = tcp(PEER, 5201, POD, 40000, 0x10, 0);
+        second.ip_id = 9;
+        feed.journey(&mut detector, &second, &BACK, 30_000);
+        detector.observe_kernel(&retransmit(1398));
+        let finding = &End::default().findings(&detector, &path)[0];
+        assert_eq!(finding.evidence["packets_back_from_peer"], 2, "two replies crossed four hops each");
+    }
+
+    #[test]
+    fn one_retransmit_of_a_full_size_segment_is_no_mtu_signature() {
+        let path = local_path();
+        let mut detector = Retransmits::new(&path);
+        connection(&mut detector, &path);
+        detector.observe_kernel(&retransmit(1398));
+        let finding = &End::default().findings(&detector, &path)[0];
+        assert_eq!(finding.evidence["mtu_signature"], false, "{finding:#?}");
+        assert_eq!(finding.severity, Severity::Info, "TCP recovered");
+        assert!(finding.summary.contains("each once, and the peer's acknowledgements moved on"), "{}", finding.summary);
+    }
+
+    #[test]
+    fn a_segment_retransmitted_again_after_ack_progress_is_no_mtu_signature() {
+        let path = local_path();
+        let mut detector = Retransmits::new(&path);
+        connection(&mut detector, &path);
+        let mut feed = Feed::new(&path);
+        detector.observe_kernel(&retransmit(1398));
+        ack(&mut feed, &mut detector, 5000, 10);
+        detector.observe_kernel(&retransmit(1398));
+        let finding = &End::default().findings(&detector, &path)[0];
+        assert_eq!((finding.evidence["mtu_signature"].clone(), finding.severity), (serde_json::json!(false), Severity::Info));
+        assert_eq!(finding.evidence["repeated_without_ack_progress"], 0);
+        // The same segment again, with no new acknowledgement: stalled.
+        detector.observe_kernel(&retransmit(1398));
+        let finding = &End::default().findings(&detector, &path)[0];
+        assert_eq!((finding.evidence["mtu_signature"].clone(), finding.severity), (serde_json::json!(true), Severity::Warning));
+    }
+
+    #[test]
+    fn sizes_are_wire_segments_not_gso_buffers() {
+        let path = local_path();
+        let mut detector = Retransmits::new(&path);
+        let mut feed = Feed::new(&path);
+        // A GSO buffer of 16 segments of 1398 bytes crosses the pod's veth.
+        let mut bulk = packet(tcp(POD, 40000, PEER, 5201, 0x10, 16 * 1398), 5, Direction::Ingress, 0);
+        (bulk.gso_size, bulk.gso_segs) = (1398, 16);
+        feed.packet(&mut detector, &bulk);
+        ack(&mut feed, &mut detector, 1, 3);
+        detector.observe_kernel(&retransmit_of(7, 16 * 1398));
+        detector.observe_kernel(&retransmit_of(9, 500));
+        let finding = &End::default().findings(&detector, &path)[0];
+        assert_eq!(finding.evidence["largest_segment_sent"], 1398);
+        assert_eq!(finding.evidence["segment_sizes"], serde_json::json!([{"bytes": 500, "count": 1}, {"bytes": 1398, "count": 1}]));
     }
 }
