@@ -44,6 +44,15 @@ pub struct IpLayer {
     pub tcp_ack: u32,
     /// IPv6 flow label (20 bits); zero for IPv4.
     pub flow_label: u32,
+    /// TCP timestamp value (TSval) from the options; zero when the segment carries none.
+    /// Differs between a retransmit and an original sent a millisecond or more earlier.
+    pub tcp_tsval: u32,
+    /// Right edge of the first TCP SACK block: the newest out-of-order segment the receiver
+    /// holds (RFC 2018), so it grows from one duplicate ACK to the next; zero without SACK.
+    pub tcp_sack_right: u32,
+    /// UDP: the first 4 payload bytes (for DNS, the query id and flags); zero when the
+    /// payload is shorter. Tells apart same-size datagrams that IPv4 sends with IP ID 0.
+    pub payload_head: [u8; 4],
     /// 4 or 6; 0 when the layer is absent.
     pub version: u8,
     pub proto: u8,

@@ -9,14 +9,14 @@ use network_types::{
     vlan::VlanHdr,
 };
 use tracer_common::{
-    COUNTER_UNPARSED, IP_DF, IP_FRAGMENT, IP_LATER_FRAGMENT, IP_OPTIONS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IpLayer,
-    PKT_INNER_TRUNCATED, PKT_VXLAN,
+    COUNTER_UNPARSED, FilterConfig, IP_DF, IP_FRAGMENT, IP_LATER_FRAGMENT, IP_OPTIONS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
+    IPPROTO_UDP, IpLayer, PKT_INNER_TRUNCATED, PKT_VXLAN,
 };
 
 #[cfg(target_arch = "bpf")]
-use crate::maps::count;
+use crate::maps::{count, matches};
 #[cfg(test)]
-use tests::count;
+use tests::{count, matches};
 
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86DD;
@@ -76,11 +76,24 @@ pub fn parse_packet<H: Headers>(
             Ok(None) => {}
             Err(_) => {
                 parsed.flags |= PKT_VXLAN | PKT_INNER_TRUNCATED;
-                count(COUNTER_UNPARSED);
+                if unparsed_could_be_followed(outer, inner, parsed.flags) {
+                    count(COUNTER_UNPARSED);
+                }
             }
         }
     }
     Ok(parsed)
+}
+
+/// Whether a packet whose headers could not all be read may be a followed pod's, and so
+/// leaves the report incomplete: its headers were cut before its addresses (outer, or a
+/// VXLAN packet's inner ones), or the addresses that were read name a followed IP. Other
+/// flows' truncated headers are none of the report's business.
+#[inline(always)]
+pub fn unparsed_could_be_followed(outer: &IpLayer, inner: &IpLayer, flags: u8) -> bool {
+    let addresses_unread = outer.version == 0 || (flags & PKT_VXLAN != 0 && inner.version == 0);
+    // "Any" filter: ports and protocol may be what was cut off.
+    addresses_unread || matches(&FilterConfig::default(), outer, inner, flags)
 }
 
 /// Parses a VXLAN header at `offset` and the packet it carries into `inner`; returns the VNI,
@@ -227,11 +240,17 @@ fn parse_l4<H: Headers>(ctx: &H, offset: usize, layer: &mut IpLayer) -> Result<(
             layer.tcp_ack = u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]);
             layer.tcp_header_len = (tcp[12] >> 4) * 4;
             layer.tcp_flags = tcp[13];
+            parse_tcp_options(ctx, offset, layer);
         }
         IPPROTO_UDP => {
             let udp: UdpHdr = ctx.read(offset)?;
             layer.sport = udp.src_port();
             layer.dport = udp.dst_port();
+            // The UDP length, not the frame: Ethernet padding after a short datagram is
+            // there on some hops and trimmed on others.
+            if udp.len() as usize >= UdpHdr::LEN + PAYLOAD_HEAD_LEN {
+                layer.payload_head = ctx.read(offset + UdpHdr::LEN).unwrap_or_default();
+            }
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
             // type, code, checksum, then id and sequence for echo messages
@@ -251,6 +270,55 @@ fn parse_l4<H: Headers>(ctx: &H, offset: usize, layer: &mut IpLayer) -> Result<(
 }
 
 const ICMP_HDR_LEN: usize = 8;
+const PAYLOAD_HEAD_LEN: usize = 4;
+const TCP_HDR_LEN: usize = 20;
+const TCPOPT_EOL: u8 = 0;
+const TCPOPT_NOP: u8 = 1;
+const TCPOPT_TIMESTAMP: u8 = 8;
+const TCPOPT_SACK: u8 = 5;
+const TCPOLEN_TIMESTAMP: usize = 10;
+/// Kind, length and one block (left and right edge).
+const TCPOLEN_SACK_BLOCK: usize = 10;
+/// Enough for any real option list (at most 40 bytes; Linux sends NOP, NOP, timestamp, then
+/// NOP, NOP, SACK) and bounded so the verifier sees a finite loop.
+const TCP_MAX_OPTIONS: usize = 12;
+
+/// Reads the timestamp (TSval) and the first SACK block's right edge from the options of
+/// the TCP header at `offset` into `layer`: a short walk of kind/length pairs that never
+/// leaves the header. Options that are absent or cut short leave their fields zero.
+#[inline(always)]
+fn parse_tcp_options<H: Headers>(ctx: &H, offset: usize, layer: &mut IpLayer) {
+    let end = layer.tcp_header_len as usize;
+    let mut at = TCP_HDR_LEN;
+    for _ in 0..TCP_MAX_OPTIONS {
+        if at + 2 > end {
+            break;
+        }
+        let Ok(kind) = ctx.read::<u8>(offset + at) else { break };
+        if kind == TCPOPT_EOL {
+            break;
+        }
+        if kind == TCPOPT_NOP {
+            at += 1;
+            continue;
+        }
+        let Ok(len) = ctx.read::<u8>(offset + at + 1) else { break };
+        let len = len as usize;
+        if len < 2 || at + len > end {
+            break;
+        }
+        // Both carry two 32-bit values after kind and length; the whole pair must be there.
+        if (kind == TCPOPT_TIMESTAMP && len == TCPOLEN_TIMESTAMP) || (kind == TCPOPT_SACK && len >= TCPOLEN_SACK_BLOCK) {
+            let Ok(values) = ctx.read::<[u8; 8]>(offset + at + 2) else { break };
+            if kind == TCPOPT_TIMESTAMP {
+                layer.tcp_tsval = u32::from_be_bytes([values[0], values[1], values[2], values[3]]);
+            } else {
+                layer.tcp_sack_right = u32::from_be_bytes([values[4], values[5], values[6], values[7]]);
+            }
+        }
+        at += len;
+    }
+}
 
 /// Destination unreachable, time exceeded, parameter problem (and ICMPv6 packet too big):
 /// the messages that quote the packet they answer.
@@ -320,6 +388,13 @@ mod tests {
     pub fn count(index: u32) {
         assert_eq!(index, COUNTER_UNPARSED, "the parser counts only unparsed packets");
         UNPARSED.set(UNPARSED.get() + 1);
+    }
+
+    /// The stand-in for the followed-IP match: POD is followed, and the filter is "any".
+    pub fn matches(filter: &FilterConfig, outer: &IpLayer, inner: &IpLayer, flags: u8) -> bool {
+        assert_eq!(*filter, FilterConfig::default());
+        let followed = |layer: &IpLayer| layer.src == v4_mapped(POD) || layer.dst == v4_mapped(POD);
+        followed(outer) || (flags & PKT_VXLAN != 0 && followed(inner))
     }
 
     const POD: [u8; 4] = [10, 244, 0, 2];
@@ -397,6 +472,79 @@ mod tests {
         assert!(matches!(parse(&packet[..30]), Err(Skip::Unparsed)), "inside the TCP header");
         // The caller counts what it cannot report at all.
         assert_eq!(UNPARSED.get(), 0);
+    }
+
+    #[test]
+    fn unfollowed_flows_cut_after_their_addresses_are_not_counted() {
+        const OTHER: [u8; 4] = [10, 244, 0, 9];
+        let inner = |src| ethernet(&ipv4(src, PEER, IPPROTO_TCP, &[0; 20]));
+        for (src, cut, counted) in [
+            (OTHER, 14 + 20 + 4, false), // inside the other pod's TCP header: its addresses were read
+            (POD, 14 + 20 + 4, true),    // the same cut in the followed pod's packet
+            (OTHER, 14 + 10, true),      // inside the inner IP header: could be anyone's
+        ] {
+            UNPARSED.set(0);
+            let (parsed, _, _) = parse(&vxlan(&inner(src)[..cut])).ok().unwrap();
+            assert_eq!(parsed.flags, PKT_VXLAN | PKT_INNER_TRUNCATED);
+            assert_eq!(UNPARSED.get(), u64::from(counted), "{src:?} cut at {cut}");
+        }
+        let mut outer = IpLayer::default();
+        assert!(unparsed_could_be_followed(&outer, &IpLayer::default(), 0), "nothing read");
+        outer.version = 4;
+        outer.src = v4_mapped(OTHER);
+        assert!(!unparsed_could_be_followed(&outer, &IpLayer::default(), 0));
+        outer.dst = v4_mapped(POD);
+        assert!(unparsed_could_be_followed(&outer, &IpLayer::default(), 0));
+    }
+
+    fn tcp_with_options(options: &[u8]) -> Vec<u8> {
+        let mut tcp = vec![0x9c, 0x40, 0, 80, 0, 0, 0, 1, 0, 0, 0, 2, (((20 + options.len()) / 4) as u8) << 4, 0x10, 0, 0, 0, 0, 0, 0];
+        tcp.extend_from_slice(options);
+        tcp
+    }
+
+    #[test]
+    fn the_tcp_timestamp_is_found_among_the_options() {
+        let ts = [8, 10, 0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 1];
+        let data = [&[1, 1][..], &ts].concat(); // NOP, NOP, timestamp: Linux's data segments
+        let syn = [&[2, 4, 5, 0xb4, 4, 2][..], &ts, &[1, 3, 3, 7]].concat(); // MSS, SACK-permitted, TS, NOP, WS
+        for options in [data, syn] {
+            let (_, layer, _) = parse(&ipv4(POD, PEER, IPPROTO_TCP, &tcp_with_options(&options))).ok().unwrap();
+            assert_eq!((layer.tcp_tsval, layer.tcp_sack_right), (0xdead_beef, 0), "{options:?}");
+        }
+        // A duplicate ACK: NOP, NOP, TS, NOP, NOP, SACK with two blocks; the first is the newest.
+        let sack = [0, 0, 0x10, 0, 0, 0, 0x20, 0, 0, 0, 0, 1, 0, 0, 0, 2];
+        let dup_ack = [&[1, 1][..], &ts, &[1, 1, 5, 18], &sack].concat();
+        let (_, layer, _) = parse(&ipv4(POD, PEER, IPPROTO_TCP, &tcp_with_options(&dup_ack))).ok().unwrap();
+        assert_eq!((layer.tcp_tsval, layer.tcp_sack_right), (0xdead_beef, 0x2000));
+        // No options, an end-of-list before the timestamp, a zero length, a timestamp that
+        // runs past the header, and a header longer than the packet: no TSval, still parsed.
+        let cut_short = {
+            let mut tcp = tcp_with_options(&[1, 1, 8, 10, 1, 2, 3, 4]);
+            tcp[12] = 0xf0;
+            tcp
+        };
+        for tcp in [
+            tcp_with_options(&[]),
+            tcp_with_options(&[[0, 0, 0, 0].as_slice(), &ts, &[0, 0]].concat()),
+            tcp_with_options(&[[5, 0, 0, 0].as_slice(), &ts, &[0, 0]].concat()),
+            tcp_with_options(&[1, 1, 8, 10, 1, 2, 3, 4]),
+            cut_short,
+        ] {
+            let (_, layer, _) = parse(&ipv4(POD, PEER, IPPROTO_TCP, &tcp)).ok().unwrap();
+            assert_eq!(layer.tcp_tsval, 0, "{tcp:?}");
+        }
+    }
+
+    #[test]
+    fn the_udp_payload_head_is_read_within_the_datagram() {
+        let dns = [0xc7, 0x38, 0x00, 0x35, 0, 20, 0, 0, 0xab, 0xcd, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        let (_, layer, _) = parse(&ipv4(POD, PEER, IPPROTO_UDP, &dns)).ok().unwrap();
+        assert_eq!(layer.payload_head, [0xab, 0xcd, 0x01, 0x00]);
+        // A 2-byte datagram followed by Ethernet padding: the padding is not payload.
+        let short = [0xc7, 0x38, 0x00, 0x35, 0, 10, 0, 0, 0xab, 0xcd, 0, 0, 0, 0];
+        let (_, layer, _) = parse(&ipv4(POD, PEER, IPPROTO_UDP, &short)).ok().unwrap();
+        assert_eq!(layer.payload_head, [0; 4]);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use tracer_common::{
 
 use crate::{
     maps::{count, filter, matches},
-    parse::{ETH_P_IP, ETH_P_IPV6, Headers, Skip, parse_ethernet, parse_packet},
+    parse::{ETH_P_IP, ETH_P_IPV6, Headers, Skip, parse_ethernet, parse_packet, unparsed_could_be_followed},
 };
 
 /// The TC programs read the packet with `bpf_skb_load_bytes`, which also reads the paged
@@ -104,7 +104,11 @@ fn build_event(ctx: &TcContext, direction: u8) -> Result<&PacketEvent, NoEvent> 
 
     let (ether_type, l3_offset) = l3_start(ctx, hop, event)?;
     let filter = filter();
-    let parsed = parse_packet(ctx, ether_type, l3_offset, &filter.vxlan_ports, &mut event.outer, &mut event.inner)?;
+    let parsed = match parse_packet(ctx, ether_type, l3_offset, &filter.vxlan_ports, &mut event.outer, &mut event.inner) {
+        Ok(parsed) => parsed,
+        Err(Skip::Unparsed) if !unparsed_could_be_followed(&event.outer, &event.inner, 0) => return Err(NoEvent::NotFollowed),
+        Err(skip) => return Err(skip.into()),
+    };
     event.flags |= parsed.flags;
     event.vni = parsed.vni;
     if !matches(&filter, &event.outer, &event.inner, event.flags) {

@@ -382,6 +382,59 @@ fn truncated_at_every_header_boundary_counts_unparsed() {
     }
 }
 
+/// Only packets that could be the followed pod's make the report incomplete: another flow's
+/// header cut after its addresses is not counted, a header cut before any address is.
+#[test]
+fn unparsed_counts_only_what_could_be_followed() {
+    let other = ethernet(0x0800, &V4::new("10.244.0.9", "10.244.1.9", 6).packet(&tcp(1, 2, 3, 4, 0x10, 0)));
+    let vxlan_of = |inner: &[u8]| ethernet(0x0800, &V4::new("10.99.0.1", "10.99.0.2", 17).packet(&udp(51000, 8472, &vxlan(1, inner))));
+    let other_inner = ethernet(0x0800, &V4::new("10.244.0.9", PEER, 1).packet(&icmp_echo(8, 1, 1)));
+    let pod_inner = ethernet(0x0800, &V4::new(POD, PEER, 1).packet(&icmp_echo(8, 1, 1)));
+    let mut tagged_other = other[..12].to_vec();
+    tagged_other.extend_from_slice(&vlan(0x8100, 5, 0x0800));
+    tagged_other.extend_from_slice(&other[14..]);
+    let cases: [(&str, Vec<u8>, Counters); 5] = [
+        ("another flow cut inside TCP", other[..44].to_vec(), Counters::default()),
+        ("another flow cut inside its IPv4 header", tagged_other[..28].to_vec(), Counters { unparsed: 1, ..Default::default() }),
+        ("another pod's VXLAN payload cut inside ICMP", vxlan_of(&other_inner[..14 + 20 + 2]), Counters::default()),
+        (
+            "a VXLAN payload cut inside the inner IPv4 header",
+            vxlan_of(&other_inner[..14 + 10]),
+            Counters { unparsed: 1, ..Default::default() },
+        ),
+        (
+            "the followed pod's VXLAN payload cut inside ICMP",
+            vxlan_of(&pod_inner[..14 + 20 + 2]),
+            Counters { matched: 1, unparsed: 1, ..Default::default() },
+        ),
+    ];
+    for (what, frame, counters) in cases {
+        let mut harness = Harness::default();
+        let events = harness.run(Direction::Ingress, &frame, None);
+        assert_eq!(events.len() as u64, counters.matched, "{what}");
+        assert_eq!(harness.counters(), counters, "{what}");
+    }
+}
+
+/// The fields that tell apart packets with equal IP IDs: a DNS query's id, and the TCP
+/// timestamp and newest SACK edge behind the usual NOPs.
+#[test]
+fn payload_head_timestamp_and_sack_edge_come_from_the_kernel() {
+    let mut harness = Harness::default();
+    let mut dns_query = V4::new(POD, "10.96.0.10", 17);
+    dns_query.id = 0;
+    let packet = harness.one(&ethernet(0x0800, &dns_query.packet(&udp(40000, 53, b"\xbe\xef\x01\x00\x00\x01"))));
+    assert_eq!((packet.outer.ip_id, packet.outer.payload_head), (0, [0xbe, 0xef, 0x01, 0x00]));
+
+    let mut segment = tcp(40000, 80, 1000, 2000, 0x10, 0);
+    segment[12] = 13 << 4;
+    segment.extend_from_slice(&[1, 1, 8, 10, 0, 0, 0x30, 0x39, 0, 0, 0, 7, 1, 1, 5, 18]);
+    segment.extend_from_slice(&[0, 0, 0x10, 0, 0, 0, 0x20, 0, 0, 0, 0, 1, 0, 0, 0, 2]);
+    harness.probes.follow(ip(POD6)).unwrap();
+    let packet = harness.one(&ethernet(0x86dd, &v6(POD6, "fd00::9", 6, 0x12345, &segment)));
+    assert_eq!((packet.outer.tcp_tsval, packet.outer.tcp_sack_right), (12345, 0x2000));
+}
+
 #[test]
 fn truncated_vxlan_payload_keeps_the_outer_event() {
     let inner = ethernet(0x0800, &V4::new(POD, PEER, 1).packet(&icmp_echo(8, 1, 1)));

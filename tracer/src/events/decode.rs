@@ -31,6 +31,11 @@ pub struct Layer {
     pub tcp_ack: u32,
     pub tcp_flags: u8,
     pub tcp_header_len: u8,
+    /// TCP timestamp value and first SACK block's right edge; zero when absent.
+    pub tcp_tsval: u32,
+    pub tcp_sack_right: u32,
+    /// UDP: the first 4 payload bytes (a DNS query's id and flags); zero when shorter.
+    pub payload_head: [u8; 4],
     pub icmp_type: u8,
     pub icmp_code: u8,
     pub icmp_id: u16,
@@ -44,6 +49,7 @@ pub struct Layer {
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 impl Layer {
     fn from_wire(layer: &IpLayer) -> Self {
@@ -66,6 +72,9 @@ impl Layer {
             tcp_ack: layer.tcp_ack,
             tcp_flags: layer.tcp_flags,
             tcp_header_len: layer.tcp_header_len,
+            tcp_tsval: layer.tcp_tsval,
+            tcp_sack_right: layer.tcp_sack_right,
+            payload_head: layer.payload_head,
             icmp_type: layer.icmp_type,
             icmp_code: layer.icmp_code,
             icmp_id: layer.icmp_id,
