@@ -41,10 +41,15 @@ fn healthy_traffic(lab: &Lab) -> Result<()> {
 
 /// Follows `pod_ips` on node A while `traffic` runs; the JSON report.
 fn trace(lab: &Lab, pod_ips: &[&str], traffic: impl FnOnce(&Lab) -> Result<()>) -> Result<Value> {
+    trace_on(lab, &lab.node_a().netns, pod_ips, traffic)
+}
+
+/// Follows `pod_ips` in the node namespace `node` while `traffic` runs; the JSON report.
+fn trace_on(lab: &Lab, node: &str, pod_ips: &[&str], traffic: impl FnOnce(&Lab) -> Result<()>) -> Result<Value> {
     let mut args = vec!["follow"];
     args.extend_from_slice(pod_ips);
     args.extend(["-o", "json"]);
-    let podtrace = Podtrace::start(&lab.node_a().netns, &args)?;
+    let podtrace = Podtrace::start(node, &args)?;
     traffic(lab)?;
     // Let the last packets cross every hop before stopping.
     std::thread::sleep(Duration::from_millis(300));
@@ -115,15 +120,38 @@ fn healthy_real_cni_lab_has_no_warning_or_error() -> Result<()> {
     Ok(())
 }
 
-/// `follow A B`: both ends of the conversation at once, on node A.
+/// `follow A B`: both ends of the conversation at once, on node A, the pods on two nodes.
 #[test]
-#[ignore = "issue 10 item 3: `follow A B` says no-reply (error) for pod A's answered pings and TCP connection: \"5 ICMP echo requests from 10.244.0.2 to 10.244.1.2 got no reply within 1000 ms; the last hop they reached was eth0 egress; eth0 ingress never saw them or their reply.\""]
 fn following_both_pods_gives_no_warning_or_error() -> Result<()> {
     let lab = lab("rab");
     let (pod_a, pod_b) = (lab.pod_a().ip.to_string(), lab.pod_b().ip.to_string());
     let report = trace(&lab, &[&pod_a, &pod_b], healthy_traffic)?;
     let serious = serious_findings(&report);
     assert!(serious.is_empty(), "{serious:#?}");
+    assert!(report["hops"][0]["packets"].as_u64().unwrap() > 100, "the traffic ran");
+    Ok(())
+}
+
+/// `follow B D` on node B, where both pods live (pod B and the DNS pod): ping, TCP bulk, UDP
+/// and DNS between them, each request and its reply both a followed pod's.
+#[test]
+fn following_two_pods_on_one_node_gives_no_warning_or_error() -> Result<()> {
+    let lab = lab("rbd");
+    let (pod_b, dns) = (lab.pod_b(), lab.dns_pod());
+    let report = trace_on(&lab, &lab.node_b().netns, &[&pod_b.ip.to_string(), &dns.ip.to_string()], |lab| {
+        let (pod_b, dns) = (lab.pod_b(), lab.dns_pod());
+        let _sink = traffic::tcp_sink(&dns.netns, 5201)?;
+        let _echo = traffic::udp_echo(&dns.netns, 7000)?;
+        assert_eq!(traffic::ping_received(&traffic::ping(&pod_b.netns, dns.ip, 5, 56)?), 5);
+        let sent = traffic::tcp_send(&pod_b.netns, dns.ip, 5201, 200_000, 16_384, Duration::from_secs(10))?;
+        assert_eq!(text(sent).trim(), "200000");
+        assert_eq!(traffic::udp_send(&pod_b.netns, dns.ip, 7000, 10, 300)?, 10);
+        assert_eq!(traffic::dns_query(&pod_b.netns, dns.ip, 3, Duration::from_secs(2))?, 3);
+        Ok(())
+    })?;
+    let serious = serious_findings(&report);
+    assert!(serious.is_empty(), "{serious:#?}");
+    assert!(report["hops"][0]["packets"].as_u64().unwrap() > 100, "the traffic ran");
     Ok(())
 }
 

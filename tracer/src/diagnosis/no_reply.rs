@@ -168,4 +168,28 @@ mod tests {
         assert_eq!(findings[0].evidence["hops_seen"], serde_json::json!(["eth0 ingress", "flannel.1 ingress"]));
         assert_eq!(findings[0].evidence["first_hop_missing"], "cni0 egress");
     }
+
+    /// Two pods on this node followed at once ping the same peer with the same id and
+    /// sequence (ping's defaults in two pods): the peer's reply to one answers only that one.
+    #[test]
+    fn a_reply_answers_only_the_request_of_the_pod_it_is_addressed_to() {
+        let mut path = local_path();
+        let second = "10.244.0.3";
+        path.stages[0].hops.push(hop("veth2", 8, crate::node::HopKind::PodVeth, Direction::Ingress));
+        path.entries.push(Entry { pod_ip: ip(second), hop: key(8, Direction::Ingress) });
+        let mut detector = NoReply::new(&path, TIMEOUT);
+        let mut feed = Feed::new(&path);
+        let (mut out_second, mut back_second) = (OUT, BACK);
+        out_second[0] = (8, Direction::Ingress);
+        back_second[3] = (8, Direction::Egress);
+        feed.journey(&mut detector, &ping(1), &OUT, 0);
+        feed.journey(&mut detector, &Layer { ip_id: 99, ..echo(second, PEER, 8, 1) }, &out_second, 10_000);
+        feed.journey(&mut detector, &echo(PEER, POD, 0, 1), &BACK, 100_000);
+        let findings = End { end_ns: 5 * TIMEOUT, ..Default::default() }.findings(&detector, &path);
+        assert_eq!(findings.len(), 1, "{findings:#?}");
+        assert_eq!(findings[0].evidence["hops_seen"][0], "veth2 ingress", "the second pod's ping is unanswered");
+        // Its own reply answers it.
+        feed.journey(&mut detector, &Layer { ip_id: 98, ..echo(PEER, second, 0, 1) }, &back_second, 200_000);
+        assert!(End { end_ns: 5 * TIMEOUT, ..Default::default() }.findings(&detector, &path).is_empty());
+    }
 }

@@ -27,10 +27,12 @@ pub enum RequestKind {
     Dns,
 }
 
-/// A request the pod sent, identified so that its reply can be recognised.
+/// A request a followed pod sent, identified so that its reply can be recognised: per
+/// followed IP, so that with several followed, one pod's reply never answers another's request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct RequestKey {
     kind: RequestKind,
+    pod: IpAddr,
     proto: u8,
     pod_port: u16,
     /// ICMP echo id and sequence.
@@ -148,16 +150,17 @@ impl<'a> RequestTracker<'a> {
     }
 
     fn track_reply(&mut self, layer: &Layer) {
+        let pod = layer.dst;
         let answered: &[RequestKey] = match layer.proto {
             IPPROTO_ICMP | IPPROTO_ICMPV6 if matches!(layer.icmp_type, 0 | 129) => {
-                &[RequestKey { kind: RequestKind::Echo, proto: layer.proto, pod_port: 0, echo: (layer.icmp_id, layer.icmp_seq) }]
+                &[RequestKey { kind: RequestKind::Echo, pod, proto: layer.proto, pod_port: 0, echo: (layer.icmp_id, layer.icmp_seq) }]
             }
             // Any TCP segment back, even a RST, answers the connection attempt.
             IPPROTO_TCP => &[
-                RequestKey { kind: RequestKind::TcpSyn, proto: IPPROTO_TCP, pod_port: layer.dport, echo: (0, 0) },
-                RequestKey { kind: RequestKind::Dns, proto: IPPROTO_TCP, pod_port: layer.dport, echo: (0, 0) },
+                RequestKey { kind: RequestKind::TcpSyn, pod, proto: IPPROTO_TCP, pod_port: layer.dport, echo: (0, 0) },
+                RequestKey { kind: RequestKind::Dns, pod, proto: IPPROTO_TCP, pod_port: layer.dport, echo: (0, 0) },
             ],
-            IPPROTO_UDP => &[RequestKey { kind: RequestKind::Dns, proto: IPPROTO_UDP, pod_port: layer.dport, echo: (0, 0) }],
+            IPPROTO_UDP => &[RequestKey { kind: RequestKind::Dns, pod, proto: IPPROTO_UDP, pod_port: layer.dport, echo: (0, 0) }],
             _ => &[],
         };
         for key in answered {
@@ -208,18 +211,20 @@ impl<'a> RequestTracker<'a> {
 }
 
 fn request_key(layer: &Layer) -> Option<RequestKey> {
+    let pod = layer.src;
     match layer.proto {
         IPPROTO_ICMP | IPPROTO_ICMPV6 if matches!(layer.icmp_type, 8 | 128) => {
-            Some(RequestKey { kind: RequestKind::Echo, proto: layer.proto, pod_port: 0, echo: (layer.icmp_id, layer.icmp_seq) })
+            Some(RequestKey { kind: RequestKind::Echo, pod, proto: layer.proto, pod_port: 0, echo: (layer.icmp_id, layer.icmp_seq) })
         }
         IPPROTO_TCP if layer.tcp_flags & TCP_SYN != 0 && layer.tcp_flags & TCP_ACK == 0 => Some(RequestKey {
             kind: if layer.dport == DNS_PORT { RequestKind::Dns } else { RequestKind::TcpSyn },
+            pod,
             proto: IPPROTO_TCP,
             pod_port: layer.sport,
             echo: (0, 0),
         }),
         IPPROTO_UDP if layer.dport == DNS_PORT => {
-            Some(RequestKey { kind: RequestKind::Dns, proto: IPPROTO_UDP, pod_port: layer.sport, echo: (0, 0) })
+            Some(RequestKey { kind: RequestKind::Dns, pod, proto: IPPROTO_UDP, pod_port: layer.sport, echo: (0, 0) })
         }
         _ => None,
     }
