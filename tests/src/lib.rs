@@ -11,4 +11,5 @@ pub mod lab;
 pub mod podtrace;
 pub mod report;
 pub mod scenario;
+pub mod soak;
 pub mod traffic;

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | demo | test | lab | vm | bench | image`.
+//! Project tasks: `cargo xtask setup | demo | test | lab | vm | bench | image | soak`.
 //!
 //! xtask depends only on tooling crates: it must build on a fresh machine, before `setup` has
 //! installed what the kernel programs need (nightly rust-src, bpf-linker). Everything that needs
@@ -8,6 +8,7 @@ mod demo;
 mod deps;
 mod image;
 mod setup;
+mod soak;
 mod vm;
 
 use std::{path::PathBuf, process::Command};
@@ -54,6 +55,16 @@ enum Task {
     /// Build the OCI image `podtrace:<version>` (FROM scratch, the static binary) and write
     /// it as an OCI archive under target/.
     Image,
+    /// Not in CI: kill cycles on clsact and TCX (nothing may remain; fds and RSS flat), then a
+    /// long follow under steady traffic (RSS flat).
+    Soak {
+        /// Start, traffic, kill -9 cycles per attach mode.
+        #[arg(long, default_value_t = 100)]
+        cycles: usize,
+        /// Length of the follow under steady traffic.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+        minutes: u64,
+    },
     /// Bring the built-in lab up (and leave it) or tear it down.
     Lab {
         #[command(subcommand)]
@@ -108,6 +119,12 @@ fn run(task: Task) -> Result<()> {
             setup::require_root()?;
             setup::run()?;
             image::build().map(drop)
+        }
+        Task::Soak { cycles, minutes } => {
+            setup::require_root()?;
+            setup::run()?;
+            let binary = build_podtrace()?;
+            soak::run(&binary, cycles, minutes)
         }
         Task::Vm { kernel, filter } => {
             setup::require_root()?;
