@@ -44,6 +44,26 @@ impl Drop for Server {
     }
 }
 
+/// A tcpdump on `ifname` in `ns` that puts the interface in promiscuous mode (no `-p`), as a
+/// user debugging beside podtrace would, discarding what it captures; killed when dropped.
+pub fn promiscuous_capture(ns: &str, ifname: &str) -> Result<Server> {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "tcpdump", "-n", "-i", ifname, "-w", "/dev/null"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting tcpdump")?;
+    let stderr = child.stderr.take().context("tcpdump stderr")?;
+    let mut line = String::new();
+    BufReader::new(stderr).read_line(&mut line).context("waiting for tcpdump")?;
+    if !line.contains("listening on") {
+        let _ = child.kill();
+        bail!("tcpdump on {ifname} in {ns} did not start: {line:?}");
+    }
+    Ok(Server { child })
+}
+
 fn python(ns: &str, script: &str, args: &[String]) -> Result<Command> {
     let mut command = Command::new("ip");
     command.args(["netns", "exec", ns, "python3", "-c", script]).args(args);
@@ -96,6 +116,40 @@ while sent < size:
     n = min(chunk, size - sent); s.sendall(b"x" * n); sent += n
 s.shutdown(socket.SHUT_WR)
 print(s.recv(64).decode())
+"#;
+
+/// Accepts connections, reads the first bytes and closes each abortively (SO_LINGER 0), so the
+/// kernel resets it: a server that drops its clients mid-connection.
+const TCP_RESETTER: &str = r#"
+import socket, struct, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(8)
+print("ready", flush=True)
+while True:
+    c, _ = s.accept(); c.settimeout(5)
+    try:
+        c.recv(64)
+    except OSError:
+        pass
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)); c.close()
+"#;
+
+/// Connects, sends a few bytes, and either waits for the server to end the connection or
+/// closes it abortively itself (SO_LINGER 0): a client that gives up. Prints what happened.
+const TCP_ABORT: &str = r#"
+import socket, struct, sys, time
+host, port, wait = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "wait"
+s = socket.create_connection((host, port), timeout=3)
+s.sendall(b"hello")
+if wait:
+    try:
+        print("closed" if s.recv(64) == b"" else "data")
+    except ConnectionResetError:
+        print("reset")
+else:
+    time.sleep(0.2)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)); s.close()
+    print("aborted")
 "#;
 
 const UDP_ECHO: &str = r#"
@@ -173,6 +227,22 @@ pub fn tcp_sink(ns: &str, port: u16) -> Result<Server> {
 pub fn tcp_send(ns: &str, dst: Ipv4Addr, port: u16, bytes: usize, chunk: usize, timeout: Duration) -> Result<Output> {
     let args = [dst.to_string(), port.to_string(), bytes.to_string(), chunk.to_string(), timeout.as_secs_f64().to_string()];
     python(ns, TCP_SEND, &args)?.output().context("running the TCP client")
+}
+
+/// A server that resets every connection after reading its first bytes.
+pub fn tcp_resetter(ns: &str, port: u16) -> Result<Server> {
+    start_server(ns, TCP_RESETTER, &[port.to_string()])
+}
+
+/// Connects and sends a few bytes; then, with `wait`, waits for the server to end the
+/// connection ("reset" when it reset it), else resets it itself ("aborted").
+pub fn tcp_abort(ns: &str, dst: Ipv4Addr, port: u16, wait: bool) -> Result<String> {
+    let args = [dst.to_string(), port.to_string(), if wait { "wait" } else { "abort" }.to_string()];
+    let output = python(ns, TCP_ABORT, &args)?.output().context("running the aborting TCP client")?;
+    if !output.status.success() {
+        bail!("the aborting TCP client failed ({}): {}", output.status, String::from_utf8_lossy(&output.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
 }
 
 pub fn udp_echo(ns: &str, port: u16) -> Result<Server> {

@@ -195,3 +195,41 @@ fn isolated_retransmits_with_offloads_on_are_no_mtu_signature() -> Result<()> {
     }
     Ok(())
 }
+
+/// Resets that refuse nothing: pod B's server resets an established connection (a RST to pod
+/// A's ephemeral port), and pod A gives up on one and resets it itself. Neither is a refused
+/// port; each is a connection-reset, as information, naming the flow and the side.
+#[test]
+fn resets_of_set_up_connections_are_no_refusal() -> Result<()> {
+    let lab = lab("rrst");
+    let (pod_a, pod_b) = (lab.pod_a().ip, lab.pod_b().ip);
+    let report = trace(&lab, &[&pod_a.to_string()], |lab| {
+        let (pod_a, pod_b) = (lab.pod_a(), lab.pod_b());
+        let _resetter = traffic::tcp_resetter(&pod_b.netns, 5300)?;
+        let _sink = traffic::tcp_sink(&pod_b.netns, 5201)?;
+        assert_eq!(traffic::tcp_abort(&pod_a.netns, pod_b.ip, 5300, true)?, "reset");
+        assert_eq!(traffic::tcp_abort(&pod_a.netns, pod_b.ip, 5201, false)?, "aborted");
+        Ok(())
+    })?;
+    let serious = serious_findings(&report);
+    assert!(serious.is_empty(), "{serious:#?}");
+    let resets: Vec<_> = report["findings"].as_array().unwrap().iter().filter(|f| f["kind"] == "connection-reset").collect();
+    let by = |who: std::net::Ipv4Addr, port: u16| {
+        resets
+            .iter()
+            .find(|f| f["evidence"]["reset_by"] == who.to_string() && f["evidence"]["reset_by_port"] == port)
+            .unwrap_or_else(|| panic!("no reset by {who}:{port} in {resets:#?}"))
+    };
+    let by_server = by(pod_b, 5300);
+    assert_eq!(by_server["severity"], "info");
+    assert_eq!(by_server["hop"], lab.pod_a().host_veth.as_str());
+    assert_eq!(by_server["evidence"]["peer"], pod_a.to_string());
+    assert_eq!(by_server["evidence"]["count"], 1, "once, not once per hop: {by_server:#}");
+    let by_client = resets
+        .iter()
+        .find(|f| f["evidence"]["reset_by"] == pod_a.to_string() && f["evidence"]["peer_port"] == 5201)
+        .unwrap_or_else(|| panic!("no reset by {pod_a} of its connection to port 5201 in {resets:#?}"));
+    assert_eq!(by_client["severity"], "info");
+    assert!(by_client["summary"].as_str().unwrap().contains("(the followed pod) reset its TCP connection"), "{by_client:#}");
+    Ok(())
+}

@@ -4,7 +4,9 @@
 //! is fed the packets at each hop and the kernel's drop, retransmit and ICMP events, and keeps
 //! bounded aggregates; when it ends, each is asked for its findings.
 
+mod attempts;
 mod bond;
+mod connection_reset;
 mod dns;
 mod drop;
 mod lost_events;
@@ -23,8 +25,8 @@ use serde::Serialize;
 use serde_json::Value;
 
 use self::{
-    bond::BondDegraded, dns::DnsUnanswered, drop::Drops, lost_events::LostEvents, mtu::MtuMismatch, no_reply::NoReply,
-    port_refused::PortRefused, retransmits::Retransmits, vxlan_source::VxlanSourceMismatch,
+    bond::BondDegraded, connection_reset::ConnectionReset, dns::DnsUnanswered, drop::Drops, lost_events::LostEvents, mtu::MtuMismatch,
+    no_reply::NoReply, port_refused::PortRefused, retransmits::Retransmits, vxlan_source::VxlanSourceMismatch,
 };
 use crate::{
     events::{
@@ -65,6 +67,7 @@ pub enum FindingKind {
     NoReply,
     DnsUnanswered,
     PortRefused,
+    ConnectionReset,
     LostEvents,
     BondDegraded,
 }
@@ -79,6 +82,7 @@ impl fmt::Display for FindingKind {
             Self::NoReply => "no-reply",
             Self::DnsUnanswered => "dns-unanswered",
             Self::PortRefused => "port-refused",
+            Self::ConnectionReset => "connection-reset",
             Self::LostEvents => "lost-events",
             Self::BondDegraded => "bond-degraded",
         })
@@ -152,6 +156,7 @@ pub struct Diagnosis<'a> {
     no_reply: NoReply<'a>,
     dns: DnsUnanswered<'a>,
     port_refused: PortRefused<'a>,
+    connection_reset: ConnectionReset<'a>,
     bond: BondDegraded,
     lost_events: LostEvents,
     /// The newest event seen: requests younger than the reply timeout by then are not judged.
@@ -168,6 +173,7 @@ impl<'a> Diagnosis<'a> {
             no_reply: NoReply::new(path, settings.reply_timeout_ns),
             dns: DnsUnanswered::new(path, settings.reply_timeout_ns),
             port_refused: PortRefused::new(path),
+            connection_reset: ConnectionReset::new(path),
             bond: BondDegraded,
             lost_events: LostEvents::default(),
             last_ns: 0,
@@ -175,7 +181,7 @@ impl<'a> Diagnosis<'a> {
     }
 
     /// In the order findings of equal severity are listed.
-    fn detectors(&self) -> [&dyn Detector; 9] {
+    fn detectors(&self) -> [&dyn Detector; 10] {
         [
             &self.drops,
             &self.retransmits,
@@ -184,12 +190,13 @@ impl<'a> Diagnosis<'a> {
             &self.no_reply,
             &self.dns,
             &self.port_refused,
+            &self.connection_reset,
             &self.bond,
             &self.lost_events,
         ]
     }
 
-    fn detectors_mut(&mut self) -> [&mut dyn Detector; 9] {
+    fn detectors_mut(&mut self) -> [&mut dyn Detector; 10] {
         [
             &mut self.drops,
             &mut self.retransmits,
@@ -198,6 +205,7 @@ impl<'a> Diagnosis<'a> {
             &mut self.no_reply,
             &mut self.dns,
             &mut self.port_refused,
+            &mut self.connection_reset,
             &mut self.bond,
             &mut self.lost_events,
         ]
@@ -246,6 +254,7 @@ mod tests {
             FindingKind::NoReply,
             FindingKind::DnsUnanswered,
             FindingKind::PortRefused,
+            FindingKind::ConnectionReset,
             FindingKind::LostEvents,
             FindingKind::BondDegraded,
         ]
@@ -266,6 +275,7 @@ mod tests {
                 "no-reply",
                 "dns-unanswered",
                 "port-refused",
+                "connection-reset",
                 "lost-events",
                 "bond-degraded"
             ]

@@ -1,16 +1,20 @@
-//! `port-refused`: a TCP RST or ICMP port unreachable came back from the destination, counted
-//! once per refusal (where the reply was first seen), with the peer, protocol and port.
+//! `port-refused`: a connection attempt answered by a TCP RST, or a datagram answered by ICMP
+//! port unreachable, counted once per refusal (where the reply was first seen), with the peer,
+//! protocol and port. Other resets are `connection-reset`.
 
 use std::{collections::BTreeMap, net::IpAddr};
 
 use serde_json::json;
 use tracer_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP};
 
-use super::{Detector, Finding, FindingKind, MAX_GROUPS, Severity, TraceEnd};
+use super::{
+    Detector, Finding, FindingKind, MAX_GROUPS, Severity, TraceEnd,
+    attempts::{Attempts, Rst},
+};
 use crate::{
     events::{
         correlate::Sighting,
-        decode::{Packet, TCP_RST, proto_name},
+        decode::{Packet, proto_name},
     },
     node::Path,
 };
@@ -20,13 +24,14 @@ type Refusal = (IpAddr, u8, u16, IpAddr);
 
 pub struct PortRefused<'a> {
     path: &'a Path,
+    attempts: Attempts,
     /// How often each refusal came, per signal ("TCP RST", "ICMP port unreachable").
     refused: BTreeMap<(Refusal, &'static str), u64>,
 }
 
 impl<'a> PortRefused<'a> {
     pub fn new(path: &'a Path) -> Self {
-        Self { path, refused: BTreeMap::new() }
+        Self { path, attempts: Attempts::default(), refused: BTreeMap::new() }
     }
 }
 
@@ -35,6 +40,7 @@ impl Detector for PortRefused<'_> {
         // A reply crosses several hops: count it once, where first seen. With both ends
         // followed, the refusing side is a followed pod too.
         let layer = packet.pod_layer();
+        let rst = self.attempts.observe(layer, sighting, |ip| self.path.follows(ip));
         let first_sighting = sighting.is_some_and(|s| s.previous.is_none());
         if !first_sighting || !self.path.follows(layer.dst) {
             return;
@@ -44,7 +50,7 @@ impl Detector for PortRefused<'_> {
             (IPPROTO_ICMP, 3, 3) | (IPPROTO_ICMPV6, 1, 4) => {
                 ((layer.src, layer.quoted_proto, layer.quoted_dport, layer.dst), "ICMP port unreachable")
             }
-            (IPPROTO_TCP, ..) if layer.tcp_flags & TCP_RST != 0 => ((layer.src, IPPROTO_TCP, layer.sport, layer.dst), "TCP RST"),
+            (IPPROTO_TCP, ..) if rst == Some(Rst::Refusal) => ((layer.src, IPPROTO_TCP, layer.sport, layer.dst), "TCP RST"),
             _ => return,
         };
         if self.refused.len() < MAX_GROUPS || self.refused.contains_key(&key) {
@@ -80,7 +86,7 @@ mod tests {
     use super::{super::testing::*, *};
     use crate::{
         Direction,
-        events::decode::Layer,
+        events::decode::{Layer, TCP_RST, TCP_SYN},
         node::path::{
             Entry,
             fixtures::{key, local_path},
@@ -96,6 +102,8 @@ mod tests {
         let path = local_path();
         let mut detector = PortRefused::new(&path);
         let mut feed = Feed::new(&path);
+        // The connection attempt, then the RST/ACK that answers it.
+        feed.journey(&mut detector, &tcp(POD, 40000, PEER, 9, TCP_SYN, 0), &OUT, 0);
         feed.journey(&mut detector, &tcp(PEER, 9, POD, 40000, TCP_RST | 0x10, 0), &BACK, 0);
         for id in 1..=3 {
             feed.journey(&mut detector, &Layer { ip_id: id, ..port_unreachable(3) }, &BACK, u64::from(id) * 10_000);
@@ -137,9 +145,26 @@ mod tests {
         let mut path = local_path();
         path.entries.push(Entry { pod_ip: ip(PEER), hop: key(2, Direction::Ingress) });
         let mut detector = PortRefused::new(&path);
-        Feed::new(&path).journey(&mut detector, &tcp(PEER, 9, POD, 40000, TCP_RST | 0x10, 0), &BACK, 0);
+        let mut feed = Feed::new(&path);
+        feed.journey(&mut detector, &tcp(POD, 40000, PEER, 9, TCP_SYN, 0), &OUT, 0);
+        feed.journey(&mut detector, &tcp(PEER, 9, POD, 40000, TCP_RST | 0x10, 0), &BACK, 0);
         let findings = End::default().findings(&detector, &path);
         assert_eq!(findings.len(), 1);
         assert_eq!((findings[0].hop.as_deref(), &findings[0].evidence["count"]), (Some("veth1"), &serde_json::json!(1)));
+    }
+
+    /// Only a RST that answers a connection attempt is a refusal: one after the handshake, or
+    /// a late one to a client that gave up, resets a connection (`connection-reset`).
+    #[test]
+    fn a_rst_that_answers_no_attempt_is_no_refusal() {
+        let path = local_path();
+        let mut detector = PortRefused::new(&path);
+        let mut feed = Feed::new(&path);
+        feed.journey(&mut detector, &tcp(POD, 40000, PEER, 80, TCP_SYN, 0), &OUT, 0);
+        feed.journey(&mut detector, &tcp(PEER, 80, POD, 40000, TCP_SYN | 0x10, 0), &BACK, 10_000);
+        feed.journey(&mut detector, &Layer { tcp_seq: 5, ..tcp(PEER, 80, POD, 40000, TCP_RST | 0x10, 0) }, &BACK, 20_000);
+        // A RST/ACK to an ephemeral port that sent no SYN: the client had given up.
+        feed.journey(&mut detector, &tcp(PEER, 80, POD, 40001, TCP_RST | 0x10, 0), &BACK, 30_000);
+        assert!(End::default().findings(&detector, &path).is_empty());
     }
 }

@@ -1,0 +1,63 @@
+//! TCP connection attempts of the followed pods still waiting for an answer, shared by the
+//! port-refused and connection-reset detectors: a RST that answers a pending attempt is a
+//! refusal (nothing listens there); any other RST resets a connection that was set up, or
+//! one that the other side already gave up on.
+
+use std::{collections::HashSet, net::IpAddr};
+
+use tracer_common::IPPROTO_TCP;
+
+use super::{MAX_REQUESTS, TCP_ACK};
+use crate::events::{
+    correlate::Sighting,
+    decode::{Layer, TCP_RST, TCP_SYN},
+};
+
+/// What a RST is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rst {
+    /// It answered a connection attempt of a followed pod.
+    Refusal,
+    /// Any other.
+    Reset,
+}
+
+#[derive(Default)]
+pub struct Attempts {
+    /// (pod, pod port) of each SYN sent and not yet answered by a SYN-ACK or RST.
+    pending: HashSet<(IpAddr, u16)>,
+}
+
+impl Attempts {
+    /// Follows a packet at its first sighting (it crosses several hops) and says what it is
+    /// if it is a TCP RST.
+    pub fn observe(&mut self, layer: &Layer, sighting: Option<&Sighting>, follows: impl Fn(IpAddr) -> bool) -> Option<Rst> {
+        let first_sighting = sighting.is_some_and(|s| s.previous.is_none());
+        if layer.proto != IPPROTO_TCP || !first_sighting {
+            return None;
+        }
+        let (syn, ack, rst) = (layer.tcp_flags & TCP_SYN != 0, layer.tcp_flags & TCP_ACK != 0, layer.tcp_flags & TCP_RST != 0);
+        let from_pod = (layer.src, layer.sport);
+        let to_pod = (layer.dst, layer.dport);
+        if syn && !ack && follows(layer.src) {
+            if self.pending.len() < MAX_REQUESTS {
+                self.pending.insert(from_pod);
+            }
+            return None;
+        }
+        if syn && ack {
+            self.pending.remove(&to_pod);
+            return None;
+        }
+        if !rst {
+            return None;
+        }
+        // A refusal acknowledges the SYN it answers.
+        if ack && follows(layer.dst) && self.pending.remove(&to_pod) {
+            return Some(Rst::Refusal);
+        }
+        // A pod that resets its own attempt gave up on it.
+        self.pending.remove(&from_pod);
+        Some(Rst::Reset)
+    }
+}
