@@ -233,3 +233,34 @@ fn resets_of_set_up_connections_are_no_refusal() -> Result<()> {
     assert!(by_client["summary"].as_str().unwrap().contains("(the followed pod) reset its TCP connection"), "{by_client:#}");
     Ok(())
 }
+/// A promiscuous tcpdump on node B's cni0 beside podtrace, following pod B: the bridge copies
+/// every frame it forwards between its ports up its own stack, where the copies are freed as
+/// "not for this host" (OTHERHOST) while the originals are delivered. Pod B talks to pod A
+/// across the tunnel and to the DNS pod beside it on the bridge (ping and UDP). Copies freed
+/// are not drops.
+#[test]
+fn a_promiscuous_capture_on_the_bridge_invents_no_drops() -> Result<()> {
+    let lab = lab("rpro");
+    let _tcpdump = traffic::promiscuous_capture(&lab.node_b().netns, "cni0")?;
+    let report = trace_on(&lab, &lab.node_b().netns, &[&lab.pod_b().ip.to_string()], |lab| {
+        healthy_traffic(lab)?;
+        let (pod_b, dns) = (lab.pod_b(), lab.dns_pod());
+        assert_eq!(traffic::ping_received(&traffic::ping(&pod_b.netns, dns.ip, 5, 56)?), 5);
+        let _echo = traffic::udp_echo(&dns.netns, 7001)?;
+        assert_eq!(traffic::udp_send(&pod_b.netns, dns.ip, 7001, 5, 300)?, 5);
+        Ok(())
+    })?;
+    let serious = serious_findings(&report);
+    assert!(serious.is_empty(), "{serious:#?}");
+    assert!(report["hops"].as_array().unwrap().iter().all(|hop| hop["drops"] == 0), "{:#}", report["hops"]);
+    // The copies are there, and said to be copies.
+    let copies = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["kind"] == "copies-freed" && f["evidence"]["reason"] == "OTHERHOST")
+        .unwrap_or_else(|| panic!("no OTHERHOST copies in {:#}", report["findings"]));
+    assert_eq!((&copies["severity"], &copies["hop"]), (&Value::from("info"), &Value::from("cni0")), "{copies:#}");
+    assert!(copies["summary"].as_str().unwrap().contains("because cni0 is promiscuous"), "{copies:#}");
+    Ok(())
+}

@@ -1,35 +1,51 @@
 //! `drop`: packets of the flow were freed by the kernel as a drop, with the kernel's reason,
-//! the function that dropped them and the hop. Normal consumption is not a drop.
+//! the function that dropped them and the hop. A drop is a loss of the flow only if the packet
+//! is not seen further along the path: normal consumption, copies (seen further on, or frames
+//! for another host's MAC that a promiscuous interface passed up) and packets for a followed
+//! pod that is gone (`pod-gone`) are not drops. Copies are reported as `copies-freed`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+};
 
 use serde_json::json;
 use tracer_common::{DROP_REASON_UNKNOWN, IPPROTO_ICMP, IPPROTO_ICMPV6};
 
-use super::{Detector, Finding, FindingKind, MAX_GROUPS, Severity, TraceEnd};
+use super::{Detector, Finding, FindingKind, MAX_GROUPS, Severity, TraceEnd, copies::Copies};
 use crate::{
     Direction,
-    events::decode::{KernelRecord, KernelRecordKind},
+    events::{
+        correlate::Sighting,
+        decode::{KernelRecord, KernelRecordKind, Packet},
+    },
     node::{HopKey, Path},
 };
 
-/// Drops that share reason, location, device, direction and namespace.
+/// Drops that share reason, location, device, direction, namespace and followed destination.
 #[derive(Clone, Debug, Default)]
 struct DropGroup {
     /// ICMP echo replies: ping reads them from a raw socket, which gets a clone.
     echo_reply: bool,
     count: u64,
+    /// Of `count`, packets seen further along the path: copies of packets that went on.
+    copies: u64,
     bytes: u64,
     example: String,
 }
 
-/// (reason, location, ifindex, received, netns)
-type GroupKey = (u32, u64, u32, bool, u32);
+/// (reason, location, ifindex, received, netns, the followed pod the packet was addressed to)
+type GroupKey = (u32, u64, u32, bool, u32, Option<IpAddr>);
+
+/// Packets not for this host: frames for another MAC, which a promiscuous interface (a
+/// capture without `-p`) passes up its stack as copies, and the stack frees.
+const OTHERHOST: &str = "OTHERHOST";
 
 pub struct Drops<'a> {
     path: &'a Path,
     own_netns: u32,
     groups: BTreeMap<GroupKey, DropGroup>,
+    copies: Copies<GroupKey>,
 }
 
 /// A group the end of the trace judged a real drop, with its names resolved.
@@ -40,9 +56,17 @@ struct Judged<'g> {
     function: String,
 }
 
+impl Judged<'_> {
+    /// Packets of the group the flow lost: neither copies nor frames for another host.
+    fn lost(&self) -> u64 {
+        if self.reason == OTHERHOST { 0 } else { self.group.count - self.group.copies }
+    }
+}
+
 impl<'a> Drops<'a> {
     pub fn new(path: &'a Path, own_netns: u32) -> Self {
-        Self { path, own_netns, groups: BTreeMap::new() }
+        let followed = path.entries.iter().map(|entry| entry.pod_ip).collect();
+        Self { path, own_netns, groups: BTreeMap::new(), copies: Copies::new(followed) }
     }
 
     pub fn any(&self) -> bool {
@@ -53,8 +77,10 @@ impl<'a> Drops<'a> {
     pub fn per_hop(&self, end: &TraceEnd<'_>) -> HashMap<HopKey, u64> {
         let mut per_hop = HashMap::new();
         for judged in self.judged(end) {
-            if let Some(hop) = self.hop_of(judged.key) {
-                *per_hop.entry(hop).or_default() += judged.group.count;
+            if let Some(hop) = self.hop_of(judged.key)
+                && judged.lost() > 0
+            {
+                *per_hop.entry(hop).or_default() += judged.lost();
             }
         }
         per_hop
@@ -74,11 +100,14 @@ impl<'a> Drops<'a> {
                 Judged { key: *key, group, reason, function }
             })
             .collect();
-        names.into_iter().filter(|judged| !is_normal_consumption(&judged.reason, &judged.function, judged.group.echo_reply))
+        names.into_iter().filter(move |judged| {
+            let to_gone_pod = judged.key.5.is_some_and(|pod| end.pod_gone(pod));
+            !to_gone_pod && !is_normal_consumption(&judged.reason, &judged.function, judged.group.echo_reply)
+        })
     }
 
     /// The traced hop a drop happened at: its device, in this node's namespace.
-    fn hop_of(&self, (_, _, ifindex, received, netns): GroupKey) -> Option<HopKey> {
+    fn hop_of(&self, (_, _, ifindex, received, netns, _): GroupKey) -> Option<HopKey> {
         let direction = if received { Direction::Ingress } else { Direction::Egress };
         (netns == self.own_netns && self.path.hop(ifindex).is_some()).then_some(HopKey { ifindex, direction })
     }
@@ -99,45 +128,104 @@ impl<'a> Drops<'a> {
 }
 
 impl Detector for Drops<'_> {
+    fn observe_packet(&mut self, packet: &Packet, sighting: Option<&Sighting>) {
+        let Some(sighting) = sighting else { return };
+        let Some(step) = self.path.step_of(HopKey { ifindex: packet.ifindex, direction: packet.direction }) else { return };
+        for key in self.copies.sighted(sighting.fingerprint, step, packet.ktime_ns) {
+            if let Some(group) = self.groups.get_mut(&key) {
+                group.copies += 1;
+            }
+        }
+    }
+
     fn observe_kernel(&mut self, record: &KernelRecord) {
         let KernelRecordKind::Drop { reason, location } = record.kind else { return };
-        let key = (reason, location, record.ifindex, record.received, record.netns);
+        let layer = record.pod_layer();
+        let to_pod = self.path.follows(layer.dst).then_some(layer.dst);
+        let key = (reason, location, record.ifindex, record.received, record.netns, to_pod);
         if self.groups.len() >= MAX_GROUPS && !self.groups.contains_key(&key) {
             return;
         }
+        let step = self.hop_of(key).and_then(|hop| self.path.step_of(hop));
+        let copy = match (step, self.copies.fingerprint(layer)) {
+            (Some(step), Some(fingerprint)) => self.copies.dropped(fingerprint, step, record.ktime_ns, key),
+            _ => false,
+        };
         let group = self.groups.entry(key).or_default();
         group.count += 1;
+        group.copies += u64::from(copy);
         group.bytes += u64::from(record.skb_len);
         if group.example.is_empty() {
-            let layer = record.pod_layer();
             group.example = layer.describe();
             group.echo_reply = matches!((layer.proto, layer.icmp_type), (IPPROTO_ICMP, 0) | (IPPROTO_ICMPV6, 129));
         }
     }
 
     fn findings(&self, end: &TraceEnd<'_>) -> Vec<Finding> {
-        self.judged(end)
-            .map(|Judged { key, group, reason, function }| {
-                let (_, location, _, received, _) = key;
-                let direction = if received { Direction::Ingress } else { Direction::Egress };
-                Finding {
-                    kind: FindingKind::Drop,
-                    severity: Severity::Error,
-                    hop: self.hop_of(key).and_then(|hop| self.path.hop(hop.ifindex)).map(|hop| hop.ifname.clone()),
-                    summary: format!("{} packets of the flow were dropped {}: {reason} in {function}.", group.count, self.place(key)),
-                    evidence: json!({
-                        "reason": reason,
-                        "function": function,
-                        "location": end.symbols.map(|s| s.resolve(location)),
-                        "count": group.count,
-                        "bytes": group.bytes,
-                        "direction": direction,
-                        "example": group.example,
-                    }),
-                    advice: drop_advice(&reason),
-                }
-            })
-            .collect()
+        let mut findings = Vec::new();
+        for judged in self.judged(end) {
+            let copies = judged.group.count - judged.lost();
+            if copies > 0 {
+                findings.push(self.copies_finding(&judged, copies, end));
+            }
+            if judged.lost() > 0 {
+                findings.push(self.drop_finding(&judged, end));
+            }
+        }
+        findings
+    }
+}
+
+impl Drops<'_> {
+    fn evidence(&self, judged: &Judged<'_>, count: u64, end: &TraceEnd<'_>) -> serde_json::Value {
+        let (_, location, _, received, ..) = judged.key;
+        json!({
+            "reason": judged.reason,
+            "function": judged.function,
+            "location": end.symbols.map(|s| s.resolve(location)),
+            "count": count,
+            "bytes": judged.group.bytes,
+            "direction": if received { Direction::Ingress } else { Direction::Egress },
+            "example": judged.group.example,
+            "not_checked_for_copies": self.copies.unchecked,
+        })
+    }
+
+    fn drop_finding(&self, judged: &Judged<'_>, end: &TraceEnd<'_>) -> Finding {
+        let Judged { key, reason, function, .. } = judged;
+        let count = judged.lost();
+        Finding {
+            kind: FindingKind::Drop,
+            severity: Severity::Error,
+            hop: self.hop_of(*key).and_then(|hop| self.path.hop(hop.ifindex)).map(|hop| hop.ifname.clone()),
+            summary: format!("{count} packets of the flow were dropped {}: {reason} in {function}.", self.place(*key)),
+            evidence: self.evidence(judged, count, end),
+            advice: drop_advice(reason),
+        }
+    }
+
+    fn copies_finding(&self, judged: &Judged<'_>, count: u64, end: &TraceEnd<'_>) -> Finding {
+        let Judged { key, reason, function, .. } = judged;
+        let hop = self.hop_of(*key).and_then(|hop| self.path.hop(hop.ifindex));
+        let why = if reason == OTHERHOST {
+            let device = hop.map_or("an interface".to_string(), |hop| hop.ifname.clone());
+            format!(
+                "frames addressed to another MAC, passed up this host's stack because {device} is promiscuous (a capture such as tcpdump without -p); the originals went on to their destination"
+            )
+        } else {
+            "the same packets were seen further along the path, so these were copies".to_string()
+        };
+        Finding {
+            kind: FindingKind::CopiesFreed,
+            severity: Severity::Info,
+            hop: hop.map(|hop| hop.ifname.clone()),
+            summary: format!(
+                "{count} copies of the flow's packets were freed {} ({reason} in {function}): {why}. Nothing was lost.",
+                self.place(*key)
+            ),
+            evidence: self.evidence(judged, count, end),
+            advice: "Nothing to fix: the copies stop with the capture (tcpdump -p leaves the interface out of promiscuous mode).".into(),
+        }
     }
 }
 
@@ -148,7 +236,8 @@ const UNKNOWN_REASON: &str = "reason unknown on this kernel";
 /// function is a known consumer that still uses the generic free. Where the kernel gives no
 /// reason, the function alone decides, as for NOT_SPECIFIED.
 fn is_normal_consumption(reason: &str, function: &str, echo_reply: bool) -> bool {
-    if matches!(reason, "NOT_DROPPED_YET" | "CONSUMED") {
+    // A socket's queues purged when it closes: packets delivered, never read.
+    if matches!(reason, "NOT_DROPPED_YET" | "CONSUMED" | "QUEUE_PURGE" | "SOCKET_CLOSE") {
         return true;
     }
     // Echo replies are delivered to raw sockets (ping) as clones; the original is then freed
@@ -189,14 +278,22 @@ mod tests {
     const NF_HOOK_SLOW: u64 = 0xffff_ffff_8120_0000;
     const SKB_RELEASE_DATA: u64 = 0xffff_ffff_8130_0000;
     const ICMP_RCV: u64 = 0xffff_ffff_8140_0000;
+    const IP_RCV_CORE: u64 = 0xffff_ffff_8150_0000;
+    const OTHERHOST_REASON: u32 = 77;
 
     fn end() -> End {
         End {
-            drop_reasons: HashMap::from([(2, "NOT_SPECIFIED".into()), (5, "NO_SOCKET".into()), (9, "NETFILTER_DROP".into())]),
+            drop_reasons: HashMap::from([
+                (2, "NOT_SPECIFIED".into()),
+                (5, "NO_SOCKET".into()),
+                (9, "NETFILTER_DROP".into()),
+                (OTHERHOST_REASON.into(), OTHERHOST.into()),
+            ]),
             symbols: Some(KernelSymbols::new(BTreeMap::from([
                 (NF_HOOK_SLOW, "nf_hook_slow".to_string()),
                 (SKB_RELEASE_DATA, "skb_release_data".to_string()),
                 (ICMP_RCV, "icmp_rcv".to_string()),
+                (IP_RCV_CORE, "ip_rcv_core".to_string()),
             ]))),
             ..Default::default()
         }
@@ -278,5 +375,75 @@ mod tests {
         assert_eq!(findings[0].evidence["reason"], UNKNOWN_REASON);
         assert_eq!(findings[0].evidence["function"], "nf_hook_slow");
         assert!(findings[0].advice.contains("before 5.17"), "{}", findings[0].advice);
+    }
+
+    /// A packet freed at cni0 ingress but seen at flannel.1 egress, before or after the drop
+    /// event arrives, went on: the freed one was a copy.
+    #[test]
+    fn a_dropped_packet_seen_further_along_the_path_is_a_copy() {
+        let path = local_path();
+        let mut detector = Drops::new(&path, NODE_NS);
+        let mut feed = Feed::new(&path);
+        let segment = |ip_id| Layer { ip_id, ..tcp(POD, 40000, PEER, 80, 0x10, 100) };
+        // Seen further first, then the drop; the drop first, then seen further; never seen further.
+        feed.journey(&mut detector, &segment(1), &OUT, 0);
+        detector.observe_kernel(&drop(9, NF_HOOK_SLOW, segment(1), 4, NODE_NS));
+        feed.journey(&mut detector, &segment(2), &OUT[..2], 10_000);
+        detector.observe_kernel(&drop(9, NF_HOOK_SLOW, segment(2), 4, NODE_NS));
+        feed.journey(&mut detector, &segment(2), &OUT[2..], 12_000);
+        feed.journey(&mut detector, &segment(3), &OUT[..2], 20_000);
+        detector.observe_kernel(&drop(9, NF_HOOK_SLOW, segment(3), 4, NODE_NS));
+        let end = end();
+        let findings = end.findings(&detector, &path);
+        assert_eq!(findings.len(), 2, "{findings:#?}");
+        let copies = findings.iter().find(|f| f.kind == FindingKind::CopiesFreed).unwrap();
+        assert_eq!((copies.severity, &copies.evidence["count"]), (Severity::Info, &serde_json::json!(2)));
+        assert!(copies.summary.contains("seen further along the path"), "{}", copies.summary);
+        let drop = findings.iter().find(|f| f.kind == FindingKind::Drop).unwrap();
+        assert_eq!((drop.severity, &drop.evidence["count"]), (Severity::Error, &serde_json::json!(1)));
+        assert_eq!(detector.per_hop(&end.trace_end(&path)), HashMap::from([(HopKey { ifindex: 4, direction: Direction::Ingress }, 1)]));
+    }
+
+    /// A promiscuous bridge passes frames for other MACs up its stack, which frees them as not
+    /// for this host, whether or not the original crossed a traced hop further on.
+    #[test]
+    fn frames_for_another_host_are_copies_never_errors() {
+        let path = local_path();
+        let mut detector = Drops::new(&path, NODE_NS);
+        for seq in 1..=3 {
+            detector.observe_kernel(&drop(OTHERHOST_REASON, IP_RCV_CORE, echo(PEER, POD, 0, seq), 4, NODE_NS));
+        }
+        let end = end();
+        let findings = end.findings(&detector, &path);
+        assert_eq!(findings.len(), 1, "{findings:#?}");
+        let copies = &findings[0];
+        assert_eq!((copies.kind, copies.severity, copies.hop.as_deref()), (FindingKind::CopiesFreed, Severity::Info, Some("cni0")));
+        assert_eq!(copies.evidence["count"], 3);
+        assert!(copies.summary.contains("because cni0 is promiscuous"), "{}", copies.summary);
+        assert!(detector.per_hop(&end.trace_end(&path)).is_empty());
+    }
+
+    #[test]
+    fn a_socket_closing_with_unread_data_is_no_drop() {
+        let path = local_path();
+        let mut detector = Drops::new(&path, NODE_NS);
+        let end = End { drop_reasons: HashMap::from([(40, "QUEUE_PURGE".into()), (41, "SOCKET_CLOSE".into())]), ..Default::default() };
+        detector.observe_kernel(&drop(40, SKB_RELEASE_DATA, tcp(PEER, 80, POD, 40000, 0x18, 100), 0, NODE_NS + 1));
+        detector.observe_kernel(&drop(41, SKB_RELEASE_DATA, tcp(PEER, 80, POD, 40000, 0x18, 200), 0, NODE_NS + 1));
+        assert!(end.findings(&detector, &path).is_empty());
+    }
+
+    /// Drops of packets to a followed pod whose veth is gone are the pod's absence (pod-gone).
+    #[test]
+    fn drops_to_a_pod_that_is_gone_are_no_drop_findings() {
+        let path = local_path();
+        let mut detector = Drops::new(&path, NODE_NS);
+        detector.observe_kernel(&drop(OTHERHOST_REASON, IP_RCV_CORE, echo(PEER, POD, 8, 1), 2, NODE_NS + 1));
+        detector.observe_kernel(&drop(9, NF_HOOK_SLOW, tcp(PEER, 80, POD, 40000, 0x10, 0), 3, NODE_NS));
+        let gone = End { vanished: vec![5], ..end() };
+        assert!(gone.findings(&detector, &path).is_empty());
+        assert!(detector.per_hop(&gone.trace_end(&path)).is_empty());
+        // While the pod is there, the firewall drop is one.
+        assert_eq!(end().findings(&detector, &path).iter().filter(|f| f.kind == FindingKind::Drop).count(), 1);
     }
 }

@@ -7,11 +7,13 @@
 mod attempts;
 mod bond;
 mod connection_reset;
+mod copies;
 mod dns;
 mod drop;
 mod lost_events;
 mod mtu;
 mod no_reply;
+mod pod_gone;
 mod port_refused;
 mod requests;
 mod retransmits;
@@ -26,7 +28,7 @@ use serde_json::Value;
 
 use self::{
     bond::BondDegraded, connection_reset::ConnectionReset, dns::DnsUnanswered, drop::Drops, lost_events::LostEvents, mtu::MtuMismatch,
-    no_reply::NoReply, port_refused::PortRefused, retransmits::Retransmits, vxlan_source::VxlanSourceMismatch,
+    no_reply::NoReply, pod_gone::PodGone, port_refused::PortRefused, retransmits::Retransmits, vxlan_source::VxlanSourceMismatch,
 };
 use crate::{
     events::{
@@ -34,7 +36,7 @@ use crate::{
         decode::{KernelRecord, Packet},
     },
     kernel::symbols::KernelSymbols,
-    node::{HopKey, LinkDrops, Path},
+    node::{HopKey, HopKind, LinkDrops, Path},
     probes::Counters,
 };
 
@@ -68,6 +70,8 @@ pub enum FindingKind {
     DnsUnanswered,
     PortRefused,
     ConnectionReset,
+    CopiesFreed,
+    PodGone,
     LostEvents,
     BondDegraded,
 }
@@ -83,6 +87,8 @@ impl fmt::Display for FindingKind {
             Self::DnsUnanswered => "dns-unanswered",
             Self::PortRefused => "port-refused",
             Self::ConnectionReset => "connection-reset",
+            Self::CopiesFreed => "copies-freed",
+            Self::PodGone => "pod-gone",
             Self::LostEvents => "lost-events",
             Self::BondDegraded => "bond-degraded",
         })
@@ -122,12 +128,23 @@ pub struct TraceEnd<'b> {
     pub end_ns: u64,
     pub counters: Counters,
     pub ring_bytes: u32,
-    /// Receive/transmit drop counters of each hop: how much they grew during the trace.
+    /// Receive/transmit drop counters of each hop: how much they grew during the trace. A
+    /// hop with none disappeared: its counters could not be read at the end.
     pub link_drops: &'b HashMap<u32, LinkDrops>,
     /// The path as it is at the end (bond and slave state re-read).
     pub final_path: &'b Path,
     pub drop_reasons: &'b HashMap<i64, String>,
     pub symbols: Option<&'b KernelSymbols>,
+}
+
+impl TraceEnd<'_> {
+    /// Whether the followed local pod `pod_ip` was deleted during the trace: its veth is gone.
+    pub fn pod_gone(&self, pod_ip: IpAddr) -> bool {
+        self.final_path.entries.iter().filter(|entry| entry.pod_ip == pod_ip).any(|entry| {
+            self.final_path.hop(entry.hop.ifindex).is_some_and(|hop| hop.kind == HopKind::PodVeth)
+                && !self.link_drops.contains_key(&entry.hop.ifindex)
+        })
+    }
 }
 
 /// One kind of finding: fed every packet and kernel event while the trace runs, asked for its
@@ -157,6 +174,7 @@ pub struct Diagnosis<'a> {
     dns: DnsUnanswered<'a>,
     port_refused: PortRefused<'a>,
     connection_reset: ConnectionReset<'a>,
+    pod_gone: PodGone<'a>,
     bond: BondDegraded,
     lost_events: LostEvents,
     /// The newest event seen: requests younger than the reply timeout by then are not judged.
@@ -174,6 +192,7 @@ impl<'a> Diagnosis<'a> {
             dns: DnsUnanswered::new(path, settings.reply_timeout_ns),
             port_refused: PortRefused::new(path),
             connection_reset: ConnectionReset::new(path),
+            pod_gone: PodGone::new(path),
             bond: BondDegraded,
             lost_events: LostEvents::default(),
             last_ns: 0,
@@ -181,7 +200,7 @@ impl<'a> Diagnosis<'a> {
     }
 
     /// In the order findings of equal severity are listed.
-    fn detectors(&self) -> [&dyn Detector; 10] {
+    fn detectors(&self) -> [&dyn Detector; 11] {
         [
             &self.drops,
             &self.retransmits,
@@ -191,12 +210,13 @@ impl<'a> Diagnosis<'a> {
             &self.dns,
             &self.port_refused,
             &self.connection_reset,
+            &self.pod_gone,
             &self.bond,
             &self.lost_events,
         ]
     }
 
-    fn detectors_mut(&mut self) -> [&mut dyn Detector; 10] {
+    fn detectors_mut(&mut self) -> [&mut dyn Detector; 11] {
         [
             &mut self.drops,
             &mut self.retransmits,
@@ -206,6 +226,7 @@ impl<'a> Diagnosis<'a> {
             &mut self.dns,
             &mut self.port_refused,
             &mut self.connection_reset,
+            &mut self.pod_gone,
             &mut self.bond,
             &mut self.lost_events,
         ]
@@ -255,6 +276,8 @@ mod tests {
             FindingKind::DnsUnanswered,
             FindingKind::PortRefused,
             FindingKind::ConnectionReset,
+            FindingKind::CopiesFreed,
+            FindingKind::PodGone,
             FindingKind::LostEvents,
             FindingKind::BondDegraded,
         ]
@@ -276,6 +299,8 @@ mod tests {
                 "dns-unanswered",
                 "port-refused",
                 "connection-reset",
+                "copies-freed",
+                "pod-gone",
                 "lost-events",
                 "bond-degraded"
             ]

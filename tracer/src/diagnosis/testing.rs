@@ -1,7 +1,7 @@
 //! Feeding detectors in unit tests: the synthetic packets and events of `events::testing`,
 //! through a correlator as in a trace, and trace ends.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::OnceLock};
 
 use super::{Detector, Finding, TraceEnd};
 pub use crate::events::testing::*;
@@ -45,18 +45,31 @@ impl Feed {
 pub struct End {
     pub end_ns: u64,
     pub counters: Counters,
+    /// Counter growth of the hops that have some; every other hop of the path grew by none.
     pub link_drops: HashMap<u32, LinkDrops>,
+    /// Hops that disappeared during the trace: they have no counters at the end.
+    pub vanished: Vec<u32>,
     pub drop_reasons: HashMap<i64, String>,
     pub symbols: Option<KernelSymbols>,
+    /// `link_drops` with every other hop of the path that did not vanish, as a trace reads them;
+    /// filled by `trace_end` (public only so that tests can build an `End` with `..Default::default()`).
+    pub all_link_drops: OnceLock<HashMap<u32, LinkDrops>>,
 }
 
 impl End {
     pub fn trace_end<'a>(&'a self, path: &'a Path) -> TraceEnd<'a> {
+        let link_drops = self.all_link_drops.get_or_init(|| {
+            let mut all = self.link_drops.clone();
+            for hop in path.hops().filter(|hop| !self.vanished.contains(&hop.ifindex)) {
+                all.entry(hop.ifindex).or_default();
+            }
+            all
+        });
         TraceEnd {
             end_ns: self.end_ns,
             counters: self.counters,
             ring_bytes: 4096,
-            link_drops: &self.link_drops,
+            link_drops,
             final_path: path,
             drop_reasons: &self.drop_reasons,
             symbols: self.symbols.as_ref(),

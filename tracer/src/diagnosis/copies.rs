@@ -1,0 +1,125 @@
+//! Which kernel drops were copies: a packet freed at one hop whose fingerprint is seen at a
+//! later hop of the path was not lost (a promiscuous bridge passes a copy of each frame it
+//! forwards up its own stack, which frees it). The drop and the later sighting come through
+//! different rings, in either order, so both sides are remembered for a while, in bounded
+//! tables.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::IpAddr,
+};
+
+use crate::{
+    events::{
+        correlate::{Fingerprint, fingerprint},
+        decode::Layer,
+    },
+    node::path::Step,
+};
+
+/// Sightings remembered: as many as the correlator keeps packets in flight.
+const MAX_SIGHTINGS: usize = 65_536;
+/// Drops waiting for a later sighting.
+const MAX_PENDING: usize = 16_384;
+/// A sighting this far from a drop is another packet with the same fingerprint.
+const WINDOW_NS: u64 = 2_000_000_000;
+
+pub struct Copies<K> {
+    followed: Vec<IpAddr>,
+    /// Per fingerprint, the furthest step it was seen at and when.
+    furthest: HashMap<Fingerprint, (Step, u64)>,
+    /// Insertion order of `furthest`, for eviction; entries whose time no longer matches are stale.
+    order: VecDeque<(Fingerprint, u64)>,
+    /// Drops not (yet) known to be copies: their group, step and time.
+    pending: HashMap<Fingerprint, Vec<(K, Step, u64)>>,
+    /// Insertion order of `pending`, for expiry and eviction.
+    pending_order: VecDeque<(Fingerprint, u64)>,
+    pending_len: usize,
+    /// Drops that left `pending` unmatched because it was full: counted as drops, unchecked.
+    pub unchecked: u64,
+}
+
+impl<K: Copy> Copies<K> {
+    pub fn new(followed: Vec<IpAddr>) -> Self {
+        Self {
+            followed,
+            furthest: HashMap::new(),
+            order: VecDeque::new(),
+            pending: HashMap::new(),
+            pending_order: VecDeque::new(),
+            pending_len: 0,
+            unchecked: 0,
+        }
+    }
+
+    pub fn fingerprint(&self, layer: &Layer) -> Option<Fingerprint> {
+        fingerprint(layer, &self.followed).map(|(fingerprint, _)| fingerprint)
+    }
+
+    /// A packet seen at `step`; returns the groups of earlier drops it shows were copies.
+    pub fn sighted(&mut self, fingerprint: Fingerprint, step: Step, ktime_ns: u64) -> Vec<K> {
+        let furthest =
+            self.furthest.get(&fingerprint).filter(|(_, at)| ktime_ns.abs_diff(*at) < WINDOW_NS).map_or(step, |(s, _)| step.max(*s));
+        if self.furthest.len() >= MAX_SIGHTINGS && !self.furthest.contains_key(&fingerprint) {
+            self.evict_sighting();
+        }
+        self.furthest.insert(fingerprint, (furthest, ktime_ns));
+        self.order.push_back((fingerprint, ktime_ns));
+        if self.order.len() > 2 * MAX_SIGHTINGS {
+            self.order.retain(|(fp, at)| self.furthest.get(fp).is_some_and(|(_, t)| t == at));
+        }
+        let Some(drops) = self.pending.get_mut(&fingerprint) else { return Vec::new() };
+        let (copies, still): (Vec<_>, Vec<_>) =
+            drops.drain(..).partition(|(_, dropped_at, at)| *dropped_at < step && ktime_ns.abs_diff(*at) < WINDOW_NS);
+        *drops = still;
+        self.pending_len -= copies.len();
+        if drops.is_empty() {
+            self.pending.remove(&fingerprint);
+        }
+        copies.into_iter().map(|(key, ..)| key).collect()
+    }
+
+    /// A packet dropped at `step`: whether it is already known to be a copy (seen further);
+    /// otherwise it waits for a later sighting.
+    pub fn dropped(&mut self, fingerprint: Fingerprint, step: Step, ktime_ns: u64, key: K) -> bool {
+        if self.furthest.get(&fingerprint).is_some_and(|(seen, at)| *seen > step && ktime_ns.abs_diff(*at) < WINDOW_NS) {
+            return true;
+        }
+        // Drops older than the window stay drops; beyond the bound, the oldest go unchecked.
+        while let Some(&(oldest, at)) = self.pending_order.front() {
+            let expired = ktime_ns.saturating_sub(at) >= WINDOW_NS;
+            if !expired && self.pending_len < MAX_PENDING {
+                break;
+            }
+            self.pending_order.pop_front();
+            if self.forget_pending(oldest, at) && !expired {
+                self.unchecked += 1;
+            }
+        }
+        self.pending.entry(fingerprint).or_default().push((key, step, ktime_ns));
+        self.pending_order.push_back((fingerprint, ktime_ns));
+        self.pending_len += 1;
+        false
+    }
+
+    /// Removes the pending drop of `fingerprint` at `at`, if a sighting has not already.
+    fn forget_pending(&mut self, fingerprint: Fingerprint, at: u64) -> bool {
+        let Some(drops) = self.pending.get_mut(&fingerprint) else { return false };
+        let Some(index) = drops.iter().position(|(_, _, t)| *t == at) else { return false };
+        drops.remove(index);
+        self.pending_len -= 1;
+        if drops.is_empty() {
+            self.pending.remove(&fingerprint);
+        }
+        true
+    }
+
+    fn evict_sighting(&mut self) {
+        while let Some((fingerprint, at)) = self.order.pop_front() {
+            if self.furthest.get(&fingerprint).is_some_and(|(_, t)| *t == at) {
+                self.furthest.remove(&fingerprint);
+                return;
+            }
+        }
+    }
+}
