@@ -264,3 +264,36 @@ fn a_promiscuous_capture_on_the_bridge_invents_no_drops() -> Result<()> {
     assert!(copies["summary"].as_str().unwrap().contains("because cni0 is promiscuous"), "{copies:#}");
     Ok(())
 }
+
+/// Pod B, followed on node B, is deleted mid-trace (its veth removed, as CNI DEL does) while
+/// pod A keeps pinging its IP. Node B still resolves the IP to the dead pod's MAC, the bridge
+/// floods those frames to the DNS pod, whose stack frees them as not its own (OTHERHOST): that
+/// is the pod being gone, not a drop on the path.
+#[test]
+fn a_followed_pod_deleted_mid_trace_is_gone() -> Result<()> {
+    let lab = lab("rgone");
+    let (pod_b, veth) = (lab.pod_b().ip, lab.pod_b().host_veth.clone());
+    let report = trace_on(&lab, &lab.node_b().netns, &[&pod_b.to_string()], |lab| {
+        let pod_a = lab.pod_a();
+        assert_eq!(traffic::ping_received(&traffic::ping(&pod_a.netns, pod_b, 3, 56)?), 3);
+        lab.run_in(&lab.node_b().netns, &["ip", "link", "del", &veth])?;
+        assert_eq!(traffic::ping_received(&traffic::ping(&pod_a.netns, pod_b, 5, 56)?), 0);
+        Ok(())
+    })?;
+    let errors: Vec<_> = report["findings"].as_array().unwrap().iter().filter(|f| f["severity"] == "error").collect();
+    assert!(errors.is_empty(), "{errors:#?}");
+    let gone = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["kind"] == "pod-gone")
+        .unwrap_or_else(|| panic!("no pod-gone in {:#}", report["findings"]));
+    assert_eq!(gone["severity"], "warning");
+    assert_eq!(gone["hop"], veth.as_str());
+    assert_eq!(gone["evidence"]["pod"], pod_b.to_string());
+    let summary = gone["summary"].as_str().unwrap();
+    assert!(summary.starts_with(&format!("The followed pod {pod_b} is gone: its veth {veth} disappeared during the trace")), "{gone:#}");
+    assert!(gone["evidence"]["drops_to_pod"].as_u64().unwrap() > 0, "{gone:#}");
+    assert!(report["hops"].as_array().unwrap().iter().filter(|h| h["ifname"] == veth.as_str()).all(|h| h["vanished"] == true));
+    Ok(())
+}
