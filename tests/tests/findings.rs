@@ -190,6 +190,9 @@ fn missing_return_route_gives_no_reply_with_the_last_hop() -> Result<()> {
     let veth = &lab.pod_a().host_veth;
     assert_eq!(evidence["hops_seen"], serde_json::json!([format!("{veth} ingress"), "cni0 ingress", "flannel.1 egress", "eth0 egress"]));
     assert_eq!(finding["hop"], "eth0");
+    // They left node A at eth0; what is missing is the reply, not eth0 seeing them.
+    let summary = finding["summary"].as_str().unwrap();
+    assert!(summary.ends_with("where they left this node; no reply came back through eth0 ingress."), "{summary}");
     Ok(())
 }
 

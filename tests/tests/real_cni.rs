@@ -297,3 +297,21 @@ fn a_followed_pod_deleted_mid_trace_is_gone() -> Result<()> {
     assert!(report["hops"].as_array().unwrap().iter().filter(|h| h["ifname"] == veth.as_str()).all(|h| h["vanished"] == true));
     Ok(())
 }
+
+/// The text report's header names the node (`--node-name`), with one spelling of the pod's
+/// locality, and no finding on a healthy lab.
+#[test]
+fn the_text_report_names_the_node() -> Result<()> {
+    let lab = lab("rtxt");
+    let pod_a = lab.pod_a().ip.to_string();
+    let podtrace = Podtrace::start(&lab.node_a().netns, &["follow", &pod_a, "--node-name", "k8s-node-a"])?;
+    assert_eq!(traffic::ping_received(&traffic::ping(&lab.pod_a().netns, lab.pod_b().ip, 3, 56)?), 3);
+    std::thread::sleep(Duration::from_millis(300));
+    let finished = podtrace.finish()?;
+    assert!(finished.status.success(), "{}", finished.stderr);
+    let header = finished.stdout.lines().next().unwrap_or_default();
+    assert!(header.starts_with(&format!("podtrace report for {pod_a} (local pod) on node k8s-node-a — ")), "{}", finished.stdout);
+    assert!(!finished.stdout.contains("Local pod"), "{}", finished.stdout);
+    assert!(finished.stdout.contains("findings: none"), "{}", finished.stdout);
+    Ok(())
+}

@@ -93,6 +93,29 @@ mod tests {
         assert_eq!(finding.evidence["first_hop_missing"], "eth0 ingress");
         assert_eq!(finding.evidence["hops_seen"], serde_json::json!(["veth1 ingress", "cni0 ingress", "flannel.1 egress", "eth0 egress"]));
         assert!(finding.summary.starts_with("3 ICMP echo requests from 10.244.0.2 to 10.244.1.2 got no reply within 1000 ms"));
+        assert!(
+            finding.summary.ends_with(
+                "the last hop they reached was eth0 egress, where they left this node; no reply came back through eth0 ingress."
+            ),
+            "{}",
+            finding.summary
+        );
+    }
+
+    /// Requests that stop before the way out ends may have been delivered off the traced path
+    /// (to a pod on this node): the next hop is not said to have missed them or a reply.
+    #[test]
+    fn requests_that_stop_on_this_node_say_so() {
+        let path = local_path();
+        let mut detector = NoReply::new(&path, TIMEOUT);
+        Feed::new(&path).journey(&mut detector, &ping(1), &OUT[..2], 0);
+        let findings = End { end_ns: 5 * TIMEOUT, ..Default::default() }.findings(&detector, &path);
+        let summary = &findings[0].summary;
+        assert!(
+            summary.ends_with("the last hop they reached was cni0 ingress; the next traced hop, flannel.1 egress, never saw them: they were dropped on this node or delivered off the traced path."),
+            "{summary}"
+        );
+        assert!(!summary.contains("reply came back"), "{summary}");
     }
 
     #[test]

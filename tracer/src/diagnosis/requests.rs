@@ -60,7 +60,7 @@ pub struct Unanswered {
     pub requests: usize,
     /// The evidence both detectors report: counts, peer, and the hops reached.
     pub evidence: Value,
-    /// "the last hop they reached was …; … never saw them or their reply".
+    /// "the last hop they reached was …, where they left this node; no reply came back through …".
     pub reach: String,
     /// The interface of the last hop they reached.
     pub last_hop: Option<String>,
@@ -200,8 +200,17 @@ impl<'a> RequestTracker<'a> {
             "hops_seen": seen_labels,
             "dnat_to": dnat_to,
         });
+        // Only where the way out ends did the requests leave this node: past that, what is
+        // missing is the reply. Before it, they may have been delivered off the traced path
+        // (to a pod on this node, or the node itself), so the next hop is no hop they needed.
+        let left_the_node = reach.seen.last().is_some_and(|(step, _)| self.path.next_on_same_way(*step).is_none());
         let reach_text = match (&last_label, &first_missing) {
-            (Some(last), Some(missing)) => format!("the last hop they reached was {last}; {missing} never saw them or their reply"),
+            (Some(last), Some(missing)) if left_the_node => {
+                format!("the last hop they reached was {last}, where they left this node; no reply came back through {missing}")
+            }
+            (Some(last), Some(missing)) => format!(
+                "the last hop they reached was {last}; the next traced hop, {missing}, never saw them: they were dropped on this node or delivered off the traced path"
+            ),
             (Some(last), None) => format!("they reached {last}"),
             _ => "no hop saw them".to_string(),
         };

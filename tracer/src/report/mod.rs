@@ -158,6 +158,7 @@ mod tests {
         assert_eq!(rows.len(), 8, "each hop out and back: {rows:?}");
         let text = render_text(&report);
         assert!(text.contains("flannel.1 (gone)"));
+        assert!(text.starts_with("podtrace report for 10.244.0.2 (local pod) on node node-a — "), "{text}");
         assert!(text.contains("lost events: 2, unparsed packets: 1"));
     }
 }

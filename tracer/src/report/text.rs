@@ -10,7 +10,7 @@ pub fn render_text(report: &Report) -> String {
         Locality::Remote => "remote pod",
     };
     let mut out = format!(
-        "podtrace report for {} ({locality}) on {} — {:.1} s, {} events, attach {}\n\n",
+        "podtrace report for {} ({locality}) on node {} — {:.1} s, {} events, attach {}\n\n",
         report.pod_ip, report.node, report.duration_s, report.events, report.attach_mode
     );
     out.push_str(&hop_table(report));
