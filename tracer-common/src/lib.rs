@@ -114,7 +114,10 @@ pub const COUNTER_LOST_EVENTS: u32 = 1;
 pub const COUNTER_UNPARSED: u32 = 2;
 /// Frames that are not IP (ARP, LLDP, …): expected, counted so totals add up.
 pub const COUNTER_NOT_IP: u32 = 3;
-pub const COUNTER_COUNT: u32 = 4;
+/// Kernel events (drops, retransmits, ICMP errors) that did not fit in their ring buffer, or
+/// nested deeper than the programs keep records for.
+pub const COUNTER_LOST_KERNEL_EVENTS: u32 = 4;
+pub const COUNTER_COUNT: u32 = 5;
 
 /// `HopConfig::flags`: the device has no MAC header (IP starts at offset 0).
 pub const HOP_NO_MAC_HEADER: u32 = 1 << 0;

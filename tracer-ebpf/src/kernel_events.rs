@@ -13,7 +13,7 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, TracePointContext},
 };
 use tracer_common::{
-    COUNTER_LOST_EVENTS, COUNTER_UNPARSED, DROP_REASON_UNKNOWN, IPPROTO_TCP, IpLayer, KEV_DROP, KEV_ICMP_SEND, KEV_RECEIVED,
+    COUNTER_LOST_KERNEL_EVENTS, COUNTER_UNPARSED, DROP_REASON_UNKNOWN, IPPROTO_TCP, IpLayer, KEV_DROP, KEV_ICMP_SEND, KEV_RECEIVED,
     KEV_RETRANSMIT, KernelEvent, KernelLayout, MAX_NETNS,
 };
 
@@ -72,8 +72,19 @@ static NETNS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_NETNS, 0);
 #[map]
 static KERNEL_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 18, 0);
 
+/// How deeply these programs can nest on one CPU: a tp_btf program does not take the CPU's
+/// `bpf_prog_active`, so a softirq that interrupts it can run a classic tracepoint program
+/// (task, softirq, hardirq, NMI: four levels).
+const MAX_NESTING: u32 = 4;
+
+/// One event under construction per nesting level, so a nested program never overwrites the
+/// record of the one it interrupted.
 #[map]
-static KERNEL_SCRATCH: PerCpuArray<KernelEvent> = PerCpuArray::with_max_entries(1, 0);
+static KERNEL_SCRATCH: PerCpuArray<KernelEvent> = PerCpuArray::with_max_entries(MAX_NESTING, 0);
+
+/// This CPU's current nesting level.
+#[map]
+static NESTING: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
 /// `network_header` of an skb whose network header was never set.
 const HEADER_UNSET: u16 = 0xffff;
@@ -138,13 +149,28 @@ fn on_this_node(netns: u32) -> bool {
     unsafe { NETNS.get(&netns).is_some() }
 }
 
-/// The per-CPU event, cleared.
+/// Runs `build` on this nesting level's event, cleared. Deeper than `MAX_NESTING`, the
+/// event is counted lost.
 #[inline(always)]
-fn scratch() -> Option<&'static mut KernelEvent> {
-    // SAFETY: a per-CPU slot, exclusively ours until this program run ends.
-    let event = KERNEL_SCRATCH.get_ptr_mut(0).map(|event| unsafe { &mut *event })?;
-    *event = KernelEvent::default();
-    Some(event)
+fn with_scratch(build: impl FnOnce(&mut KernelEvent)) {
+    let Some(nesting) = NESTING.get_ptr_mut(0) else { return };
+    // SAFETY: this CPU's slot. A program that interrupts us restores the level it found
+    // before we resume, so the read-modify-write below never loses a level.
+    let level = unsafe { *nesting };
+    if level >= MAX_NESTING {
+        count(COUNTER_LOST_KERNEL_EVENTS);
+        return;
+    }
+    // SAFETY: as above.
+    unsafe { *nesting = level + 1 };
+    if let Some(event) = KERNEL_SCRATCH.get_ptr_mut(level) {
+        // SAFETY: this CPU's slot for this level: a nested program uses the next one.
+        let event = unsafe { &mut *event };
+        *event = KernelEvent::default();
+        build(event);
+    }
+    // SAFETY: as above.
+    unsafe { *nesting = level };
 }
 
 #[inline(always)]
@@ -152,7 +178,7 @@ fn submit(event: &mut KernelEvent, kind: u8) {
     event.kind = kind;
     event.ktime_ns = now();
     if KERNEL_EVENTS.output::<KernelEvent>(event, 0).is_err() {
-        count(COUNTER_LOST_EVENTS);
+        count(COUNTER_LOST_KERNEL_EVENTS);
     }
 }
 
@@ -202,14 +228,14 @@ fn fill_from_skb(skb: *const u8, event: &mut KernelEvent, layout: &KernelLayout)
 
 #[inline(always)]
 fn on_drop(skb: *const u8, location: u64, reason: u32) {
-    let layout = layout();
-    let Some(event) = scratch() else { return };
-    if !fill_from_skb(skb, event, &layout) {
-        return;
-    }
-    event.location = location;
-    event.reason = reason;
-    submit(event, KEV_DROP);
+    with_scratch(|event| {
+        if !fill_from_skb(skb, event, &layout()) {
+            return;
+        }
+        event.location = location;
+        event.reason = reason;
+        submit(event, KEV_DROP);
+    });
 }
 
 /// `skb:kfree_skb` through its BTF-typed arguments: (skb, location, reason, ...).
@@ -239,61 +265,57 @@ pub fn podtrace_kfree_skb(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn podtrace_tcp_retransmit(ctx: TracePointContext) -> u32 {
+    with_scratch(|event| on_retransmit(&ctx, event));
+    0
+}
+
+#[inline(always)]
+fn on_retransmit(ctx: &TracePointContext, event: &mut KernelEvent) {
     let layout = layout();
-    let Some(event) = scratch() else { return 0 };
-    let sk: u64 = field(&ctx, layout.retrans_skaddr).unwrap_or(0);
-    let Some(netns) = sock_netns(sk as *const u8, &layout) else { return 0 };
-    if !on_this_node(netns) || !retransmitted_flow(&ctx, &layout, &mut event.outer) {
-        return 0;
+    let sk: u64 = field(ctx, layout.retrans_skaddr).unwrap_or(0);
+    let Some(netns) = sock_netns(sk as *const u8, &layout) else { return };
+    if !on_this_node(netns) || !retransmitted_flow(ctx, &layout, &mut event.outer) {
+        return;
     }
     // The retransmitted segment is a TCP packet of the flow; no VXLAN layer, so no flags.
     if !matches(&filter(), &event.outer, &event.inner, 0) {
-        return 0;
+        return;
     }
-    let skb: u64 = field(&ctx, layout.retrans_skbaddr).unwrap_or(0);
+    let skb: u64 = field(ctx, layout.retrans_skbaddr).unwrap_or(0);
     let skb = skb as *const u8;
     // The skb still sits in the write queue: its length is the segment's payload, and the
     // first word of its control block (struct tcp_skb_cb) is the sequence number.
     event.skb_len = read(skb, layout.skb_len).unwrap_or(0);
     event.tcp_seq = read(skb, layout.skb_cb).unwrap_or(0);
-    event.reason = field::<i32>(&ctx, layout.retrans_state).unwrap_or(0) as u32;
+    event.reason = field::<i32>(ctx, layout.retrans_state).unwrap_or(0) as u32;
     event.netns = netns;
     submit(event, KEV_RETRANSMIT);
-    0
 }
 
 /// The retransmitting socket's addresses and ports, from the tracepoint's record; `false`
 /// for a family other than IPv4 and IPv6.
 #[inline(always)]
 fn retransmitted_flow(ctx: &TracePointContext, layout: &KernelLayout, outer: &mut IpLayer) -> bool {
-    // Older kernels' records (5.10) have no family field (its offset is 0, the common header); the
-    // IPv6 fields hold every socket's addresses there, IPv4 ones as v4-mapped.
+    // Older kernels' records (5.10) have no family field (its offset is 0, the common
+    // header); the IPv6 fields hold every socket's addresses there, IPv4 ones as v4-mapped.
     let family = match layout.retrans_family {
         0 => None,
         offset => Some(field::<u16>(ctx, offset).unwrap_or(0)),
     };
-    let Some(family) = family else {
-        outer.src = field(ctx, layout.retrans_saddr_v6).unwrap_or([0; 16]);
-        outer.dst = field(ctx, layout.retrans_daddr_v6).unwrap_or([0; 16]);
-        outer.version = if is_v4_mapped(&outer.src) { 4 } else { 6 };
-        outer.proto = IPPROTO_TCP;
-        outer.sport = field(ctx, layout.retrans_sport).unwrap_or(0);
-        outer.dport = field(ctx, layout.retrans_dport).unwrap_or(0);
-        return true;
+    let v6 = |offset| field::<[u8; 16]>(ctx, offset).unwrap_or([0; 16]);
+    let v4 = |offset| v4_mapped(field(ctx, offset).unwrap_or([0; 4]));
+    let (version, src, dst) = match family {
+        None => {
+            let src = v6(layout.retrans_saddr_v6);
+            (if is_v4_mapped(&src) { 4 } else { 6 }, src, v6(layout.retrans_daddr_v6))
+        }
+        Some(AF_INET) => (4, v4(layout.retrans_saddr), v4(layout.retrans_daddr)),
+        Some(AF_INET6) => (6, v6(layout.retrans_saddr_v6), v6(layout.retrans_daddr_v6)),
+        Some(_) => return false,
     };
-    match family {
-        AF_INET => {
-            outer.version = 4;
-            outer.src = v4_mapped(field(ctx, layout.retrans_saddr).unwrap_or([0; 4]));
-            outer.dst = v4_mapped(field(ctx, layout.retrans_daddr).unwrap_or([0; 4]));
-        }
-        AF_INET6 => {
-            outer.version = 6;
-            outer.src = field(ctx, layout.retrans_saddr_v6).unwrap_or([0; 16]);
-            outer.dst = field(ctx, layout.retrans_daddr_v6).unwrap_or([0; 16]);
-        }
-        _ => return false,
-    }
+    outer.version = version;
+    outer.src = src;
+    outer.dst = dst;
     outer.proto = IPPROTO_TCP;
     outer.sport = field(ctx, layout.retrans_sport).unwrap_or(0);
     outer.dport = field(ctx, layout.retrans_dport).unwrap_or(0);
@@ -302,14 +324,15 @@ fn retransmitted_flow(ctx: &TracePointContext, layout: &KernelLayout, outer: &mu
 
 #[tracepoint]
 pub fn podtrace_icmp_send(ctx: TracePointContext) -> u32 {
-    let layout = layout();
-    let Some(event) = scratch() else { return 0 };
-    let skb: u64 = field(&ctx, layout.icmp_skbaddr).unwrap_or(0);
-    if !fill_from_skb(skb as *const u8, event, &layout) {
-        return 0;
-    }
-    event.icmp_type = field::<i32>(&ctx, layout.icmp_type).unwrap_or(0) as u8;
-    event.icmp_code = field::<i32>(&ctx, layout.icmp_code).unwrap_or(0) as u8;
-    submit(event, KEV_ICMP_SEND);
+    with_scratch(|event| {
+        let layout = layout();
+        let skb: u64 = field(&ctx, layout.icmp_skbaddr).unwrap_or(0);
+        if !fill_from_skb(skb as *const u8, event, &layout) {
+            return;
+        }
+        event.icmp_type = field::<i32>(&ctx, layout.icmp_type).unwrap_or(0) as u8;
+        event.icmp_code = field::<i32>(&ctx, layout.icmp_code).unwrap_or(0) as u8;
+        submit(event, KEV_ICMP_SEND);
+    });
     0
 }

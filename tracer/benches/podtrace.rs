@@ -19,7 +19,7 @@ use tracer::{
         correlate::{Correlator, Limits},
         decode,
     },
-    probes::{AttachMode, LoadOptions, Probes},
+    probes::{AttachMode, KERNEL_RING_BYTES, LoadOptions, Probes},
 };
 use tracer_common::{FilterConfig, IPPROTO_TCP, IpLayer, PKT_VXLAN, PacketEvent};
 
@@ -68,7 +68,10 @@ fn kernel_cost() -> Result<()> {
         ("packet on a device that is not a hop", "10.244.0.2", false),
     ];
     for (label, followed, on_hop) in cases {
-        let mut probes = Probes::load(&LoadOptions { filter, layout: Default::default(), ring_bytes: 1 << 22 }, AttachMode::Auto)?;
+        let mut probes = Probes::load(
+            &LoadOptions { filter, layout: Default::default(), ring_bytes: 1 << 22, kernel_ring_bytes: KERNEL_RING_BYTES },
+            AttachMode::Auto,
+        )?;
         probes.follow(followed.parse::<IpAddr>()?)?;
         if on_hop {
             // BPF_PROG_TEST_RUN hands the program an skb on the loopback device.

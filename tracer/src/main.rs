@@ -59,9 +59,13 @@ struct FollowArgs {
     /// How TC programs are attached.
     #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
     attach: AttachMode,
-    /// Ring buffer size in bytes (a power of two, at least one page).
+    /// Packet-event ring buffer size in bytes (a power of two, at least one page).
     #[arg(long, default_value_t = 1 << 22)]
     ring_size: u32,
+    /// Kernel-event (drops, retransmits, ICMP errors) ring buffer size in bytes (a power of
+    /// two, at least one page).
+    #[arg(long, default_value_t = probes::KERNEL_RING_BYTES)]
+    kernel_ring_size: u32,
     /// Kernel BTF to read struct layouts and names from.
     #[arg(long, default_value = "/sys/kernel/btf/vmlinux")]
     btf: PathBuf,
@@ -139,8 +143,10 @@ async fn follow(args: FollowArgs) -> Result<()> {
         Some(secs) => Some(Duration::from_secs_f64(secs)),
         None => None,
     };
-    if !args.ring_size.is_power_of_two() || args.ring_size < 4096 {
-        bail!("invalid --ring-size {}: must be a power of two of at least 4096", args.ring_size);
+    for (option, bytes) in [("--ring-size", args.ring_size), ("--kernel-ring-size", args.kernel_ring_size)] {
+        if !bytes.is_power_of_two() || bytes < 4096 {
+            bail!("invalid {option} {bytes}: must be a power of two of at least 4096");
+        }
     }
     preflight::check_privileges()?;
     preflight::check_btf(&args.btf)?;
@@ -158,6 +164,7 @@ async fn follow(args: FollowArgs) -> Result<()> {
         overrides: PathOverrides { add: args.add, exclude: args.exclude },
         attach_mode: args.attach,
         ring_bytes: args.ring_size,
+        kernel_ring_bytes: args.kernel_ring_size,
         verbose: args.verbose,
         live_to_stderr: args.output == Output::Json,
         node_ip: args.node_ip,

@@ -12,7 +12,7 @@ use aya::{
 use tracer::{
     Direction,
     events::decode::{self, Packet},
-    probes::{AttachMode, Counters, LoadOptions, Probes},
+    probes::{AttachMode, Counters, KERNEL_RING_BYTES, LoadOptions, Probes},
 };
 use tracer_common::FilterConfig;
 
@@ -30,8 +30,11 @@ struct Harness {
 
 impl Harness {
     fn new(filter: FilterConfig, no_mac_header: bool) -> Self {
-        let mut probes = Probes::load(&LoadOptions { filter, layout: Default::default(), ring_bytes: 1 << 16 }, AttachMode::Auto)
-            .expect("loading the programs (are you root?)");
+        let mut probes = Probes::load(
+            &LoadOptions { filter, layout: Default::default(), ring_bytes: 1 << 16, kernel_ring_bytes: KERNEL_RING_BYTES },
+            AttachMode::Auto,
+        )
+        .expect("loading the programs (are you root?)");
         probes.follow(POD.parse().unwrap()).unwrap();
         probes.register_hop(LOOPBACK, no_mac_header).unwrap();
         let events = probes.take_events().unwrap();
@@ -465,8 +468,11 @@ fn unfollowed_traffic_and_unregistered_devices_are_ignored() {
     let other = ethernet(0x0800, &V4::new("10.1.1.1", "10.1.1.2", 6).packet(&tcp(1, 2, 3, 4, 0x10, 0)));
     assert!(harness.run(Direction::Ingress, &other, None).is_empty());
 
-    let mut probes =
-        Probes::load(&LoadOptions { filter: default_filter(), layout: Default::default(), ring_bytes: 1 << 16 }, AttachMode::Auto).unwrap();
+    let mut probes = Probes::load(
+        &LoadOptions { filter: default_filter(), layout: Default::default(), ring_bytes: 1 << 16, kernel_ring_bytes: KERNEL_RING_BYTES },
+        AttachMode::Auto,
+    )
+    .unwrap();
     probes.follow(ip(POD)).unwrap();
     let mut events = probes.take_events().unwrap();
     let program = probes.program(Direction::Ingress).unwrap();

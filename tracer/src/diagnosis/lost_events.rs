@@ -14,33 +14,66 @@ pub struct LostEvents {
 impl LostEvents {
     fn kernel_finding(&self, end: &TraceEnd<'_>) -> Option<Finding> {
         let counters = &end.counters;
-        if counters.lost_events == 0 && counters.unparsed == 0 {
-            return None;
-        }
+        let decode_errors = end.decode_errors.count;
         let mut parts = Vec::new();
         if counters.lost_events > 0 {
-            parts.push(format!("{} events were lost because the ring buffer was full", counters.lost_events));
+            parts.push(format!("{} packet events were lost because their ring buffer was full", counters.lost_events));
+        }
+        if counters.lost_kernel_events > 0 {
+            parts.push(format!("{} kernel events (drops, retransmits, ICMP errors) were lost", counters.lost_kernel_events));
         }
         if counters.unparsed > 0 {
             parts.push(format!("{} packets could not be parsed", counters.unparsed));
         }
-        let ring_bytes = end.ring_bytes;
+        if decode_errors > 0 {
+            parts.push(format!("{decode_errors} ring records could not be decoded"));
+        }
+        let recursion_misses = end.recursion_misses.unwrap_or(0);
+        if recursion_misses > 0 {
+            parts.push(format!(
+                "the kernel skipped the tracepoint programs {recursion_misses} times (they were already running on that CPU)"
+            ));
+        }
+        if parts.is_empty() {
+            return None;
+        }
+        let (ring_bytes, kernel_ring_bytes) = (end.ring_bytes, end.kernel_ring_bytes);
+        let mut advice = Vec::new();
+        if counters.lost_events > 0 {
+            advice.push(format!(
+                "narrow the trace with --peer, --port or --proto, or enlarge the ring with --ring-size (now {ring_bytes} bytes)"
+            ));
+        }
+        if counters.lost_kernel_events > 0 {
+            advice.push(format!("enlarge the kernel-event ring with --kernel-ring-size (now {kernel_ring_bytes} bytes)"));
+        }
+        if counters.unparsed > 0 {
+            advice.push("unparsed packets are truncated or malformed headers: capture the hop with tcpdump to inspect them".into());
+        }
+        if decode_errors > 0 {
+            advice.push("undecodable records mean the kernel programs and podtrace disagree: report it with the first error".into());
+        }
+        if recursion_misses > 0 {
+            advice.push("skipped tracepoint runs are kernel events never seen: drops and retransmits may be undercounted".into());
+        }
+        let advice = advice.join("; ");
         Some(Finding {
             kind: FindingKind::LostEvents,
             severity: Severity::Warning,
             hop: None,
-            summary: format!("The report is incomplete: {}.", parts.join(" and ")),
+            summary: format!("The report is incomplete: {}.", parts.join(", ")),
             evidence: json!({
                 "lost_events": counters.lost_events,
+                "lost_kernel_events": counters.lost_kernel_events,
                 "unparsed": counters.unparsed,
+                "decode_errors": decode_errors,
+                "first_decode_error": end.decode_errors.first,
+                "recursion_misses": end.recursion_misses,
                 "matched_events": counters.matched,
                 "ring_bytes": ring_bytes,
+                "kernel_ring_bytes": kernel_ring_bytes,
             }),
-            advice: if counters.lost_events > 0 {
-                format!("Narrow the trace with --peer, --port or --proto, or enlarge the ring with --ring-size (now {ring_bytes} bytes).")
-            } else {
-                "Unparsed packets are truncated or malformed headers; capture the hop with tcpdump to inspect them.".to_string()
-            },
+            advice: advice[..1].to_uppercase() + &advice[1..] + ".",
         })
     }
 
@@ -65,7 +98,7 @@ impl Detector for LostEvents {
 #[cfg(test)]
 mod tests {
     use super::{super::testing::*, *};
-    use crate::{node::path::fixtures::local_path, probes::Counters};
+    use crate::{events::decode::DecodeErrors, node::path::fixtures::local_path, probes::Counters};
 
     #[test]
     fn lost_events_name_the_ring() {
@@ -78,6 +111,29 @@ mod tests {
         assert_eq!(finding.evidence["lost_events"], 3);
         assert_eq!(finding.evidence["ring_bytes"], 4096);
         assert!(finding.advice.contains("--ring-size"));
+    }
+
+    #[test]
+    fn lost_kernel_events_and_decode_errors_name_their_remedy() {
+        let path = local_path();
+        let mut decode_errors = DecodeErrors::default();
+        decode_errors.record(&anyhow::anyhow!("ring record with unknown direction 7"));
+        decode_errors.record(&anyhow::anyhow!("a second one"));
+        let end = End {
+            counters: Counters { lost_kernel_events: 4, ..Default::default() },
+            decode_errors,
+            recursion_misses: Some(3),
+            ..Default::default()
+        };
+        let findings = end.findings(&LostEvents::default(), &path);
+        assert_eq!(findings.len(), 1);
+        let finding = &findings[0];
+        assert_eq!(finding.evidence["lost_kernel_events"], 4);
+        assert_eq!(finding.evidence["decode_errors"], 2);
+        assert_eq!(finding.evidence["first_decode_error"], "ring record with unknown direction 7");
+        assert_eq!(finding.evidence["recursion_misses"], 3);
+        assert!(finding.summary.contains("4 kernel events") && finding.summary.contains("2 ring records"), "{}", finding.summary);
+        assert!(finding.advice.contains("--kernel-ring-size") && !finding.advice.contains("--ring-size "), "{}", finding.advice);
     }
 
     #[test]

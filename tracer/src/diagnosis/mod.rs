@@ -33,7 +33,7 @@ use self::{
 use crate::{
     events::{
         correlate::Sighting,
-        decode::{KernelRecord, Packet},
+        decode::{DecodeErrors, KernelRecord, Packet},
     },
     kernel::symbols::KernelSymbols,
     node::{HopKey, HopKind, LinkDrops, Path},
@@ -128,6 +128,11 @@ pub struct TraceEnd<'b> {
     pub end_ns: u64,
     pub counters: Counters,
     pub ring_bytes: u32,
+    pub kernel_ring_bytes: u32,
+    pub decode_errors: &'b DecodeErrors,
+    /// Tracepoint runs the kernel skipped because one was already running on that CPU
+    /// (None: this kernel does not report it).
+    pub recursion_misses: Option<u64>,
     /// Receive/transmit drop counters of each hop: how much they grew during the trace. A
     /// hop with none disappeared: its counters could not be read at the end.
     pub link_drops: &'b HashMap<u32, LinkDrops>,

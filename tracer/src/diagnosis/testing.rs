@@ -9,7 +9,7 @@ use crate::{
     Direction,
     events::{
         correlate::{Correlator, Limits},
-        decode::{Layer, Packet},
+        decode::{DecodeErrors, Layer, Packet},
     },
     kernel::symbols::KernelSymbols,
     node::{LinkDrops, Path},
@@ -51,6 +51,8 @@ pub struct End {
     pub vanished: Vec<u32>,
     pub drop_reasons: HashMap<i64, String>,
     pub symbols: Option<KernelSymbols>,
+    pub decode_errors: DecodeErrors,
+    pub recursion_misses: Option<u64>,
     /// `link_drops` with every other hop of the path that did not vanish, as a trace reads them;
     /// filled by `trace_end` (public only so that tests can build an `End` with `..Default::default()`).
     pub all_link_drops: OnceLock<HashMap<u32, LinkDrops>>,
@@ -69,6 +71,9 @@ impl End {
             end_ns: self.end_ns,
             counters: self.counters,
             ring_bytes: 4096,
+            kernel_ring_bytes: 4096,
+            decode_errors: &self.decode_errors,
+            recursion_misses: self.recursion_misses,
             link_drops,
             final_path: path,
             drop_reasons: &self.drop_reasons,

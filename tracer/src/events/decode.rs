@@ -179,6 +179,21 @@ impl Packet {
     }
 }
 
+/// Ring records that could not be decoded: how many, and the first one's error, for the
+/// report (a record podtrace's own programs wrote should always decode).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DecodeErrors {
+    pub count: u64,
+    pub first: Option<String>,
+}
+
+impl DecodeErrors {
+    pub fn record(&mut self, err: &anyhow::Error) {
+        self.count += 1;
+        self.first.get_or_insert_with(|| format!("{err:#}"));
+    }
+}
+
 pub fn decode(bytes: &[u8]) -> Result<Packet> {
     if bytes.len() < size_of::<PacketEvent>() {
         bail!("ring record of {} bytes is shorter than a PacketEvent ({})", bytes.len(), size_of::<PacketEvent>());

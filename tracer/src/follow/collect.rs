@@ -8,14 +8,12 @@ use anyhow::{Context as _, Result, anyhow};
 use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
 
-use super::signals::Signals;
-
-use super::live::LiveLines;
+use super::{live::LiveLines, signals::Signals};
 use crate::{
     diagnosis::Diagnosis,
     events::{
         correlate::{Correlator, Limits},
-        decode,
+        decode::{self, DecodeErrors},
     },
     node::{self, LinkDrops, Path, with_rtnetlink},
 };
@@ -29,7 +27,7 @@ pub struct Collector<'a> {
     vanished: Vec<u32>,
     /// Each hop's drop counters when the trace started, then how much they grew.
     link_drops: HashMap<u32, LinkDrops>,
-    decode_errors: u64,
+    decode_errors: DecodeErrors,
 }
 
 /// What a trace collected.
@@ -40,6 +38,7 @@ pub struct Collected<'a> {
     pub vanished: Vec<u32>,
     /// How much each hop's drop counters grew during the trace.
     pub link_drops: HashMap<u32, LinkDrops>,
+    pub decode_errors: DecodeErrors,
 }
 
 impl<'a> Collector<'a> {
@@ -52,22 +51,25 @@ impl<'a> Collector<'a> {
             live,
             vanished: Vec::new(),
             link_drops: HashMap::new(),
-            decode_errors: 0,
+            decode_errors: DecodeErrors::default(),
         }
     }
 
     pub fn finish(self) -> Collected<'a> {
-        let Self { correlator, diagnosis, vanished, link_drops, .. } = self;
-        Collected { correlator, diagnosis, vanished, link_drops }
+        let Self { correlator, diagnosis, vanished, link_drops, decode_errors, .. } = self;
+        Collected { correlator, diagnosis, vanished, link_drops, decode_errors }
     }
 
-    pub async fn run(
+    /// Runs the event loop, then reads the kernel's counters with `read_counters` and only
+    /// then drains both rings: every event the counters include has been decoded.
+    pub async fn run<C>(
         &mut self,
         events: RingBuf<MapData>,
         kernel_events: RingBuf<MapData>,
         duration: Option<Duration>,
         signals: &mut Signals,
-    ) -> Result<()> {
+        read_counters: impl FnOnce() -> Result<C>,
+    ) -> Result<C> {
         // SAFETY: each ring buffer owns its map fd, which stays open and unchanged for as long
         // as the AsyncFd that owns the ring buffer.
         let mut events = unsafe { AsyncFd::register(events) }.map_err(|err| anyhow!("polling the ring buffer: {err}"))?;
@@ -75,13 +77,14 @@ impl<'a> Collector<'a> {
         let mut kernel_events =
             unsafe { AsyncFd::register(kernel_events) }.map_err(|err| anyhow!("polling the kernel ring buffer: {err}"))?;
         let result = with_rtnetlink(async |handle| self.watch(handle, &mut events, &mut kernel_events, duration, signals).await).await;
+        let counters = read_counters();
         // Whatever the kernel wrote before we stopped still belongs in the report.
         self.drain_packets(events.get_mut());
         self.drain_kernel(kernel_events.get_mut());
-        if self.decode_errors > 0 {
-            crate::note!("podtrace: warning: {} ring records could not be decoded", self.decode_errors);
+        if self.decode_errors.count > 0 {
+            crate::note!("podtrace: warning: {} ring records could not be decoded", self.decode_errors.count);
         }
-        result
+        result.and(counters)
     }
 
     /// Reads events until the deadline, a signal, or every hop gone. The hops' drop counters
@@ -148,7 +151,7 @@ impl<'a> Collector<'a> {
                     self.diagnosis.observe_packet(&packet, sighting.as_ref());
                     self.live.print(&packet, sighting.as_ref());
                 }
-                Err(_) => self.decode_errors += 1,
+                Err(err) => self.decode_errors.record(&err),
             }
         }
     }
@@ -157,7 +160,7 @@ impl<'a> Collector<'a> {
         while let Some(item) = ring.next() {
             match decode::decode_kernel(&item) {
                 Ok(record) => self.diagnosis.observe_kernel(&record),
-                Err(_) => self.decode_errors += 1,
+                Err(err) => self.decode_errors.record(&err),
             }
         }
     }

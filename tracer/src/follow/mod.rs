@@ -39,6 +39,7 @@ pub struct FollowOptions {
     pub overrides: PathOverrides,
     pub attach_mode: AttachMode,
     pub ring_bytes: u32,
+    pub kernel_ring_bytes: u32,
     pub verbose: bool,
     /// Live lines go to stderr when stdout carries JSON.
     pub live_to_stderr: bool,
@@ -67,13 +68,16 @@ pub async fn follow(options: &FollowOptions) -> Result<Followed> {
 /// the end: bonds can fail over mid-trace.
 async fn diagnose_and_report(options: &FollowOptions, kernel: &KernelFacts, path: &Path, run: Run<'_>) -> Result<Followed> {
     let final_path = bond::refresh_bond_state(path).await?;
-    let Collected { correlator, diagnosis, vanished, link_drops } = run.collected;
+    let Collected { correlator, diagnosis, vanished, link_drops, decode_errors } = run.collected;
     // Only drops need function names, and reading kallsyms takes a while.
     let symbols = if diagnosis.has_drops() { KernelSymbols::load().ok() } else { None };
     let outcome = diagnosis.finish(TraceEnd {
         end_ns: run.end_ns,
         counters: run.counters,
         ring_bytes: options.ring_bytes,
+        kernel_ring_bytes: options.kernel_ring_bytes,
+        decode_errors: &decode_errors,
+        recursion_misses: run.recursion_misses,
         link_drops: &link_drops,
         final_path: &final_path,
         drop_reasons: &kernel.drop_reasons,
@@ -157,7 +161,7 @@ async fn attach(options: &FollowOptions, kernel: &KernelFacts, node: &NodeFacts)
         port: options.port.unwrap_or(0),
         vxlan_ports: [8472, 4789],
     };
-    let load = LoadOptions { filter, layout: kernel.layout, ring_bytes: options.ring_bytes };
+    let load = LoadOptions { filter, layout: kernel.layout, ring_bytes: options.ring_bytes, kernel_ring_bytes: options.kernel_ring_bytes };
     let mut probes = Probes::load(&load, options.attach_mode)?;
     probes.set_owner(owner);
     let attached = async {
@@ -185,6 +189,8 @@ async fn attach(options: &FollowOptions, kernel: &KernelFacts, node: &NodeFacts)
 struct Run<'a> {
     collected: Collected<'a>,
     counters: probes::Counters,
+    /// Tracepoint runs the kernel skipped (None: this kernel does not say).
+    recursion_misses: Option<u64>,
     sources: KernelSources,
     attach_mode: &'static str,
     duration_s: f64,
@@ -218,13 +224,21 @@ async fn collect<'a>(options: &FollowOptions, node: &'a NodeFacts, attached: Att
     };
     let live = LiveLines::new(&node.path, destination);
     let mut collector = Collector::new(&node.path, Diagnosis::new(&node.path, settings), live);
-    let looped = collector.run(events, kernel_events, options.duration, signals).await;
+    let counted = collector.run(events, kernel_events, options.duration, signals, || probes.counters()).await;
     let duration_s = started.elapsed().as_secs_f64();
     let end_ns = monotonic_ns();
-    let counters = probes.counters();
+    let recursion_misses = probes.recursion_misses();
     let detached = probes.detach().await;
-    looped?;
-    Ok(Run { collected: collector.finish(), counters: counters?, sources, attach_mode, duration_s, end_ns, detach_error: detached.err() })
+    Ok(Run {
+        collected: collector.finish(),
+        counters: counted?,
+        recursion_misses: recursion_misses?,
+        sources,
+        attach_mode,
+        duration_s,
+        end_ns,
+        detach_error: detached.err(),
+    })
 }
 
 /// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.

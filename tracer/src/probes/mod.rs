@@ -17,8 +17,8 @@ use aya::{
     programs::{SchedClassifier, tc::SchedClassifierLink},
 };
 use tracer_common::{
-    COUNTER_COUNT, COUNTER_LOST_EVENTS, COUNTER_MATCHED, COUNTER_NOT_IP, COUNTER_UNPARSED, FilterConfig, HOP_NO_MAC_HEADER, HopConfig,
-    KernelLayout,
+    COUNTER_COUNT, COUNTER_LOST_EVENTS, COUNTER_LOST_KERNEL_EVENTS, COUNTER_MATCHED, COUNTER_NOT_IP, COUNTER_UNPARSED, FilterConfig,
+    HOP_NO_MAC_HEADER, HopConfig, KernelLayout,
 };
 
 pub use self::{
@@ -46,16 +46,25 @@ pub enum AttachMode {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
     pub matched: u64,
+    /// Packet events that did not fit in their ring.
     pub lost_events: u64,
     pub unparsed: u64,
     pub not_ip: u64,
+    /// Kernel events (drops, retransmits, ICMP errors) that did not fit in theirs.
+    pub lost_kernel_events: u64,
 }
 
 pub struct LoadOptions {
     pub filter: FilterConfig,
     pub layout: KernelLayout,
+    /// Sizes of the packet-event and kernel-event rings.
     pub ring_bytes: u32,
+    pub kernel_ring_bytes: u32,
 }
+
+/// The kernel-event ring's default size: drops, retransmits and ICMP errors are rare next to
+/// packet events.
+pub const KERNEL_RING_BYTES: u32 = 1 << 18;
 
 /// The loaded programs and maps, before or after attaching.
 pub struct Probes {
@@ -67,6 +76,8 @@ pub struct Probes {
     links: Vec<SchedClassifierLink>,
     /// The cls_bpf filters this run recorded.
     filters: Vec<state::FilterRecord>,
+    /// The tracepoint programs attached, by name.
+    tracing_programs: Vec<String>,
 }
 
 impl Probes {
@@ -75,6 +86,7 @@ impl Probes {
             .override_global("FILTER", &options.filter, true)
             .override_global("LAYOUT", &options.layout, true)
             .map_max_entries("EVENTS", options.ring_bytes)
+            .map_max_entries("KERNEL_EVENTS", options.kernel_ring_bytes)
             .load(KERNEL_OBJECT)
             .context("loading the kernel programs")?;
         for name in [INGRESS_PROGRAM, EGRESS_PROGRAM] {
@@ -82,7 +94,7 @@ impl Probes {
                 ebpf.program_mut(name).with_context(|| format!("program {name} missing from the kernel object"))?.try_into()?;
             program.load().with_context(|| format!("verifying program {name}"))?;
         }
-        Ok(Self { ebpf, mode, owner: None, links: Vec::new(), filters: Vec::new() })
+        Ok(Self { ebpf, mode, owner: None, links: Vec::new(), filters: Vec::new(), tracing_programs: Vec::new() })
     }
 
     /// Records what `attach` attaches as `owner`'s, so other runs leave it alone while the
@@ -121,12 +133,13 @@ impl Probes {
     pub fn counters(&self) -> Result<Counters> {
         let counters: PerCpuArray<_, u64> = PerCpuArray::try_from(self.ebpf.map("COUNTERS").context("COUNTERS map missing")?)?;
         let sum = |index: u32| -> Result<u64> { Ok(counters.get(&index, 0).context("reading COUNTERS")?.iter().sum()) };
-        debug_assert_eq!(COUNTER_COUNT, 4);
+        debug_assert_eq!(COUNTER_COUNT, 5);
         Ok(Counters {
             matched: sum(COUNTER_MATCHED)?,
             lost_events: sum(COUNTER_LOST_EVENTS)?,
             unparsed: sum(COUNTER_UNPARSED)?,
             not_ip: sum(COUNTER_NOT_IP)?,
+            lost_kernel_events: sum(COUNTER_LOST_KERNEL_EVENTS)?,
         })
     }
 
@@ -142,7 +155,7 @@ impl Probes {
     /// Detaches every program, forgets this run's records and removes the clsact qdiscs
     /// podtrace created that nothing uses any more (another live run's filters keep theirs).
     pub async fn detach(self) -> Result<()> {
-        let Self { ebpf, mode, links, filters, owner } = self;
+        let Self { ebpf, mode, links, filters, owner, .. } = self;
         let _lock = StateLock::acquire()?;
         // Dropping a link closes a TCX link or deletes a cls_bpf filter; then the programs.
         drop(links);

@@ -135,7 +135,7 @@ mod tests {
             attach_mode: "tcx".into(),
             kernel_sources: KernelSources::default(),
             duration_s: 1.23456,
-            counters: Counters { matched: 0, lost_events: 2, unparsed: 1, not_ip: 0 },
+            counters: Counters { lost_events: 2, unparsed: 1, ..Default::default() },
             vanished: &[3],
         };
         let outcome = Outcome { findings: vec![], drops: Default::default(), retransmits: Default::default() };

@@ -64,8 +64,10 @@ const KERNELS: &[KernelLine] = &[
 ];
 
 /// Test binaries that never touch the kernel (the kubectl plugin and the manifest against
-/// stand-ins and files of the repository; property tests of the decoders): host only.
-const HOST_ONLY: &[&str] = &["kubectl_plugin", "manifest", "decode_properties"];
+/// stand-ins and files of the repository; property tests of the decoders), and the soak-lite
+/// kill cycles, whose clsact sweeping `coexistence` already covers on every kernel and which
+/// would add minutes under TCG: host only.
+const HOST_ONLY: &[&str] = &["kubectl_plugin", "manifest", "decode_properties", "soak"];
 
 /// Serial-console markers the init script prints.
 const RESULT_MARK: &str = "PODTRACE-VM-EXIT";
