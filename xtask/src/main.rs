@@ -138,6 +138,8 @@ fn run(task: Task) -> Result<()> {
             for node in &lab.nodes {
                 println!("  node {} ({}): eth0 {}, pods {}", node.netns, node.pod_cidr, node.ip, pod_list(node));
             }
+            let dns = lab.dns_pod();
+            println!("  cluster DNS: dnsmasq in {} ({}) behind the Service {}", dns.netns, dns.ip, lab::DNS_SERVICE_IP);
             println!("try: ip netns exec {} target/debug/podtrace follow {}", lab.node_a().netns, lab.pod_a().ip);
             println!("     ip netns exec {} ping {}", lab.pod_a().netns, lab.pod_b().ip);
             println!("tear down with: cargo xtask lab down --prefix {prefix}");
