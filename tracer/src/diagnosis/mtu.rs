@@ -1,7 +1,13 @@
-//! `mtu-mismatch`: a tunnel whose MTU plus encapsulation exceeds its underlay's; a pod-side
-//! MTU above the tunnel's; a wire-sized packet larger than the next hop's MTU; an underlay
-//! that drops received frames while the tunnel is in use. Each says whether ICMP
-//! fragmentation-needed was sent and delivered: if not, it is a blackhole.
+//! `mtu-mismatch`: a tunnel whose MTU plus encapsulation exceeds its underlay's; a pod's own
+//! MTU above the tunnel's; a host-side veth or bridge MTU above it; a wire-sized packet
+//! larger than the next hop's MTU; an underlay that drops received frames while the tunnel
+//! is in use.
+//!
+//! The pod's own MTU is its end of the veth, in its namespace: the host side and the bridge
+//! may be larger without the pod ever sending more. A blackhole is claimed only with
+//! evidence: packets too large for the next hop that could not be fragmented were seen and
+//! no fragmentation-needed was sent, or the fragmentation-needed that was sent was dropped.
+//! A finding without such traffic says it is about the configuration only.
 
 use std::{collections::BTreeMap, net::IpAddr};
 
@@ -15,7 +21,7 @@ use crate::{
         correlate::Sighting,
         decode::{KernelRecord, KernelRecordKind, Packet},
     },
-    node::{Hop, HopKey, HopKind, Path},
+    node::{Hop, HopKey, HopKind, Path, PodEnd},
 };
 
 /// VXLAN over IPv4 adds outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14).
@@ -26,6 +32,8 @@ const VXLAN_OVERHEAD_V6: u32 = 70;
 #[derive(Clone, Debug, Default)]
 struct Oversized {
     count: u64,
+    /// Of them, those with Don't Fragment set: the ones no router may fragment.
+    dont_fragment: u64,
     max_len: u32,
     example: String,
 }
@@ -39,28 +47,34 @@ pub struct MtuMismatch<'a> {
     frag_needed_dropped: u64,
 }
 
-/// Whether senders can learn the smaller MTU: the ICMP errors that teach it.
+/// Whether senders can learn the smaller MTU (the ICMP errors that teach it), and whether
+/// traffic showed that they needed to.
 #[derive(Clone, Copy)]
 struct IcmpState {
     sent: u64,
     dropped: u64,
+    /// Packets too large for their next hop, with Don't Fragment set, were seen (or, for a
+    /// tunnel, its underlay dropped received frames).
+    traffic: bool,
 }
 
 impl IcmpState {
     fn blackhole(self) -> bool {
-        self.sent == 0 || self.dropped > 0
+        self.dropped > 0 || (self.traffic && self.sent == 0)
     }
 
     fn describe(self) -> String {
-        let Self { sent, dropped } = self;
-        if sent == 0 {
-            "no ICMP fragmentation-needed was sent, so senders never learn the smaller MTU: a blackhole".to_string()
-        } else if dropped > 0 {
+        let Self { sent, dropped, traffic } = self;
+        if dropped > 0 {
             format!(
                 "{sent} ICMP fragmentation-needed messages were generated but {dropped} were dropped before reaching the pod: a blackhole"
             )
-        } else {
+        } else if sent > 0 {
             format!("{sent} ICMP fragmentation-needed messages were sent back")
+        } else if traffic {
+            "no ICMP fragmentation-needed was sent, so senders never learn the smaller MTU: a blackhole".to_string()
+        } else {
+            "configuration only: no packet too large for its next hop was seen during the trace".to_string()
         }
     }
 }
@@ -70,8 +84,13 @@ impl<'a> MtuMismatch<'a> {
         Self { path, oversized: BTreeMap::new(), frag_needed_sent: 0, frag_needed_dropped: 0 }
     }
 
-    fn icmp(&self) -> IcmpState {
-        IcmpState { sent: self.frag_needed_sent, dropped: self.frag_needed_dropped }
+    fn icmp(&self, traffic: bool) -> IcmpState {
+        IcmpState { sent: self.frag_needed_sent, dropped: self.frag_needed_dropped, traffic }
+    }
+
+    /// Whether any packet too large for its next hop had Don't Fragment set.
+    fn unfragmentable_seen(&self) -> bool {
+        self.oversized.values().any(|oversized| oversized.dont_fragment > 0)
     }
 
     /// The hop a packet at `hop` goes to next on its way, and the IP-level MTU it must fit:
@@ -85,7 +104,6 @@ impl<'a> MtuMismatch<'a> {
 
     /// Configuration: a tunnel whose encapsulated packets cannot fit its underlay.
     fn tunnel_findings(&self, end: &TraceEnd<'_>) -> Vec<Finding> {
-        let icmp = self.icmp();
         let mut findings = Vec::new();
         for hop in self.path.hops().filter(|hop| hop.kind == HopKind::Vxlan) {
             let Some(underlay) = hop.underlay.and_then(|u| self.path.hop(u)) else { continue };
@@ -97,6 +115,7 @@ impl<'a> MtuMismatch<'a> {
                 continue;
             }
             let drops = end.link_drops.get(&underlay.ifindex).copied().unwrap_or_default();
+            let icmp = self.icmp(self.unfragmentable_seen() || drops.rx_dropped + drops.rx_length_errors > 0);
             findings.push(Finding {
                 kind: FindingKind::MtuMismatch,
                 severity: Severity::Error,
@@ -122,56 +141,105 @@ impl<'a> MtuMismatch<'a> {
         findings
     }
 
-    /// Configuration: a pod-side MTU above the tunnel's.
+    /// A pod's own MTU above the tunnel's: the pod sends packets the tunnel cannot carry.
+    /// A host-side veth or bridge MTU above it: what only other senders can cause.
     fn pod_side_findings(&self) -> Vec<Finding> {
-        let icmp = self.icmp();
         let Some(tunnel) = self.path.hops().filter(|h| h.kind == HopKind::Vxlan).min_by_key(|h| h.mtu) else { return Vec::new() };
-        self.path
-            .hops()
-            .filter(|h| matches!(h.kind, HopKind::PodVeth | HopKind::Bridge) && h.mtu > tunnel.mtu)
-            .map(|hop| Finding {
-                kind: FindingKind::MtuMismatch,
-                severity: Severity::Error,
-                hop: Some(hop.ifname.clone()),
-                summary: format!(
-                    "{} ({}) has MTU {} but the tunnel {} has MTU {}: the pod can send packets the tunnel cannot carry; {}.",
-                    hop.ifname, hop.kind, hop.mtu, tunnel.ifname, tunnel.mtu, icmp.describe()
-                ),
-                evidence: json!({
-                    "interface": hop.ifname, "mtu": hop.mtu,
-                    "tunnel": tunnel.ifname, "tunnel_mtu": tunnel.mtu,
-                    "icmp_frag_needed_sent": icmp.sent,
-                    "icmp_frag_needed_dropped": icmp.dropped,
-                    "blackhole": icmp.blackhole(),
-                }),
-                advice: format!(
-                    "Give the pod network MTU {} (the CNI's mtu setting) so pods never send larger packets, and let ICMP fragmentation-needed through.",
-                    tunnel.mtu
-                ),
-            })
-            .collect()
+        let mut findings = Vec::new();
+        for hop in self.path.hops().filter(|h| matches!(h.kind, HopKind::PodVeth | HopKind::Bridge)) {
+            match &hop.pod_end {
+                Some(pod_end) if pod_end.mtu > tunnel.mtu => findings.push(self.pod_mtu_finding(hop, pod_end, tunnel)),
+                _ if hop.mtu > tunnel.mtu => findings.push(self.host_side_finding(hop, tunnel)),
+                _ => {}
+            }
+        }
+        findings
+    }
+
+    fn pod_mtu_finding(&self, hop: &Hop, pod_end: &PodEnd, tunnel: &Hop) -> Finding {
+        let icmp = self.icmp(self.unfragmentable_seen());
+        Finding {
+            kind: FindingKind::MtuMismatch,
+            severity: if icmp.blackhole() { Severity::Error } else { Severity::Warning },
+            hop: Some(hop.ifname.clone()),
+            summary: format!(
+                "The pod's {} (behind {}) has MTU {} but the tunnel {} has MTU {}: the pod can send packets the tunnel cannot carry; {}.",
+                pod_end.ifname,
+                hop.ifname,
+                pod_end.mtu,
+                tunnel.ifname,
+                tunnel.mtu,
+                icmp.describe()
+            ),
+            evidence: json!({
+                "interface": hop.ifname, "mtu": pod_end.mtu,
+                "pod_interface": pod_end.ifname, "host_side_mtu": hop.mtu,
+                "tunnel": tunnel.ifname, "tunnel_mtu": tunnel.mtu,
+                "icmp_frag_needed_sent": icmp.sent,
+                "icmp_frag_needed_dropped": icmp.dropped,
+                "configuration_only": !icmp.traffic,
+                "blackhole": icmp.blackhole(),
+            }),
+            advice: format!(
+                "Give the pod network MTU {} (the CNI's mtu setting) so pods never send larger packets, and let ICMP fragmentation-needed through.",
+                tunnel.mtu
+            ),
+        }
+    }
+
+    /// A host-side veth or bridge above the tunnel's MTU while the pods' own MTU is not (or
+    /// could not be read): the pods send no larger packets, but the node's own traffic to a
+    /// pod and frames bridged from other ports can be larger.
+    fn host_side_finding(&self, hop: &Hop, tunnel: &Hop) -> Finding {
+        let pod_mtu = self.path.hops().filter_map(|h| h.pod_end.as_ref()).map(|end| end.mtu).max();
+        let pod_side = match pod_mtu {
+            Some(mtu) => format!("the pod's own interface has MTU {mtu}, so the pod sends no larger packets"),
+            None => "the pod's own MTU could not be read from its namespace".to_string(),
+        };
+        Finding {
+            kind: FindingKind::MtuMismatch,
+            severity: Severity::Warning,
+            hop: Some(hop.ifname.clone()),
+            summary: format!(
+                "{} ({}) has MTU {}, above the tunnel {}'s {}; {pod_side}. Host-network traffic to the pod and frames bridged from other ports can still be up to {} bytes: those larger than the pod's MTU are dropped at its interface, and those routed into the tunnel do not fit it. Configuration only: this says nothing about traffic seen.",
+                hop.ifname, hop.kind, hop.mtu, tunnel.ifname, tunnel.mtu, hop.mtu
+            ),
+            evidence: json!({
+                "interface": hop.ifname, "mtu": hop.mtu, "pod_mtu": pod_mtu,
+                "tunnel": tunnel.ifname, "tunnel_mtu": tunnel.mtu,
+                "configuration_only": true,
+                "blackhole": false,
+            }),
+            advice: format!("Set {} to the pod network MTU ({}) so every side of the pod path agrees.", hop.ifname, tunnel.mtu),
+        }
     }
 
     /// Traffic: wire-sized packets larger than the next hop's MTU.
     fn oversized_findings(&self) -> Vec<Finding> {
-        let icmp = self.icmp();
         self.oversized
             .iter()
             .filter_map(|(hop, oversized)| {
                 let name = &self.path.hop(hop.ifindex)?.ifname;
                 let next = self.next_mtu(*hop)?;
                 let direction = hop.direction;
+                let icmp = self.icmp(oversized.dont_fragment > 0);
+                let fate = if oversized.dont_fragment == 0 {
+                    "none had Don't Fragment set, so the kernel fragments them".to_string()
+                } else {
+                    icmp.describe()
+                };
                 Some(Finding {
                     kind: FindingKind::MtuMismatch,
-                    severity: Severity::Error,
+                    severity: if icmp.blackhole() { Severity::Error } else { Severity::Warning },
                     hop: Some(name.clone()),
                     summary: format!(
                         "{} packets of up to {} bytes crossed {name} {direction} heading for {}, whose MTU is {}; {}.",
-                        oversized.count, oversized.max_len, next.ifname, next.mtu, icmp.describe()
+                        oversized.count, oversized.max_len, next.ifname, next.mtu, fate
                     ),
                     evidence: json!({
                         "interface": name, "direction": direction,
                         "largest_packet": oversized.max_len, "oversized_packets": oversized.count,
+                        "dont_fragment_packets": oversized.dont_fragment,
                         "next_hop": next.ifname, "next_hop_mtu": next.mtu,
                         "example": oversized.example,
                         "icmp_frag_needed_sent": icmp.sent,
@@ -221,16 +289,19 @@ impl Detector for MtuMismatch<'_> {
             return;
         }
         let hop = HopKey { ifindex: packet.ifindex, direction: packet.direction };
-        let Some(next_mtu) = self.next_mtu(hop).map(|next| next.mtu) else { return };
+        let Some((next_mtu, next_is_underlay)) = self.next_mtu(hop).map(|next| (next.mtu, next.kind.is_underlay())) else { return };
         let underlay = self.path.is_underlay(hop.ifindex);
-        // Leaving through the underlay, the outer header is what must fit.
-        let layer = if hop.direction == Direction::Egress && underlay { &packet.outer } else { packet.pod_layer() };
-        let ip_len = u32::from(if underlay { packet.outer.total_len } else { layer.total_len });
+        // Between underlay devices, and leaving through one, the outer header is what must
+        // fit; a packet received on the underlay for the tunnel device is decapsulated there.
+        let outer_must_fit = underlay && (hop.direction == Direction::Egress || next_is_underlay);
+        let layer = if outer_must_fit { &packet.outer } else { packet.pod_layer() };
+        let ip_len = u32::from(layer.total_len);
         if ip_len <= next_mtu {
             return;
         }
         let entry = self.oversized.entry(hop).or_default();
         entry.count += 1;
+        entry.dont_fragment += u64::from(layer.dont_fragment);
         if ip_len > entry.max_len {
             entry.max_len = ip_len;
             entry.example = format!("{} ({} bytes, DF {})", layer.describe(), ip_len, if layer.dont_fragment { "set" } else { "clear" });
@@ -290,10 +361,74 @@ mod tests {
         assert_eq!(finding.evidence["blackhole"], true, "no fragmentation-needed was sent");
     }
 
+    fn pod_end(mtu: u32) -> Option<PodEnd> {
+        Some(PodEnd { ifname: "eth0".into(), mtu })
+    }
+
+    /// The pod's eth0 at `pod_mtu`, its host-side veth and cni0 at 1500, flannel.1 at 1450.
+    fn host_side_1500(pod_mtu: u32) -> Path {
+        let mut path = local_path();
+        path.stages[0].hops[0].mtu = 1500;
+        path.stages[0].hops[0].pod_end = pod_end(pod_mtu);
+        path.stages[1].hops[0].mtu = 1500;
+        path
+    }
+
+    #[test]
+    fn a_host_side_above_the_tunnel_is_configuration_only_when_the_pod_is_not() {
+        let path = host_side_1500(1450);
+        let mut detector = MtuMismatch::new(&path);
+        Feed::new(&path).journey(&mut detector, &ping_of(1450), &OUT[..2], 0);
+        let findings = End::default().findings(&detector, &path);
+        assert_eq!(findings.iter().map(|f| f.hop.as_deref().unwrap()).collect::<Vec<_>>(), ["veth1", "cni0"], "{findings:#?}");
+        for finding in &findings {
+            assert_eq!(finding.severity, Severity::Warning);
+            assert_eq!(
+                (finding.evidence["configuration_only"].clone(), finding.evidence["blackhole"].clone()),
+                (json!(true), json!(false))
+            );
+            assert_eq!(finding.evidence["pod_mtu"], 1450);
+            assert!(finding.summary.contains("Configuration only") && !finding.summary.contains("blackhole"), "{}", finding.summary);
+            assert!(finding.summary.contains("Host-network traffic to the pod"), "{}", finding.summary);
+        }
+    }
+
+    #[test]
+    fn a_pod_mtu_above_the_tunnel_without_traffic_is_no_blackhole() {
+        let path = host_side_1500(1500);
+        let findings = End::default().findings(&MtuMismatch::new(&path), &path);
+        let pod = findings.iter().find(|f| f.hop.as_deref() == Some("veth1")).unwrap();
+        assert_eq!(pod.severity, Severity::Warning);
+        assert_eq!((pod.evidence["mtu"].clone(), pod.evidence["host_side_mtu"].clone()), (json!(1500), json!(1500)));
+        assert_eq!((pod.evidence["configuration_only"].clone(), pod.evidence["blackhole"].clone()), (json!(true), json!(false)));
+        assert!(pod.summary.contains("The pod's eth0 (behind veth1) has MTU 1500"), "{}", pod.summary);
+        assert!(pod.summary.contains("configuration only") && !pod.summary.contains("a blackhole"), "{}", pod.summary);
+    }
+
+    #[test]
+    fn oversized_packets_without_dont_fragment_are_fragmented_not_blackholed() {
+        let path = host_side_1500(1500);
+        let mut detector = MtuMismatch::new(&path);
+        let mut big = ping_of(1500);
+        big.dont_fragment = false;
+        Feed::new(&path).journey(&mut detector, &big, &OUT[..2], 0);
+        let findings = End::default().findings(&detector, &path);
+        let traffic = findings.iter().find(|f| f.evidence["largest_packet"].is_number()).unwrap();
+        assert_eq!((traffic.evidence["dont_fragment_packets"].clone(), traffic.evidence["blackhole"].clone()), (json!(0), json!(false)));
+        assert!(findings.iter().all(|f| f.evidence["blackhole"] == false && f.severity == Severity::Warning), "{findings:#?}");
+        // The same packet with DF set and no fragmentation-needed sent: a blackhole, with evidence.
+        let mut detector = MtuMismatch::new(&path);
+        Feed::new(&path).journey(&mut detector, &ping_of(1500), &OUT[..2], 0);
+        let findings = End::default().findings(&detector, &path);
+        let pod = findings.iter().find(|f| f.hop.as_deref() == Some("veth1")).unwrap();
+        assert_eq!((pod.severity, pod.evidence["blackhole"].clone()), (Severity::Error, json!(true)));
+    }
+
     #[test]
     fn a_pod_mtu_above_the_tunnel_and_its_oversized_packets() {
         let mut path = local_path();
         path.stages[0].hops[0].mtu = 1500;
+        path.stages[0].hops[0].pod_end = pod_end(1500);
         path.stages[1].hops[0].mtu = 1500;
         let mut detector = MtuMismatch::new(&path);
         let mut feed = Feed::new(&path);

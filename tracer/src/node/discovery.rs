@@ -17,7 +17,8 @@ use rtnetlink::{Handle, RouteMessageBuilder};
 use super::{
     bond::slave_state,
     netlink::{Link, dump_addresses, dump_links, with_rtnetlink},
-    path::{Entry, Hop, HopKey, HopKind, Locality, Path, Stage},
+    netns::{self, PodInterface},
+    path::{Entry, Hop, HopKey, HopKind, Locality, Path, PodEnd, Stage},
 };
 use crate::Direction;
 
@@ -40,7 +41,61 @@ pub async fn discover(pod_ips: &[IpAddr], overrides: &PathOverrides) -> Result<P
         let more = with_rtnetlink(async |handle| discover_one(handle, *ip, overrides).await).await?;
         merge(&mut path, more);
     }
+    let local_pods: Vec<(IpAddr, u32)> = path
+        .entries
+        .iter()
+        .filter(|entry| path.hop(entry.hop.ifindex).is_some_and(|hop| hop.kind == HopKind::PodVeth))
+        .map(|entry| (entry.pod_ip, entry.hop.ifindex))
+        .collect();
+    if let Some(note) = bridged_note(&path, &local_pods) {
+        path.notes.push(note);
+    }
     Ok(path)
+}
+
+/// Adds the veth of `peer` (the `--peer` address) when it is a pod behind the same bridge:
+/// the followed pod's packets to it leave the path there, bridged from port to port. Returns
+/// whether it was added; a remote pod, a Service IP or anything else leaves the path alone.
+pub async fn add_local_peer(path: &mut Path, peer: IpAddr) -> Result<bool> {
+    let Some(bridge) = path.hops().find(|hop| hop.kind == HopKind::Bridge).map(|hop| hop.ifindex) else { return Ok(false) };
+    let Ok(peer_path) = with_rtnetlink(async |handle| discover_one(handle, peer, &PathOverrides::default()).await).await else {
+        return Ok(false);
+    };
+    let same_bridge = peer_path.hops().any(|hop| hop.kind == HopKind::Bridge && hop.ifindex == bridge);
+    let Some(veth) = peer_path.hops().find(|hop| hop.kind == HopKind::PodVeth).filter(|_| same_bridge).cloned() else {
+        return Ok(false);
+    };
+    let Some(stage) = path.stages.iter_mut().find(|stage| stage.hops.iter().any(|hop| hop.kind == HopKind::PodVeth)) else {
+        return Ok(false);
+    };
+    if !stage.hops.iter().any(|hop| hop.ifindex == veth.ifindex) {
+        stage.hops.push(veth.clone());
+    }
+    let mut pods: Vec<(IpAddr, u32)> = path.entries.first().map(|entry| (entry.pod_ip, entry.hop.ifindex)).into_iter().collect();
+    pods.push((peer, veth.ifindex));
+    if let Some(note) = bridged_note(path, &pods) {
+        path.notes.push(note);
+    }
+    path.warnings.extend(peer_path.warnings);
+    path.pod_netnsids.extend(peer_path.pod_netnsids);
+    Ok(true)
+}
+
+/// For two or more pods (IP, veth ifindex) behind the path's bridge: why the bridge itself
+/// counts none of the packets between them.
+fn bridged_note(path: &Path, pods: &[(IpAddr, u32)]) -> Option<String> {
+    let bridge = path.hops().find(|hop| hop.kind == HopKind::Bridge)?;
+    if pods.len() < 2 {
+        return None;
+    }
+    let named: Vec<String> =
+        pods.iter().filter_map(|(ip, ifindex)| path.hop(*ifindex).map(|veth| format!("{ip} ({})", veth.ifname))).collect();
+    Some(format!(
+        "{} are pods behind {bridge}: the bridge forwards frames between them from port to port, and those never cross {bridge}'s own \
+         ingress or egress hooks, so {bridge} counts none of that traffic; it shows on the pods' veths",
+        named.join(" and "),
+        bridge = bridge.ifname
+    ))
 }
 
 /// Adds another IP's path: its entry, and each hop not yet on the path as an alternative in
@@ -68,7 +123,7 @@ async fn discover_one(handle: &Handle, pod_ip: IpAddr, overrides: &PathOverrides
     let oif = links.get(&route_oif).with_context(|| format!("route to {pod_ip} uses ifindex {route_oif}, which is gone"))?;
     let addresses = dump_addresses(handle).await?;
     let mut warnings = Vec::new();
-    let (locality, mut candidates) = pod_side(handle, &links, &addresses, oif, pod_ip, &mut warnings).await?;
+    let PodSide { locality, mut candidates, inside } = pod_side(handle, &links, &addresses, oif, pod_ip, &mut warnings).await?;
 
     let network_side = match locality {
         Locality::Local => Direction::Egress,
@@ -87,7 +142,13 @@ async fn discover_one(handle: &Handle, pod_ip: IpAddr, overrides: &PathOverrides
         }
     }
 
-    let stages = build_stages(candidates, &links, &addresses, overrides, &mut warnings);
+    let mut stages = build_stages(candidates, &links, &addresses, overrides, &mut warnings);
+    if let Some(inside) = inside {
+        let host_end = stages.iter_mut().flat_map(|stage| &mut stage.hops).find(|hop| hop.ifindex == inside.peer_index);
+        if let Some(hop) = host_end {
+            hop.pod_end = Some(PodEnd { ifname: inside.name, mtu: inside.mtu });
+        }
+    }
     let Some(first) = stages.first().map(|stage| &stage.hops[0]) else {
         bail!("no path to {pod_ip} on this node: every hop was excluded");
     };
@@ -102,7 +163,14 @@ async fn discover_one(handle: &Handle, pod_ip: IpAddr, overrides: &PathOverrides
         })
         .filter_map(|link| link.link_netnsid)
         .collect();
-    Ok(Path { pod_ip, locality, stages, entries, pod_netnsids, warnings })
+    Ok(Path { pod_ip, locality, stages, entries, pod_netnsids, warnings, notes: Vec::new() })
+}
+
+/// The pod-side stages and what the pod's namespace showed of its interface.
+struct PodSide {
+    locality: Locality,
+    candidates: Vec<Candidate>,
+    inside: Option<PodInterface>,
 }
 
 /// The pod-side stages, decided by the device the route to the pod leaves through.
@@ -113,20 +181,23 @@ async fn pod_side(
     oif: &Link,
     pod_ip: IpAddr,
     warnings: &mut Vec<String>,
-) -> Result<(Locality, Vec<Candidate>)> {
+) -> Result<PodSide> {
     match oif.kind {
         Some(InfoKind::Bridge) => {
-            // Without a resolved MAC every bridge port may be the pod's: alternatives.
-            let veths = pod_ports(handle, links, oif, pod_ip, warnings).await?;
-            let veths = veths.into_iter().map(|index| (index, HopKind::PodVeth)).collect();
-            Ok((Locality::Local, vec![(veths, Direction::Ingress), (vec![(oif.index, HopKind::Bridge)], Direction::Ingress)]))
+            // Without the pod's port, every bridge port may be the pod's: alternatives.
+            let (ports, inside) = pod_ports(handle, links, oif, pod_ip, warnings).await?;
+            let veths = ports.into_iter().map(|index| (index, HopKind::PodVeth)).collect();
+            let candidates = vec![(veths, Direction::Ingress), (vec![(oif.index, HopKind::Bridge)], Direction::Ingress)];
+            Ok(PodSide { locality: Locality::Local, candidates, inside })
         }
         // Routed CNIs (Calico and the like) point the pod route straight at its veth, which
         // carries no address of its own; a veth with addresses is a node's uplink instead.
         Some(InfoKind::Veth) if !addresses.iter().any(|(index, ip, _)| *index == oif.index && !is_link_local(ip)) => {
-            Ok((Locality::Local, vec![(vec![(oif.index, HopKind::PodVeth)], Direction::Ingress)]))
+            let inside = look_inside(handle, pod_ip, &[oif], warnings).await;
+            let candidates = vec![(vec![(oif.index, HopKind::PodVeth)], Direction::Ingress)];
+            Ok(PodSide { locality: Locality::Local, candidates, inside })
         }
-        Some(InfoKind::Vxlan) => Ok((Locality::Remote, Vec::new())),
+        Some(InfoKind::Vxlan) => Ok(PodSide { locality: Locality::Remote, candidates: Vec::new(), inside: None }),
         _ => bail!(
             "no path to {pod_ip} on this node: its route leaves through {} ({}), which is not a pod bridge, pod veth or VXLAN device",
             oif.name,
@@ -207,6 +278,7 @@ fn build_stages(
                 addresses: addresses.iter().filter(|(i, _, _)| *i == index).map(|(_, ip, len)| (*ip, *len)).collect(),
                 bond: link.bond.clone(),
                 slave: slave_state(link, links),
+                pod_end: None,
             });
         }
         if !hops.is_empty() {
@@ -269,9 +341,41 @@ async fn pod_mac(handle: &Handle, bridge: &Link, pod_ip: IpAddr) -> Result<Optio
     }))
 }
 
-/// The bridge port(s) behind which the pod sits: its MAC from the neighbour table, then the
-/// port that MAC was learned on from the bridge fdb; every port when that fails.
+/// The pod's interface inside its namespace, when it is the peer of one of `veths`; a
+/// namespace that cannot be entered gives a warning and `None`.
+async fn look_inside(handle: &Handle, pod_ip: IpAddr, veths: &[&Link], warnings: &mut Vec<String>) -> Option<PodInterface> {
+    let netnsids: Vec<i32> = veths.iter().filter_map(|veth| veth.link_netnsid).collect();
+    match netns::pod_interface(handle, pod_ip, &netnsids).await {
+        Ok(inside) => {
+            inside.filter(|inside| veths.iter().any(|veth| veth.index == inside.peer_index && veth.link_netnsid == Some(inside.netnsid)))
+        }
+        Err(err) => {
+            warnings.push(format!("could not read {pod_ip}'s interface inside its network namespace: {err:#}"));
+            None
+        }
+    }
+}
+
+/// The bridge port(s) behind which the pod sits, with its interface when found inside its
+/// namespace: the port whose veth peer holds the pod IP; else its MAC from the neighbour
+/// table and the port that MAC was learned on from the bridge fdb (which forgets idle pods);
+/// every port when both fail.
 async fn pod_ports(
+    handle: &Handle,
+    links: &BTreeMap<u32, Link>,
+    bridge: &Link,
+    pod_ip: IpAddr,
+    warnings: &mut Vec<String>,
+) -> Result<(Vec<u32>, Option<PodInterface>)> {
+    let bridge_ports: Vec<&Link> = links.values().filter(|link| link.controller == Some(bridge.index)).collect();
+    if let Some(inside) = look_inside(handle, pod_ip, &bridge_ports, warnings).await {
+        return Ok((vec![inside.peer_index], Some(inside)));
+    }
+    Ok((fdb_ports(handle, links, bridge, pod_ip, warnings).await?, None))
+}
+
+/// The pod's bridge port from the neighbour table and the bridge fdb; every port when that fails.
+async fn fdb_ports(
     handle: &Handle,
     links: &BTreeMap<u32, Link>,
     bridge: &Link,
@@ -378,6 +482,21 @@ mod tests {
     }
 
     #[test]
+    fn two_local_pods_on_one_bridge_get_a_note_on_why_the_bridge_sees_nothing() {
+        let mut path = local_path();
+        path.stages[0].hops.push(hop("veth2", 8, HopKind::PodVeth, Direction::Ingress));
+        let (pod, peer): (IpAddr, IpAddr) = ("10.244.0.2".parse().unwrap(), "10.244.0.3".parse().unwrap());
+        assert_eq!(bridged_note(&path, &[(pod, 5)]), None, "one pod alone");
+        let note = bridged_note(&path, &[(pod, 5), (peer, 8)]).unwrap();
+        assert!(note.starts_with("10.244.0.2 (veth1) and 10.244.0.3 (veth2) are pods behind cni0"), "{note}");
+        assert!(note.contains("never cross cni0's own ingress or egress hooks, so cni0 counts none of that traffic"), "{note}");
+        path.stages.remove(1);
+        assert_eq!(bridged_note(&path, &[(pod, 5), (peer, 8)]), None, "no bridge: routed pods cross no shared device");
+        path.notes.push(note);
+        assert!(path.describe().contains("\n  note: 10.244.0.2 (veth1) and"), "{}", path.describe());
+    }
+
+    #[test]
     fn a_hop_with_no_matching_role_gets_its_own_stage() {
         let mut first = local_path();
         merge(&mut first, path(vec![vec![hop("wg0", 9, HopKind::Bond, Direction::Egress)]]));
@@ -399,6 +518,7 @@ mod tests {
             bond: None,
             bond_port: None,
             link_netnsid: None,
+            peer_index: None,
         };
         (index, link)
     }

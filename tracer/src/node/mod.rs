@@ -10,4 +10,4 @@ pub mod path;
 
 pub use discovery::{PathOverrides, discover};
 pub use netlink::{LinkDrops, ifindex_of, interfaces, link_drops, with_rtnetlink};
-pub use path::{Hop, HopKey, HopKind, Locality, Path};
+pub use path::{Hop, HopKey, HopKind, Locality, Path, PodEnd};

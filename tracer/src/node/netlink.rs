@@ -38,6 +38,8 @@ pub(super) struct Link {
     pub bond_port: Option<SlaveLink>,
     /// For a veth whose peer lives in another namespace: that namespace's id.
     pub link_netnsid: Option<i32>,
+    /// For a veth: its peer's ifindex (IFLA_LINK), in the namespace `link_netnsid` names.
+    pub peer_index: Option<u32>,
 }
 
 impl Link {
@@ -82,6 +84,7 @@ fn parse_link(message: &LinkMessage) -> Link {
         bond: None,
         bond_port: None,
         link_netnsid: None,
+        peer_index: None,
     };
     for attr in &message.attributes {
         match attr {
@@ -89,6 +92,7 @@ fn parse_link(message: &LinkMessage) -> Link {
             LinkAttribute::Mtu(mtu) => link.mtu = *mtu,
             LinkAttribute::Controller(index) => link.controller = Some(*index),
             LinkAttribute::LinkNetNsId(id) => link.link_netnsid = Some(*id),
+            LinkAttribute::Link(index) if *index != 0 => link.peer_index = Some(*index),
             // Virtual devices without carrier detection report "unknown" while working.
             LinkAttribute::OperState(state) => link.oper_up = matches!(state, State::Up | State::Unknown),
             LinkAttribute::LinkInfo(infos) => parse_link_info(infos, &mut link),

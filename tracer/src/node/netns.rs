@@ -9,11 +9,12 @@
 use std::{
     collections::{BTreeSet, HashSet},
     fs::{self, File},
+    net::IpAddr,
     os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, anyhow};
 use futures::StreamExt as _;
 use netlink_packet_core::{NLM_F_ACK, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::{
@@ -22,7 +23,7 @@ use netlink_packet_route::{
 };
 use rtnetlink::Handle;
 
-use super::netlink::with_rtnetlink;
+use super::netlink::{dump_addresses, dump_links, with_rtnetlink};
 
 /// The inode number of this process's network namespace: how the kernel programs and the
 /// state files tell namespaces apart.
@@ -54,6 +55,60 @@ pub async fn node_namespaces(pod_netnsids: &[i32]) -> Result<BTreeSet<u32>> {
         Ok(namespaces)
     })
     .await
+}
+
+/// A pod's own interface, as its network namespace shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct PodInterface {
+    /// The id this namespace gives the pod's namespace: the `link_netnsid` of its veth here.
+    pub netnsid: i32,
+    /// The ifindex, in this namespace, of the interface's veth peer.
+    pub peer_index: u32,
+    /// The pod's own MTU: the largest packet it sends.
+    pub mtu: u32,
+    pub name: String,
+}
+
+/// Finds the interface that holds `pod_ip` inside the network namespaces among `pod_netnsids`
+/// (the peers of this node's pod veths), independently of the bridge's fdb, which forgets an
+/// idle pod after a few minutes. Reads netlink tables only: sends nothing into the pod.
+pub(super) async fn pod_interface(handle: &Handle, pod_ip: IpAddr, pod_netnsids: &[i32]) -> Result<Option<PodInterface>> {
+    let own = own_inode()?;
+    let mut seen = HashSet::new();
+    for candidate in candidates() {
+        let Ok(file) = File::open(&candidate) else { continue };
+        let Ok(inode) = file.metadata().map(|m| m.ino() as u32) else { continue };
+        if !seen.insert(inode) || inode == own {
+            continue;
+        }
+        let Some(netnsid) = nsid_of(handle, &file).await.filter(|id| pod_netnsids.contains(id)) else { continue };
+        if let Some((name, mtu, Some(peer_index))) = interface_holding(file, pod_ip)? {
+            return Ok(Some(PodInterface { netnsid, peer_index, mtu, name }));
+        }
+    }
+    Ok(None)
+}
+
+/// The name, MTU and veth peer index of the interface holding `ip` in the namespace open in
+/// `netns`, read over a netlink socket opened inside it.
+fn interface_holding(netns: File, ip: IpAddr) -> Result<Option<(String, u32, Option<u32>)>> {
+    // A thread of its own, which ends with the lookup: a namespace entered with setns stays
+    // with the thread, and no pooled runtime thread may carry it on to other work.
+    let lookup = std::thread::spawn(move || -> Result<_> {
+        // SAFETY: `netns` is an open network namespace file; setns changes only this thread.
+        if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("entering a pod's network namespace");
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting a netlink runtime")?;
+        runtime.block_on(with_rtnetlink(async |handle| {
+            let Some(index) = dump_addresses(handle).await?.iter().find(|(_, address, _)| *address == ip).map(|(index, _, _)| *index)
+            else {
+                return Ok(None);
+            };
+            Ok(dump_links(handle).await?.remove(&index).map(|link| (link.name, link.mtu, link.peer_index)))
+        }))
+    });
+    lookup.join().map_err(|_| anyhow!("the namespace lookup thread panicked"))?
 }
 
 /// Namespace files that may be a pod's: named ones (CNI plugins and `ip netns` put them in

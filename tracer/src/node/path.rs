@@ -63,6 +63,16 @@ pub struct Hop {
     pub addresses: Vec<(IpAddr, u8)>,
     pub bond: Option<BondState>,
     pub slave: Option<SlaveState>,
+    /// For a pod veth: the pod's own end of it, when its namespace could be read.
+    pub pod_end: Option<PodEnd>,
+}
+
+/// The pod's end of its veth, inside the pod's network namespace: its MTU, not the host
+/// side's, bounds what the pod sends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodEnd {
+    pub ifname: String,
+    pub mtu: u32,
 }
 
 /// A hop as packets meet it: one interface, one direction.
@@ -110,6 +120,8 @@ pub struct Path {
     pub pod_netnsids: Vec<i32>,
     /// Things discovery had to guess, printed as warnings.
     pub warnings: Vec<String>,
+    /// Facts about the path that explain what the report will show, printed with the path.
+    pub notes: Vec<String>,
 }
 
 impl Path {
@@ -206,13 +218,20 @@ impl Path {
         let mut text = format!("podtrace: path of {} ({:?} pod):\n", self.pod_ip, self.locality);
         for hop in self.hops() {
             text.push_str(&format!(
-                "  {:<16} {:<10} ifindex {:<4} mtu {:<5} from-pod {}\n",
+                "  {:<16} {:<10} ifindex {:<4} mtu {:<5} from-pod {}",
                 hop.ifname,
                 hop.kind.to_string(),
                 hop.ifindex,
                 hop.mtu,
                 hop.from_pod
             ));
+            if let Some(end) = &hop.pod_end {
+                text.push_str(&format!("  (pod side: {} mtu {})", end.ifname, end.mtu));
+            }
+            text.push('\n');
+        }
+        for note in &self.notes {
+            text.push_str(&format!("  note: {note}\n"));
         }
         text
     }
@@ -237,6 +256,7 @@ pub(crate) mod fixtures {
             addresses: vec![],
             bond: None,
             slave: None,
+            pod_end: None,
         }
     }
 
@@ -251,6 +271,7 @@ pub(crate) mod fixtures {
             entries,
             pod_netnsids: vec![],
             warnings: vec![],
+            notes: vec![],
         }
     }
 
