@@ -6,8 +6,8 @@
 //!
 //! Sizes are wire segments: a retransmitted skb can be a GSO buffer of many segments, so a
 //! size is capped at the largest segment the flow put on the wire (its `gso_size` under GSO).
-//! The kernel events carry no TCP options, so a retransmission the receiver reports as a
-//! duplicate (D-SACK) is not recognised as such; ACK progress stands in for it.
+//! A retransmission the receiver reports as a duplicate (D-SACK: an ACK whose first SACK
+//! block lies at or below the cumulative ACK) was spurious: the original had arrived.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -53,6 +53,8 @@ struct TcpFlow {
     /// The highest acknowledgement number the peer sent, and how many times it advanced.
     peer_ack: u32,
     ack_advances: u64,
+    /// ACKs from the peer reporting a duplicate segment (D-SACK).
+    duplicates_reported: u64,
 }
 
 impl TcpFlow {
@@ -124,6 +126,11 @@ impl Detector for Retransmits<'_> {
             flow.replies += 1;
             if layer.tcp_flags & TCP_ACK != 0 {
                 flow.acknowledged(layer.tcp_ack);
+                // RFC 2883: a first SACK block at or below the cumulative ACK reports data
+                // received twice.
+                if layer.tcp_sack_right != 0 && (layer.tcp_ack.wrapping_sub(layer.tcp_sack_right) as i32) >= 0 {
+                    flow.duplicates_reported += 1;
+                }
             }
         }
     }
@@ -181,29 +188,37 @@ impl Retransmits<'_> {
         // again without the peer acknowledging anything new, while the peer kept answering
         // the small ones (handshake, ACKs, short writes).
         let full_size_only = largest > 0 && min_retransmitted * 10 >= largest * 9;
-        let mtu_signature = full_size_only && group.stalled > 0 && flow.replies > 0;
+        // Retransmissions the receiver reported as duplicates were spurious, not lost.
+        let spurious = flow.duplicates_reported.min(group.count);
+        let stalled = if spurious >= group.count { 0 } else { group.stalled };
+        let mtu_signature = full_size_only && stalled > 0 && flow.replies > 0;
         let mut summary = format!("{} segments of {src}:{sport} > {dst}:{dport} were retransmitted", group.count);
         if mtu_signature {
             summary.push_str(&format!(
                 "; only full-size segments ({min_retransmitted}-{max_retransmitted} bytes) were retransmitted, again and again without ACK progress, while small ones got through: the MTU signature"
             ));
-        } else if group.stalled == 0 {
+        } else if spurious > 0 && stalled == 0 {
+            summary.push_str(&format!(
+                "; the receiver reported {spurious} of them as duplicates (D-SACK): spurious retransmissions after reordering or a late ACK, nothing was lost"
+            ));
+        } else if stalled == 0 {
             summary.push_str(
                 ", each once, and the peer's acknowledgements moved on: TCP recovered (reordering or an isolated loss), nothing was lost for good",
             );
         } else {
-            summary.push_str(&format!("; {} were retransmissions of the same segments without ACK progress", group.stalled));
+            summary.push_str(&format!("; {stalled} were retransmissions of the same segments without ACK progress"));
         }
         summary.push('.');
         Finding {
             kind: FindingKind::Retransmits,
-            severity: if group.stalled > 0 { Severity::Warning } else { Severity::Info },
+            severity: if stalled > 0 { Severity::Warning } else { Severity::Info },
             hop: self.path.hop(self.entry(key).ifindex).map(|hop| hop.ifname.clone()),
             summary,
             evidence: json!({
                 "flow": format!("{src}:{sport} > {dst}:{dport}"),
                 "retransmits": group.count,
-                "repeated_without_ack_progress": group.stalled,
+                "repeated_without_ack_progress": stalled,
+                "duplicates_reported_by_peer": flow.duplicates_reported,
                 "segment_sizes": group.sizes.iter().map(|(size, count)| json!({"bytes": size, "count": count})).collect::<Vec<_>>(),
                 "largest_segment_sent": largest,
                 "packets_back_from_peer": flow.replies,
@@ -211,7 +226,7 @@ impl Retransmits<'_> {
             }),
             advice: if mtu_signature {
                 "Large segments are lost on the path: compare the MTUs of the pod, the tunnel and both nodes' underlays, and make sure ICMP fragmentation-needed is not blocked.".into()
-            } else if group.stalled == 0 {
+            } else if stalled == 0 {
                 "Nothing to fix unless it keeps growing; then look for drops and congestion on the path (see the drop findings and each hop's counters).".into()
             } else {
                 "Look for drops and congestion on the path (see the drop findings and each hop's counters).".into()
@@ -358,5 +373,26 @@ mod tests {
         let finding = &End::default().findings(&detector, &path)[0];
         assert_eq!(finding.evidence["largest_segment_sent"], 1398);
         assert_eq!(finding.evidence["segment_sizes"], serde_json::json!([{"bytes": 500, "count": 1}, {"bytes": 1398, "count": 1}]));
+    }
+
+    /// A retransmission the receiver reports as a duplicate (D-SACK) was spurious, even when
+    /// the same segment went out twice with no ACK progress in between.
+    #[test]
+    fn retransmits_the_receiver_reports_as_duplicates_are_spurious() {
+        let path = local_path();
+        let mut detector = Retransmits::new(&path);
+        connection(&mut detector, &path);
+        detector.observe_kernel(&retransmit(1398));
+        detector.observe_kernel(&retransmit(1398));
+        let mut dsack = tcp(PEER, 5201, POD, 40000, 0x10, 0);
+        (dsack.tcp_ack, dsack.tcp_sack_right, dsack.ip_id) = (1 + 1398, 1 + 1398, 11);
+        Feed::new(&path).journey(&mut detector, &dsack, &BACK, 500_000);
+        let mut dsack_again = dsack.clone();
+        dsack_again.ip_id = 12;
+        Feed::new(&path).journey(&mut detector, &dsack_again, &BACK, 600_000);
+        let finding = &End::default().findings(&detector, &path)[0];
+        assert_eq!(finding.evidence["duplicates_reported_by_peer"], 2);
+        assert_eq!((finding.evidence["mtu_signature"].clone(), finding.severity), (serde_json::json!(false), Severity::Info));
+        assert!(finding.summary.contains("reported 2 of them as duplicates (D-SACK)"), "{}", finding.summary);
     }
 }
