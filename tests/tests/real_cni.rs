@@ -315,3 +315,25 @@ fn the_text_report_names_the_node() -> Result<()> {
     assert!(finished.stdout.contains("findings: none"), "{}", finished.stdout);
     Ok(())
 }
+
+/// Everything at once on a healthy lab: offloads on (GSO buffers), a promiscuous tcpdump on
+/// node A's cni0, both pods followed, and ping, TCP bulk, UDP and DNS through the Service.
+#[test]
+fn healthy_lab_with_offloads_a_capture_and_both_pods_followed_has_no_warning_or_error() -> Result<()> {
+    let lab = lab("rall");
+    let (pod_a, pod_b) = (lab.pod_a(), lab.pod_b());
+    for (ns, ifname) in [(&pod_a.netns, "eth0"), (&lab.node_a().netns, pod_a.host_veth.as_str()), (&pod_b.netns, "eth0")] {
+        traffic::set_offloads(ns, ifname, true)?;
+    }
+    let _tcpdump = traffic::promiscuous_capture(&lab.node_a().netns, "cni0")?;
+    let report = trace(&lab, &[&pod_a.ip.to_string(), &pod_b.ip.to_string()], |lab| {
+        healthy_traffic(lab)?;
+        assert_eq!(traffic::dns_query(&lab.pod_a().netns, DNS_SERVICE_IP, 3, Duration::from_secs(2))?, 3);
+        Ok(())
+    })?;
+    let serious = serious_findings(&report);
+    assert!(serious.is_empty(), "{serious:#?}");
+    // GSO buffers: few packets, many bytes.
+    assert!(report["hops"][0]["bytes"].as_u64().unwrap() > 200_000, "the traffic ran: {:#}", report["hops"][0]);
+    Ok(())
+}

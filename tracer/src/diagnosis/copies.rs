@@ -123,3 +123,42 @@ impl<K: Copy> Copies<K> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{decode::Layer, testing::*};
+
+    fn table() -> (Copies<u32>, Fingerprint) {
+        let copies = Copies::new(vec![ip(POD)]);
+        let fingerprint = copies.fingerprint(&echo(POD, PEER, 8, 1)).unwrap();
+        (copies, fingerprint)
+    }
+
+    #[test]
+    fn only_a_sighting_further_along_and_close_in_time_makes_a_copy() {
+        let (mut copies, fingerprint) = table();
+        assert!(!copies.dropped(fingerprint, 1, 1_000, 7));
+        assert!(copies.sighted(fingerprint, 1, 2_000).is_empty(), "the same step is not further");
+        assert!(copies.sighted(fingerprint, 2, WINDOW_NS + 1_000).is_empty(), "another packet, 2 s later");
+        assert_eq!(copies.sighted(fingerprint, 2, 3_000), [7]);
+        assert!(copies.sighted(fingerprint, 3, 4_000).is_empty(), "each drop is a copy once");
+        // Seen further before the drop came.
+        assert!(copies.dropped(fingerprint, 1, 5_000, 8));
+    }
+
+    #[test]
+    fn pending_drops_are_bounded_and_the_overflow_counted() {
+        let mut copies: Copies<u32> = Copies::new(vec![ip(POD)]);
+        for seq in 0..MAX_PENDING as u64 + 10 {
+            let fingerprint = copies.fingerprint(&Layer { ip_id: seq as u16, ..echo(POD, PEER, 8, (seq >> 16) as u16) }).unwrap();
+            copies.dropped(fingerprint, 1, seq, 0);
+        }
+        assert_eq!(copies.pending_len, MAX_PENDING);
+        assert_eq!(copies.unchecked, 10);
+        // Past the window, old drops are decided, not unchecked.
+        let fingerprint = copies.fingerprint(&echo(POD, PEER, 0, 9)).unwrap();
+        copies.dropped(fingerprint, 1, 3 * WINDOW_NS, 0);
+        assert_eq!((copies.pending_len, copies.unchecked), (1, 10));
+    }
+}
