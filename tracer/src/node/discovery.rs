@@ -55,18 +55,19 @@ pub async fn discover(pod_ips: &[IpAddr], overrides: &PathOverrides) -> Result<P
 
 /// Adds the veth of `peer` (the `--peer` address) when it is a pod behind the same bridge:
 /// the followed pod's packets to it leave the path there, bridged from port to port. Returns
-/// whether it was added; a remote pod, a Service IP or anything else leaves the path alone.
-pub async fn add_local_peer(path: &mut Path, peer: IpAddr) -> Result<bool> {
-    let Some(bridge) = path.hops().find(|hop| hop.kind == HopKind::Bridge).map(|hop| hop.ifindex) else { return Ok(false) };
+/// whether it was added; a remote pod, a Service IP or anything else (including an address
+/// with no path on this node) leaves the path alone.
+pub async fn add_local_peer(path: &mut Path, peer: IpAddr) -> bool {
+    let Some(bridge) = path.hops().find(|hop| hop.kind == HopKind::Bridge).map(|hop| hop.ifindex) else { return false };
     let Ok(peer_path) = with_rtnetlink(async |handle| discover_one(handle, peer, &PathOverrides::default()).await).await else {
-        return Ok(false);
+        return false;
     };
     let same_bridge = peer_path.hops().any(|hop| hop.kind == HopKind::Bridge && hop.ifindex == bridge);
     let Some(veth) = peer_path.hops().find(|hop| hop.kind == HopKind::PodVeth).filter(|_| same_bridge).cloned() else {
-        return Ok(false);
+        return false;
     };
     let Some(stage) = path.stages.iter_mut().find(|stage| stage.hops.iter().any(|hop| hop.kind == HopKind::PodVeth)) else {
-        return Ok(false);
+        return false;
     };
     if !stage.hops.iter().any(|hop| hop.ifindex == veth.ifindex) {
         stage.hops.push(veth.clone());
@@ -78,7 +79,7 @@ pub async fn add_local_peer(path: &mut Path, peer: IpAddr) -> Result<bool> {
     }
     path.warnings.extend(peer_path.warnings);
     path.pod_netnsids.extend(peer_path.pod_netnsids);
-    Ok(true)
+    true
 }
 
 /// For two or more pods (IP, veth ifindex) behind the path's bridge: why the bridge itself

@@ -5,6 +5,9 @@
 //! namespaces found here. Pods' namespaces are recognised by the namespace id that the
 //! node's veth reports for its peer (IFLA_LINK_NETNSID), matched against the id the kernel
 //! gives each candidate namespace file (RTM_GETNSID).
+//!
+//! Discovery also looks inside them: the namespace whose interfaces hold a followed pod's IP
+//! names that interface's veth peer (the pod's host-side veth) and the pod's own MTU.
 
 use std::{
     collections::{BTreeSet, HashSet},
