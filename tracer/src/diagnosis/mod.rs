@@ -27,7 +27,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use self::{
-    bond::BondDegraded, connection_reset::ConnectionReset, dns::DnsUnanswered, drop::Drops, lost_events::LostEvents, mtu::MtuMismatch,
+    bond::Bonds, connection_reset::ConnectionReset, dns::DnsUnanswered, drop::Drops, lost_events::LostEvents, mtu::MtuMismatch,
     no_reply::NoReply, pod_gone::PodGone, port_refused::PortRefused, retransmits::Retransmits, vxlan_source::VxlanSourceMismatch,
 };
 use crate::{
@@ -74,6 +74,7 @@ pub enum FindingKind {
     PodGone,
     LostEvents,
     BondDegraded,
+    BondMisconfigured,
 }
 
 impl fmt::Display for FindingKind {
@@ -91,6 +92,7 @@ impl fmt::Display for FindingKind {
             Self::PodGone => "pod-gone",
             Self::LostEvents => "lost-events",
             Self::BondDegraded => "bond-degraded",
+            Self::BondMisconfigured => "bond-misconfigured",
         })
     }
 }
@@ -180,7 +182,7 @@ pub struct Diagnosis<'a> {
     port_refused: PortRefused<'a>,
     connection_reset: ConnectionReset<'a>,
     pod_gone: PodGone<'a>,
-    bond: BondDegraded,
+    bond: Bonds<'a>,
     lost_events: LostEvents,
     /// The newest event seen: requests younger than the reply timeout by then are not judged.
     last_ns: u64,
@@ -198,7 +200,7 @@ impl<'a> Diagnosis<'a> {
             port_refused: PortRefused::new(path),
             connection_reset: ConnectionReset::new(path),
             pod_gone: PodGone::new(path),
-            bond: BondDegraded,
+            bond: Bonds::new(path),
             lost_events: LostEvents::default(),
             last_ns: 0,
         }
