@@ -337,3 +337,24 @@ fn healthy_lab_with_offloads_a_capture_and_both_pods_followed_has_no_warning_or_
     assert!(report["hops"][0]["bytes"].as_u64().unwrap() > 200_000, "the traffic ran: {:#}", report["hops"][0]);
     Ok(())
 }
+
+/// Pod B, followed on node B, refuses pod A's connection to a port nothing listens on: the
+/// followed server pod's refusal, named with the client.
+#[test]
+fn a_followed_server_pod_refusing_a_client_is_port_refused() -> Result<()> {
+    let lab = lab("rsrv");
+    let (pod_a, pod_b) = (lab.pod_a().ip.to_string(), lab.pod_b().ip.to_string());
+    let report = trace_on(&lab, &lab.node_b().netns, &[&pod_b], |lab| {
+        // The client fails: that is the refusal.
+        traffic::tcp_send(&lab.pod_a().netns, lab.pod_b().ip, 9, 10, 10, Duration::from_secs(2))?;
+        Ok(())
+    })?;
+    let refused: Vec<_> = report["findings"].as_array().unwrap().iter().filter(|f| f["kind"] == "port-refused").collect();
+    assert_eq!(refused.len(), 1, "{:#}", report["findings"]);
+    let finding = refused[0];
+    assert_eq!(finding["hop"], lab.pod_b().host_veth.as_str());
+    assert_eq!((&finding["evidence"]["peer"], &finding["evidence"]["from"]), (&Value::from(pod_b.clone()), &Value::from(pod_a.clone())));
+    assert_eq!((&finding["evidence"]["port"], &finding["evidence"]["count"]), (&Value::from(9), &Value::from(1)));
+    assert!(finding["summary"].as_str().unwrap().starts_with(&format!("{pod_b} port 9/tcp refused {pod_a}'s packets")), "{finding:#}");
+    Ok(())
+}

@@ -1,4 +1,4 @@
-//! TCP connection attempts of the followed pods still waiting for an answer, shared by the
+//! TCP connection attempts of or to the followed pods still waiting for an answer, shared by the
 //! port-refused and connection-reset detectors: a RST that answers a pending attempt is a
 //! refusal (nothing listens there); any other RST resets a connection that was set up, or
 //! one that the other side already gave up on.
@@ -16,7 +16,7 @@ use crate::events::{
 /// What a RST is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rst {
-    /// It answered a connection attempt of a followed pod.
+    /// It answered a connection attempt, of a followed pod or to one.
     Refusal,
     /// Any other.
     Reset,
@@ -24,7 +24,8 @@ pub enum Rst {
 
 #[derive(Default)]
 pub struct Attempts {
-    /// (pod, pod port) of each SYN sent and not yet answered by a SYN-ACK or RST.
+    /// (address, port) that sent each SYN to or from a followed pod not yet answered by a
+    /// SYN-ACK or RST.
     pending: HashSet<(IpAddr, u16)>,
 }
 
@@ -37,27 +38,28 @@ impl Attempts {
             return None;
         }
         let (syn, ack, rst) = (layer.tcp_flags & TCP_SYN != 0, layer.tcp_flags & TCP_ACK != 0, layer.tcp_flags & TCP_RST != 0);
-        let from_pod = (layer.src, layer.sport);
-        let to_pod = (layer.dst, layer.dport);
-        if syn && !ack && follows(layer.src) {
+        let from = (layer.src, layer.sport);
+        let to = (layer.dst, layer.dport);
+        // Attempts both ways: a followed server pod refuses its clients too.
+        if syn && !ack && (follows(layer.src) || follows(layer.dst)) {
             if self.pending.len() < MAX_REQUESTS {
-                self.pending.insert(from_pod);
+                self.pending.insert(from);
             }
             return None;
         }
         if syn && ack {
-            self.pending.remove(&to_pod);
+            self.pending.remove(&to);
             return None;
         }
         if !rst {
             return None;
         }
         // A refusal acknowledges the SYN it answers.
-        if ack && follows(layer.dst) && self.pending.remove(&to_pod) {
+        if ack && self.pending.remove(&to) {
             return Some(Rst::Refusal);
         }
-        // A pod that resets its own attempt gave up on it.
-        self.pending.remove(&from_pod);
+        // A side that resets its own attempt gave up on it.
+        self.pending.remove(&from);
         Some(Rst::Reset)
     }
 }

@@ -19,7 +19,8 @@ use crate::{
     node::Path,
 };
 
-/// (peer, protocol, port, pod) of a refused connection.
+/// (refusing side, protocol, its port, side whose packets were refused) of a refusal; one of
+/// the two is a followed pod.
 type Refusal = (IpAddr, u8, u16, IpAddr);
 
 pub struct PortRefused<'a> {
@@ -37,17 +38,19 @@ impl<'a> PortRefused<'a> {
 
 impl Detector for PortRefused<'_> {
     fn observe_packet(&mut self, packet: &Packet, sighting: Option<&Sighting>) {
-        // A reply crosses several hops: count it once, where first seen. With both ends
-        // followed, the refusing side is a followed pod too.
+        // A reply crosses several hops: count it once, where first seen. The refusing side is
+        // the peer, or a followed server pod refusing its clients.
         let layer = packet.pod_layer();
         let rst = self.attempts.observe(layer, sighting, |ip| self.path.follows(ip));
         let first_sighting = sighting.is_some_and(|s| s.previous.is_none());
-        if !first_sighting || !self.path.follows(layer.dst) {
+        if !first_sighting || !(self.path.follows(layer.dst) || self.path.follows(layer.src)) {
             return;
         }
         let key = match (layer.proto, layer.icmp_type, layer.icmp_code) {
-            // Port unreachable (ICMP 3/3, ICMPv6 1/4) names the refused port in its quote.
-            (IPPROTO_ICMP, 3, 3) | (IPPROTO_ICMPV6, 1, 4) => {
+            // Port unreachable (ICMP 3/3, ICMPv6 1/4) names the refused port in its quote. Only
+            // to the pod: one from the pod is as likely its answer to a late reply to a
+            // client socket it already closed (a DNS answer after the resolver gave up).
+            (IPPROTO_ICMP, 3, 3) | (IPPROTO_ICMPV6, 1, 4) if self.path.follows(layer.dst) => {
                 ((layer.src, layer.quoted_proto, layer.quoted_dport, layer.dst), "ICMP port unreachable")
             }
             (IPPROTO_TCP, ..) if rst == Some(Rst::Refusal) => ((layer.src, IPPROTO_TCP, layer.sport, layer.dst), "TCP RST"),
@@ -61,15 +64,21 @@ impl Detector for PortRefused<'_> {
     fn findings(&self, _end: &TraceEnd<'_>) -> Vec<Finding> {
         self.refused
             .iter()
-            .map(|(((peer, proto, port, pod), how), count)| {
+            .map(|(((peer, proto, port, from), how), count)| {
                 let proto = proto_name(*proto);
                 let listing = if proto == "udp" { "ss -lunp" } else { "ss -ltnp" };
+                // Whose packets: the followed pod's, or a client's that a followed pod refused.
+                let (pod, whose) = if self.path.follows(*from) {
+                    (*from, if self.path.follows(*peer) { format!("{from}'s") } else { "the pod's".to_string() })
+                } else {
+                    (*peer, format!("{from}'s"))
+                };
                 Finding {
                     kind: FindingKind::PortRefused,
                     severity: Severity::Error,
-                    hop: self.path.hop(self.path.entry(*pod).ifindex).map(|hop| hop.ifname.clone()),
-                    summary: format!("{peer} port {port}/{proto} refused the pod's packets ({how}, {count} times): nothing listens there."),
-                    evidence: json!({ "peer": peer, "port": port, "proto": proto, "signal": how, "count": count }),
+                    hop: self.path.hop(self.path.entry(pod).ifindex).map(|hop| hop.ifname.clone()),
+                    summary: format!("{peer} port {port}/{proto} refused {whose} packets ({how}, {count} times): nothing listens there."),
+                    evidence: json!({ "peer": peer, "port": port, "proto": proto, "signal": how, "count": count, "from": from }),
                     advice: format!(
                         "Check that the server on {peer} listens on {proto} port {port} ({listing} in that pod) and that the Service's targetPort matches."
                     ),
@@ -166,5 +175,35 @@ mod tests {
         // A RST/ACK to an ephemeral port that sent no SYN: the client had given up.
         feed.journey(&mut detector, &tcp(PEER, 80, POD, 40001, TCP_RST | 0x10, 0), &BACK, 30_000);
         assert!(End::default().findings(&detector, &path).is_empty());
+    }
+
+    /// A followed server pod refusing a client's connection attempt: nothing listens on the
+    /// pod's port. Its port unreachable may answer a late reply to a socket it closed: no
+    /// refusal.
+    #[test]
+    fn a_followed_pod_refusing_its_clients_is_a_refusal() {
+        let path = local_path();
+        let mut detector = PortRefused::new(&path);
+        let mut feed = Feed::new(&path);
+        feed.journey(&mut detector, &tcp(PEER, 40000, POD, 8080, TCP_SYN, 0), &BACK, 0);
+        feed.journey(&mut detector, &tcp(POD, 8080, PEER, 40000, TCP_RST | 0x10, 0), &OUT, 10_000);
+        let quote = Layer {
+            icmp_type: 3,
+            icmp_code: 3,
+            quoted_proto: IPPROTO_UDP,
+            quoted_sport: 40000,
+            quoted_dport: 7000,
+            ..echo(POD, PEER, 3, 0)
+        };
+        feed.journey(&mut detector, &quote, &OUT, 20_000);
+        let findings = End::default().findings(&detector, &path);
+        assert_eq!(findings.len(), 1, "{findings:#?}");
+        for (finding, port) in findings.iter().zip([8080]) {
+            assert_eq!((finding.kind, finding.hop.as_deref()), (FindingKind::PortRefused, Some("veth1")));
+            assert_eq!((&finding.evidence["peer"], &finding.evidence["from"]), (&serde_json::json!(POD), &serde_json::json!(PEER)));
+            assert_eq!(finding.evidence["port"], port);
+            assert!(finding.summary.starts_with(&format!("{POD} port {port}/")), "{}", finding.summary);
+            assert!(finding.summary.contains(&format!("refused {PEER}'s packets")), "{}", finding.summary);
+        }
     }
 }
