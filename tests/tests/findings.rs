@@ -62,7 +62,9 @@ fn firewall_drop_on_node_b_names_the_reason_and_the_hop() -> Result<()> {
     let drop = one(&report, "drop");
     assert_shape(drop);
     assert_eq!(drop["severity"], "error");
-    assert_eq!(drop["evidence"]["reason"], "NETFILTER_DROP");
+    // Kernels before 5.17 (5.10 in the VM suite) give no reason, and kernel_sources says so.
+    let reasons_known = !report["kernel_sources"]["drops"].as_str().unwrap().contains("without drop reasons");
+    assert_eq!(drop["evidence"]["reason"], if reasons_known { "NETFILTER_DROP" } else { "reason unknown on this kernel" });
     assert_eq!(drop["hop"], "flannel.1");
     assert_eq!(drop["evidence"]["direction"], "ingress");
     // nf_hook_slow with legacy iptables, nft_do_chain with iptables-nft.
@@ -154,7 +156,11 @@ fn pod_mtu_above_the_tunnel_with_icmp_blocked_is_a_blackhole() -> Result<()> {
     assert_eq!(oversized["evidence"]["largest_packet"], 1500);
     assert_eq!(oversized["evidence"]["next_hop"], "flannel.1");
     assert_eq!(oversized["evidence"]["next_hop_mtu"], 1450);
-    assert!(oversized["evidence"]["icmp_frag_needed_sent"].as_u64().unwrap() > 0, "{oversized:#}");
+    // Where the kernel has no icmp:icmp_send (5.10), whether any was sent is unknown: null.
+    match report["kernel_sources"]["icmp_errors"].as_str().unwrap().starts_with("unavailable") {
+        false => assert!(oversized["evidence"]["icmp_frag_needed_sent"].as_u64().unwrap() > 0, "{oversized:#}"),
+        true => assert!(oversized["evidence"]["icmp_frag_needed_sent"].is_null(), "{oversized:#}"),
+    }
     assert!(oversized["evidence"]["icmp_frag_needed_dropped"].as_u64().unwrap() > 0, "{oversized:#}");
     assert_eq!(oversized["evidence"]["blackhole"], true);
     Ok(())

@@ -135,6 +135,9 @@ pub struct TraceEnd<'b> {
     /// Tracepoint runs the kernel skipped because one was already running on that CPU
     /// (None: this kernel does not report it).
     pub recursion_misses: Option<u64>,
+    /// Whether the ICMP errors the kernel sends were observed (`icmp:icmp_send` attached):
+    /// without it, "none was sent" is unknown.
+    pub icmp_send_observed: bool,
     /// Receive/transmit drop counters of each hop: how much they grew during the trace. A
     /// hop with none disappeared: its counters could not be read at the end.
     pub link_drops: &'b HashMap<u32, LinkDrops>,

@@ -51,7 +51,8 @@ pub struct MtuMismatch<'a> {
 /// traffic showed that they needed to.
 #[derive(Clone, Copy)]
 struct IcmpState {
-    sent: u64,
+    /// None where the kernel has no `icmp:icmp_send`: whether any was sent is unknown.
+    sent: Option<u64>,
     dropped: u64,
     /// Packets too large for their next hop, with Don't Fragment set, were seen (or, for a
     /// tunnel, its underlay dropped received frames).
@@ -60,21 +61,26 @@ struct IcmpState {
 
 impl IcmpState {
     fn blackhole(self) -> bool {
-        self.dropped > 0 || (self.traffic && self.sent == 0)
+        self.dropped > 0 || (self.traffic && self.sent == Some(0))
     }
 
     fn describe(self) -> String {
         let Self { sent, dropped, traffic } = self;
-        if dropped > 0 {
-            format!(
+        match (sent, dropped > 0, traffic) {
+            (Some(sent), true, _) => format!(
                 "{sent} ICMP fragmentation-needed messages were generated but {dropped} were dropped before reaching the pod: a blackhole"
-            )
-        } else if sent > 0 {
-            format!("{sent} ICMP fragmentation-needed messages were sent back")
-        } else if traffic {
-            "no ICMP fragmentation-needed was sent, so senders never learn the smaller MTU: a blackhole".to_string()
-        } else {
-            "configuration only: no packet too large for its next hop was seen during the trace".to_string()
+            ),
+            (None, true, _) => {
+                format!("{dropped} ICMP fragmentation-needed messages were dropped before reaching the pod: a blackhole")
+            }
+            (Some(sent), false, _) if sent > 0 => format!("{sent} ICMP fragmentation-needed messages were sent back"),
+            (Some(_), false, true) => {
+                "no ICMP fragmentation-needed was sent, so senders never learn the smaller MTU: a blackhole".to_string()
+            }
+            (None, false, true) => "whether ICMP fragmentation-needed was sent cannot be observed on this kernel (no icmp:icmp_send \
+                                    tracepoint); if these packets are never delivered, senders are not learning the smaller MTU"
+                .to_string(),
+            (_, false, false) => "configuration only: no packet too large for its next hop was seen during the trace".to_string(),
         }
     }
 }
@@ -84,8 +90,8 @@ impl<'a> MtuMismatch<'a> {
         Self { path, oversized: BTreeMap::new(), frag_needed_sent: 0, frag_needed_dropped: 0 }
     }
 
-    fn icmp(&self, traffic: bool) -> IcmpState {
-        IcmpState { sent: self.frag_needed_sent, dropped: self.frag_needed_dropped, traffic }
+    fn icmp(&self, traffic: bool, end: &TraceEnd<'_>) -> IcmpState {
+        IcmpState { sent: end.icmp_send_observed.then_some(self.frag_needed_sent), dropped: self.frag_needed_dropped, traffic }
     }
 
     /// Whether any packet too large for its next hop had Don't Fragment set.
@@ -115,7 +121,7 @@ impl<'a> MtuMismatch<'a> {
                 continue;
             }
             let drops = end.link_drops.get(&underlay.ifindex).copied().unwrap_or_default();
-            let icmp = self.icmp(self.unfragmentable_seen() || drops.rx_dropped + drops.rx_length_errors > 0);
+            let icmp = self.icmp(self.unfragmentable_seen() || drops.rx_dropped + drops.rx_length_errors > 0, end);
             findings.push(Finding {
                 kind: FindingKind::MtuMismatch,
                 severity: Severity::Error,
@@ -143,12 +149,12 @@ impl<'a> MtuMismatch<'a> {
 
     /// A pod's own MTU above the tunnel's: the pod sends packets the tunnel cannot carry.
     /// A host-side veth or bridge MTU above it: what only other senders can cause.
-    fn pod_side_findings(&self) -> Vec<Finding> {
+    fn pod_side_findings(&self, end: &TraceEnd<'_>) -> Vec<Finding> {
         let Some(tunnel) = self.path.hops().filter(|h| h.kind == HopKind::Vxlan).min_by_key(|h| h.mtu) else { return Vec::new() };
         let mut findings = Vec::new();
         for hop in self.path.hops().filter(|h| matches!(h.kind, HopKind::PodVeth | HopKind::Bridge)) {
             match &hop.pod_end {
-                Some(pod_end) if pod_end.mtu > tunnel.mtu => findings.push(self.pod_mtu_finding(hop, pod_end, tunnel)),
+                Some(pod_end) if pod_end.mtu > tunnel.mtu => findings.push(self.pod_mtu_finding(hop, pod_end, tunnel, end)),
                 _ if hop.mtu > tunnel.mtu => findings.push(self.host_side_finding(hop, tunnel)),
                 _ => {}
             }
@@ -156,8 +162,8 @@ impl<'a> MtuMismatch<'a> {
         findings
     }
 
-    fn pod_mtu_finding(&self, hop: &Hop, pod_end: &PodEnd, tunnel: &Hop) -> Finding {
-        let icmp = self.icmp(self.unfragmentable_seen());
+    fn pod_mtu_finding(&self, hop: &Hop, pod_end: &PodEnd, tunnel: &Hop, end: &TraceEnd<'_>) -> Finding {
+        let icmp = self.icmp(self.unfragmentable_seen(), end);
         Finding {
             kind: FindingKind::MtuMismatch,
             severity: if icmp.blackhole() { Severity::Error } else { Severity::Warning },
@@ -215,14 +221,14 @@ impl<'a> MtuMismatch<'a> {
     }
 
     /// Traffic: wire-sized packets larger than the next hop's MTU.
-    fn oversized_findings(&self) -> Vec<Finding> {
+    fn oversized_findings(&self, end: &TraceEnd<'_>) -> Vec<Finding> {
         self.oversized
             .iter()
             .filter_map(|(hop, oversized)| {
                 let name = &self.path.hop(hop.ifindex)?.ifname;
                 let next = self.next_mtu(*hop)?;
                 let direction = hop.direction;
-                let icmp = self.icmp(oversized.dont_fragment > 0);
+                let icmp = self.icmp(oversized.dont_fragment > 0, end);
                 let fate = if oversized.dont_fragment == 0 {
                     "none had Don't Fragment set, so the kernel fragments them".to_string()
                 } else {
@@ -322,8 +328,8 @@ impl Detector for MtuMismatch<'_> {
 
     fn findings(&self, end: &TraceEnd<'_>) -> Vec<Finding> {
         let mut findings = self.tunnel_findings(end);
-        findings.extend(self.pod_side_findings());
-        findings.extend(self.oversized_findings());
+        findings.extend(self.pod_side_findings(end));
+        findings.extend(self.oversized_findings(end));
         // Receive drops only point at the MTU when nothing more specific did.
         if findings.is_empty() {
             findings.extend(self.underlay_drop_findings(end));
@@ -422,6 +428,20 @@ mod tests {
         let findings = End::default().findings(&detector, &path);
         let pod = findings.iter().find(|f| f.hop.as_deref() == Some("veth1")).unwrap();
         assert_eq!((pod.severity, pod.evidence["blackhole"].clone()), (Severity::Error, json!(true)));
+    }
+
+    /// Without icmp:icmp_send (5.10) "no fragmentation-needed was sent" is unknown: no
+    /// blackhole is claimed on that alone.
+    #[test]
+    fn unobservable_icmp_is_unknown_not_none() {
+        let path = host_side_1500(1500);
+        let mut detector = MtuMismatch::new(&path);
+        Feed::new(&path).journey(&mut detector, &ping_of(1500), &OUT[..2], 0);
+        let findings = End { icmp_send_missing: true, ..Default::default() }.findings(&detector, &path);
+        let traffic = findings.iter().find(|f| f.evidence["largest_packet"].is_number()).unwrap();
+        assert_eq!((traffic.evidence["icmp_frag_needed_sent"].clone(), traffic.evidence["blackhole"].clone()), (json!(null), json!(false)));
+        assert!(traffic.summary.contains("cannot be observed on this kernel"), "{}", traffic.summary);
+        assert!(findings.iter().all(|f| f.severity == Severity::Warning), "{findings:#?}");
     }
 
     #[test]

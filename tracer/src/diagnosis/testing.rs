@@ -53,6 +53,8 @@ pub struct End {
     pub symbols: Option<KernelSymbols>,
     pub decode_errors: DecodeErrors,
     pub recursion_misses: Option<u64>,
+    /// The kernel has no `icmp:icmp_send` (5.10).
+    pub icmp_send_missing: bool,
     /// `link_drops` with every other hop of the path that did not vanish, as a trace reads them;
     /// filled by `trace_end` (public only so that tests can build an `End` with `..Default::default()`).
     pub all_link_drops: OnceLock<HashMap<u32, LinkDrops>>,
@@ -74,6 +76,7 @@ impl End {
             kernel_ring_bytes: 4096,
             decode_errors: &self.decode_errors,
             recursion_misses: self.recursion_misses,
+            icmp_send_observed: !self.icmp_send_missing,
             link_drops,
             final_path: path,
             drop_reasons: &self.drop_reasons,

@@ -78,6 +78,7 @@ async fn diagnose_and_report(options: &FollowOptions, kernel: &KernelFacts, path
         kernel_ring_bytes: options.kernel_ring_bytes,
         decode_errors: &decode_errors,
         recursion_misses: run.recursion_misses,
+        icmp_send_observed: run.sources.icmp_send_attached,
         link_drops: &link_drops,
         final_path: &final_path,
         drop_reasons: &kernel.drop_reasons,

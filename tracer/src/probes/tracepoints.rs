@@ -22,6 +22,9 @@ pub struct KernelSources {
     pub drops: String,
     pub retransmits: String,
     pub icmp_errors: String,
+    /// `icmp:icmp_send` is attached: the ICMP errors the kernel sends are seen.
+    #[serde(skip)]
+    pub icmp_send_attached: bool,
 }
 
 impl Probes {
@@ -60,13 +63,14 @@ impl Probes {
         } else {
             "unavailable: no tcp:tcp_retransmit_skb tracepoint".into()
         };
-        let icmp_errors = if formats.icmp_send.is_some() {
+        let icmp_send_attached = formats.icmp_send.is_some();
+        let icmp_errors = if icmp_send_attached {
             self.attach_tracepoint("podtrace_icmp_send", "icmp", "icmp_send")?;
             "tracepoint icmp:icmp_send".into()
         } else {
-            "unavailable: no icmp:icmp_send tracepoint on this kernel".into()
+            "unavailable: no icmp:icmp_send tracepoint on this kernel, so whether ICMP errors were sent is unknown".into()
         };
-        Ok(KernelSources { drops, retransmits, icmp_errors })
+        Ok(KernelSources { drops, retransmits, icmp_errors, icmp_send_attached })
     }
 
     /// How often the kernel skipped a tracepoint program because it was already running on
