@@ -181,7 +181,7 @@ impl Packet {
 
 /// Ring records that could not be decoded: how many, and the first one's error, for the
 /// report (a record podtrace's own programs wrote should always decode).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct DecodeErrors {
     pub count: u64,
     pub first: Option<String>,

@@ -90,6 +90,8 @@ async fn diagnose_and_report(options: &FollowOptions, kernel: &KernelFacts, path
         kernel_sources: run.sources,
         duration_s: run.duration_s,
         counters: run.counters,
+        recursion_misses: run.recursion_misses,
+        decode_errors,
         vanished: &vanished,
     };
     Ok(Followed { report: report::build(&final_path, &correlator, facts, outcome), detach_error: run.detach_error })

@@ -12,7 +12,7 @@ pub use self::text::render_text;
 use crate::{
     Direction,
     diagnosis::{Finding, Outcome},
-    events::correlate::Correlator,
+    events::{correlate::Correlator, decode::DecodeErrors},
     node::{
         HopKey, HopKind, Locality, Path,
         bond::{BondState, SlaveState},
@@ -64,6 +64,12 @@ pub struct Report {
     pub findings: Vec<Finding>,
     pub lost_events: u64,
     pub unparsed: u64,
+    /// Kernel events (drops, retransmits, ICMP errors) their ring had no room for.
+    pub lost_kernel_events: u64,
+    /// Tracepoint runs the kernel skipped (null: this kernel does not say).
+    pub recursion_misses: Option<u64>,
+    /// Ring records that could not be decoded, and the first one's error.
+    pub decode_errors: DecodeErrors,
     /// Packets the kernel matched (each crossing of each hop counts once).
     pub events: u64,
 }
@@ -75,6 +81,8 @@ pub struct RunFacts<'a> {
     pub kernel_sources: KernelSources,
     pub duration_s: f64,
     pub counters: Counters,
+    pub recursion_misses: Option<u64>,
+    pub decode_errors: DecodeErrors,
     pub vanished: &'a [u32],
 }
 
@@ -117,6 +125,9 @@ pub fn build(path: &Path, correlator: &Correlator, facts: RunFacts<'_>, outcome:
         findings: outcome.findings,
         lost_events: facts.counters.lost_events,
         unparsed: facts.counters.unparsed,
+        lost_kernel_events: facts.counters.lost_kernel_events,
+        recursion_misses: facts.recursion_misses,
+        decode_errors: facts.decode_errors,
         events: facts.counters.matched,
     }
 }
@@ -135,17 +146,23 @@ mod tests {
             attach_mode: "tcx".into(),
             kernel_sources: KernelSources::default(),
             duration_s: 1.23456,
-            counters: Counters { lost_events: 2, unparsed: 1, ..Default::default() },
+            counters: Counters { lost_events: 2, unparsed: 1, lost_kernel_events: 4, ..Default::default() },
+            recursion_misses: None,
+            decode_errors: DecodeErrors { count: 1, first: Some("ring record with unknown direction 9".into()) },
             vanished: &[3],
         };
         let outcome = Outcome { findings: vec![], drops: Default::default(), retransmits: Default::default() };
         let report = build(&path, &correlator, facts, outcome);
         let json = serde_json::to_value(&report).unwrap();
-        for key in ["pod_ip", "node", "duration_s", "hops", "findings", "lost_events", "unparsed"] {
+        for key in ["pod_ip", "node", "duration_s", "hops", "findings", "lost_events", "unparsed", "lost_kernel_events", "recursion_misses"]
+        {
             assert!(json.get(key).is_some(), "missing {key}");
         }
         assert_eq!(json["duration_s"], 1.235);
         assert_eq!(json["lost_events"], 2);
+        assert_eq!(json["lost_kernel_events"], 4);
+        assert!(json["recursion_misses"].is_null(), "unknown on this kernel, not 0");
+        assert_eq!(json["decode_errors"], serde_json::json!({"count": 1, "first": "ring record with unknown direction 9"}));
         let first = &json["hops"][0];
         for key in ["ifname", "ifindex", "kind", "direction", "mtu", "packets", "bytes", "max_len", "latency_us", "drops", "retransmits"] {
             assert!(first.get(key).is_some(), "hop missing {key}");
@@ -159,6 +176,11 @@ mod tests {
         let text = render_text(&report);
         assert!(text.contains("flannel.1 (gone)"));
         assert!(text.starts_with("podtrace report for 10.244.0.2 (local pod) on node node-a — "), "{text}");
-        assert!(text.contains("lost events: 2, unparsed packets: 1"));
+        assert!(
+            text.contains(
+                "lost events: 2, unparsed packets: 1, lost kernel events: 4, skipped tracepoint runs: unknown, undecodable records: 1"
+            ),
+            "{text}"
+        );
     }
 }

@@ -24,7 +24,11 @@ pub fn render_text(report: &Report) -> String {
             ));
         }
     }
-    out.push_str(&format!("\nlost events: {}, unparsed packets: {}\n", report.lost_events, report.unparsed));
+    let skipped = report.recursion_misses.map_or("unknown".to_string(), |misses| misses.to_string());
+    out.push_str(&format!(
+        "\nlost events: {}, unparsed packets: {}, lost kernel events: {}, skipped tracepoint runs: {skipped}, undecodable records: {}\n",
+        report.lost_events, report.unparsed, report.lost_kernel_events, report.decode_errors.count
+    ));
     out.push_str(&findings(report));
     out
 }
