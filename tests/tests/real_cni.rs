@@ -356,5 +356,8 @@ fn a_followed_server_pod_refusing_a_client_is_port_refused() -> Result<()> {
     assert_eq!((&finding["evidence"]["peer"], &finding["evidence"]["from"]), (&Value::from(pod_b.clone()), &Value::from(pod_a.clone())));
     assert_eq!((&finding["evidence"]["port"], &finding["evidence"]["count"]), (&Value::from(9), &Value::from(1)));
     assert!(finding["summary"].as_str().unwrap().starts_with(&format!("{pod_b} port 9/tcp refused {pod_a}'s packets")), "{finding:#}");
+    // The SYN pod B's kernel answered with the RST is that refusal, not also a drop.
+    let others: Vec<_> = serious_findings(&report).into_iter().filter(|f| f["kind"] != "port-refused").collect();
+    assert!(others.is_empty(), "{others:#?}");
     Ok(())
 }

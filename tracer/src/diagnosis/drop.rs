@@ -10,7 +10,7 @@ use std::{
 };
 
 use serde_json::json;
-use tracer_common::{DROP_REASON_UNKNOWN, IPPROTO_ICMP, IPPROTO_ICMPV6};
+use tracer_common::{DROP_REASON_UNKNOWN, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP};
 
 use super::{Detector, Finding, FindingKind, MAX_GROUPS, Severity, TraceEnd, copies::Copies};
 use crate::{
@@ -27,6 +27,8 @@ use crate::{
 struct DropGroup {
     /// ICMP echo replies: ping reads them from a raw socket, which gets a clone.
     echo_reply: bool,
+    /// TCP segments: one that no socket wants is answered with a RST.
+    tcp: bool,
     count: u64,
     /// Of `count`, packets seen further along the path: copies of packets that went on.
     copies: u64,
@@ -102,7 +104,7 @@ impl<'a> Drops<'a> {
             .collect();
         names.into_iter().filter(move |judged| {
             let to_gone_pod = judged.key.5.is_some_and(|pod| end.pod_gone(pod));
-            !to_gone_pod && !is_normal_consumption(&judged.reason, &judged.function, judged.group.echo_reply)
+            !to_gone_pod && !is_normal_consumption(&judged.reason, &judged.function, judged.group)
         })
     }
 
@@ -158,6 +160,7 @@ impl Detector for Drops<'_> {
         if group.example.is_empty() {
             group.example = layer.describe();
             group.echo_reply = matches!((layer.proto, layer.icmp_type), (IPPROTO_ICMP, 0) | (IPPROTO_ICMPV6, 129));
+            group.tcp = layer.proto == IPPROTO_TCP;
         }
     }
 
@@ -220,7 +223,8 @@ impl Drops<'_> {
             severity: Severity::Info,
             hop: hop.map(|hop| hop.ifname.clone()),
             summary: format!(
-                "{count} copies of the flow's packets were freed {} ({reason} in {function}): {why}. Nothing was lost.",
+                "{count} copies of the flow's packets{} were freed {} ({reason} in {function}): {why}. Nothing was lost.",
+                key.5.map(|pod| format!(" to {pod}")).unwrap_or_default(),
                 self.place(*key)
             ),
             evidence: self.evidence(judged, count, end),
@@ -235,14 +239,19 @@ const UNKNOWN_REASON: &str = "reason unknown on this kernel";
 /// Frees that are the kernel's normal work, not losses: the reason says "not a drop" or the
 /// function is a known consumer that still uses the generic free. Where the kernel gives no
 /// reason, the function alone decides, as for NOT_SPECIFIED.
-fn is_normal_consumption(reason: &str, function: &str, echo_reply: bool) -> bool {
+fn is_normal_consumption(reason: &str, function: &str, group: &DropGroup) -> bool {
     // A socket's queues purged when it closes: packets delivered, never read.
     if matches!(reason, "NOT_DROPPED_YET" | "CONSUMED" | "QUEUE_PURGE" | "SOCKET_CLOSE") {
         return true;
     }
     // Echo replies are delivered to raw sockets (ping) as clones; the original is then freed
     // because no ICMP datagram socket wants it (in ping_rcv, or icmp_rcv where it is inlined).
-    if matches!(reason, "NO_SOCKET" | UNKNOWN_REASON) && echo_reply {
+    if matches!(reason, "NO_SOCKET" | UNKNOWN_REASON) && group.echo_reply {
+        return true;
+    }
+    // A TCP segment no socket wants is answered with a RST, which port-refused (an attempt)
+    // or connection-reset (any other segment) reports.
+    if reason == "NO_SOCKET" && group.tcp {
         return true;
     }
     matches!(reason, "NOT_SPECIFIED" | UNKNOWN_REASON)
@@ -331,6 +340,8 @@ mod tests {
         let path = local_path();
         let mut detector = Drops::new(&path, NODE_NS);
         detector.observe_kernel(&drop(2, SKB_RELEASE_DATA, tcp(POD, 40000, PEER, 80, 0x10, 100), 5, NODE_NS));
+        // Answered with a RST: port-refused or connection-reset says so.
+        detector.observe_kernel(&drop(5, 0, tcp(PEER, 40000, POD, 9, 0x02, 0), 0, NODE_NS + 1));
         // ping's raw socket got a clone of the echo reply; the original has no socket.
         detector.observe_kernel(&drop(5, ICMP_RCV, echo(PEER, POD, 0, 1), 0, NODE_NS));
         assert!(detector.any());

@@ -77,7 +77,7 @@ impl Detector for PortRefused<'_> {
                     kind: FindingKind::PortRefused,
                     severity: Severity::Error,
                     hop: self.path.hop(self.path.entry(pod).ifindex).map(|hop| hop.ifname.clone()),
-                    summary: format!("{peer} port {port}/{proto} refused {whose} packets ({how}, {count} times): nothing listens there."),
+                    summary: format!("{peer} port {port}/{proto} refused {whose} packets ({how}, {}): nothing listens there.", times(*count)),
                     evidence: json!({ "peer": peer, "port": port, "proto": proto, "signal": how, "count": count, "from": from }),
                     advice: format!(
                         "Check that the server on {peer} listens on {proto} port {port} ({listing} in that pod) and that the Service's targetPort matches."
@@ -86,6 +86,10 @@ impl Detector for PortRefused<'_> {
             })
             .collect()
     }
+}
+
+fn times(count: u64) -> String {
+    if count == 1 { "once".to_string() } else { format!("{count} times") }
 }
 
 #[cfg(test)]

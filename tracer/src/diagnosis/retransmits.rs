@@ -35,8 +35,10 @@ const MAX_SEGMENTS: usize = 1_024;
 #[derive(Clone, Debug, Default)]
 struct RetransmitGroup {
     count: u64,
-    /// Wire segment payload sizes and how often each was retransmitted.
-    sizes: BTreeMap<u32, u64>,
+    /// Retransmitted skb lengths (a GSO buffer can hold several segments) and how often each
+    /// was retransmitted; made wire sizes at the end, when the flow's segment size is known
+    /// (the kernel events can arrive before the packets that preceded them).
+    skb_lens: BTreeMap<u32, u64>,
     /// Per retransmitted sequence number: the peer's ACK advances when it was last retransmitted.
     segments: HashMap<u32, u64>,
     /// Retransmissions of a segment already retransmitted, with no ACK progress in between.
@@ -143,14 +145,10 @@ impl Detector for Retransmits<'_> {
             return;
         }
         let flow = self.tcp_flows.get(&key).copied().unwrap_or_default();
-        let size = match flow.largest_segment {
-            0 => record.skb_len,
-            largest => record.skb_len.min(largest),
-        };
         let group = self.groups.entry(key).or_default();
         group.count += 1;
-        if group.sizes.len() < 64 || group.sizes.contains_key(&size) {
-            *group.sizes.entry(size).or_default() += 1;
+        if group.skb_lens.len() < 64 || group.skb_lens.contains_key(&record.skb_len) {
+            *group.skb_lens.entry(record.skb_len).or_default() += 1;
         }
         if let Some(advances) = group.segments.get(&seq)
             && *advances == flow.ack_advances
@@ -182,8 +180,12 @@ impl Retransmits<'_> {
         let (src, sport, dst, dport) = key;
         let flow = self.tcp_flows.get(&key).copied().unwrap_or_default();
         let largest = flow.largest_segment;
-        let max_retransmitted = group.sizes.keys().max().copied().unwrap_or(0);
-        let min_retransmitted = group.sizes.keys().min().copied().unwrap_or(0);
+        let mut sizes: BTreeMap<u32, u64> = BTreeMap::new();
+        for (skb_len, count) in &group.skb_lens {
+            *sizes.entry(if largest == 0 { *skb_len } else { (*skb_len).min(largest) }).or_default() += count;
+        }
+        let max_retransmitted = sizes.keys().max().copied().unwrap_or(0);
+        let min_retransmitted = sizes.keys().min().copied().unwrap_or(0);
         // The same full-size segments (within 10% of the largest the flow sent) retransmitted
         // again without the peer acknowledging anything new, while the peer kept answering
         // the small ones (handshake, ACKs, short writes).
@@ -192,7 +194,10 @@ impl Retransmits<'_> {
         let spurious = flow.duplicates_reported.min(group.count);
         let stalled = if spurious >= group.count { 0 } else { group.stalled };
         let mtu_signature = full_size_only && stalled > 0 && flow.replies > 0;
-        let mut summary = format!("{} segments of {src}:{sport} > {dst}:{dport} were retransmitted", group.count);
+        let mut summary = match group.count {
+            1 => format!("1 segment of {src}:{sport} > {dst}:{dport} was retransmitted"),
+            count => format!("{count} segments of {src}:{sport} > {dst}:{dport} were retransmitted"),
+        };
         if mtu_signature {
             summary.push_str(&format!(
                 "; only full-size segments ({min_retransmitted}-{max_retransmitted} bytes) were retransmitted, again and again without ACK progress, while small ones got through: the MTU signature"
@@ -202,8 +207,9 @@ impl Retransmits<'_> {
                 "; the receiver reported {spurious} of them as duplicates (D-SACK): spurious retransmissions after reordering or a late ACK, nothing was lost"
             ));
         } else if stalled == 0 {
+            summary.push_str(if group.count == 1 { " once" } else { ", each once," });
             summary.push_str(
-                ", each once, and the peer's acknowledgements moved on: TCP recovered (reordering or an isolated loss), nothing was lost for good",
+                " and the peer's acknowledgements moved on: TCP recovered (reordering or an isolated loss), nothing was lost for good",
             );
         } else {
             summary.push_str(&format!("; {stalled} were retransmissions of the same segments without ACK progress"));
@@ -219,7 +225,7 @@ impl Retransmits<'_> {
                 "retransmits": group.count,
                 "repeated_without_ack_progress": stalled,
                 "duplicates_reported_by_peer": flow.duplicates_reported,
-                "segment_sizes": group.sizes.iter().map(|(size, count)| json!({"bytes": size, "count": count})).collect::<Vec<_>>(),
+                "segment_sizes": sizes.iter().map(|(size, count)| json!({"bytes": size, "count": count})).collect::<Vec<_>>(),
                 "largest_segment_sent": largest,
                 "packets_back_from_peer": flow.replies,
                 "mtu_signature": mtu_signature,
@@ -337,7 +343,13 @@ mod tests {
         let finding = &End::default().findings(&detector, &path)[0];
         assert_eq!(finding.evidence["mtu_signature"], false, "{finding:#?}");
         assert_eq!(finding.severity, Severity::Info, "TCP recovered");
-        assert!(finding.summary.contains("each once, and the peer's acknowledgements moved on"), "{}", finding.summary);
+        assert!(
+            finding.summary.contains(
+                "1 segment of 10.244.0.2:40000 > 10.244.1.2:5201 was retransmitted once and the peer's acknowledgements moved on"
+            ),
+            "{}",
+            finding.summary
+        );
     }
 
     #[test]
@@ -364,11 +376,12 @@ mod tests {
         let mut detector = Retransmits::new(&path);
         let mut feed = Feed::new(&path);
         // A GSO buffer of 16 segments of 1398 bytes crosses the pod's veth.
+        // Its retransmission's event comes first: the rings are read in either order.
+        detector.observe_kernel(&retransmit_of(7, 16 * 1398));
         let mut bulk = packet(tcp(POD, 40000, PEER, 5201, 0x10, 16 * 1398), 5, Direction::Ingress, 0);
         (bulk.gso_size, bulk.gso_segs) = (1398, 16);
         feed.packet(&mut detector, &bulk);
         ack(&mut feed, &mut detector, 1, 3);
-        detector.observe_kernel(&retransmit_of(7, 16 * 1398));
         detector.observe_kernel(&retransmit_of(9, 500));
         let finding = &End::default().findings(&detector, &path)[0];
         assert_eq!(finding.evidence["largest_segment_sent"], 1398);
