@@ -60,7 +60,10 @@ impl Detector for NoReply<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::{super::testing::*, *};
+    use super::{
+        super::{MAX_REQUESTS, testing::*},
+        *,
+    };
     use crate::{
         Direction,
         events::decode::Layer,
@@ -214,5 +217,40 @@ mod tests {
         // Its own reply answers it.
         feed.journey(&mut detector, &Layer { ip_id: 98, ..echo(PEER, second, 0, 1) }, &back_second, 200_000);
         assert!(End { end_ns: 5 * TIMEOUT, ..Default::default() }.findings(&detector, &path).is_empty());
+    }
+
+    /// Far more requests than the table holds, over more than a reply timeout: answered ones
+    /// are settled away, so none goes untracked and no finding appears.
+    #[test]
+    fn a_busy_pod_never_fills_the_request_table() {
+        let path = local_path();
+        let mut detector = NoReply::new(&path, TIMEOUT);
+        let mut feed = Feed::new(&path);
+        let requests = 3 * MAX_REQUESTS as u64;
+        for seq in 0..requests {
+            let at = seq * 100_000;
+            feed.journey(&mut detector, &ping(seq as u16), &OUT, at);
+            feed.journey(&mut detector, &echo(PEER, POD, 0, seq as u16), &BACK, at + 50_000);
+        }
+        assert_eq!(detector.untracked(), 0);
+        assert!(End { end_ns: requests * 100_000 + 5 * TIMEOUT, ..Default::default() }.findings(&detector, &path).is_empty());
+    }
+
+    /// Unanswered requests beyond the table's size are settled into their group, not lost:
+    /// the finding counts every one of them.
+    #[test]
+    fn settled_unanswered_requests_are_still_reported() {
+        let path = local_path();
+        let mut detector = NoReply::new(&path, TIMEOUT);
+        let mut feed = Feed::new(&path);
+        let requests = MAX_REQUESTS as u64 + 3_000;
+        for seq in 0..requests {
+            feed.journey(&mut detector, &ping(seq as u16), &OUT, seq * 200_000);
+        }
+        assert_eq!(detector.untracked(), 0);
+        let findings = End { end_ns: requests * 200_000 + 5 * TIMEOUT, ..Default::default() }.findings(&detector, &path);
+        assert_eq!(findings.len(), 1, "{findings:#?}");
+        assert_eq!(findings[0].evidence["requests"], requests);
+        assert_eq!(findings[0].evidence["last_hop"], "eth0 egress");
     }
 }

@@ -9,7 +9,7 @@ use std::{
 use serde_json::{Value, json};
 use tracer_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
 
-use super::{MAX_REQUESTS, TCP_ACK};
+use super::{MAX_GROUPS, MAX_REQUESTS, TCP_ACK};
 use crate::{
     events::{
         correlate::{Fingerprint, Flow, Sighting},
@@ -79,19 +79,81 @@ impl Unanswered {
     }
 }
 
+/// Unanswered requests of one kind to one peer and port, folded together: the live ones a
+/// report summarises, and the settled ones the table no longer holds.
+#[derive(Clone, Debug, Default)]
+struct Group {
+    requests: usize,
+    packets: u64,
+    hops: BTreeSet<HopKey>,
+    dnat_to: BTreeSet<(IpAddr, u16)>,
+}
+
+impl Group {
+    fn add(&mut self, request: &Request) {
+        self.requests += 1;
+        self.packets += request.packets;
+        self.hops.extend(request.hops.iter().copied());
+        self.dnat_to.extend(request.dnat_to);
+    }
+}
+
+type GroupKey = (RequestKind, IpAddr, u16);
+
 pub struct RequestTracker<'a> {
     path: &'a Path,
     kinds: &'static [RequestKind],
     reply_timeout_ns: u64,
+    /// Requests still within their reply timeout, or not yet settled.
     requests: HashMap<RequestKey, Request>,
     by_fingerprint: HashMap<Fingerprint, RequestKey>,
-    /// Requests not tracked because the table was full.
+    /// Requests past their reply timeout and unanswered, folded per kind, peer and port, so
+    /// the table holds only those still waiting: a busy pod never fills it.
+    settled: BTreeMap<GroupKey, Group>,
+    /// When requests were last settled.
+    settled_at_ns: u64,
+    /// Requests not tracked because the table was full of requests still waiting, or whose
+    /// group did not fit among the settled ones.
     untracked: u64,
 }
 
 impl<'a> RequestTracker<'a> {
     pub fn new(path: &'a Path, kinds: &'static [RequestKind], reply_timeout_ns: u64) -> Self {
-        Self { path, kinds, reply_timeout_ns, requests: HashMap::new(), by_fingerprint: HashMap::new(), untracked: 0 }
+        Self {
+            path,
+            kinds,
+            reply_timeout_ns,
+            requests: HashMap::new(),
+            by_fingerprint: HashMap::new(),
+            settled: BTreeMap::new(),
+            settled_at_ns: 0,
+            untracked: 0,
+        }
+    }
+
+    /// Removes the requests whose reply timeout has passed: answered ones are done, and
+    /// unanswered ones join their group of settled ones. At most a few times per reply
+    /// timeout, since it walks the table.
+    fn settle(&mut self, now: u64) {
+        if now.saturating_sub(self.settled_at_ns) < self.reply_timeout_ns / 4 {
+            return;
+        }
+        self.settled_at_ns = now;
+        let cutoff = now.saturating_sub(self.reply_timeout_ns);
+        let due: Vec<RequestKey> = self.requests.iter().filter(|(_, request)| request.first_ns <= cutoff).map(|(key, _)| *key).collect();
+        for key in due {
+            let Some(request) = self.requests.remove(&key) else { continue };
+            if request.answered {
+                continue;
+            }
+            let group_key = (key.kind, request.peer, request.peer_port);
+            if self.settled.len() < MAX_GROUPS || self.settled.contains_key(&group_key) {
+                self.settled.entry(group_key).or_default().add(&request);
+            } else {
+                self.untracked += 1;
+            }
+        }
+        self.by_fingerprint.retain(|_, key| self.requests.contains_key(key));
     }
 
     pub fn untracked(&self) -> u64 {
@@ -127,6 +189,9 @@ impl<'a> RequestTracker<'a> {
             return;
         }
         let Some(key) = request_key(layer).filter(|key| self.kinds.contains(&key.kind)) else { return };
+        if self.requests.len() >= MAX_REQUESTS || self.by_fingerprint.len() >= 4 * MAX_REQUESTS {
+            self.settle(now);
+        }
         if let Some(request) = self.requests.get_mut(&key) {
             request.packets += 1;
         } else if self.requests.len() < MAX_REQUESTS {
@@ -171,28 +236,27 @@ impl<'a> RequestTracker<'a> {
     }
 
     /// Requests still unanswered a reply timeout before `end_ns` (younger ones may yet be
-    /// answered), grouped by kind, peer and port.
+    /// answered), grouped by kind, peer and port, with those settled earlier.
     pub fn unanswered(&self, end_ns: u64) -> Vec<Unanswered> {
-        let settled = end_ns.saturating_sub(self.reply_timeout_ns);
-        let mut groups: BTreeMap<(RequestKind, IpAddr, u16), Vec<&Request>> = BTreeMap::new();
+        let cutoff = end_ns.saturating_sub(self.reply_timeout_ns);
+        let mut groups = self.settled.clone();
         for (key, request) in &self.requests {
-            if !request.answered && request.first_ns <= settled {
-                groups.entry((key.kind, request.peer, request.peer_port)).or_default().push(request);
+            if !request.answered && request.first_ns <= cutoff {
+                groups.entry((key.kind, request.peer, request.peer_port)).or_default().add(request);
             }
         }
-        groups.into_iter().map(|((kind, peer, port), requests)| self.summarise(kind, peer, port, &requests)).collect()
+        groups.into_iter().map(|((kind, peer, port), group)| self.summarise(kind, peer, port, &group)).collect()
     }
 
-    fn summarise(&self, kind: RequestKind, peer: IpAddr, port: u16, requests: &[&Request]) -> Unanswered {
-        let reach = Reach::of(self.path, requests.iter().flat_map(|r| r.hops.iter().copied()));
+    fn summarise(&self, kind: RequestKind, peer: IpAddr, port: u16, group: &Group) -> Unanswered {
+        let reach = Reach::of(self.path, group.hops.iter().copied());
         let seen_labels = reach.seen_labels(self.path);
         let first_missing = reach.first_missing(self.path);
         let last_label = seen_labels.last().cloned();
-        let dnat_to: Vec<String> =
-            requests.iter().filter_map(|r| r.dnat_to).map(|(ip, p)| format!("{ip}:{p}")).collect::<BTreeSet<_>>().into_iter().collect();
+        let dnat_to: Vec<String> = group.dnat_to.iter().map(|(ip, p)| format!("{ip}:{p}")).collect();
         let evidence = json!({
-            "requests": requests.len(),
-            "packets": requests.iter().map(|r| r.packets).sum::<u64>(),
+            "requests": group.requests,
+            "packets": group.packets,
             "peer": peer,
             "port": port,
             "last_hop": last_label,
@@ -215,7 +279,7 @@ impl<'a> RequestTracker<'a> {
             _ => "no hop saw them".to_string(),
         };
         let last_hop = reach.seen.last().and_then(|(_, key)| self.path.hop(key.ifindex)).map(|hop| hop.ifname.clone());
-        Unanswered { kind, peer, port, requests: requests.len(), evidence, reach: reach_text, last_hop, dnat_to }
+        Unanswered { kind, peer, port, requests: group.requests, evidence, reach: reach_text, last_hop, dnat_to }
     }
 }
 
