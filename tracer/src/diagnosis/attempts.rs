@@ -27,6 +27,8 @@ pub struct Attempts {
     /// (address, port) that sent each SYN to or from a followed pod not yet answered by a
     /// SYN-ACK or RST.
     pending: HashSet<(IpAddr, u16)>,
+    /// Attempts not tracked because `pending` was full.
+    pub untracked: u64,
 }
 
 impl Attempts {
@@ -44,6 +46,8 @@ impl Attempts {
         if syn && !ack && (follows(layer.src) || follows(layer.dst)) {
             if self.pending.len() < MAX_REQUESTS {
                 self.pending.insert(from);
+            } else {
+                self.untracked += 1;
             }
             return None;
         }

@@ -8,7 +8,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 use serde_json::json;
 
 use super::{
-    Detector, Finding, FindingKind, MAX_GROUPS, Severity, TraceEnd,
+    Detector, Finding, FindingKind, LeftOut, MAX_GROUPS, Severity, TraceEnd,
     attempts::{Attempts, Rst},
 };
 use crate::{
@@ -24,11 +24,13 @@ pub struct ConnectionReset<'a> {
     attempts: Attempts,
     /// RSTs per flow, counted once each (where first seen).
     resets: BTreeMap<ResetFlow, u64>,
+    /// Resets of flows beyond the table's bound.
+    left_out: u64,
 }
 
 impl<'a> ConnectionReset<'a> {
     pub fn new(path: &'a Path) -> Self {
-        Self { path, attempts: Attempts::default(), resets: BTreeMap::new() }
+        Self { path, attempts: Attempts::default(), resets: BTreeMap::new(), left_out: 0 }
     }
 }
 
@@ -41,7 +43,13 @@ impl Detector for ConnectionReset<'_> {
         let key = (layer.src, layer.sport, layer.dst, layer.dport);
         if self.resets.len() < MAX_GROUPS || self.resets.contains_key(&key) {
             *self.resets.entry(key).or_default() += 1;
+        } else {
+            self.left_out += 1;
         }
+    }
+
+    fn left_out(&self) -> Vec<LeftOut> {
+        vec![LeftOut { what: "connection resets (more reset flows than the table holds)", count: self.left_out }]
     }
 
     fn findings(&self, _end: &TraceEnd<'_>) -> Vec<Finding> {

@@ -2,7 +2,7 @@
 //! was DNATed to a backend at any hop: never DNATed means the node lacks the Service rules.
 
 use super::{
-    Detector, Finding, FindingKind, Severity, TraceEnd,
+    Detector, Finding, FindingKind, LeftOut, Severity, TraceEnd,
     requests::{RequestKind, RequestTracker},
 };
 use crate::{
@@ -18,15 +18,15 @@ impl<'a> DnsUnanswered<'a> {
     pub fn new(path: &'a Path, reply_timeout_ns: u64) -> Self {
         Self { requests: RequestTracker::new(path, &[RequestKind::Dns], reply_timeout_ns) }
     }
-
-    pub fn untracked(&self) -> u64 {
-        self.requests.untracked()
-    }
 }
 
 impl Detector for DnsUnanswered<'_> {
     fn observe_packet(&mut self, packet: &Packet, sighting: Option<&Sighting>) {
         self.requests.observe(packet, sighting);
+    }
+
+    fn left_out(&self) -> Vec<LeftOut> {
+        vec![LeftOut { what: "DNS queries (the request table was full)", count: self.requests.untracked() }]
     }
 
     fn findings(&self, end: &TraceEnd<'_>) -> Vec<Finding> {

@@ -12,7 +12,7 @@ use std::{
 use serde_json::json;
 use tracer_common::{DROP_REASON_UNKNOWN, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP};
 
-use super::{Detector, Finding, FindingKind, MAX_GROUPS, Severity, TraceEnd, copies::Copies};
+use super::{Detector, Finding, FindingKind, LeftOut, MAX_GROUPS, Severity, TraceEnd, copies::Copies};
 use crate::{
     Direction,
     events::{
@@ -48,6 +48,8 @@ pub struct Drops<'a> {
     own_netns: u32,
     groups: BTreeMap<GroupKey, DropGroup>,
     copies: Copies<GroupKey>,
+    /// Drops of kinds and places beyond the table's bound.
+    left_out: u64,
 }
 
 /// A group the end of the trace judged a real drop, with its names resolved.
@@ -68,7 +70,7 @@ impl Judged<'_> {
 impl<'a> Drops<'a> {
     pub fn new(path: &'a Path, own_netns: u32) -> Self {
         let followed = path.entries.iter().map(|entry| entry.pod_ip).collect();
-        Self { path, own_netns, groups: BTreeMap::new(), copies: Copies::new(followed) }
+        Self { path, own_netns, groups: BTreeMap::new(), copies: Copies::new(followed), left_out: 0 }
     }
 
     pub fn any(&self) -> bool {
@@ -130,6 +132,10 @@ impl<'a> Drops<'a> {
 }
 
 impl Detector for Drops<'_> {
+    fn left_out(&self) -> Vec<LeftOut> {
+        vec![LeftOut { what: "drops (more kinds and places of drop than the table holds)", count: self.left_out }]
+    }
+
     fn observe_packet(&mut self, packet: &Packet, sighting: Option<&Sighting>) {
         let Some(sighting) = sighting else { return };
         let Some(step) = self.path.step_of(HopKey { ifindex: packet.ifindex, direction: packet.direction }) else { return };
@@ -146,6 +152,7 @@ impl Detector for Drops<'_> {
         let to_pod = self.path.follows(layer.dst).then_some(layer.dst);
         let key = (reason, location, record.ifindex, record.received, record.netns, to_pod);
         if self.groups.len() >= MAX_GROUPS && !self.groups.contains_key(&key) {
+            self.left_out += 1;
             return;
         }
         let step = self.hop_of(key).and_then(|hop| self.path.step_of(hop));
@@ -456,5 +463,16 @@ mod tests {
         assert!(detector.per_hop(&gone.trace_end(&path)).is_empty());
         // While the pod is there, the firewall drop is one.
         assert_eq!(end().findings(&detector, &path).iter().filter(|f| f.kind == FindingKind::Drop).count(), 1);
+    }
+
+    /// The group table is bounded; what does not fit is counted, for lost-events to report.
+    #[test]
+    fn drops_beyond_the_table_are_counted_as_left_out() {
+        let path = local_path();
+        let mut detector = Drops::new(&path, NODE_NS);
+        for location in 0..MAX_GROUPS as u64 + 5 {
+            detector.observe_kernel(&drop(9, NF_HOOK_SLOW + location, tcp(PEER, 8080, POD, 40000, 0x12, 0), 3, NODE_NS));
+        }
+        assert_eq!(detector.left_out()[0].count, 5);
     }
 }

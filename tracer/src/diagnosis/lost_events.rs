@@ -3,12 +3,12 @@
 
 use serde_json::json;
 
-use super::{Detector, Finding, FindingKind, MAX_REQUESTS, Severity, TraceEnd};
+use super::{Detector, Finding, FindingKind, LeftOut, MAX_GROUPS, MAX_REQUESTS, Severity, TraceEnd};
 
 #[derive(Default)]
 pub struct LostEvents {
-    /// Requests the request trackers had no room for, set when the trace ends.
-    pub untracked_requests: u64,
+    /// What the other detectors' bounded tables had no room for, set when the trace ends.
+    pub left_out: Vec<LeftOut>,
 }
 
 impl LostEvents {
@@ -77,21 +77,28 @@ impl LostEvents {
         })
     }
 
-    fn untracked_finding(&self) -> Option<Finding> {
-        (self.untracked_requests > 0).then(|| Finding {
+    fn left_out_finding(&self) -> Option<Finding> {
+        let left_out: Vec<&LeftOut> = self.left_out.iter().filter(|left_out| left_out.count > 0).collect();
+        if left_out.is_empty() {
+            return None;
+        }
+        let listed: Vec<String> = left_out.iter().map(|left_out| format!("{} {}", left_out.count, left_out.what)).collect();
+        let evidence: serde_json::Map<String, serde_json::Value> =
+            left_out.iter().map(|left_out| (left_out.what.to_string(), json!(left_out.count))).collect();
+        Some(Finding {
             kind: FindingKind::LostEvents,
             severity: Severity::Warning,
             hop: None,
-            summary: format!("{} requests were not tracked: the request table was full.", self.untracked_requests),
-            evidence: json!({ "untracked_requests": self.untracked_requests, "table_size": MAX_REQUESTS }),
-            advice: "Narrow the trace with --peer, --port or --proto.".into(),
+            summary: format!("The findings are incomplete: podtrace's bounded tables left out {}.", listed.join(", ")),
+            evidence: json!({ "left_out": evidence, "table_sizes": { "requests": MAX_REQUESTS, "groups": MAX_GROUPS } }),
+            advice: "Narrow the trace with --peer, --port or --proto, or trace for a shorter time.".into(),
         })
     }
 }
 
 impl Detector for LostEvents {
     fn findings(&self, end: &TraceEnd<'_>) -> Vec<Finding> {
-        self.kernel_finding(end).into_iter().chain(self.untracked_finding()).collect()
+        self.kernel_finding(end).into_iter().chain(self.left_out_finding()).collect()
     }
 }
 
@@ -147,10 +154,12 @@ mod tests {
     fn one_unparsed_packet_or_untracked_request_is_enough() {
         let path = local_path();
         let end = End { counters: Counters { unparsed: 1, ..Default::default() }, ..Default::default() };
-        let findings = end.findings(&LostEvents { untracked_requests: 1 }, &path);
+        let left_out = vec![LeftOut { what: "DNS queries (the request table was full)", count: 1 }];
+        let findings = end.findings(&LostEvents { left_out }, &path);
         assert_eq!(findings.len(), 2);
         assert!(findings[0].summary.contains("1 packets could not be parsed"));
         assert!(findings[0].advice.contains("tcpdump"));
-        assert_eq!(findings[1].evidence["untracked_requests"], 1);
+        assert_eq!(findings[1].evidence["left_out"]["DNS queries (the request table was full)"], 1);
+        assert!(findings[1].summary.contains("left out 1 DNS queries"), "{}", findings[1].summary);
     }
 }

@@ -163,6 +163,18 @@ pub trait Detector {
     fn observe_packet(&mut self, _packet: &Packet, _sighting: Option<&Sighting>) {}
     fn observe_kernel(&mut self, _record: &KernelRecord) {}
     fn findings(&self, end: &TraceEnd<'_>) -> Vec<Finding>;
+    /// What its bounded tables had to leave out: the report must say so.
+    fn left_out(&self) -> Vec<LeftOut> {
+        Vec::new()
+    }
+}
+
+/// Events a detector's bounded table had no room for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeftOut {
+    /// What was left out, plural: "TCP connection attempts", "drops".
+    pub what: &'static str,
+    pub count: u64,
 }
 
 /// The findings, and the per-hop counts the report shows beside the packet counts.
@@ -264,7 +276,8 @@ impl<'a> Diagnosis<'a> {
     pub fn finish(mut self, end: TraceEnd<'_>) -> Outcome {
         // Events can carry timestamps a little past the moment the trace was stopped.
         let end = TraceEnd { end_ns: end.end_ns.max(self.last_ns), ..end };
-        self.lost_events.untracked_requests = self.no_reply.untracked() + self.dns.untracked();
+        let left_out: Vec<LeftOut> = self.detectors().iter().flat_map(|detector| detector.left_out()).filter(|l| l.count > 0).collect();
+        self.lost_events.left_out = left_out;
         let mut findings: Vec<Finding> = self.detectors().iter().flat_map(|detector| detector.findings(&end)).collect();
         findings.sort_by_key(|finding| std::cmp::Reverse(finding.severity));
         Outcome { findings, drops: self.drops.per_hop(&end), retransmits: self.retransmits.per_hop() }

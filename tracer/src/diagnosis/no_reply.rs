@@ -2,7 +2,7 @@
 //! within the reply timeout. Names the last hop they reached and the first that never saw them.
 
 use super::{
-    Detector, Finding, FindingKind, Severity, TraceEnd,
+    Detector, Finding, FindingKind, LeftOut, Severity, TraceEnd,
     requests::{RequestKind, RequestTracker},
 };
 use crate::{
@@ -20,15 +20,15 @@ impl<'a> NoReply<'a> {
     pub fn new(path: &'a Path, reply_timeout_ns: u64) -> Self {
         Self { path, requests: RequestTracker::new(path, &[RequestKind::Echo, RequestKind::TcpSyn], reply_timeout_ns), reply_timeout_ns }
     }
-
-    pub fn untracked(&self) -> u64 {
-        self.requests.untracked()
-    }
 }
 
 impl Detector for NoReply<'_> {
     fn observe_packet(&mut self, packet: &Packet, sighting: Option<&Sighting>) {
         self.requests.observe(packet, sighting);
+    }
+
+    fn left_out(&self) -> Vec<LeftOut> {
+        vec![LeftOut { what: "echo requests and TCP connection attempts (the request table was full)", count: self.requests.untracked() }]
     }
 
     fn findings(&self, end: &TraceEnd<'_>) -> Vec<Finding> {
@@ -232,7 +232,7 @@ mod tests {
             feed.journey(&mut detector, &ping(seq as u16), &OUT, at);
             feed.journey(&mut detector, &echo(PEER, POD, 0, seq as u16), &BACK, at + 50_000);
         }
-        assert_eq!(detector.untracked(), 0);
+        assert!(detector.left_out().iter().all(|left_out| left_out.count == 0));
         assert!(End { end_ns: requests * 100_000 + 5 * TIMEOUT, ..Default::default() }.findings(&detector, &path).is_empty());
     }
 
@@ -247,7 +247,7 @@ mod tests {
         for seq in 0..requests {
             feed.journey(&mut detector, &ping(seq as u16), &OUT, seq * 200_000);
         }
-        assert_eq!(detector.untracked(), 0);
+        assert!(detector.left_out().iter().all(|left_out| left_out.count == 0));
         let findings = End { end_ns: requests * 200_000 + 5 * TIMEOUT, ..Default::default() }.findings(&detector, &path);
         assert_eq!(findings.len(), 1, "{findings:#?}");
         assert_eq!(findings[0].evidence["requests"], requests);

@@ -8,7 +8,7 @@ use serde_json::json;
 use tracer_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP};
 
 use super::{
-    Detector, Finding, FindingKind, MAX_GROUPS, Severity, TraceEnd,
+    Detector, Finding, FindingKind, LeftOut, MAX_GROUPS, Severity, TraceEnd,
     attempts::{Attempts, Rst},
 };
 use crate::{
@@ -28,11 +28,13 @@ pub struct PortRefused<'a> {
     attempts: Attempts,
     /// How often each refusal came, per signal ("TCP RST", "ICMP port unreachable").
     refused: BTreeMap<(Refusal, &'static str), u64>,
+    /// Refusals of peers and ports beyond the table's bound.
+    left_out: u64,
 }
 
 impl<'a> PortRefused<'a> {
     pub fn new(path: &'a Path) -> Self {
-        Self { path, attempts: Attempts::default(), refused: BTreeMap::new() }
+        Self { path, attempts: Attempts::default(), refused: BTreeMap::new(), left_out: 0 }
     }
 }
 
@@ -58,7 +60,16 @@ impl Detector for PortRefused<'_> {
         };
         if self.refused.len() < MAX_GROUPS || self.refused.contains_key(&key) {
             *self.refused.entry(key).or_default() += 1;
+        } else {
+            self.left_out += 1;
         }
+    }
+
+    fn left_out(&self) -> Vec<LeftOut> {
+        vec![
+            LeftOut { what: "refusals (more refused peers and ports than the table holds)", count: self.left_out },
+            LeftOut { what: "TCP connection attempts (the attempt table was full)", count: self.attempts.untracked },
+        ]
     }
 
     fn findings(&self, _end: &TraceEnd<'_>) -> Vec<Finding> {
