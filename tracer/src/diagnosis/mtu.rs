@@ -121,14 +121,25 @@ impl<'a> MtuMismatch<'a> {
                 continue;
             }
             let drops = end.link_drops.get(&underlay.ifindex).copied().unwrap_or_default();
-            let icmp = self.icmp(self.unfragmentable_seen() || drops.rx_dropped + drops.rx_length_errors > 0, end);
+            let received_dropped = drops.rx_dropped + drops.rx_length_errors;
+            let icmp = self.icmp(self.unfragmentable_seen() || received_dropped > 0, end);
+            // A frame too large for the interface that receives it is dropped there, and a
+            // receiving interface sends no ICMP error: lost, whatever the senders' ICMP.
+            let blackhole = icmp.blackhole() || received_dropped > 0;
+            let fate = match received_dropped {
+                0 => icmp.describe(),
+                dropped => format!(
+                    "{} dropped {dropped} received frames during the trace, and a receiving interface sends no ICMP error: a blackhole",
+                    underlay.ifname
+                ),
+            };
             findings.push(Finding {
                 kind: FindingKind::MtuMismatch,
                 severity: Severity::Error,
                 hop: Some(hop.ifname.clone()),
                 summary: format!(
-                    "{} has MTU {} but its underlay {} has MTU {}: encapsulated full-size packets ({} bytes) cannot fit; {}.",
-                    hop.ifname, hop.mtu, underlay.ifname, underlay.mtu, hop.mtu + overhead, icmp.describe()
+                    "{} has MTU {} but its underlay {} has MTU {}: encapsulated full-size packets ({} bytes) cannot fit; {fate}.",
+                    hop.ifname, hop.mtu, underlay.ifname, underlay.mtu, hop.mtu + overhead
                 ),
                 evidence: json!({
                     "tunnel": hop.ifname, "tunnel_mtu": hop.mtu,
@@ -136,7 +147,7 @@ impl<'a> MtuMismatch<'a> {
                     "encapsulation_overhead": overhead,
                     "underlay_rx_dropped_during_trace": drops.rx_dropped,
                     "icmp_frag_needed_sent": icmp.sent,
-                    "blackhole": icmp.blackhole(),
+                    "blackhole": blackhole,
                 }),
                 advice: format!(
                     "Set {}'s MTU to at most {} (underlay MTU minus {overhead}), or raise {}'s MTU to {}; every node's underlay must carry the same MTU.",
@@ -365,6 +376,11 @@ mod tests {
         assert_eq!(finding.evidence["underlay_mtu"], 1499);
         assert_eq!(finding.evidence["underlay_rx_dropped_during_trace"], 7);
         assert_eq!(finding.evidence["blackhole"], true, "no fragmentation-needed was sent");
+        // Frames dropped by the receiving underlay are lost whatever the kernel can say of ICMP.
+        let end = End { icmp_send_missing: true, ..end };
+        let finding = &end.findings(&MtuMismatch::new(&path), &path)[0];
+        assert_eq!((finding.evidence["blackhole"].clone(), finding.evidence["icmp_frag_needed_sent"].clone()), (json!(true), json!(null)));
+        assert!(finding.summary.contains("eth0 dropped 7 received frames"), "{}", finding.summary);
     }
 
     fn pod_end(mtu: u32) -> Option<PodEnd> {
