@@ -311,7 +311,7 @@ fn the_text_report_names_the_node() -> Result<()> {
     assert!(finished.status.success(), "{}", finished.stderr);
     let header = finished.stdout.lines().next().unwrap_or_default();
     assert!(header.starts_with(&format!("podtrace report for {pod_a} (local pod) on node k8s-node-a — ")), "{}", finished.stdout);
-    assert!(!finished.stdout.contains("Local pod"), "{}", finished.stdout);
+    assert!(!finished.stdout.contains("Local pod") && !finished.stderr.contains("Local pod"), "{}{}", finished.stderr, finished.stdout);
     assert!(finished.stdout.contains("findings: none"), "{}", finished.stdout);
     Ok(())
 }

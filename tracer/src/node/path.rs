@@ -96,6 +96,16 @@ pub enum Locality {
     Remote,
 }
 
+impl std::fmt::Display for Locality {
+    /// "local pod" or "remote pod", one spelling wherever it is printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Local => "local pod",
+            Self::Remote => "remote pod",
+        })
+    }
+}
+
 /// Where one followed IP's packets enter the path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Entry {
@@ -215,7 +225,7 @@ impl Path {
 
     /// The path as printed before tracing starts.
     pub fn describe(&self) -> String {
-        let mut text = format!("podtrace: path of {} ({:?} pod):\n", self.pod_ip, self.locality);
+        let mut text = format!("podtrace: path of {} ({}):\n", self.pod_ip, self.locality);
         for hop in self.hops() {
             text.push_str(&format!(
                 "  {:<16} {:<10} ifindex {:<4} mtu {:<5} from-pod {}",

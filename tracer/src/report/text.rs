@@ -1,17 +1,13 @@
 //! The report as text: a table of hops in travel order, the bonds, and the findings.
 
 use super::{HopReport, Report};
-use crate::{Direction, node::Locality};
+use crate::Direction;
 
 /// The human-readable report.
 pub fn render_text(report: &Report) -> String {
-    let locality = match report.locality {
-        Locality::Local => "local pod",
-        Locality::Remote => "remote pod",
-    };
     let mut out = format!(
-        "podtrace report for {} ({locality}) on node {} — {:.1} s, {} events, attach {}\n\n",
-        report.pod_ip, report.node, report.duration_s, report.events, report.attach_mode
+        "podtrace report for {} ({}) on node {} — {:.1} s, {} events, attach {}\n\n",
+        report.pod_ip, report.locality, report.node, report.duration_s, report.events, report.attach_mode
     );
     out.push_str(&hop_table(report));
     for hop in report.hops.iter().filter(|hop| hop.direction == Direction::Egress) {
