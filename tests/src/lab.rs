@@ -47,6 +47,12 @@ pub struct LabSpec {
     /// Make node A's underlay `bond0` in this mode (e.g. `active-backup`, `balance-xor`)
     /// over two links, `eth0` and `eth1`. Needs the bonding module.
     pub bond_a: Option<String>,
+    /// With `bond_a`: its `miimon` (0 turns MII monitoring off) and `xmit_hash_policy`.
+    pub bond_a_miimon: u32,
+    pub bond_a_xmit_hash_policy: String,
+    /// With `bond_a`: the switch speaks LACP, each of its ports to node A a port-channel of
+    /// its own, as two switches that are not stacked: the bond's slaves see two partners.
+    pub bond_a_partner_per_port: bool,
 }
 
 impl Default for LabSpec {
@@ -59,6 +65,9 @@ impl Default for LabSpec {
             vxlan_mtu: 1450,
             pods_per_node: 1,
             bond_a: None,
+            bond_a_miimon: 100,
+            bond_a_xmit_hash_policy: "layer3+4".into(),
+            bond_a_partner_per_port: false,
         }
     }
 }
@@ -194,7 +203,30 @@ impl Lab {
             for (link, ifname) in links.iter().enumerate() {
                 let port = format!("port{index}{link}");
                 run(&["ip", "-n", ns, "link", "add", ifname, "type", "veth", "peer", "name", &port, "netns", &sw])?;
-                run(&["ip", "-n", &sw, "link", "set", &port, "master", "br0", "up"])?;
+                if bond_mode.is_some() && spec.bond_a_partner_per_port {
+                    let channel = format!("lacp{link}");
+                    run(&[
+                        "ip",
+                        "-n",
+                        &sw,
+                        "link",
+                        "add",
+                        &channel,
+                        "type",
+                        "bond",
+                        "mode",
+                        "802.3ad",
+                        "lacp_rate",
+                        "fast",
+                        "miimon",
+                        "100",
+                    ])?;
+                    run(&["ip", "-n", &sw, "link", "set", &port, "master", &channel])?;
+                    run(&["ip", "-n", &sw, "link", "set", &channel, "master", "br0", "up"])?;
+                    run(&["ip", "-n", &sw, "link", "set", &port, "up"])?;
+                } else {
+                    run(&["ip", "-n", &sw, "link", "set", &port, "master", "br0", "up"])?;
+                }
                 wire_like(ns, ifname)?;
                 wire_like(&sw, &port)?;
             }
@@ -211,9 +243,9 @@ impl Lab {
                     "mode",
                     mode,
                     "miimon",
-                    "100",
+                    &spec.bond_a_miimon.to_string(),
                     "xmit_hash_policy",
-                    "layer3+4",
+                    &spec.bond_a_xmit_hash_policy,
                 ])?;
                 for ifname in links {
                     run(&["ip", "-n", ns, "link", "set", ifname, "master", "bond0"])?;
