@@ -212,37 +212,40 @@ pub fn fetch(prefix: &str) -> Result<Kernel> {
     Ok(Kernel { package, version, release, vmlinuz, modules })
 }
 
-/// The release, the kernel image and the module tree, in `/boot` + `/lib/modules` (older
-/// packages) or all under `/usr/lib/modules/<release>` (newer ones).
+/// The release, the kernel image and the module tree. Older packages put the image in
+/// `/boot` and modules in `/lib/modules`; newer ones keep modules (and, when split, the image
+/// too) under `/usr/lib/modules/<release>`.
 fn locate(tree: &Path) -> Result<(String, PathBuf, PathBuf)> {
-    if let Some(vmlinuz) = fs::read_dir(tree.join("boot"))
+    let boot_image = fs::read_dir(tree.join("boot"))
         .into_iter()
         .flatten()
         .flatten()
         .map(|entry| entry.path())
-        .find(|path| path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
-    {
-        let release = vmlinuz.file_name().unwrap_or_default().to_string_lossy().trim_start_matches("vmlinuz-").to_string();
-        let modules = tree.join("lib/modules").join(&release);
-        depmod(tree, &release, &modules)?;
-        return Ok((release, vmlinuz, modules));
-    }
-    let modules_root = tree.join("usr/lib/modules");
-    let modules = fs::read_dir(&modules_root)
-        .with_context(|| format!("no /boot/vmlinuz-* and no {} in the packages", modules_root.display()))?
-        .flatten()
-        .map(|entry| entry.path())
-        .find(|path| path.join("vmlinuz").exists())
-        .context("no usr/lib/modules/<release>/vmlinuz in the packages")?;
-    let release = modules.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        .find(|path| path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")));
+    let (release, vmlinuz) = match boot_image {
+        Some(vmlinuz) => (vmlinuz.file_name().unwrap_or_default().to_string_lossy().trim_start_matches("vmlinuz-").to_string(), vmlinuz),
+        None => {
+            let modules_root = tree.join("usr/lib/modules");
+            let dir = fs::read_dir(&modules_root)
+                .with_context(|| format!("no /boot/vmlinuz-* and no {} in the packages", modules_root.display()))?
+                .flatten()
+                .map(|entry| entry.path())
+                .find(|path| path.join("vmlinuz").exists())
+                .context("no usr/lib/modules/<release>/vmlinuz in the packages")?;
+            (dir.file_name().unwrap_or_default().to_string_lossy().into_owned(), dir.join("vmlinuz"))
+        }
+    };
+    let legacy = tree.join("lib/modules").join(&release);
+    let merged = tree.join("usr/lib/modules").join(&release);
+    let modules = if legacy.join("kernel").exists() || !merged.exists() { legacy } else { merged.clone() };
     // depmod -b looks under <base>/lib/modules.
     let link = tree.join("lib/modules").join(&release);
-    if !link.exists() {
+    if modules == merged && !link.exists() {
         fs::create_dir_all(tree.join("lib/modules"))?;
-        std::os::unix::fs::symlink(&modules, &link).with_context(|| format!("linking {}", link.display()))?;
+        std::os::unix::fs::symlink(&merged, &link).with_context(|| format!("linking {}", link.display()))?;
     }
     depmod(tree, &release, &modules)?;
-    Ok((release, modules.join("vmlinuz"), modules))
+    Ok((release, vmlinuz, modules))
 }
 
 /// The packages leave modules.dep to depmod at install time.
