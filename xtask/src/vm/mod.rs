@@ -57,7 +57,7 @@ const SUBSET: Selection = Selection::Subset(&[
 ]);
 
 const KERNELS: &[KernelLine] = &[
-    KernelLine { name: "5.10", package_prefix: "linux-image-5.10.0-", tests: SUBSET, in_all: false },
+    KernelLine { name: "5.10", package_prefix: "linux-image-5.10.0-", tests: SUBSET, in_all: true },
     KernelLine { name: "6.1", package_prefix: "linux-image-6.1.0-", tests: Selection::Whole, in_all: true },
     KernelLine { name: "6.12", package_prefix: "linux-image-6.12.", tests: Selection::Whole, in_all: true },
     KernelLine { name: "7.2", package_prefix: "linux-image-7.2.", tests: SUBSET, in_all: true },
