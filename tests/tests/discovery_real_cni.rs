@@ -121,5 +121,29 @@ fn same_node_pods_show_on_their_veths_and_the_path_says_why_cni0_is_silent() -> 
     let note = format!("{} ({}) and {} ({}) are pods behind {}", pod.ip, pod.host_veth, peer.ip, peer.host_veth, node.bridge);
     assert!(finished.stderr.contains(&note), "{}", finished.stderr);
     assert!(finished.stderr.contains("counts none of that traffic"), "{}", finished.stderr);
+    assert!(report["notes"].as_array().unwrap().iter().any(|n| n.as_str().unwrap().contains(&note)), "{:#}", report["notes"]);
+    Ok(())
+}
+
+/// `--peer` naming a local pod behind the same bridge adds that pod's veth to the path, where
+/// the followed pod's packets to it leave the path.
+#[test]
+fn a_local_peer_joins_the_path_through_its_veth() -> Result<()> {
+    let lab = lab("peer", 2);
+    let node = lab.node_a();
+    let (pod, peer) = (&node.pods[0], &node.pods[1]);
+    let args = ["follow", &pod.ip.to_string(), "--peer", &peer.ip.to_string(), "-o", "json"];
+    let podtrace = Podtrace::start(&node.netns, &args)?;
+    assert_eq!(traffic::ping_received(&traffic::ping(&pod.netns, peer.ip, 4, 56)?), 4);
+    std::thread::sleep(Duration::from_millis(300));
+    let finished = podtrace.finish()?;
+    assert!(finished.status.success(), "{}", finished.stderr);
+    let report = finished.json()?;
+    for (veth, direction) in
+        [(&pod.host_veth, "ingress"), (&peer.host_veth, "egress"), (&peer.host_veth, "ingress"), (&pod.host_veth, "egress")]
+    {
+        assert_eq!(hop(&report, veth, direction)["packets"], 4, "{veth} {direction}");
+    }
+    assert!(finished.stderr.contains("counts none of that traffic"), "{}", finished.stderr);
     Ok(())
 }

@@ -19,7 +19,7 @@ use tracer_common::{
 
 use crate::{
     maps::{count, filter, matches},
-    parse::{ETH_P_IP, ETH_P_IPV6, Headers, Skip, is_v4_mapped, parse_packet, v4_mapped},
+    parse::{ETH_P_IP, ETH_P_IPV6, Headers, Skip, is_v4_mapped, parse_packet, unparsed_could_be_followed, v4_mapped},
 };
 
 /// Kernel memory starting at an skb's network header.
@@ -218,8 +218,11 @@ fn fill_from_skb(skb: *const u8, event: &mut KernelEvent, layout: &KernelLayout)
             event.flags |= parsed.flags;
             matches(&filter, &event.outer, &event.inner, parsed.flags)
         }
+        // Another flow's truncated headers are none of the report's business.
         Err(Skip::Unparsed) => {
-            count(COUNTER_UNPARSED);
+            if unparsed_could_be_followed(&event.outer, &event.inner, 0) {
+                count(COUNTER_UNPARSED);
+            }
             false
         }
         Err(_) => false,

@@ -127,7 +127,12 @@ struct NodeFacts {
 }
 
 async fn discover(options: &FollowOptions) -> Result<NodeFacts> {
-    let path = node::discover(&options.pod_ips, &options.overrides).await?;
+    let mut path = node::discover(&options.pod_ips, &options.overrides).await?;
+    // A --peer that is a local pod behind the same bridge: its veth is where the followed
+    // pod's packets to it leave the path.
+    if let Some(peer) = options.peer {
+        node::discovery::add_local_peer(&mut path, peer).await;
+    }
     for warning in &path.warnings {
         crate::note!("podtrace: warning: {warning}");
     }

@@ -61,6 +61,9 @@ pub struct Report {
     pub kernel_sources: KernelSources,
     pub duration_s: f64,
     pub hops: Vec<HopReport>,
+    /// Facts about the path that explain what the hops show (e.g. why a bridge counts none
+    /// of the traffic between two pods behind it).
+    pub notes: Vec<String>,
     pub findings: Vec<Finding>,
     pub lost_events: u64,
     pub unparsed: u64,
@@ -122,6 +125,7 @@ pub fn build(path: &Path, correlator: &Correlator, facts: RunFacts<'_>, outcome:
         kernel_sources: facts.kernel_sources,
         duration_s: (facts.duration_s * 1000.0).round() / 1000.0,
         hops,
+        notes: path.notes.clone(),
         findings: outcome.findings,
         lost_events: facts.counters.lost_events,
         unparsed: facts.counters.unparsed,

@@ -10,6 +10,9 @@ pub fn render_text(report: &Report) -> String {
         report.pod_ip, report.locality, report.node, report.duration_s, report.events, report.attach_mode
     );
     out.push_str(&hop_table(report));
+    for note in &report.notes {
+        out.push_str(&format!("\nnote: {note}\n"));
+    }
     for hop in report.hops.iter().filter(|hop| hop.direction == Direction::Egress) {
         if let Some(bond) = &hop.bond {
             out.push_str(&format!(
