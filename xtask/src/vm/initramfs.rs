@@ -46,6 +46,8 @@ const MODULES: &[&str] = &[
     "nft_reject",
     "nft_reject_inet",
     "ipt_REJECT",
+    // The fingerprint lab queues a DNS burst behind a rate-limited flannel.1.
+    "sch_tbf",
     // kube-proxy's rules: comments on every rule, and the masquerade mark.
     "xt_comment",
     "xt_mark",
