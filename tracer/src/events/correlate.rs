@@ -249,39 +249,11 @@ impl Correlator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Direction;
+    use crate::{Direction, events::testing};
 
+    /// An ICMP echo request with its id, sequence and IP ID.
     fn icmp(src: &str, dst: &str, id: u16, seq: u16, ip_id: u16) -> Layer {
-        Layer {
-            src: src.parse().unwrap(),
-            dst: dst.parse().unwrap(),
-            proto: IPPROTO_ICMP,
-            ttl: 64,
-            ip_id,
-            flow_label: 0,
-            total_len: 84,
-            header_len: 20,
-            dont_fragment: true,
-            fragment: false,
-            later_fragment: false,
-            options: false,
-            sport: 0,
-            dport: 0,
-            tcp_seq: 0,
-            tcp_ack: 0,
-            tcp_flags: 0,
-            tcp_header_len: 0,
-            tcp_tsval: 0,
-            tcp_sack_right: 0,
-            payload_head: [0; 4],
-            icmp_type: 8,
-            icmp_code: 0,
-            icmp_id: id,
-            icmp_seq: seq,
-            quoted_proto: 0,
-            quoted_sport: 0,
-            quoted_dport: 0,
-        }
+        Layer { ip_id, icmp_type: 8, icmp_id: id, icmp_seq: seq, ..testing::layer(src, dst, IPPROTO_ICMP) }
     }
 
     fn tcp(src: &str, sport: u16, dst: &str, dport: u16, seq: u32, ip_id: u16, payload: u16) -> Layer {
