@@ -48,6 +48,10 @@ const MODULES: &[&str] = &[
     "ipt_REJECT",
     // The fingerprint lab queues a DNS burst behind a rate-limited flannel.1.
     "sch_tbf",
+    // The lab's occasional-loss rule (length, every nth packet, rate-limited).
+    "xt_length",
+    "xt_statistic",
+    "xt_limit",
     // kube-proxy's rules: comments on every rule, and the masquerade mark.
     "xt_comment",
     "xt_mark",
@@ -114,8 +118,12 @@ pub fn build(kernel: &Kernel, podtrace: &Path, binaries: &[(String, PathBuf)], r
     for file in ["/etc/protocols", "/etc/services"] {
         copy(Path::new(file), &root.join(file.trim_start_matches('/')))?;
     }
-    fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n")?;
-    fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n")?;
+    // tcpdump drops to its own user unless told otherwise (-Z root), as Debian's does.
+    fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\ntcpdump:x:104:104::/nonexistent:/bin/false\n",
+    )?;
+    fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\ntcpdump:x:104:\n")?;
     let order = install_modules(kernel, &root)?;
     fs::write(root.join("modules.order"), order.join("\n") + "\n")?;
     let init = init_script(runs);
