@@ -16,6 +16,10 @@ use aya::{
     maps::{MapData, RingBuf},
     programs::{TestRun as _, TestRunOptions},
 };
+use podtrace_tests::{
+    lab::{Lab, LabSpec},
+    podtrace::Podtrace,
+};
 use tracer::{
     Direction,
     events::{
@@ -30,7 +34,7 @@ fn main() -> Result<()> {
     kernel_cost()?;
     userspace_throughput();
     correlation_memory();
-    Ok(())
+    lab_throughput()
 }
 
 fn vxlan_frame() -> Vec<u8> {
@@ -253,4 +257,224 @@ fn correlation_memory() {
     for (events, in_flight, rss) in checkpoints {
         println!("bench: correlation memory after {events} events: {in_flight} packets in flight, RSS {:.1} MiB", rss as f64 / 1024.0);
     }
+}
+
+/// What runs beside the traffic in one lab measurement.
+#[derive(Clone, Copy, PartialEq)]
+enum Observer {
+    Untraced,
+    FollowingThePod,
+    FollowingAnotherPod,
+    Tcpdump,
+}
+
+impl Observer {
+    const ALL: [Self; 4] = [Self::Untraced, Self::FollowingThePod, Self::FollowingAnotherPod, Self::Tcpdump];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Untraced => "untraced",
+            Self::FollowingThePod => "podtrace following the pod",
+            Self::FollowingAnotherPod => "podtrace following another pod on the node",
+            Self::Tcpdump => "tcpdump -p on the same interfaces",
+        }
+    }
+}
+
+/// A process killed when dropped.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// What one podtrace run reported besides the traffic.
+#[derive(Default, Clone, Copy)]
+struct Traced {
+    events: u64,
+    lost: u64,
+    peak_rss_kib: u64,
+}
+
+fn vm_hwm_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmHWM:").map(|v| v.trim().trim_end_matches(" kB").parse().unwrap_or(0))))
+        .unwrap_or(0)
+}
+
+/// `iperf3 -c` from `lab`'s pod A to pod B (across the VXLAN tunnel) for `seconds`, `udp64`
+/// for 64-byte UDP datagrams as fast as the sender can; returns the receiver's bits/s and
+/// bytes.
+fn iperf(lab: &Lab, udp64: bool, seconds: u32) -> Result<(f64, f64)> {
+    let server = lab.pod_b().ip.to_string();
+    let seconds = seconds.to_string();
+    let mut args = vec!["iperf3", "-c", &server, "-p", "5201", "-t", &seconds, "-J"];
+    if udp64 {
+        args.extend(["-u", "-l", "64", "-b", "0"]);
+    }
+    let output = lab.run_in(&lab.pod_a().netns, &args)?;
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).context("iperf3's JSON report")?;
+    let received = &report["end"]["sum_received"];
+    let bps = received["bits_per_second"].as_f64().with_context(|| format!("iperf3 reported no rate: {report}"))?;
+    Ok((bps, received["bytes"].as_f64().unwrap_or(0.0)))
+}
+
+/// One measurement: `observer` started, the traffic, `observer` stopped.
+fn measure(lab: &Lab, observer: Observer, udp64: bool, seconds: u32) -> Result<(f64, f64, Option<Traced>)> {
+    let node = lab.node_a();
+    let followed = match observer {
+        Observer::FollowingThePod => Some(lab.pod_a().ip),
+        Observer::FollowingAnotherPod => Some(node.pods[1].ip),
+        _ => None,
+    };
+    let tracer = followed
+        .map(|ip| Podtrace::start(&node.netns, &["follow", &ip.to_string(), "--duration", "600", "--output", "json"]))
+        .transpose()?;
+    let mut captures = Vec::new();
+    if observer == Observer::Tcpdump {
+        for ifname in [&lab.pod_a().host_veth, &node.bridge, &node.vxlan, &node.underlay] {
+            captures.push(Running(lab.spawn_in(&node.netns, &["tcpdump", "-p", "-n", "-q", "-i", ifname, "-w", "/dev/null"])?));
+        }
+        // tcpdump needs a moment to open its sockets.
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let (bps, bytes) = iperf(lab, udp64, seconds)?;
+    drop(captures);
+    let traced = match tracer {
+        Some(tracer) => {
+            let peak_rss_kib = vm_hwm_kib(tracer.pid());
+            let report = tracer.finish()?.json()?;
+            let count = |key: &str| report[key].as_u64().unwrap_or(0);
+            Some(Traced { events: count("events"), lost: count("lost_events") + count("lost_kernel_events"), peak_rss_kib })
+        }
+        None => None,
+    };
+    Ok((bps, bytes, traced))
+}
+
+fn median_f64(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// iperf3 across the lab (pod A on node A to pod B on node B, through both nodes' veth, cni0,
+/// flannel.1 and eth0, offloads off as the lab sets them), untraced, following pod A, following
+/// another pod on node A, and with tcpdump -p on pod A's interfaces, alternated in 3 rounds;
+/// the median of each. Then one 60 s follow of pod A under iperf3 for podtrace's peak RSS.
+fn lab_throughput() -> Result<()> {
+    // The optimised podtrace of this bench build.
+    // SAFETY: set before any thread of this program starts.
+    unsafe { std::env::set_var("PODTRACE_BIN", env!("CARGO_BIN_EXE_podtrace")) };
+    let lab = Lab::up(LabSpec { pods_per_node: 2, ..Default::default() })?;
+    let _server = Running(lab.spawn_in(&lab.pod_b().netns, &["iperf3", "-s", "-p", "5201"])?);
+    std::thread::sleep(Duration::from_millis(500));
+    let seconds = 5;
+    for (udp64, workload) in [(false, "iperf3 TCP"), (true, "iperf3 UDP 64-byte datagrams, unlimited rate")] {
+        let mut rates: Vec<Vec<f64>> = vec![Vec::new(); Observer::ALL.len()];
+        let mut traced: Vec<Vec<Traced>> = vec![Vec::new(); Observer::ALL.len()];
+        let mut datagrams = vec![Vec::new(); Observer::ALL.len()];
+        for _round in 0..3 {
+            for (i, observer) in Observer::ALL.into_iter().enumerate() {
+                let (bps, bytes, run) = measure(&lab, observer, udp64, seconds)?;
+                rates[i].push(bps);
+                datagrams[i].push(bytes / 64.0 / f64::from(seconds));
+                traced[i].extend(run);
+            }
+        }
+        let medians: Vec<f64> = rates.iter_mut().map(|r| median_f64(r)).collect();
+        println!("bench: lab, {workload}, {seconds} s runs, median of 3 alternated rounds (one run of this bench):");
+        for (i, observer) in Observer::ALL.into_iter().enumerate() {
+            let mut line =
+                format!("bench:   {}: {:.1} Mbit/s ({:.3}x untraced)", observer.label(), medians[i] / 1e6, medians[i] / medians[0]);
+            if udp64 {
+                line += &format!(", {:.0} datagrams/s received", median_f64(&mut datagrams[i]));
+            }
+            if !traced[i].is_empty() {
+                let events: u64 = traced[i].iter().map(|t| t.events).sum();
+                let lost: u64 = traced[i].iter().map(|t| t.lost).sum();
+                let peak = traced[i].iter().map(|t| t.peak_rss_kib).max().unwrap_or(0);
+                line += &format!(
+                    ", {:.0} events/s, {lost} lost events, peak RSS {:.1} MiB",
+                    events as f64 / f64::from(3 * seconds),
+                    peak as f64 / 1024.0
+                );
+            }
+            println!("{line}");
+        }
+    }
+    lab_program_costs(&lab)?;
+    // Peak RSS over a 60 s follow under TCP iperf3.
+    let node = lab.node_a();
+    let tracer = Podtrace::start(&node.netns, &["follow", &lab.pod_a().ip.to_string(), "--duration", "600", "--output", "json"])?;
+    let (bps, _) = iperf(&lab, false, 60)?;
+    let peak = vm_hwm_kib(tracer.pid());
+    let report = tracer.finish()?.json()?;
+    println!(
+        "bench: lab, podtrace following the pod over 60 s of iperf3 TCP ({:.1} Mbit/s): peak RSS (VmHWM) {:.1} MiB, {} events, {} lost events",
+        bps / 1e6,
+        peak as f64 / 1024.0,
+        report["events"].as_u64().unwrap_or(0),
+        report["lost_events"].as_u64().unwrap_or(0) + report["lost_kernel_events"].as_u64().unwrap_or(0)
+    );
+    Ok(())
+}
+
+/// The kernel's own run statistics (`kernel.bpf_stats_enabled`) of every program process
+/// `pid` holds, from its descriptors' fdinfo: (name, runs, nanoseconds).
+fn program_stats(pid: u32) -> Vec<(String, u64, u64)> {
+    let mut stats = Vec::new();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return stats };
+    for fd in fds.flatten() {
+        if std::fs::read_link(fd.path()).map(|l| l.to_string_lossy() != "anon_inode:bpf-prog").unwrap_or(true) {
+            continue;
+        }
+        let Ok(info) = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy())) else { continue };
+        let field = |key: &str| info.lines().find_map(|l| l.strip_prefix(key).map(|v| v.trim().parse::<u64>().unwrap_or(0))).unwrap_or(0);
+        let id = field("prog_id:");
+        let name = std::process::Command::new("bpftool")
+            .args(["prog", "show", "id", &id.to_string(), "-j"])
+            .output()
+            .ok()
+            .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+            .and_then(|v| v["name"].as_str().map(str::to_string))
+            .unwrap_or_else(|| format!("id {id}"));
+        if !stats.iter().any(|(n, _, _)| *n == name) {
+            stats.push((name, field("run_cnt:"), field("run_time_ns:")));
+        }
+    }
+    stats.sort();
+    stats
+}
+
+/// Per-run cost of podtrace's programs on real traffic, from the kernel's run statistics
+/// (switched on only here: they cost every program two clock reads): following another pod
+/// on the node under the 64-byte UDP flood, where pod B's socket drops what it cannot take
+/// (drops of unfollowed packets for `skb:kfree_skb`), and following the pod under TCP.
+fn lab_program_costs(lab: &Lab) -> Result<()> {
+    let previous = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_else(|_| "0".into());
+    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").context("enabling kernel.bpf_stats_enabled")?;
+    let node = lab.node_a();
+    let result = (|| -> Result<()> {
+        for (followed, udp64, label) in
+            [(node.pods[1].ip, true, "following another pod, UDP 64-byte flood"), (lab.pod_a().ip, false, "following the pod, TCP")]
+        {
+            let tracer = Podtrace::start(&node.netns, &["follow", &followed.to_string(), "--duration", "600", "--output", "json"])?;
+            iperf(lab, udp64, 5)?;
+            let stats = program_stats(tracer.pid());
+            tracer.finish()?;
+            println!("bench: lab, kernel run statistics of podtrace's programs ({label}, 5 s, one run):");
+            for (name, runs, ns) in stats {
+                if runs > 0 {
+                    println!("bench:   {name}: {runs} runs, {:.0} ns per run", ns as f64 / runs as f64);
+                }
+            }
+        }
+        Ok(())
+    })();
+    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", previous.trim());
+    result
 }
