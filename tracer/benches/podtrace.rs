@@ -12,7 +12,14 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use aya::programs::{TestRun as _, TestRunOptions};
+use aya::{
+    maps::{MapData, RingBuf},
+    programs::{TestRun as _, TestRunOptions},
+};
+use podtrace_tests::{
+    lab::{Lab, LabSpec},
+    podtrace::Podtrace,
+};
 use tracer::{
     Direction,
     events::{
@@ -27,7 +34,7 @@ fn main() -> Result<()> {
     kernel_cost()?;
     userspace_throughput();
     correlation_memory();
-    Ok(())
+    lab_throughput()
 }
 
 fn vxlan_frame() -> Vec<u8> {
@@ -56,49 +63,126 @@ fn vxlan_frame() -> Vec<u8> {
     frame
 }
 
-/// Nanoseconds per run of the ingress program: on a followed VXLAN packet (event emitted),
-/// on an unfollowed one (parsed and filtered out), and on a device that is not a hop (one map
-/// lookup: the harness's own cost, to read the other two against).
-fn kernel_cost() -> Result<()> {
-    let filter = FilterConfig { vxlan_ports: [8472, 4789], ..Default::default() };
-    let frame = vxlan_frame();
-    let cases = [
-        ("followed VXLAN packet (event emitted)", "10.244.0.2", true),
-        ("unfollowed VXLAN packet", "10.1.1.1", true),
-        ("packet on a device that is not a hop", "10.244.0.2", false),
-    ];
-    for (label, followed, on_hop) in cases {
-        let mut probes = Probes::load(
-            &LoadOptions { filter, layout: Default::default(), ring_bytes: 1 << 22, kernel_ring_bytes: KERNEL_RING_BYTES },
-            AttachMode::Auto,
-        )?;
-        probes.follow(followed.parse::<IpAddr>()?)?;
-        if on_hop {
-            // BPF_PROG_TEST_RUN hands the program an skb on the loopback device.
-            probes.register_hop(1, false)?;
-        }
-        // Keep the ring drained so a full ring does not turn the measurement into drops.
-        let mut events = probes.take_events()?;
-        let program = probes.program(Direction::Ingress)?;
-        // A batch small enough for the ring to hold all its events, so every run of the
-        // followed case really emits one.
-        let repeat = 10_000;
-        let batches = 50u32;
-        let mut total = Duration::ZERO;
-        for _ in 0..batches {
-            let result =
-                program.test_run(TestRunOptions { data_in: Some(&frame), repeat, ..Default::default() }).context("BPF_PROG_TEST_RUN")?;
-            // The kernel reports the mean time of one run over the batch.
-            total += result.duration;
-            while events.next().is_some() {}
-        }
-        let lost = probes.counters()?.lost_events;
-        println!(
-            "bench: kernel, {label}: {} ns per packet per hop ({} runs, {lost} events lost to a full ring)",
-            (total / batches).as_nanos(),
-            u64::from(repeat) * u64::from(batches)
-        );
+fn tcp_frame() -> Vec<u8> {
+    // The inner frame of `vxlan_frame`, on its own: a pod's TCP segment on a bridge or veth.
+    let mut frame = vxlan_frame();
+    frame.drain(..14 + 20 + 8 + 8);
+    frame
+}
+
+/// A classifier of two instructions (`r0 = TC_ACT_UNSPEC; exit`), loaded with the raw
+/// syscall: what BPF_PROG_TEST_RUN costs by itself, the baseline every other case is read
+/// against.
+struct Baseline(libc::c_int);
+
+impl Baseline {
+    fn load() -> Result<Self> {
+        // mov64 r0, -1; exit
+        let insns: [u64; 2] =
+            [u64::from_le_bytes([0xb7, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]), u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0])];
+        let license = c"GPL";
+        let mut attr = [0u8; 128];
+        attr[0..4].copy_from_slice(&3u32.to_ne_bytes()); // BPF_PROG_TYPE_SCHED_CLS
+        attr[4..8].copy_from_slice(&2u32.to_ne_bytes());
+        attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
+        attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+        // SAFETY: BPF_PROG_LOAD with a zeroed attr holding valid pointers for the call's duration.
+        let fd = unsafe { libc::syscall(libc::SYS_bpf, 5, attr.as_mut_ptr(), attr.len()) };
+        anyhow::ensure!(fd >= 0, "loading the baseline program: {}", std::io::Error::last_os_error());
+        Ok(Self(fd as libc::c_int))
     }
+
+    /// The kernel's mean nanoseconds per run over `repeat` runs on `frame`.
+    fn test_run(&self, frame: &[u8], repeat: u32) -> Result<Duration> {
+        let mut attr = [0u8; 128];
+        attr[0..4].copy_from_slice(&(self.0 as u32).to_ne_bytes());
+        attr[8..12].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+        attr[16..24].copy_from_slice(&(frame.as_ptr() as u64).to_ne_bytes());
+        attr[32..36].copy_from_slice(&repeat.to_ne_bytes());
+        // SAFETY: BPF_PROG_TEST_RUN with a zeroed attr; `frame` outlives the call.
+        let rc = unsafe { libc::syscall(libc::SYS_bpf, 10, attr.as_mut_ptr(), attr.len()) };
+        anyhow::ensure!(rc == 0, "BPF_PROG_TEST_RUN on the baseline: {}", std::io::Error::last_os_error());
+        Ok(Duration::from_nanos(u64::from(u32::from_ne_bytes(attr[36..40].try_into().unwrap()))))
+    }
+}
+
+impl Drop for Baseline {
+    fn drop(&mut self) {
+        // SAFETY: our own descriptor.
+        unsafe { libc::close(self.0) };
+    }
+}
+
+fn loaded(followed: &str, on_hop: bool) -> Result<(Probes, RingBuf<MapData>)> {
+    let filter = FilterConfig { vxlan_ports: [8472, 4789], ..Default::default() };
+    let mut probes = Probes::load(
+        &LoadOptions { filter, layout: Default::default(), ring_bytes: 1 << 22, kernel_ring_bytes: KERNEL_RING_BYTES },
+        AttachMode::Auto,
+    )?;
+    probes.follow(followed.parse::<IpAddr>()?)?;
+    if on_hop {
+        // BPF_PROG_TEST_RUN hands the program an skb on the loopback device.
+        probes.register_hop(1, false)?;
+    }
+    let events = probes.take_events()?;
+    Ok((probes, events))
+}
+
+fn median(values: &mut [Duration]) -> Duration {
+    values.sort();
+    values[values.len() / 2]
+}
+
+/// Nanoseconds per run of the ingress program, each case against the harness baseline (a
+/// program that only returns), measured in interleaved batches so that a noisy neighbour
+/// weighs on every case alike; the median batch is reported.
+fn kernel_cost() -> Result<()> {
+    let vxlan = vxlan_frame();
+    let tcp = tcp_frame();
+    let baseline = Baseline::load()?;
+    let (unfollowed, mut unfollowed_events) = loaded("10.1.1.1", true)?;
+    let (followed, mut followed_events) = loaded("10.244.0.2", true)?;
+    let (off_hop, _) = loaded("10.244.0.2", false)?;
+    let cases: [(&str, Option<&Probes>, &[u8]); 6] = [
+        ("harness baseline (a program that only returns)", None, &tcp),
+        ("unfollowed plain TCP packet", Some(&unfollowed), &tcp),
+        ("unfollowed VXLAN packet", Some(&unfollowed), &vxlan),
+        ("followed plain TCP packet (event emitted)", Some(&followed), &tcp),
+        ("followed VXLAN packet (event emitted)", Some(&followed), &vxlan),
+        ("packet on a device that is not a hop", Some(&off_hop), &tcp),
+    ];
+    // A batch small enough for the ring to hold all its events, so every run of the followed
+    // cases really emits one.
+    let repeat = 10_000u32;
+    let batches = 41;
+    let mut samples = vec![Vec::new(); cases.len()];
+    for _ in 0..batches {
+        for ((_, probes, frame), samples) in cases.iter().zip(&mut samples) {
+            let mean = match probes {
+                None => baseline.test_run(frame, repeat)?,
+                Some(probes) => {
+                    let program = probes.program(Direction::Ingress)?;
+                    program
+                        .test_run(TestRunOptions { data_in: Some(frame), repeat, ..Default::default() })
+                        .context("BPF_PROG_TEST_RUN")?
+                        .duration
+                }
+            };
+            samples.push(mean);
+            // Keep the rings drained so a full ring does not turn the measurement into drops.
+            while followed_events.next().is_some() {}
+            while unfollowed_events.next().is_some() {}
+        }
+    }
+    let medians: Vec<Duration> = samples.iter_mut().map(|s| median(s)).collect();
+    let base = medians[0].as_nanos() as i128;
+    println!("bench: kernel TC program, median of {batches} interleaved batches of {repeat} runs (BPF_PROG_TEST_RUN, ingress):");
+    for ((label, _, _), ns) in cases.iter().zip(&medians) {
+        let ns = ns.as_nanos() as i128;
+        println!("bench:   {label}: {ns} ns per packet, {:+} ns over the baseline ({:.2}x)", ns - base, ns as f64 / base.max(1) as f64);
+    }
+    let lost = followed.counters()?.lost_events;
+    println!("bench:   events lost to a full ring in the followed cases: {lost}");
     Ok(())
 }
 
@@ -173,4 +257,224 @@ fn correlation_memory() {
     for (events, in_flight, rss) in checkpoints {
         println!("bench: correlation memory after {events} events: {in_flight} packets in flight, RSS {:.1} MiB", rss as f64 / 1024.0);
     }
+}
+
+/// What runs beside the traffic in one lab measurement.
+#[derive(Clone, Copy, PartialEq)]
+enum Observer {
+    Untraced,
+    FollowingThePod,
+    FollowingAnotherPod,
+    Tcpdump,
+}
+
+impl Observer {
+    const ALL: [Self; 4] = [Self::Untraced, Self::FollowingThePod, Self::FollowingAnotherPod, Self::Tcpdump];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Untraced => "untraced",
+            Self::FollowingThePod => "podtrace following the pod",
+            Self::FollowingAnotherPod => "podtrace following another pod on the node",
+            Self::Tcpdump => "tcpdump -p on the same interfaces",
+        }
+    }
+}
+
+/// A process killed when dropped.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// What one podtrace run reported besides the traffic.
+#[derive(Default, Clone, Copy)]
+struct Traced {
+    events: u64,
+    lost: u64,
+    peak_rss_kib: u64,
+}
+
+fn vm_hwm_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmHWM:").map(|v| v.trim().trim_end_matches(" kB").parse().unwrap_or(0))))
+        .unwrap_or(0)
+}
+
+/// `iperf3 -c` from `lab`'s pod A to pod B (across the VXLAN tunnel) for `seconds`, `udp64`
+/// for 64-byte UDP datagrams as fast as the sender can; returns the receiver's bits/s and
+/// bytes.
+fn iperf(lab: &Lab, udp64: bool, seconds: u32) -> Result<(f64, f64)> {
+    let server = lab.pod_b().ip.to_string();
+    let seconds = seconds.to_string();
+    let mut args = vec!["iperf3", "-c", &server, "-p", "5201", "-t", &seconds, "-J"];
+    if udp64 {
+        args.extend(["-u", "-l", "64", "-b", "0"]);
+    }
+    let output = lab.run_in(&lab.pod_a().netns, &args)?;
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).context("iperf3's JSON report")?;
+    let received = &report["end"]["sum_received"];
+    let bps = received["bits_per_second"].as_f64().with_context(|| format!("iperf3 reported no rate: {report}"))?;
+    Ok((bps, received["bytes"].as_f64().unwrap_or(0.0)))
+}
+
+/// One measurement: `observer` started, the traffic, `observer` stopped.
+fn measure(lab: &Lab, observer: Observer, udp64: bool, seconds: u32) -> Result<(f64, f64, Option<Traced>)> {
+    let node = lab.node_a();
+    let followed = match observer {
+        Observer::FollowingThePod => Some(lab.pod_a().ip),
+        Observer::FollowingAnotherPod => Some(node.pods[1].ip),
+        _ => None,
+    };
+    let tracer = followed
+        .map(|ip| Podtrace::start(&node.netns, &["follow", &ip.to_string(), "--duration", "600", "--output", "json"]))
+        .transpose()?;
+    let mut captures = Vec::new();
+    if observer == Observer::Tcpdump {
+        for ifname in [&lab.pod_a().host_veth, &node.bridge, &node.vxlan, &node.underlay] {
+            captures.push(Running(lab.spawn_in(&node.netns, &["tcpdump", "-p", "-n", "-q", "-i", ifname, "-w", "/dev/null"])?));
+        }
+        // tcpdump needs a moment to open its sockets.
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let (bps, bytes) = iperf(lab, udp64, seconds)?;
+    drop(captures);
+    let traced = match tracer {
+        Some(tracer) => {
+            let peak_rss_kib = vm_hwm_kib(tracer.pid());
+            let report = tracer.finish()?.json()?;
+            let count = |key: &str| report[key].as_u64().unwrap_or(0);
+            Some(Traced { events: count("events"), lost: count("lost_events") + count("lost_kernel_events"), peak_rss_kib })
+        }
+        None => None,
+    };
+    Ok((bps, bytes, traced))
+}
+
+fn median_f64(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// iperf3 across the lab (pod A on node A to pod B on node B, through both nodes' veth, cni0,
+/// flannel.1 and eth0, offloads off as the lab sets them), untraced, following pod A, following
+/// another pod on node A, and with tcpdump -p on pod A's interfaces, alternated in 3 rounds;
+/// the median of each. Then one 60 s follow of pod A under iperf3 for podtrace's peak RSS.
+fn lab_throughput() -> Result<()> {
+    // The optimised podtrace of this bench build.
+    // SAFETY: set before any thread of this program starts.
+    unsafe { std::env::set_var("PODTRACE_BIN", env!("CARGO_BIN_EXE_podtrace")) };
+    let lab = Lab::up(LabSpec { pods_per_node: 2, ..Default::default() })?;
+    let _server = Running(lab.spawn_in(&lab.pod_b().netns, &["iperf3", "-s", "-p", "5201"])?);
+    std::thread::sleep(Duration::from_millis(500));
+    let seconds = 5;
+    for (udp64, workload) in [(false, "iperf3 TCP"), (true, "iperf3 UDP 64-byte datagrams, unlimited rate")] {
+        let mut rates: Vec<Vec<f64>> = vec![Vec::new(); Observer::ALL.len()];
+        let mut traced: Vec<Vec<Traced>> = vec![Vec::new(); Observer::ALL.len()];
+        let mut datagrams = vec![Vec::new(); Observer::ALL.len()];
+        for _round in 0..3 {
+            for (i, observer) in Observer::ALL.into_iter().enumerate() {
+                let (bps, bytes, run) = measure(&lab, observer, udp64, seconds)?;
+                rates[i].push(bps);
+                datagrams[i].push(bytes / 64.0 / f64::from(seconds));
+                traced[i].extend(run);
+            }
+        }
+        let medians: Vec<f64> = rates.iter_mut().map(|r| median_f64(r)).collect();
+        println!("bench: lab, {workload}, {seconds} s runs, median of 3 alternated rounds (one run of this bench):");
+        for (i, observer) in Observer::ALL.into_iter().enumerate() {
+            let mut line =
+                format!("bench:   {}: {:.1} Mbit/s ({:.3}x untraced)", observer.label(), medians[i] / 1e6, medians[i] / medians[0]);
+            if udp64 {
+                line += &format!(", {:.0} datagrams/s received", median_f64(&mut datagrams[i]));
+            }
+            if !traced[i].is_empty() {
+                let events: u64 = traced[i].iter().map(|t| t.events).sum();
+                let lost: u64 = traced[i].iter().map(|t| t.lost).sum();
+                let peak = traced[i].iter().map(|t| t.peak_rss_kib).max().unwrap_or(0);
+                line += &format!(
+                    ", {:.0} events/s, {lost} lost events, peak RSS {:.1} MiB",
+                    events as f64 / f64::from(3 * seconds),
+                    peak as f64 / 1024.0
+                );
+            }
+            println!("{line}");
+        }
+    }
+    lab_program_costs(&lab)?;
+    // Peak RSS over a 60 s follow under TCP iperf3.
+    let node = lab.node_a();
+    let tracer = Podtrace::start(&node.netns, &["follow", &lab.pod_a().ip.to_string(), "--duration", "600", "--output", "json"])?;
+    let (bps, _) = iperf(&lab, false, 60)?;
+    let peak = vm_hwm_kib(tracer.pid());
+    let report = tracer.finish()?.json()?;
+    println!(
+        "bench: lab, podtrace following the pod over 60 s of iperf3 TCP ({:.1} Mbit/s): peak RSS (VmHWM) {:.1} MiB, {} events, {} lost events",
+        bps / 1e6,
+        peak as f64 / 1024.0,
+        report["events"].as_u64().unwrap_or(0),
+        report["lost_events"].as_u64().unwrap_or(0) + report["lost_kernel_events"].as_u64().unwrap_or(0)
+    );
+    Ok(())
+}
+
+/// The kernel's own run statistics (`kernel.bpf_stats_enabled`) of every program process
+/// `pid` holds, from its descriptors' fdinfo: (name, runs, nanoseconds).
+fn program_stats(pid: u32) -> Vec<(String, u64, u64)> {
+    let mut stats = Vec::new();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return stats };
+    for fd in fds.flatten() {
+        if std::fs::read_link(fd.path()).map(|l| l.to_string_lossy() != "anon_inode:bpf-prog").unwrap_or(true) {
+            continue;
+        }
+        let Ok(info) = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy())) else { continue };
+        let field = |key: &str| info.lines().find_map(|l| l.strip_prefix(key).map(|v| v.trim().parse::<u64>().unwrap_or(0))).unwrap_or(0);
+        let id = field("prog_id:");
+        let name = std::process::Command::new("bpftool")
+            .args(["prog", "show", "id", &id.to_string(), "-j"])
+            .output()
+            .ok()
+            .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+            .and_then(|v| v["name"].as_str().map(str::to_string))
+            .unwrap_or_else(|| format!("id {id}"));
+        if !stats.iter().any(|(n, _, _)| *n == name) {
+            stats.push((name, field("run_cnt:"), field("run_time_ns:")));
+        }
+    }
+    stats.sort();
+    stats
+}
+
+/// Per-run cost of podtrace's programs on real traffic, from the kernel's run statistics
+/// (switched on only here: they cost every program two clock reads): following another pod
+/// on the node under the 64-byte UDP flood, where pod B's socket drops what it cannot take
+/// (drops of unfollowed packets for `skb:kfree_skb`), and following the pod under TCP.
+fn lab_program_costs(lab: &Lab) -> Result<()> {
+    let previous = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_else(|_| "0".into());
+    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").context("enabling kernel.bpf_stats_enabled")?;
+    let node = lab.node_a();
+    let result = (|| -> Result<()> {
+        for (followed, udp64, label) in
+            [(node.pods[1].ip, true, "following another pod, UDP 64-byte flood"), (lab.pod_a().ip, false, "following the pod, TCP")]
+        {
+            let tracer = Podtrace::start(&node.netns, &["follow", &followed.to_string(), "--duration", "600", "--output", "json"])?;
+            iperf(lab, udp64, 5)?;
+            let stats = program_stats(tracer.pid());
+            tracer.finish()?;
+            println!("bench: lab, kernel run statistics of podtrace's programs ({label}, 5 s, one run):");
+            for (name, runs, ns) in stats {
+                if runs > 0 {
+                    println!("bench:   {name}: {runs} runs, {:.0} ns per run", ns as f64 / runs as f64);
+                }
+            }
+        }
+        Ok(())
+    })();
+    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", previous.trim());
+    result
 }

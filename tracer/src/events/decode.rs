@@ -198,12 +198,21 @@ pub fn decode(bytes: &[u8]) -> Result<Packet> {
     if bytes.len() < size_of::<PacketEvent>() {
         bail!("ring record of {} bytes is shorter than a PacketEvent ({})", bytes.len(), size_of::<PacketEvent>());
     }
-    // SAFETY: length checked; PacketEvent is plain old data, read unaligned from the ring.
-    let event: PacketEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let pointer = bytes.as_ptr().cast::<PacketEvent>();
+    let copy;
+    let event: &PacketEvent = if pointer.is_aligned() {
+        // SAFETY: length checked and aligned (ring records are 8-byte aligned); PacketEvent is
+        // plain old data, read in place in the ring's memory.
+        unsafe { &*pointer }
+    } else {
+        // SAFETY: length checked; read unaligned.
+        copy = unsafe { std::ptr::read_unaligned(pointer) };
+        &copy
+    };
     if !matches!(event.direction, DIR_INGRESS | DIR_EGRESS) {
         bail!("ring record with unknown direction {} (not written by this podtrace's programs)", event.direction);
     }
-    Ok(from_event(&event))
+    Ok(from_event(event))
 }
 
 /// A packet from an event our own programs wrote (`decode` checks records from the ring).
