@@ -52,6 +52,9 @@ const MODULES: &[&str] = &[
     "xt_length",
     "xt_statistic",
     "xt_limit",
+    // iptables-nft turns some matches into native expressions of their own module.
+    "nft_limit",
+    "nft_numgen",
     // kube-proxy's rules: comments on every rule, and the masquerade mark.
     "xt_comment",
     "xt_mark",
