@@ -291,7 +291,10 @@ impl Correlator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Direction, events::testing};
+    use crate::{
+        Direction,
+        events::testing::{self, packet},
+    };
 
     /// An ICMP echo request with its id, sequence and IP ID.
     fn icmp(src: &str, dst: &str, id: u16, seq: u16, ip_id: u16) -> Layer {
@@ -309,22 +312,6 @@ mod tests {
             tcp_header_len: 32,
             total_len: 20 + 32 + payload,
             ..icmp(src, dst, 0, 0, ip_id)
-        }
-    }
-
-    fn packet(layer: Layer, ifindex: u32, direction: Direction, ktime_ns: u64) -> Packet {
-        Packet {
-            ktime_ns,
-            ifindex,
-            direction,
-            skb_len: u32::from(layer.total_len) + 14,
-            gso_size: 0,
-            gso_segs: 0,
-            vlan_id: None,
-            outer: layer,
-            inner: None,
-            vni: None,
-            inner_truncated: false,
         }
     }
 
