@@ -144,6 +144,42 @@ pub struct FilterConfig {
     pub port: u16,
     /// UDP destination ports treated as VXLAN (flannel uses 8472, IANA 4789).
     pub vxlan_ports: [u16; 2],
+    /// 1: the TC programs skip their fast "not ours" test and parse every packet in full (the
+    /// kernel-parser tests compare both ways; the bench measures both). 0 in a trace.
+    pub full_parse_only: u8,
+    /// Zero; keeps the struct free of trailing padding.
+    pub reserved: u8,
+}
+
+/// How many followed IPv4 addresses the TC programs' fast test compares directly
+/// (`FollowedV4`); with more, every IPv4 packet goes to the full parse, which uses `FOLLOWED`.
+pub const MAX_FAST_FOLLOWED: usize = 8;
+
+/// The followed IPv4 addresses as the TC programs' "not ours" test compares them: a handful
+/// of register compares on the addresses read straight from the packet, before any parsing.
+/// Written by userspace with the `FOLLOWED` map (the single entry of `FOLLOWED_V4`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FollowedV4 {
+    /// Network byte order, as the bytes sit in the packet (read as a native `u32`).
+    pub addrs: [u32; MAX_FAST_FOLLOWED],
+    /// How many of `addrs` are set.
+    pub count: u32,
+    /// Non-zero when more IPv4 addresses are followed than `addrs` holds: the rest are only in
+    /// the `FOLLOWED` map, and the fast test turns nothing away.
+    pub overflow: u32,
+}
+
+/// Slots of the `HOP_SLOTS` array: a hop's settings at `ifindex % HOP_SLOTS`, found without a
+/// hash lookup (a slot another hop holds falls back to the `HOPS` map).
+pub const HOP_SLOTS: u32 = 256;
+
+/// One `HOP_SLOTS` entry: the hop's ifindex (0: free) and its `HopConfig::flags`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HopSlot {
+    pub ifindex: u32,
+    pub flags: u32,
 }
 
 /// Maximum number of IPs that can be followed at once (`FOLLOWED` map size).
@@ -240,4 +276,6 @@ mod user {
     unsafe impl aya::Pod for super::PacketEvent {}
     unsafe impl aya::Pod for super::HopConfig {}
     unsafe impl aya::Pod for super::FilterConfig {}
+    unsafe impl aya::Pod for super::FollowedV4 {}
+    unsafe impl aya::Pod for super::HopSlot {}
 }

@@ -3,17 +3,23 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
 };
-use tracer_common::{COUNTER_COUNT, FilterConfig, IpLayer, MAX_FOLLOWED, PKT_INNER_TRUNCATED, PKT_VXLAN};
+use tracer_common::{COUNTER_COUNT, FilterConfig, FollowedV4, IpLayer, MAX_FAST_FOLLOWED, MAX_FOLLOWED, PKT_INNER_TRUNCATED, PKT_VXLAN};
 
 /// Set by userspace at load time; zero fields mean "any".
 #[unsafe(no_mangle)]
-static FILTER: FilterConfig = FilterConfig { peer: [0; 16], has_peer: 0, proto: 0, port: 0, vxlan_ports: [8472, 4789] };
+static FILTER: FilterConfig =
+    FilterConfig { peer: [0; 16], has_peer: 0, proto: 0, port: 0, vxlan_ports: [8472, 4789], full_parse_only: 0, reserved: 0 };
 
 /// Followed pod IPs (IPv4-mapped for IPv4).
 #[map]
 static FOLLOWED: HashMap<[u8; 16], u8> = HashMap::with_max_entries(MAX_FOLLOWED, 0);
+
+/// The followed IPv4 addresses for the TC programs' "not ours" test (one entry; an array
+/// lookup with a constant index, which the verifier turns into a pointer).
+#[map]
+static FOLLOWED_V4: Array<FollowedV4> = Array::with_max_entries(1, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
@@ -24,6 +30,45 @@ pub fn filter() -> FilterConfig {
     // SAFETY: FILTER is only written by the loader, before any program runs; the volatile read
     // keeps the compiler from folding in the zero initialiser.
     unsafe { core::ptr::read_volatile(&FILTER) }
+}
+
+const _: () = assert!(MAX_FAST_FOLLOWED == 8, "v4_may_be_followed compares 8 slots");
+
+/// Whether an IPv4 address (as the packet's bytes, read as a native `u32`) may be followed:
+/// compared with the followed IPv4 addresses; when there are more of them than `FollowedV4`
+/// holds, always "may be" (the full parse then looks in `FOLLOWED`), which keeps this free of
+/// stack (a subprogram's frame counts against 5.10's 512 bytes). False only when it certainly
+/// is not.
+#[inline(always)]
+pub fn v4_may_be_followed(addr: u32) -> bool {
+    let Some(followed) = FOLLOWED_V4.get_ptr(0) else { return true };
+    // SAFETY: the map's single entry, written only by userspace.
+    let followed = unsafe { &*followed };
+    // Every slot compared, a bit each, with constant offsets: no loop whose bound an older
+    // verifier (5.10's) could lose track of. `count` masks the slots that are set.
+    let a = &followed.addrs;
+    let hits = u32::from(a[0] == addr)
+        | u32::from(a[1] == addr) << 1
+        | u32::from(a[2] == addr) << 2
+        | u32::from(a[3] == addr) << 3
+        | u32::from(a[4] == addr) << 4
+        | u32::from(a[5] == addr) << 5
+        | u32::from(a[6] == addr) << 6
+        | u32::from(a[7] == addr) << 7;
+    let set = if followed.count >= MAX_FAST_FOLLOWED as u32 { u32::MAX } else { (1u32 << followed.count) - 1 };
+    if hits & set != 0 {
+        return true;
+    }
+    // More followed IPv4 addresses than the slots hold: the full parse decides, with the map.
+    followed.overflow != 0
+}
+
+/// What the fast "not ours" test needs of `FILTER`, field by field (no copy of the whole
+/// filter on the stack): whether it is off, and the VXLAN ports.
+#[inline(always)]
+pub fn fast_path_config() -> (u8, [u16; 2]) {
+    // SAFETY: as in `filter`.
+    unsafe { (core::ptr::read_volatile(&raw const FILTER.full_parse_only), core::ptr::read_volatile(&raw const FILTER.vxlan_ports)) }
 }
 
 #[inline(always)]

@@ -1,19 +1,19 @@
 //! TC classifiers attached to ingress and egress of every hop on the pod's path.
 
 use aya_ebpf::{
-    bindings::TC_ACT_UNSPEC,
+    bindings::{__sk_buff, TC_ACT_UNSPEC},
     helpers::bpf_ktime_get_ns,
     macros::{classifier, map},
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::TcContext,
 };
 use tracer_common::{
-    COUNTER_LOST_EVENTS, COUNTER_MATCHED, COUNTER_NOT_IP, COUNTER_UNPARSED, DIR_EGRESS, DIR_INGRESS, HOP_NO_MAC_HEADER, HopConfig,
-    MAX_HOPS, PKT_VLAN, PacketEvent,
+    COUNTER_LOST_EVENTS, COUNTER_MATCHED, COUNTER_NOT_IP, COUNTER_UNPARSED, DIR_EGRESS, DIR_INGRESS, HOP_NO_MAC_HEADER, HOP_SLOTS,
+    HopConfig, HopSlot, IPPROTO_UDP, MAX_HOPS, PKT_VLAN, PacketEvent,
 };
 
 use crate::{
-    maps::{count, filter, matches},
+    maps::{count, fast_path_config, filter, matches, v4_may_be_followed},
     parse::{ETH_P_IP, ETH_P_IPV6, Headers, Skip, parse_ethernet, parse_packet, unparsed_could_be_followed},
 };
 
@@ -29,6 +29,12 @@ impl Headers for TcContext {
 /// Traced hops by ifindex; packets on other devices are ignored.
 #[map]
 static HOPS: HashMap<u32, HopConfig> = HashMap::with_max_entries(MAX_HOPS, 0);
+
+/// The hops' settings by `ifindex % HOP_SLOTS`, so that a hop is found with an array lookup
+/// (which the verifier inlines) rather than a hash lookup; a slot held by another hop falls
+/// back to `HOPS`.
+#[map]
+static HOP_SLOT: Array<HopSlot> = Array::with_max_entries(HOP_SLOTS, 0);
 
 /// Userspace resizes this at load time (`--ring-size`).
 #[map]
@@ -85,11 +91,10 @@ fn build_event(ctx: &TcContext, direction: u8) -> Result<&PacketEvent, NoEvent> 
     // SAFETY: ctx.skb.skb is the program's context pointer, valid for the whole run.
     let skb = unsafe { &*ctx.skb.skb };
     let ifindex = skb.ifindex;
-    // SAFETY: the entry is copied out at once, and userspace only adds hops.
-    let hop = match unsafe { HOPS.get(&ifindex) } {
-        Some(hop) => *hop,
-        None => return Err(NoEvent::NotFollowed),
-    };
+    let hop = hop_config(ifindex).ok_or(NoEvent::NotFollowed)?;
+    if not_ours(ctx, hop) {
+        return Err(NoEvent::NotFollowed);
+    }
     let event = match SCRATCH.get_ptr_mut(0) {
         // SAFETY: a per-CPU slot, exclusively ours until this program run ends.
         Some(event) => unsafe { &mut *event },
@@ -117,6 +122,96 @@ fn build_event(ctx: &TcContext, direction: u8) -> Result<&PacketEvent, NoEvent> 
     // SAFETY: a helper without arguments or preconditions.
     event.ktime_ns = unsafe { bpf_ktime_get_ns() };
     Ok(event)
+}
+
+/// The settings of the hop on `ifindex`, if it is one.
+#[inline(always)]
+fn hop_config(ifindex: u32) -> Option<HopConfig> {
+    if let Some(slot) = HOP_SLOT.get(ifindex % HOP_SLOTS) {
+        if slot.ifindex == ifindex {
+            return Some(HopConfig { flags: slot.flags });
+        }
+    }
+    // SAFETY: the entry is copied out at once, and userspace only adds hops.
+    unsafe { HOPS.get(&ifindex) }.copied()
+}
+
+const ETH_HLEN: usize = 14;
+const IPV4_HLEN: usize = 20;
+const UDP_HLEN: usize = 8;
+const VXLAN_HLEN: usize = 8;
+
+/// The fast "not ours" test, before any parse: with direct packet access, the outer IPv4
+/// addresses and, for UDP to a VXLAN port, the inner IPv4 addresses at their fixed offset,
+/// compared with the followed IPs. True only when the full parse would certainly report
+/// nothing and count nothing (both headers plain IPv4 without options, their addresses
+/// read, none followed); anything else (VLAN tags, IPv6, IP options, non-IP frames, headers
+/// beyond the linear area) is left to the full parse, whose results it never changes.
+#[inline(always)]
+fn not_ours(ctx: &TcContext, hop: HopConfig) -> bool {
+    let verdict = if hop.flags & HOP_NO_MAC_HEADER != 0 { not_ours_at::<0>(ctx.skb.skb) } else { not_ours_at::<ETH_HLEN>(ctx.skb.skb) };
+    verdict != 0
+}
+
+/// `not_ours` for an IPv4 header at `L3` (0 on a device without a MAC header, else after
+/// an untagged Ethernet header): every offset a constant, every read inside one bounds check.
+/// A function of its own (a BPF-to-BPF call) that answers 1 or 0: the verifier's paths
+/// through it end at its return, so the full parse after it is verified once, not once per
+/// path (which older kernels' verifiers, 5.10's, do not prune well enough).
+#[inline(never)]
+fn not_ours_at<const L3: usize>(skb: *mut __sk_buff) -> u32 {
+    // SAFETY: the program's context, valid for the whole run.
+    let (data, end) = unsafe { ((*skb).data as usize, (*skb).data_end as usize) };
+    u32::from(not_ours_inline::<L3>(data, end))
+}
+
+/// Kept small on the stack: the subprogram's frame adds to the program's, and 5.10 refuses
+/// more than 512 bytes for both.
+#[inline(always)]
+fn not_ours_inline<const L3: usize>(data: usize, end: usize) -> bool {
+    let (full_parse_only, vxlan_ports) = fast_path_config();
+    if full_parse_only != 0 {
+        return false;
+    }
+    if data + L3 + IPV4_HLEN + UDP_HLEN > end {
+        // Short frames, and headers beyond the linear area: the full parse reads them.
+        return false;
+    }
+    // SAFETY (all reads below): within [data, data + L3 + IPV4_HLEN + UDP_HLEN), checked above.
+    let read_u8 = |offset: usize| unsafe { core::ptr::read((data + offset) as *const u8) };
+    let read_u32 = |offset: usize| unsafe { core::ptr::read_unaligned((data + offset) as *const u32) };
+    let read_be16 = |offset: usize| u16::from_be_bytes([read_u8(offset), read_u8(offset + 1)]);
+    if L3 == ETH_HLEN && read_be16(12) != ETH_P_IP {
+        return false;
+    }
+    if read_u8(L3) != 0x45 {
+        return false;
+    }
+    if v4_may_be_followed(read_u32(L3 + 12)) || v4_may_be_followed(read_u32(L3 + 16)) {
+        return false;
+    }
+    // Only a UDP first fragment to a VXLAN port carries an inner packet to look at.
+    if read_u8(L3 + 9) != IPPROTO_UDP || read_be16(L3 + 6) & 0x1fff != 0 {
+        return true;
+    }
+    let dport = read_be16(L3 + IPV4_HLEN + 2);
+    if dport != vxlan_ports[0] && dport != vxlan_ports[1] {
+        return true;
+    }
+    let inner = L3 + IPV4_HLEN + UDP_HLEN + VXLAN_HLEN;
+    if data + inner + ETH_HLEN + IPV4_HLEN > end {
+        return false;
+    }
+    // SAFETY (all reads below): within [data, data + inner + ETH_HLEN + IPV4_HLEN), checked above.
+    if read_u8(L3 + IPV4_HLEN + UDP_HLEN) & 0x08 == 0 {
+        // No VNI flag: the full parse does not look inside either.
+        return true;
+    }
+    let vihl = read_u8(inner + ETH_HLEN);
+    if read_be16(inner + 12) != ETH_P_IP || vihl >> 4 != 4 || vihl & 0x0f < 5 {
+        return false;
+    }
+    !(v4_may_be_followed(read_u32(inner + ETH_HLEN + 12)) || v4_may_be_followed(read_u32(inner + ETH_HLEN + 16)))
 }
 
 /// The EtherType and offset of the IP header; for a VLAN-tagged frame, the tag goes into

@@ -113,8 +113,8 @@ impl Drop for Baseline {
     }
 }
 
-fn loaded(followed: &str, on_hop: bool) -> Result<(Probes, RingBuf<MapData>)> {
-    let filter = FilterConfig { vxlan_ports: [8472, 4789], ..Default::default() };
+fn loaded(followed: &str, on_hop: bool, full_parse_only: bool) -> Result<(Probes, RingBuf<MapData>)> {
+    let filter = FilterConfig { vxlan_ports: [8472, 4789], full_parse_only: u8::from(full_parse_only), ..Default::default() };
     let mut probes = Probes::load(
         &LoadOptions { filter, layout: Default::default(), ring_bytes: 1 << 22, kernel_ring_bytes: KERNEL_RING_BYTES },
         AttachMode::Auto,
@@ -140,16 +140,20 @@ fn kernel_cost() -> Result<()> {
     let vxlan = vxlan_frame();
     let tcp = tcp_frame();
     let baseline = Baseline::load()?;
-    let (unfollowed, mut unfollowed_events) = loaded("10.1.1.1", true)?;
-    let (followed, mut followed_events) = loaded("10.244.0.2", true)?;
-    let (off_hop, _) = loaded("10.244.0.2", false)?;
-    let cases: [(&str, Option<&Probes>, &[u8]); 6] = [
+    let (unfollowed, mut unfollowed_events) = loaded("10.1.1.1", true, false)?;
+    let (followed, mut followed_events) = loaded("10.244.0.2", true, false)?;
+    let (off_hop, _) = loaded("10.244.0.2", false, false)?;
+    // The same program without its fast "not ours" test: every packet parsed in full.
+    let (full_parse, mut full_parse_events) = loaded("10.1.1.1", true, true)?;
+    let cases: [(&str, Option<&Probes>, &[u8]); 8] = [
         ("harness baseline (a program that only returns)", None, &tcp),
         ("unfollowed plain TCP packet", Some(&unfollowed), &tcp),
         ("unfollowed VXLAN packet", Some(&unfollowed), &vxlan),
         ("followed plain TCP packet (event emitted)", Some(&followed), &tcp),
         ("followed VXLAN packet (event emitted)", Some(&followed), &vxlan),
         ("packet on a device that is not a hop", Some(&off_hop), &tcp),
+        ("unfollowed plain TCP packet, fast test off (full parse)", Some(&full_parse), &tcp),
+        ("unfollowed VXLAN packet, fast test off (full parse)", Some(&full_parse), &vxlan),
     ];
     // A batch small enough for the ring to hold all its events, so every run of the followed
     // cases really emits one.
@@ -172,6 +176,7 @@ fn kernel_cost() -> Result<()> {
             // Keep the rings drained so a full ring does not turn the measurement into drops.
             while followed_events.next().is_some() {}
             while unfollowed_events.next().is_some() {}
+            while full_parse_events.next().is_some() {}
         }
     }
     let medians: Vec<Duration> = samples.iter_mut().map(|s| median(s)).collect();

@@ -168,6 +168,7 @@ async fn attach(options: &FollowOptions, kernel: &KernelFacts, node: &NodeFacts)
         proto: options.proto.unwrap_or(0),
         port: options.port.unwrap_or(0),
         vxlan_ports: [8472, 4789],
+        ..Default::default()
     };
     let load = LoadOptions { filter, layout: kernel.layout, ring_bytes: options.ring_bytes, kernel_ring_bytes: options.kernel_ring_bytes };
     let mut probes = Probes::load(&load, options.attach_mode)?;

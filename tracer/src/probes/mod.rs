@@ -13,12 +13,12 @@ use std::net::IpAddr;
 use anyhow::{Context as _, Result};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{SchedClassifier, tc::SchedClassifierLink},
 };
 use tracer_common::{
     COUNTER_COUNT, COUNTER_LOST_EVENTS, COUNTER_LOST_KERNEL_EVENTS, COUNTER_MATCHED, COUNTER_NOT_IP, COUNTER_UNPARSED, FilterConfig,
-    HOP_NO_MAC_HEADER, HopConfig, KernelLayout,
+    FollowedV4, HOP_NO_MAC_HEADER, HOP_SLOTS, HopConfig, HopSlot, KernelLayout, MAX_FAST_FOLLOWED,
 };
 
 pub use self::{
@@ -110,14 +110,43 @@ impl Probes {
 
     pub fn follow(&mut self, ip: IpAddr) -> Result<()> {
         let mut followed: HashMap<_, [u8; 16], u8> = HashMap::try_from(self.ebpf.map_mut("FOLLOWED").context("FOLLOWED map missing")?)?;
-        followed.insert(mapped(ip), 1, 0).context("adding a followed IP")
+        followed.insert(mapped(ip), 1, 0).context("adding a followed IP")?;
+        // The TC programs' fast "not ours" test compares IPv4 addresses directly.
+        let v4 = match ip {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(v6) => v6.to_ipv4_mapped(),
+        };
+        if let Some(v4) = v4 {
+            let mut fast: Array<_, FollowedV4> = Array::try_from(self.ebpf.map_mut("FOLLOWED_V4").context("FOLLOWED_V4 map missing")?)?;
+            let mut entry = fast.get(&0, 0).context("reading FOLLOWED_V4")?;
+            let addr = u32::from_ne_bytes(v4.octets());
+            let count = entry.count as usize;
+            if !entry.addrs[..count].contains(&addr) {
+                if count < MAX_FAST_FOLLOWED {
+                    entry.addrs[count] = addr;
+                    entry.count += 1;
+                } else {
+                    entry.overflow = 1;
+                }
+                fast.set(0, entry, 0).context("writing FOLLOWED_V4")?;
+            }
+        }
+        Ok(())
     }
 
     /// Tells the kernel programs to report packets seen on `ifindex`.
     pub fn register_hop(&mut self, ifindex: u32, no_mac_header: bool) -> Result<()> {
         let mut hops: HashMap<_, u32, HopConfig> = HashMap::try_from(self.ebpf.map_mut("HOPS").context("HOPS map missing")?)?;
         let flags = if no_mac_header { HOP_NO_MAC_HEADER } else { 0 };
-        hops.insert(ifindex, HopConfig { flags }, 0).context("registering the hop")
+        hops.insert(ifindex, HopConfig { flags }, 0).context("registering the hop")?;
+        // The array slot that finds the hop without a hash lookup, unless another hop holds it.
+        let mut slots: Array<_, HopSlot> = Array::try_from(self.ebpf.map_mut("HOP_SLOT").context("HOP_SLOT map missing")?)?;
+        let index = ifindex % HOP_SLOTS;
+        let slot = slots.get(&index, 0).context("reading HOP_SLOT")?;
+        if slot.ifindex == 0 || slot.ifindex == ifindex {
+            slots.set(index, HopSlot { ifindex, flags }, 0).context("writing HOP_SLOT")?;
+        }
+        Ok(())
     }
 
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
