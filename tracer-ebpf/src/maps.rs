@@ -44,6 +44,23 @@ pub fn v4_may_be_followed(addr: u32) -> bool {
     let Some(followed) = FOLLOWED_V4.get_ptr(0) else { return true };
     // SAFETY: the map's single entry, written only by userspace.
     let followed = unsafe { &*followed };
+    // More followed IPv4 addresses than the slots hold: the full parse decides, with the map.
+    followed.overflow != 0 || holds(followed, addr)
+}
+
+/// The followed IPv4 addresses when `FollowedV4` holds all of them (then it answers alone,
+/// without the `FOLLOWED` hash map); `None` when more are followed than it holds.
+#[inline(always)]
+fn fast_followed_v4() -> Option<&'static FollowedV4> {
+    let followed = FOLLOWED_V4.get_ptr(0)?;
+    // SAFETY: the map's single entry, written only by userspace.
+    let followed = unsafe { &*followed };
+    (followed.overflow == 0).then_some(followed)
+}
+
+/// Whether `addr` is one of the addresses set in `followed`.
+#[inline(always)]
+fn holds(followed: &FollowedV4, addr: u32) -> bool {
     // Every slot compared, a bit each, with constant offsets: no loop whose bound an older
     // verifier (5.10's) could lose track of. `count` masks the slots that are set.
     let a = &followed.addrs;
@@ -56,11 +73,7 @@ pub fn v4_may_be_followed(addr: u32) -> bool {
         | u32::from(a[6] == addr) << 6
         | u32::from(a[7] == addr) << 7;
     let set = if followed.count >= MAX_FAST_FOLLOWED as u32 { u32::MAX } else { (1u32 << followed.count) - 1 };
-    if hits & set != 0 {
-        return true;
-    }
-    // More followed IPv4 addresses than the slots hold: the full parse decides, with the map.
-    followed.overflow != 0
+    hits & set != 0
 }
 
 /// What the fast "not ours" test needs of `FILTER`, field by field (no copy of the whole
@@ -93,6 +106,12 @@ pub fn matches(filter: &FilterConfig, outer: &IpLayer, inner: &IpLayer, flags: u
 
 #[inline(always)]
 fn is_followed(layer: &IpLayer) -> bool {
+    if layer.version == 4 {
+        if let Some(followed) = fast_followed_v4() {
+            let v4 = |addr: &[u8; 16]| u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]]);
+            return holds(followed, v4(&layer.src)) || holds(followed, v4(&layer.dst));
+        }
+    }
     // SAFETY: only whether an entry exists is used; the returned reference is never read.
     unsafe { FOLLOWED.get(&layer.src).is_some() || FOLLOWED.get(&layer.dst).is_some() }
 }

@@ -43,6 +43,15 @@ pub enum Skip {
 /// (`tc.rs`), an skb's memory for the tracepoint programs (`kernel_events.rs`).
 pub trait Headers {
     fn read<T: Copy>(&self, offset: usize) -> Result<T, Skip>;
+
+    /// A read in the TCP options walk, where each position depends on every option before
+    /// it. A source may read these another way: the TC programs use `bpf_skb_load_bytes`,
+    /// whose offset the verifier need not bound, so it does not follow every option
+    /// sequence apart.
+    #[inline(always)]
+    fn read_walked<T: Copy>(&self, offset: usize) -> Result<T, Skip> {
+        self.read(offset)
+    }
 }
 
 /// What `parse_packet` found besides the two layers.
@@ -294,7 +303,7 @@ fn parse_tcp_options<H: Headers>(ctx: &H, offset: usize, layer: &mut IpLayer) {
         if at + 2 > end {
             break;
         }
-        let Ok(kind) = ctx.read::<u8>(offset + at) else { break };
+        let Ok(kind) = ctx.read_walked::<u8>(offset + at) else { break };
         if kind == TCPOPT_EOL {
             break;
         }
@@ -302,14 +311,14 @@ fn parse_tcp_options<H: Headers>(ctx: &H, offset: usize, layer: &mut IpLayer) {
             at += 1;
             continue;
         }
-        let Ok(len) = ctx.read::<u8>(offset + at + 1) else { break };
+        let Ok(len) = ctx.read_walked::<u8>(offset + at + 1) else { break };
         let len = len as usize;
         if len < 2 || at + len > end {
             break;
         }
         // Both carry two 32-bit values after kind and length; the whole pair must be there.
         if (kind == TCPOPT_TIMESTAMP && len == TCPOLEN_TIMESTAMP) || (kind == TCPOPT_SACK && len >= TCPOLEN_SACK_BLOCK) {
-            let Ok(values) = ctx.read::<[u8; 8]>(offset + at + 2) else { break };
+            let Ok(values) = ctx.read_walked::<[u8; 8]>(offset + at + 2) else { break };
             if kind == TCPOPT_TIMESTAMP {
                 layer.tcp_tsval = u32::from_be_bytes([values[0], values[1], values[2], values[3]]);
             } else {

@@ -30,11 +30,24 @@ use tracer::{
 };
 use tracer_common::{FilterConfig, IPPROTO_TCP, IpLayer, PKT_VXLAN, PacketEvent};
 
+/// Every part by default; `cargo bench -p tracer --bench podtrace -- kernel userspace` runs
+/// only the parts named (kernel, userspace, memory, lab).
 fn main() -> Result<()> {
-    kernel_cost()?;
-    userspace_throughput();
-    correlation_memory();
-    lab_throughput()
+    let named: Vec<String> = std::env::args().skip(1).filter(|arg| !arg.starts_with("--")).collect();
+    let runs = |part: &str| named.is_empty() || named.iter().any(|name| name == part);
+    if runs("kernel") {
+        kernel_cost()?;
+    }
+    if runs("userspace") {
+        userspace_throughput();
+    }
+    if runs("memory") {
+        correlation_memory();
+    }
+    if runs("lab") {
+        lab_throughput()?;
+    }
+    Ok(())
 }
 
 fn vxlan_frame() -> Vec<u8> {

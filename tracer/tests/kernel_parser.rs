@@ -387,6 +387,35 @@ fn truncated_at_every_header_boundary_counts_unparsed() {
 
 /// Only packets that could be the followed pod's make the report incomplete: another flow's
 /// header cut after its addresses is not counted, a header cut before any address is.
+/// The TC programs parse a copy of the packet's first 256 bytes (one helper call instead of
+/// one per header). A followed packet whose L4 header starts past them is counted as
+/// unparsed, never reported with made-up ports or dropped silently; one just inside them is
+/// parsed whole.
+#[test]
+fn headers_past_the_parsed_bytes_count_as_unparsed() {
+    let with_hop_by_hop = |units: u8| {
+        // Hop-by-hop options header: next header TCP, length in 8-byte units beyond the first 8.
+        let mut ext = vec![6, units];
+        ext.resize(8 * (usize::from(units) + 1), 0);
+        // PadN covering the rest, so the options are well formed.
+        ext[2] = 1;
+        ext[3] = (ext.len() - 4) as u8;
+        ext.extend_from_slice(&tcp(40000, 80, 1, 0, 0x10, 0));
+        ethernet(0x86dd, &v6("fd00::2", "fd00::9", 0, 0, &ext))
+    };
+    // 22 units: TCP at 14 + 40 + 8 * 23 = 238, its first 14 bytes inside the 256.
+    // 30 units: TCP at 14 + 40 + 8 * 31 = 302, past them.
+    let mut inside = Harness::default();
+    inside.probes.follow(ip("fd00::2")).unwrap();
+    let events = inside.run(Direction::Ingress, &with_hop_by_hop(22), None);
+    assert_eq!(events.len(), 1, "TCP header inside the parsed bytes");
+    assert_eq!((events[0].outer.sport, events[0].outer.dport), (40000, 80));
+    let mut past = Harness::default();
+    past.probes.follow(ip("fd00::2")).unwrap();
+    assert!(past.run(Direction::Ingress, &with_hop_by_hop(30), None).is_empty(), "TCP header past the parsed bytes");
+    assert_eq!(past.counters(), Counters { unparsed: 1, ..Default::default() });
+}
+
 #[test]
 fn unparsed_counts_only_what_could_be_followed() {
     let other = ethernet(0x0800, &V4::new("10.244.0.9", "10.244.1.9", 6).packet(&tcp(1, 2, 3, 4, 0x10, 0)));

@@ -41,6 +41,9 @@ pub struct Collected<'a> {
     pub decode_errors: DecodeErrors,
 }
 
+/// How long a packet event can wait in the ring when fewer than a batch of them came.
+const PACKET_DRAIN_INTERVAL: Duration = Duration::from_millis(20);
+
 impl<'a> Collector<'a> {
     pub fn new(path: &'a Path, diagnosis: Diagnosis<'a>, live: LiveLines) -> Self {
         let followed = path.entries.iter().map(|entry| entry.pod_ip).collect();
@@ -106,6 +109,9 @@ impl<'a> Collector<'a> {
         tokio::pin!(deadline);
         let baseline = self.sample_links(handle).await?;
         let mut link_check = tokio::time::interval(Duration::from_millis(500));
+        // The TC programs wake us once per batch of events (see `wakeup_flags` in the kernel
+        // side); the rest are read on this tick.
+        let mut drain_tick = tokio::time::interval(PACKET_DRAIN_INTERVAL);
         let result = loop {
             tokio::select! {
                 guard = events.readable_mut() => match guard {
@@ -122,6 +128,7 @@ impl<'a> Collector<'a> {
                     }
                     Err(err) => break Err(err).context("waiting for kernel events"),
                 },
+                _ = drain_tick.tick() => self.drain_packets(events.get_mut()),
                 _ = &mut deadline => break Ok(()),
                 _ = signals.recv() => break Ok(()),
                 _ = link_check.tick() => {
