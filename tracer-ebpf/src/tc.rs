@@ -210,10 +210,12 @@ fn build_event(ctx: &TcContext, direction: u8) -> Result<&PacketEvent, NoEvent> 
 /// Copies the packet's first bytes (up to `SNAPSHOT_LEN`) into `snapshot`.
 #[inline(always)]
 fn take_snapshot(ctx: &TcContext, skb_len: u32, snapshot: &mut Snapshot) -> Result<(), Skip> {
-    let len = (skb_len as usize).min(SNAPSHOT_LEN);
-    if len == 0 {
+    if skb_len == 0 {
         return Err(Skip::Unparsed);
     }
+    // 1..=SNAPSHOT_LEN, written so that older verifiers (5.10's) see both bounds on the
+    // register passed: LLVM would otherwise fold the check above into one they cannot read.
+    let len = (core::hint::black_box((skb_len as usize).min(SNAPSHOT_LEN) - 1) & (SNAPSHOT_LEN - 1)) + 1;
     // SAFETY: the program's context and `len` (1..=SNAPSHOT_LEN) bytes of our own buffer.
     let ret = unsafe { bpf_skb_load_bytes(ctx.skb.skb.cast(), 0, snapshot.bytes.as_mut_ptr().cast(), len as u32) };
     if ret != 0 {

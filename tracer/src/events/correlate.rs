@@ -12,7 +12,7 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    hash::{BuildHasherDefault, DefaultHasher, Hash as _, Hasher},
+    hash::{BuildHasherDefault, Hash as _, Hasher},
     net::IpAddr,
 };
 
@@ -29,8 +29,8 @@ use crate::node::HopKey;
 pub struct Fingerprint(u64);
 
 /// The hasher of the correlator's tables, whose keys are small and trusted (a fingerprint,
-/// already a SipHash output, and a hop): a multiply-rotate mix per word instead of SipHash
-/// on every event.
+/// already a hash, and a hop), and of the fingerprint itself (with `avalanche` at the end):
+/// a multiply-rotate mix per word instead of SipHash on every event.
 #[derive(Default)]
 pub struct WordHasher(u64);
 
@@ -87,7 +87,7 @@ pub fn fingerprint(layer: &Layer, followed: &[IpAddr]) -> Option<(Fingerprint, F
     } else {
         return None;
     };
-    let mut hasher = DefaultHasher::new();
+    let mut hasher = WordHasher::default();
     flow.hash(&mut hasher);
     pod_addr.hash(&mut hasher);
     layer.proto.hash(&mut hasher);
@@ -117,7 +117,17 @@ pub fn fingerprint(layer: &Layer, followed: &[IpAddr]) -> Option<(Fingerprint, F
         }
         _ => {}
     }
-    Some((Fingerprint(hasher.finish()), flow))
+    Some((Fingerprint(avalanche(hasher.finish())), flow))
+}
+
+/// MurmurHash3's 64-bit finaliser: every input bit flips each output bit with probability
+/// about one half, so fingerprints that differ in one field differ everywhere.
+fn avalanche(mut hash: u64) -> u64 {
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    hash ^ (hash >> 33)
 }
 
 /// Everything counted at one hop.
@@ -141,8 +151,9 @@ pub struct HopStats {
 struct InFlight {
     last_hop: HopKey,
     last_ns: u64,
-    /// Hops already seen, so a second sighting at one of them is recognised as a new packet.
-    hops: Vec<HopKey>,
+    /// Hops already seen, so a second sighting at one of them is recognised as a new packet:
+    /// bit `n` for the hop numbered `n` (`Correlator::hop_bit`). No allocation per packet.
+    seen: u128,
     generation: u64,
 }
 
@@ -174,6 +185,9 @@ pub struct Correlator {
     followed: Vec<IpAddr>,
     limits: Limits,
     hops: FastMap<HopKey, HopStats>,
+    /// Each hop's bit in `InFlight::seen`, numbered as first seen. Hops past the 128th get
+    /// none: a repeated sighting there is not recognised (a path has a handful of hops).
+    hop_bits: FastMap<HopKey, u128>,
     in_flight: FastMap<Fingerprint, InFlight>,
     /// Insertion order for expiry and eviction; stale generations are skipped.
     order: VecDeque<(Fingerprint, u64, u64)>,
@@ -190,6 +204,7 @@ impl Correlator {
             followed,
             limits,
             hops: FastMap::default(),
+            hop_bits: FastMap::default(),
             in_flight: FastMap::default(),
             order: VecDeque::new(),
             next_generation: 0,
@@ -214,15 +229,16 @@ impl Correlator {
         };
         self.expire(packet.ktime_ns);
 
+        let bit = self.hop_bit(hop);
         let previous = match self.in_flight.get_mut(&fingerprint) {
             // Seen here before: a new packet with the same identity (a collision, or a
             // duplicate the kernel made), so its journey restarts.
-            Some(entry) if entry.hops.contains(&hop) => None,
+            Some(entry) if entry.seen & bit != 0 => None,
             Some(entry) => {
                 let previous = (entry.last_hop, packet.ktime_ns.saturating_sub(entry.last_ns));
                 entry.last_hop = hop;
                 entry.last_ns = packet.ktime_ns;
-                entry.hops.push(hop);
+                entry.seen |= bit;
                 Some(previous)
             }
             None => None,
@@ -237,18 +253,24 @@ impl Correlator {
                 stats.latency_ns.record(latency);
                 stats.last_seen += 1;
             }
-            None => self.start(fingerprint, hop, packet.ktime_ns),
+            None => self.start(fingerprint, hop, bit, packet.ktime_ns),
         }
         Some(Sighting { fingerprint, flow, previous })
     }
 
-    fn start(&mut self, fingerprint: Fingerprint, hop: HopKey, now_ns: u64) {
+    /// The hop's bit in `InFlight::seen`; 0 past the 128th hop.
+    fn hop_bit(&mut self, hop: HopKey) -> u128 {
+        let numbered = self.hop_bits.len();
+        *self.hop_bits.entry(hop).or_insert_with(|| 1u128.checked_shl(numbered as u32).unwrap_or(0))
+    }
+
+    fn start(&mut self, fingerprint: Fingerprint, hop: HopKey, bit: u128, now_ns: u64) {
         if self.in_flight.len() >= self.limits.max_in_flight {
             self.evict_oldest();
         }
         let generation = self.next_generation;
         self.next_generation += 1;
-        self.in_flight.insert(fingerprint, InFlight { last_hop: hop, last_ns: now_ns, hops: vec![hop], generation });
+        self.in_flight.insert(fingerprint, InFlight { last_hop: hop, last_ns: now_ns, seen: bit, generation });
         self.order.push_back((fingerprint, generation, now_ns));
         self.hops.get_mut(&hop).expect("hop stats exist").last_seen += 1;
         // Stale entries (restarted journeys) would otherwise pile up in `order`.
