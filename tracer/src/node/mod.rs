@@ -13,3 +13,4 @@ mod routing;
 pub use discovery::{PathOverrides, discover};
 pub use netlink::{LinkDrops, ifindex_of, interfaces, link_drops, with_rtnetlink};
 pub use path::{Hop, HopKey, HopKind, Locality, Path, PodEnd};
+pub use routing::Family;

@@ -18,7 +18,7 @@ use rtnetlink::{Handle, IpVersion, RouteMessageBuilder};
 /// The main routing table, the only one a kernel without policy routing has for unicast.
 const RT_TABLE_MAIN: u32 = RouteHeader::RT_TABLE_MAIN as u32;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Family {
     V4,
     V6,
