@@ -84,14 +84,22 @@ pub async fn add_local_peer(path: &mut Path, peer: IpAddr) -> bool {
 }
 
 /// For two or more pods (IP, veth ifindex) behind the path's bridge: why the bridge itself
-/// counts none of the packets between them.
+/// counts none of the packets between them. A pod is its veth: a dual-stack pod followed by
+/// both its addresses is one pod.
 fn bridged_note(path: &Path, pods: &[(IpAddr, u32)]) -> Option<String> {
     let bridge = path.hops().find(|hop| hop.kind == HopKind::Bridge)?;
-    if pods.len() < 2 {
+    let mut veths: Vec<(u32, Vec<String>)> = Vec::new();
+    for (ip, ifindex) in pods {
+        match veths.iter_mut().find(|(veth, _)| veth == ifindex) {
+            Some((_, ips)) => ips.push(ip.to_string()),
+            None => veths.push((*ifindex, vec![ip.to_string()])),
+        }
+    }
+    if veths.len() < 2 {
         return None;
     }
     let named: Vec<String> =
-        pods.iter().filter_map(|(ip, ifindex)| path.hop(*ifindex).map(|veth| format!("{ip} ({})", veth.ifname))).collect();
+        veths.iter().filter_map(|(ifindex, ips)| path.hop(*ifindex).map(|veth| format!("{} ({})", ips.join(", "), veth.ifname))).collect();
     Some(format!(
         "{} are pods behind {bridge}: the bridge forwards frames between them from port to port, and those never cross {bridge}'s own \
          ingress or egress hooks, so {bridge} counts none of that traffic; it shows on the pods' veths",
@@ -485,6 +493,10 @@ mod tests {
         path.stages[0].hops.push(hop("veth2", 8, HopKind::PodVeth, Direction::Ingress));
         let (pod, peer): (IpAddr, IpAddr) = ("10.244.0.2".parse().unwrap(), "10.244.0.3".parse().unwrap());
         assert_eq!(bridged_note(&path, &[(pod, 5)]), None, "one pod alone");
+        let pod6: IpAddr = "fd00:10:244::2".parse().unwrap();
+        assert_eq!(bridged_note(&path, &[(pod, 5), (pod6, 5)]), None, "one pod by both its addresses");
+        let dual = bridged_note(&path, &[(pod, 5), (pod6, 5), (peer, 8)]).unwrap();
+        assert!(dual.starts_with("10.244.0.2, fd00:10:244::2 (veth1) and 10.244.0.3 (veth2) are pods behind cni0"), "{dual}");
         let note = bridged_note(&path, &[(pod, 5), (peer, 8)]).unwrap();
         assert!(note.starts_with("10.244.0.2 (veth1) and 10.244.0.3 (veth2) are pods behind cni0"), "{note}");
         assert!(note.contains("never cross cni0's own ingress or egress hooks, so cni0 counts none of that traffic"), "{note}");
