@@ -182,6 +182,36 @@ fn each_address_of_a_dual_stack_pod_has_its_familys_path() -> Result<()> {
     Ok(())
 }
 
+/// Node A's IPv6 default route lives in table 1000, which a policy rule picks for what comes
+/// from the pod bridge; table 2000 holds default routes no rule picks. Followed by its IPv6
+/// address, the pod's path ends at the first table's device and never at the second's; by its
+/// IPv4 address at neither: table 1000's IPv4 default route has no IPv4 rule pointing at it.
+#[test]
+fn the_default_route_is_the_one_the_policy_rules_pick_for_the_pod() -> Result<()> {
+    let lab = dual_stack_lab("dsrt");
+    let ns = lab.node_a().netns.as_str();
+    for (device, table) in [("uplink0", "1000"), ("decoy0", "2000")] {
+        // A veth pair stands in for another NIC (the lab's kernels may lack the dummy module).
+        let far_end = format!("{device}p");
+        lab.run_in(ns, &["ip", "link", "add", device, "type", "veth", "peer", "name", &far_end])?;
+        lab.run_in(ns, &["ip", "link", "set", &far_end, "up"])?;
+        lab.run_in(ns, &["ip", "link", "set", device, "up"])?;
+        lab.run_in(ns, &["ip", "-6", "route", "add", "default", "dev", device, "table", table])?;
+        lab.run_in(ns, &["ip", "-4", "route", "add", "default", "dev", device, "table", table])?;
+    }
+    lab.run_in(ns, &["ip", "-6", "rule", "add", "priority", "100", "iif", "cni0", "lookup", "1000"])?;
+    let names = |ip: String| -> Result<Vec<String>> {
+        let finished = run_podtrace(ns, &["follow", &ip, "--duration", "0.5", "-o", "json"])?;
+        assert!(finished.status.success(), "{}", finished.stderr);
+        Ok(hops(&finished.json()?).into_iter().map(|(name, ..)| name).collect())
+    };
+    let ipv6 = names(ip6(lab.pod_a().ip6).to_string())?;
+    assert!(ipv6.contains(&"uplink0".to_string()) && !ipv6.contains(&"decoy0".to_string()), "{ipv6:?}");
+    let ipv4 = names(lab.pod_a().ip.to_string())?;
+    assert!(!ipv4.contains(&"uplink0".to_string()) && !ipv4.contains(&"decoy0".to_string()), "{ipv4:?}");
+    Ok(())
+}
+
 /// flannel's default MTUs on a dual-stack node: the pods get 1450, which fits flannel.1 but
 /// not flannel-v6.1 (1430). Followed by its IPv6 address, the pod's full-size TCP segments are
 /// too large for flannel-v6.1; the node answers each with ICMPv6 packet-too-big, which podtrace

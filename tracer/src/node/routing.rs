@@ -264,7 +264,8 @@ impl Rule {
                 RuleAttribute::Iifname(name) => rule.iif = Some(name.clone()),
                 RuleAttribute::FwMark(mark) => rule.fwmark = Some((*mark, u32::MAX)),
                 RuleAttribute::FwMask(mask) => fwmask = Some(*mask),
-                RuleAttribute::SuppressPrefixLen(len) => rule.suppress_prefix_len = Some(*len),
+                // The kernel sends -1 for "none" with every rule.
+                RuleAttribute::SuppressPrefixLen(len) if *len != u32::MAX => rule.suppress_prefix_len = Some(*len),
                 RuleAttribute::Oifname(_)
                 | RuleAttribute::UidRange(_)
                 | RuleAttribute::IpProtocol(_)
@@ -346,12 +347,16 @@ pub(super) mod fixtures {
         message
     }
 
-    /// `ip rule add priority P [attributes] lookup T`.
+    /// `ip rule add priority P [attributes] lookup T`, as the kernel dumps it: with
+    /// `suppress_prefixlength` -1, "none".
     pub fn rule(priority: u32, table: u32, attributes: Vec<RuleAttribute>) -> RuleMessage {
         let mut message = RuleMessage::default();
         message.header.action = RuleAction::ToTable;
         message.header.table = u8::try_from(table).unwrap_or(252);
         message.attributes = vec![RuleAttribute::Priority(priority), RuleAttribute::Table(table)];
+        if !attributes.iter().any(|attr| matches!(attr, RuleAttribute::SuppressPrefixLen(_))) {
+            message.attributes.push(RuleAttribute::SuppressPrefixLen(u32::MAX));
+        }
         message.attributes.extend(attributes);
         message
     }
