@@ -18,6 +18,7 @@ use rtnetlink::{Handle, IpVersion, RouteMessageBuilder};
 /// The main routing table, the only one a kernel without policy routing has for unicast.
 const RT_TABLE_MAIN: u32 = RouteHeader::RT_TABLE_MAIN as u32;
 
+/// An IP address family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Family {
     V4,
@@ -438,6 +439,16 @@ mod tests {
         // Marked traffic only (Calico's, Cilium's rules) never decides for all of a pod's.
         let mut rules = default_rules();
         rules.push(rule(100, 51820, vec![RuleAttribute::FwMark(0x200), RuleAttribute::FwMask(0xf00)]));
+        assert_eq!(tables(&routes, &rules).default_route_device(&POD), Some(2));
+    }
+
+    #[test]
+    fn goto_skips_the_rules_before_its_target() {
+        let routes = [route("default", MAIN, 2), route("default", 100, 3)];
+        let mut jump = rule(100, 0, vec![RuleAttribute::Goto(32766)]);
+        jump.header.action = RuleAction::Goto;
+        let mut rules = default_rules();
+        rules.extend([jump, rule(200, 100, vec![])]);
         assert_eq!(tables(&routes, &rules).default_route_device(&POD), Some(2));
     }
 
