@@ -2,7 +2,7 @@
 
 use std::{
     io::{BufRead as _, BufReader},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     process::{Child, Command, Stdio},
     sync::mpsc,
     time::Duration,
@@ -108,18 +108,47 @@ pub fn vxlan_inner_filter(ip: Ipv4Addr) -> String {
     format!("udp dst port 8472 and (udp[42:4] = {hex:#010x} or udp[46:4] = {hex:#010x})")
 }
 
-/// One tcpdump per hop podtrace traces on node A for a pod of node A, in each direction, with
-/// the filter that matches what podtrace follows there.
+/// Plain IPv6 packets to or from `ip`.
+pub fn ip6_filter(ip: Ipv6Addr) -> String {
+    format!("ip6 host {ip}")
+}
+
+/// VXLAN (UDP 8472) over an IPv6 underlay whose *inner* IPv6 source or destination is `ip`.
+/// libpcap's `udp[]` reads IPv4 only, so offsets are from the outer IPv6 header, without
+/// extension headers: 40 (IPv6) + 8 (UDP) + 8 (VXLAN) + 14 (inner Ethernet) + 8 or 24 into
+/// the inner IPv6 header.
+pub fn vxlan6_inner_filter(ip: Ipv6Addr) -> String {
+    let words = |at: usize| {
+        ip.octets()
+            .chunks(4)
+            .enumerate()
+            .map(|(i, word)| format!("ip6[{}:4] = {:#010x}", at + 4 * i, u32::from_be_bytes([word[0], word[1], word[2], word[3]])))
+            .collect::<Vec<_>>()
+            .join(" and ")
+    };
+    format!("ip6 and ip6[6] = 17 and udp dst port 8472 and ip6[68:2] = 0x86dd and (({}) or ({}))", words(78), words(94))
+}
+
+/// One tcpdump per hop podtrace traces, in each direction, with the filter that matches what
+/// podtrace follows there.
 pub struct Captures(Vec<(String, String, Capture)>);
 
 impl Captures {
+    /// On node A, following a pod of node A by its IPv4 address.
     pub fn start(lab: &Lab, pod_ip: Ipv4Addr) -> Result<Self> {
-        let ns = lab.node_a().netns.as_str();
-        let mut captures = Vec::new();
-        for ifname in [lab.pod_a().host_veth.as_str(), "cni0", "flannel.1", "eth0"] {
+        let hops = [lab.pod_a().host_veth.as_str(), "cni0", "flannel.1", "eth0"].map(|ifname| {
             let filter = if ifname == "eth0" { vxlan_inner_filter(pod_ip) } else { ip_filter(pod_ip) };
+            (ifname.to_string(), filter)
+        });
+        Self::on(&lab.node_a().netns, &hops)
+    }
+
+    /// In `netns`, on each (interface, filter).
+    pub fn on(netns: &str, hops: &[(String, String)]) -> Result<Self> {
+        let mut captures = Vec::new();
+        for (ifname, filter) in hops {
             for (dir, name) in [(Dir::In, "ingress"), (Dir::Out, "egress")] {
-                captures.push((ifname.to_string(), name.to_string(), Capture::start(ns, ifname, dir, &filter)?));
+                captures.push((ifname.clone(), name.to_string(), Capture::start(netns, ifname, dir, filter)?));
             }
         }
         Ok(Self(captures))

@@ -1,11 +1,12 @@
 //! The CNI plugins a node's container runtime calls for every pod (Debian's
 //! `containernetworking-plugins`): `loopback` for `lo`, and `bridge` with `host-local` IPAM for
-//! `eth0`, configured as flannel's CNI plugin delegates to them. They run inside the node's
-//! namespace, so `cni0` and the host-side veth are created there, as on a real node.
+//! `eth0`, configured as flannel's CNI plugin delegates to them (with a second, IPv6 range on
+//! a dual-stack cluster). They run inside the node's namespace, so `cni0` and the host-side
+//! veth are created there, as on a real node.
 
 use std::{
     io::Write as _,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     process::{Command, Stdio},
 };
@@ -24,6 +25,8 @@ pub const BRIDGE: &str = "cni0";
 pub struct BridgeNetwork {
     /// The node's pod subnet, e.g. `10.244.0.0/24`.
     pub subnet: String,
+    /// On a dual-stack cluster, the node's IPv6 pod subnet, e.g. `fd00:10:244::/64`.
+    pub subnet6: Option<String>,
     pub mtu: u32,
     /// host-local's allocation state, private to one lab instance so that concurrent labs
     /// allocating the same subnet do not share leases.
@@ -31,8 +34,11 @@ pub struct BridgeNetwork {
 }
 
 impl BridgeNetwork {
-    /// The delegate configuration kube-flannel's CNI plugin passes to `bridge`.
+    /// The delegate configuration kube-flannel's CNI plugin passes to `bridge`: host-local
+    /// with one range per address family.
     fn config(&self) -> Value {
+        let ranges: Vec<Value> =
+            [Some(&self.subnet), self.subnet6.as_ref()].into_iter().flatten().map(|subnet| json!([{ "subnet": subnet }])).collect();
         json!({
             "cniVersion": "0.4.0",
             "name": "cbr0",
@@ -45,7 +51,7 @@ impl BridgeNetwork {
             "mtu": self.mtu,
             "ipam": {
                 "type": "host-local",
-                "ranges": [[{ "subnet": self.subnet }]],
+                "ranges": ranges,
                 "dataDir": self.data_dir,
             },
         })
@@ -56,6 +62,8 @@ impl BridgeNetwork {
 #[derive(Clone, Debug)]
 pub struct Attachment {
     pub ip: Ipv4Addr,
+    /// The pod's IPv6 address, from the IPv6 range.
+    pub ip6: Option<Ipv6Addr>,
     /// The host-side veth, named at random by the plugin.
     pub host_veth: String,
 }
@@ -115,11 +123,18 @@ fn invoke(sandbox: &Sandbox, command: &str, plugin: &str, ifname: &str, config: 
     serde_json::from_str(&stdout).with_context(|| format!("{what} printed no JSON result: {stdout}"))
 }
 
-/// The pod's IPv4 address (`ips[0].address`, a CIDR) and the host-side veth: the interface
-/// with no `sandbox` that is not the bridge.
+/// The pod's addresses (`ips[].address`, CIDRs; one IPv4, and an IPv6 one from a second
+/// range) and the host-side veth: the interface with no `sandbox` that is not the bridge.
 fn parse_bridge_result(result: &Value) -> Result<Attachment> {
-    let cidr = result["ips"][0]["address"].as_str().context("no ips[0].address")?;
-    let ip = cidr.split('/').next().unwrap_or(cidr).parse().with_context(|| format!("parsing the pod address {cidr}"))?;
+    let (mut ip, mut ip6) = (None, None);
+    for entry in result["ips"].as_array().context("no ips")? {
+        let cidr = entry["address"].as_str().context("an ips entry without an address")?;
+        let address: IpAddr = cidr.split('/').next().unwrap_or(cidr).parse().with_context(|| format!("parsing the pod address {cidr}"))?;
+        match address {
+            IpAddr::V4(v4) => ip = Some(v4),
+            IpAddr::V6(v6) => ip6 = Some(v6),
+        }
+    }
     let host_veth = result["interfaces"]
         .as_array()
         .context("no interfaces")?
@@ -128,7 +143,7 @@ fn parse_bridge_result(result: &Value) -> Result<Attachment> {
         .and_then(|interface| interface["name"].as_str())
         .context("no host-side interface")?
         .to_string();
-    Ok(Attachment { ip, host_veth })
+    Ok(Attachment { ip: ip.context("no IPv4 address")?, ip6, host_veth })
 }
 
 #[cfg(test)]
@@ -150,6 +165,24 @@ mod tests {
         });
         let attachment = parse_bridge_result(&result).unwrap();
         assert_eq!(attachment.ip, Ipv4Addr::new(10, 244, 0, 2));
+        assert_eq!(attachment.ip6, None);
         assert_eq!(attachment.host_veth, "veth8b7c25e3");
+    }
+
+    #[test]
+    fn a_dual_stack_pod_has_an_address_from_each_range() {
+        let result = json!({
+            "cniVersion": "0.4.0",
+            "interfaces": [{ "name": "cni0" }, { "name": "veth0c5a1f2e" }, { "name": "eth0", "sandbox": "/run/netns/p" }],
+            "ips": [
+                { "version": "4", "interface": 2, "address": "10.244.0.2/24", "gateway": "10.244.0.1" },
+                { "version": "6", "interface": 2, "address": "fd00:10:244::2/64", "gateway": "fd00:10:244::1" }
+            ]
+        });
+        let attachment = parse_bridge_result(&result).unwrap();
+        assert_eq!((attachment.ip, attachment.ip6), (Ipv4Addr::new(10, 244, 0, 2), Some("fd00:10:244::2".parse().unwrap())));
+        let network =
+            BridgeNetwork { subnet: "10.244.0.0/24".into(), subnet6: Some("fd00:10:244::/64".into()), mtu: 1450, data_dir: "/tmp".into() };
+        assert_eq!(network.config()["ipam"]["ranges"], json!([[{ "subnet": "10.244.0.0/24" }], [{ "subnet": "fd00:10:244::/64" }]]));
     }
 }

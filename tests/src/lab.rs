@@ -2,7 +2,9 @@
 //! the real CNI plugins (`bridge`, `host-local`, `loopback`) run inside the node's namespace,
 //! as kubelet's runtime makes them; `flannel.1` is programmed by hand the way flanneld programs
 //! it (Debian ships no flanneld). Cluster DNS is dnsmasq in a pod on node B behind a Service
-//! written the way kube-proxy's iptables mode writes it.
+//! written the way kube-proxy's iptables mode writes it. A dual-stack lab
+//! (`LabSpec::dual_stack`) adds IPv6 the way kube-flannel with `EnableIPv6` does: an IPv6
+//! underlay, `flannel-v6.1`, and a second (IPv6) range in the bridge plugin's configuration.
 //!
 //! Everything is created inside namespaces the lab owns (`ip -n NS link add … netns OTHER`),
 //! so nothing touches the root namespace and interface names repeat per node as on real
@@ -11,7 +13,7 @@
 
 use std::{
     fs::File,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4},
     path::PathBuf,
     process::{Child, Command, Output, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -53,6 +55,10 @@ pub struct LabSpec {
     /// With `bond_a`: the switch speaks LACP, each of its ports to node A a port-channel of
     /// its own, as two switches that are not stacked: the bond's slaves see two partners.
     pub bond_a_partner_per_port: bool,
+    /// IPv6 beside IPv4, as kube-flannel with `EnableIPv6` makes it: node IPv6 addresses on
+    /// the underlay, `flannel-v6.1` over them (created with `vxlan_mtu`, which the kernel caps
+    /// at the underlay's MTU minus 70), and pods with an address from each family's range.
+    pub dual_stack: bool,
 }
 
 impl Default for LabSpec {
@@ -68,6 +74,7 @@ impl Default for LabSpec {
             bond_a_miimon: 100,
             bond_a_xmit_hash_policy: "layer3+4".into(),
             bond_a_partner_per_port: false,
+            dual_stack: false,
         }
     }
 }
@@ -76,6 +83,8 @@ impl Default for LabSpec {
 pub struct Pod {
     pub netns: String,
     pub ip: Ipv4Addr,
+    /// On a dual-stack lab, the pod's IPv6 address.
+    pub ip6: Option<Ipv6Addr>,
     /// The pod's veth end in the node namespace.
     pub host_veth: String,
 }
@@ -92,6 +101,25 @@ pub struct Node {
     pub pod_cidr: String,
     pub gateway: Ipv4Addr,
     pub pods: Vec<Pod>,
+    /// On a dual-stack lab, the node's IPv6 side.
+    pub ipv6: Option<NodeIpv6>,
+}
+
+/// A node's IPv6 side, as kube-flannel with `EnableIPv6` programs it beside the IPv4 one.
+#[derive(Clone, Debug)]
+pub struct NodeIpv6 {
+    /// Underlay address, on the underlay beside the IPv4 one.
+    pub ip: Ipv6Addr,
+    /// `flannel-v6.1`.
+    pub vxlan: String,
+    pub vtep_mac: String,
+    /// The IPv6 pod subnet, e.g. `fd00:10:244::/64`.
+    pub pod_cidr: String,
+    /// flannel-v6.1's own address (a /128): the subnet's first address. Peers route the subnet
+    /// through it.
+    pub vtep_ip: Ipv6Addr,
+    /// cni0's IPv6 address from the bridge plugin: the subnet's first host address.
+    pub gateway: Ipv6Addr,
 }
 
 pub struct Lab {
@@ -143,6 +171,14 @@ impl Lab {
             gateway: Ipv4Addr::new(10, 244, index, 1),
             // Filled in as the plugin makes them.
             pods: Vec::new(),
+            ipv6: spec.dual_stack.then(|| NodeIpv6 {
+                ip: Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, u16::from(index) + 1),
+                vxlan: "flannel-v6.1".into(),
+                vtep_mac: format!("0e:00:00:00:0{}:02", index + 1),
+                pod_cidr: format!("fd00:10:244:{index}::/64"),
+                vtep_ip: Ipv6Addr::new(0xfd00, 0x10, 0x244, u16::from(index), 0, 0, 0, 0),
+                gateway: Ipv6Addr::new(0xfd00, 0x10, 0x244, u16::from(index), 0, 0, 0, 1),
+            }),
         };
         let mut lab = Self {
             prefix: p.clone(),
@@ -180,7 +216,7 @@ impl Lab {
         // The plugin leaves offloads on; the MTU labs need both veth ends to behave as a wire.
         wire_like(&node_netns, &attachment.host_veth)?;
         wire_like(&netns, "eth0")?;
-        Ok(Pod { netns, ip: attachment.ip, host_veth: attachment.host_veth })
+        Ok(Pod { netns, ip: attachment.ip, ip6: attachment.ip6, host_veth: attachment.host_veth })
     }
 
     fn build(&mut self, spec: &LabSpec) -> Result<()> {
@@ -256,6 +292,11 @@ impl Lab {
             run(&["ip", "-n", ns, "link", "set", underlay, "up"])?;
             run(&["ip", "-n", ns, "addr", "add", &format!("{}/24", node.ip), "dev", underlay])?;
             run(&["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+            if let Some(v6) = &node.ipv6 {
+                // nodad: the lab's addresses are unique by construction; DAD would only delay.
+                run(&["ip", "-n", ns, "addr", "add", &format!("{}/64", v6.ip), "dev", underlay, "nodad"])?;
+                run(&["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
+            }
 
             let local = node.ip.to_string();
             run(&[
@@ -281,6 +322,37 @@ impl Lab {
             run(&["ip", "-n", ns, "link", "set", "flannel.1", "mtu", &spec.vxlan_mtu.to_string(), "up"])?;
             let vtep_ip = format!("10.244.{index}.0/32");
             run(&["ip", "-n", ns, "addr", "add", &vtep_ip, "dev", "flannel.1"])?;
+            if let Some(v6) = &node.ipv6 {
+                // flanneld asks for the same MTU as flannel.1's; created over an IPv6 underlay,
+                // the kernel caps it at the underlay's MTU minus 70.
+                let local = v6.ip.to_string();
+                let mtu = spec.vxlan_mtu.to_string();
+                run(&[
+                    "ip",
+                    "-n",
+                    ns,
+                    "link",
+                    "add",
+                    &v6.vxlan,
+                    "address",
+                    &v6.vtep_mac,
+                    "mtu",
+                    &mtu,
+                    "type",
+                    "vxlan",
+                    "id",
+                    "1",
+                    "dstport",
+                    "8472",
+                    "local",
+                    &local,
+                    "dev",
+                    underlay,
+                    "nolearning",
+                ])?;
+                run(&["ip", "-n", ns, "link", "set", &v6.vxlan, "up"])?;
+                run(&["ip", "-n", ns, "addr", "add", &format!("{}/128", v6.vtep_ip), "dev", &v6.vxlan, "nodad"])?;
+            }
             // Set after the tunnel exists: the kernel refuses a VXLAN device that cannot fit
             // its underlay, but not an underlay lowered later, which is how nodes get there.
             run(&["ip", "-n", ns, "link", "set", underlay, "mtu", &mtu])?;
@@ -289,7 +361,12 @@ impl Lab {
             // first ADD. host-local hands out .2, .3, … in the order pods are made. A pod MTU
             // above the tunnel's (the pod-mtu fault) is a configuration the plugin makes as
             // readily: a CNI config whose mtu disagrees with flannel's.
-            let network = BridgeNetwork { subnet: node.pod_cidr.clone(), mtu: spec.pod_mtu, data_dir: self.state_dir.join(ns) };
+            let network = BridgeNetwork {
+                subnet: node.pod_cidr.clone(),
+                subnet6: node.ipv6.as_ref().map(|v6| v6.pod_cidr.clone()),
+                mtu: spec.pod_mtu,
+                data_dir: self.state_dir.join(ns),
+            };
             for i in 0..spec.pods_per_node {
                 let suffix = if index == 0 { "a" } else { "b" };
                 let netns = if i == 0 { format!("{}-p{suffix}", self.prefix) } else { format!("{}-p{suffix}{}", self.prefix, i + 1) };
@@ -308,6 +385,13 @@ impl Lab {
             run(&["ip", "-n", ns, "route", "add", &peer.pod_cidr, "via", &peer_vtep, "dev", "flannel.1", "onlink"])?;
             run(&["ip", "-n", ns, "neigh", "add", &peer_vtep, "lladdr", &peer.vtep_mac, "dev", "flannel.1", "nud", "permanent"])?;
             run(&["ip", "netns", "exec", ns, "bridge", "fdb", "append", &peer.vtep_mac, "dev", "flannel.1", "dst", &peer.ip.to_string()])?;
+            if let (Some(v6), Some(peer6)) = (&node.ipv6, &peer.ipv6) {
+                let peer_vtep = peer6.vtep_ip.to_string();
+                run(&["ip", "-n", ns, "-6", "route", "add", &peer6.pod_cidr, "via", &peer_vtep, "dev", &v6.vxlan, "onlink"])?;
+                run(&["ip", "-n", ns, "-6", "neigh", "add", &peer_vtep, "lladdr", &peer6.vtep_mac, "dev", &v6.vxlan, "nud", "permanent"])?;
+                let peer_ip = peer6.ip.to_string();
+                run(&["ip", "netns", "exec", ns, "bridge", "fdb", "append", &peer6.vtep_mac, "dev", &v6.vxlan, "dst", &peer_ip])?;
+            }
         }
         let dns = self.dns_pod().clone();
         // kube-proxy runs on every node and writes every Service there.
@@ -318,6 +402,12 @@ impl Lab {
         for (node, pod) in self.nodes.iter().flat_map(|node| node.pods.iter().map(move |pod| (node, pod))).chain([(&self.nodes[1], &dns)]) {
             run(&["ip", "netns", "exec", &pod.netns, "ping", "-c", "1", "-W", "2", &node.gateway.to_string()])
                 .with_context(|| format!("pod {} cannot reach its gateway", pod.ip))?;
+            if let (Some(v6), Some(ip6)) = (&node.ipv6, pod.ip6) {
+                // Up to 10 s for one reply: cni0's address may still be in duplicate address
+                // detection, which the bridge plugin leaves on.
+                run(&["ip", "netns", "exec", &pod.netns, "ping", "-c", "1", "-w", "10", &v6.gateway.to_string()])
+                    .with_context(|| format!("pod {ip6} cannot reach its gateway"))?;
+            }
         }
         self.start_dns_server(&dns)
     }

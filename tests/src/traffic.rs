@@ -3,7 +3,7 @@
 
 use std::{
     io::{BufRead as _, BufReader},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     process::{Child, Command, Output, Stdio},
     time::Duration,
 };
@@ -13,7 +13,8 @@ use anyhow::{Context as _, Result, bail};
 use crate::lab::KUBERNETES_SERVICE_NAME;
 
 /// `ping -c count -s size` from a namespace; returns ping's output whether or not replies came.
-pub fn ping(ns: &str, dst: Ipv4Addr, count: u32, size: u32) -> Result<Output> {
+pub fn ping(ns: &str, dst: impl Into<IpAddr>, count: u32, size: u32) -> Result<Output> {
+    let dst: IpAddr = dst.into();
     Command::new("ip")
         .args(["netns", "exec", ns, "ping", "-n", "-c", &count.to_string(), "-s", &size.to_string()])
         .args(["-i", "0.2", "-W", "1", &dst.to_string()])
@@ -90,8 +91,9 @@ fn start_server(ns: &str, script: &str, args: &[String]) -> Result<Server> {
 
 const TCP_SINK: &str = r#"
 import socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(8)
+host, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((host, port)); s.listen(8)
 print("ready", flush=True)
 while True:
     c, _ = s.accept(); c.settimeout(30)
@@ -154,7 +156,8 @@ else:
 
 const UDP_ECHO: &str = r#"
 import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", int(sys.argv[1])))
+host, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM); s.bind((host, port))
 print("ready", flush=True)
 while True:
     b, a = s.recvfrom(65536); s.sendto(b, a)
@@ -163,7 +166,7 @@ while True:
 const UDP_SEND: &str = r#"
 import socket, sys, time
 host, port, count, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(1.0)
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(1.0)
 got = 0
 for i in range(count):
     s.sendto(bytes([i % 256]) * size, (host, port))
@@ -219,12 +222,19 @@ pub fn set_offloads(ns: &str, ifname: &str, on: bool) -> Result<()> {
     Ok(())
 }
 
+/// A TCP server on every IPv4 address of the namespace.
 pub fn tcp_sink(ns: &str, port: u16) -> Result<Server> {
-    start_server(ns, TCP_SINK, &[port.to_string()])
+    tcp_sink_on(ns, Ipv4Addr::UNSPECIFIED.into(), port)
+}
+
+/// A TCP server on `address` (`::` for every IPv6 address).
+pub fn tcp_sink_on(ns: &str, address: IpAddr, port: u16) -> Result<Server> {
+    start_server(ns, TCP_SINK, &[address.to_string(), port.to_string()])
 }
 
 /// Sends `bytes` in `chunk`-byte writes; returns the byte count the server acknowledged.
-pub fn tcp_send(ns: &str, dst: Ipv4Addr, port: u16, bytes: usize, chunk: usize, timeout: Duration) -> Result<Output> {
+pub fn tcp_send(ns: &str, dst: impl Into<IpAddr>, port: u16, bytes: usize, chunk: usize, timeout: Duration) -> Result<Output> {
+    let dst: IpAddr = dst.into();
     let args = [dst.to_string(), port.to_string(), bytes.to_string(), chunk.to_string(), timeout.as_secs_f64().to_string()];
     python(ns, TCP_SEND, &args)?.output().context("running the TCP client")
 }
@@ -245,13 +255,20 @@ pub fn tcp_abort(ns: &str, dst: Ipv4Addr, port: u16, wait: bool) -> Result<Strin
     Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
 }
 
+/// A UDP echo server on every IPv4 address of the namespace.
 pub fn udp_echo(ns: &str, port: u16) -> Result<Server> {
-    start_server(ns, UDP_ECHO, &[port.to_string()])
+    udp_echo_on(ns, Ipv4Addr::UNSPECIFIED.into(), port)
+}
+
+/// A UDP echo server on `address` (`::` for every IPv6 address).
+pub fn udp_echo_on(ns: &str, address: IpAddr, port: u16) -> Result<Server> {
+    start_server(ns, UDP_ECHO, &[address.to_string(), port.to_string()])
 }
 
 /// Sends `count` datagrams of `size` bytes, each waiting up to 1 s for its echo; returns how
 /// many echoes came back.
-pub fn udp_send(ns: &str, dst: Ipv4Addr, port: u16, count: u32, size: usize) -> Result<u32> {
+pub fn udp_send(ns: &str, dst: impl Into<IpAddr>, port: u16, count: u32, size: usize) -> Result<u32> {
+    let dst: IpAddr = dst.into();
     let args = [dst.to_string(), port.to_string(), count.to_string(), size.to_string()];
     let output = python(ns, UDP_SEND, &args)?.output().context("running the UDP client")?;
     String::from_utf8_lossy(&output.stdout).trim().parse().context("parsing the UDP client's count")

@@ -9,7 +9,7 @@ use tracer::{
     probes::{self, AttachMode},
     report,
 };
-use tracer_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
+use tracer_common::{IPPROTO_TCP, IPPROTO_UDP};
 
 /// Follow a pod's packets hop by hop through this Kubernetes node.
 #[derive(Parser)]
@@ -148,6 +148,12 @@ async fn follow(args: FollowArgs) -> Result<()> {
             bail!("invalid {option} {bytes}: must be a power of two of at least 4096");
         }
     }
+    let proto = match args.proto {
+        None => None,
+        Some(Proto::Tcp) => Some(IPPROTO_TCP),
+        Some(Proto::Udp) => Some(IPPROTO_UDP),
+        Some(Proto::Icmp) => Some(preflight::icmp_protocol(&pod_ips)?),
+    };
     preflight::check_privileges()?;
     preflight::check_btf(&args.btf)?;
 
@@ -156,11 +162,7 @@ async fn follow(args: FollowArgs) -> Result<()> {
         duration,
         peer: args.peer,
         port: args.port,
-        proto: args.proto.map(|proto| match proto {
-            Proto::Tcp => IPPROTO_TCP,
-            Proto::Udp => IPPROTO_UDP,
-            Proto::Icmp => IPPROTO_ICMP,
-        }),
+        proto,
         overrides: PathOverrides { add: args.add, exclude: args.exclude },
         attach_mode: args.attach,
         ring_bytes: args.ring_size,

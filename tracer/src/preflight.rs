@@ -12,6 +12,18 @@ pub fn parse_pod_ip(text: &str) -> Result<IpAddr> {
     Ok(ip)
 }
 
+/// The protocol number `--proto icmp` means for the followed pods: ICMP for IPv4, ICMPv6 for
+/// IPv6. The kernel filter holds one number, so the two families cannot be followed together.
+pub fn icmp_protocol(pod_ips: &[IpAddr]) -> Result<u8> {
+    match (pod_ips.iter().any(IpAddr::is_ipv4), pod_ips.iter().any(IpAddr::is_ipv6)) {
+        (true, true) => {
+            bail!("--proto icmp with IPv4 and IPv6 pod IPs: ICMP and ICMPv6 are different protocols; follow each address family separately")
+        }
+        (false, true) => Ok(tracer_common::IPPROTO_ICMPV6),
+        _ => Ok(tracer_common::IPPROTO_ICMP),
+    }
+}
+
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
@@ -80,6 +92,16 @@ mod tests {
         let err = parse_pod_ip("10.244.0.300").unwrap_err().to_string();
         assert_eq!(err, "invalid pod IP \"10.244.0.300\": invalid IP address syntax");
         assert!(parse_pod_ip("0.0.0.0").unwrap_err().to_string().contains("not a unicast"));
+    }
+
+    #[test]
+    fn icmp_is_icmpv6_for_ipv6_pods_and_never_both() {
+        let v4: IpAddr = "10.244.0.2".parse().unwrap();
+        let v6: IpAddr = "fd00:10:244::2".parse().unwrap();
+        assert_eq!(icmp_protocol(&[v4]).unwrap(), tracer_common::IPPROTO_ICMP);
+        assert_eq!(icmp_protocol(&[v6]).unwrap(), tracer_common::IPPROTO_ICMPV6);
+        let err = icmp_protocol(&[v4, v6]).unwrap_err().to_string();
+        assert!(err.starts_with("--proto icmp with IPv4 and IPv6 pod IPs"), "{err}");
     }
 
     #[test]

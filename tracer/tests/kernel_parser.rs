@@ -258,6 +258,28 @@ fn vxlan_with_other_endpoints_is_filtered_on_the_inner_ips() {
     assert_eq!(harness.counters(), Counters::default());
 }
 
+/// flannel-v6.1 over an IPv6 underlay: outer IPv6 to UDP 8472, VXLAN, the pod's IPv6 packet
+/// inside. The inner packet is the followed one; the same tunnel's other pods are not.
+#[test]
+fn ipv6_vxlan_carrying_ipv6_exposes_the_inner_packet() {
+    const PEER6: &str = "fd00:10:244:1::2";
+    let mut harness = Harness::default();
+    harness.probes.follow(ip(POD6)).unwrap();
+    let vxlan6 = |src: &str| {
+        let inner = ethernet(0x86dd, &v6(src, PEER6, 6, 0x54321, &tcp(40000, 5201, 7, 9, 0x18, 100)));
+        ethernet(0x86dd, &v6("fd00:99::1", "fd00:99::2", 17, 0xabcde, &udp(51000, 8472, &vxlan(1, &inner))))
+    };
+    let packet = harness.one(&vxlan6(POD6));
+    assert_eq!(packet.vni, Some(1));
+    assert_eq!((packet.outer.src, packet.outer.dst, packet.outer.dport), (ip("fd00:99::1"), ip("fd00:99::2"), 8472));
+    let inner = packet.inner.as_ref().expect("inner packet");
+    assert_eq!((inner.src, inner.dst, inner.proto, inner.flow_label), (ip(POD6), ip(PEER6), 6, 0x54321));
+    assert_eq!((inner.sport, inner.dport, inner.tcp_seq, inner.tcp_ack, inner.payload_len()), (40000, 5201, 7, 9, 100));
+    assert_eq!(packet.skb_len as usize, 14 + 40 + 8 + 8 + 14 + 40 + 20 + 100);
+    assert!(harness.run(Direction::Ingress, &vxlan6("fd00:10:244::9"), None).is_empty(), "another pod in the tunnel");
+    assert_eq!(harness.counters(), Counters { matched: 1, ..Default::default() });
+}
+
 #[test]
 fn ipv6_tcp_icmpv6_and_fragment_header() {
     let mut harness = Harness::default();
@@ -583,6 +605,16 @@ fn seed_frames() -> Vec<Vec<u8>> {
         vlan_stack,
         ethernet(0x86dd, &v6(POD6, "fd00::9", 6, 0x12345, &tcp(1, 2, 3, 4, 0x02, 10))),
         ethernet(0x86dd, &v6("fd00::9", POD6, 44, 0, &fragment_ext)),
+        ethernet(
+            0x86dd,
+            &v6(
+                "fd00:99::1",
+                "fd00:99::2",
+                17,
+                0,
+                &udp(51000, 8472, &vxlan(1, &ethernet(0x86dd, &v6(POD6, "fd00::9", 58, 0, &icmp_echo(128, 3, 4))))),
+            ),
+        ),
     ]
 }
 

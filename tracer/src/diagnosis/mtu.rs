@@ -8,20 +8,25 @@
 //! evidence: packets too large for the next hop that could not be fragmented were seen and
 //! no fragmentation-needed was sent, or the fragmentation-needed that was sent was dropped.
 //! A finding without such traffic says it is about the configuration only.
+//!
+//! For IPv6 the error is ICMPv6 packet-too-big, and every forwarded packet counts as one that
+//! cannot be fragmented: IPv6 routers never fragment. The kernel's `icmp:icmp_send` covers
+//! IPv4 only, so a packet-too-big is known to be sent only when it is seen crossing the path on
+//! its way back to a followed pod; none seen leaves it unknown.
 
 use std::{collections::BTreeMap, net::IpAddr};
 
 use serde_json::json;
-use tracer_common::IPPROTO_ICMP;
+use tracer_common::{IPPROTO_ICMP, IPPROTO_ICMPV6};
 
 use super::{Detector, Finding, FindingKind, Severity, TraceEnd};
 use crate::{
     Direction,
     events::{
         correlate::Sighting,
-        decode::{KernelRecord, KernelRecordKind, Packet},
+        decode::{KernelRecord, KernelRecordKind, Layer, Packet},
     },
-    node::{Hop, HopKey, HopKind, Path, PodEnd},
+    node::{Family, Hop, HopKey, HopKind, Path, PodEnd},
 };
 
 /// VXLAN over IPv4 adds outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14).
@@ -40,18 +45,36 @@ struct Oversized {
 
 pub struct MtuMismatch<'a> {
     path: &'a Path,
-    oversized: BTreeMap<HopKey, Oversized>,
-    /// ICMP fragmentation-needed (and ICMPv6 packet-too-big) the kernel generated.
+    oversized: BTreeMap<(HopKey, Family), Oversized>,
+    /// ICMP fragmentation-needed the kernel generated (`icmp:icmp_send`, IPv4 only).
     frag_needed_sent: u64,
-    /// Fragmentation-needed messages the kernel then dropped.
+    /// ICMPv6 packet-too-big seen crossing the path to a followed pod, each packet once.
+    packet_too_big_seen: u64,
+    /// Fragmentation-needed and packet-too-big messages the kernel then dropped.
     frag_needed_dropped: u64,
+    packet_too_big_dropped: u64,
+}
+
+/// The ICMP error that teaches a sender of `family` a smaller MTU.
+fn too_big_message(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "ICMP fragmentation-needed",
+        Family::V6 => "ICMPv6 packet-too-big",
+    }
+}
+
+/// Whether `layer` is that error: fragmentation-needed (type 3 code 4) or packet-too-big (type 2).
+fn is_too_big(layer: &Layer) -> bool {
+    matches!((layer.proto, layer.icmp_type, layer.icmp_code), (IPPROTO_ICMP, 3, 4) | (IPPROTO_ICMPV6, 2, _))
 }
 
 /// Whether senders can learn the smaller MTU (the ICMP errors that teach it), and whether
 /// traffic showed that they needed to.
 #[derive(Clone, Copy)]
 struct IcmpState {
-    /// None where the kernel has no `icmp:icmp_send`: whether any was sent is unknown.
+    family: Family,
+    /// None where it cannot be observed (no `icmp:icmp_send` for IPv4; for IPv6, none seen on
+    /// the path): whether any was sent is unknown.
     sent: Option<u64>,
     dropped: u64,
     /// Packets too large for their next hop, with Don't Fragment set, were seen (or, for a
@@ -65,21 +88,24 @@ impl IcmpState {
     }
 
     fn describe(self) -> String {
-        let Self { sent, dropped, traffic } = self;
+        let Self { family, sent, dropped, traffic } = self;
+        let message = too_big_message(family);
         match (sent, dropped > 0, traffic) {
-            (Some(sent), true, _) => format!(
-                "{sent} ICMP fragmentation-needed messages were generated but {dropped} were dropped before reaching the pod: a blackhole"
-            ),
-            (None, true, _) => {
-                format!("{dropped} ICMP fragmentation-needed messages were dropped before reaching the pod: a blackhole")
+            (Some(sent), true, _) => {
+                format!("{sent} {message} messages were generated but {dropped} were dropped before reaching the pod: a blackhole")
             }
-            (Some(sent), false, _) if sent > 0 => format!("{sent} ICMP fragmentation-needed messages were sent back"),
-            (Some(_), false, true) => {
-                "no ICMP fragmentation-needed was sent, so senders never learn the smaller MTU: a blackhole".to_string()
+            (None, true, _) => format!("{dropped} {message} messages were dropped before reaching the pod: a blackhole"),
+            (Some(sent), false, _) if sent > 0 => format!("{sent} {message} messages were sent back"),
+            (Some(_), false, true) => format!("no {message} was sent, so senders never learn the smaller MTU: a blackhole"),
+            (None, false, true) => {
+                let why = match family {
+                    Family::V4 => "on this kernel (no icmp:icmp_send tracepoint)",
+                    Family::V6 => "(the kernel has no tracepoint for the ICMPv6 errors it sends) and none crossed the traced hops",
+                };
+                format!(
+                    "whether {message} was sent cannot be observed {why}; if these packets are never delivered, senders are not learning the smaller MTU"
+                )
             }
-            (None, false, true) => "whether ICMP fragmentation-needed was sent cannot be observed on this kernel (no icmp:icmp_send \
-                                    tracepoint); if these packets are never delivered, senders are not learning the smaller MTU"
-                .to_string(),
             (_, false, false) => "configuration only: no packet too large for its next hop was seen during the trace".to_string(),
         }
     }
@@ -87,16 +113,33 @@ impl IcmpState {
 
 impl<'a> MtuMismatch<'a> {
     pub fn new(path: &'a Path) -> Self {
-        Self { path, oversized: BTreeMap::new(), frag_needed_sent: 0, frag_needed_dropped: 0 }
+        Self {
+            path,
+            oversized: BTreeMap::new(),
+            frag_needed_sent: 0,
+            packet_too_big_seen: 0,
+            frag_needed_dropped: 0,
+            packet_too_big_dropped: 0,
+        }
     }
 
-    fn icmp(&self, traffic: bool, end: &TraceEnd<'_>) -> IcmpState {
-        IcmpState { sent: end.icmp_send_observed.then_some(self.frag_needed_sent), dropped: self.frag_needed_dropped, traffic }
+    fn icmp(&self, family: Family, traffic: bool, end: &TraceEnd<'_>) -> IcmpState {
+        let (sent, dropped) = match family {
+            Family::V4 => (end.icmp_send_observed.then_some(self.frag_needed_sent), self.frag_needed_dropped),
+            // Seen only where one crosses a traced hop: none seen is not none sent.
+            Family::V6 => ((self.packet_too_big_seen > 0).then_some(self.packet_too_big_seen), self.packet_too_big_dropped),
+        };
+        IcmpState { family, sent, dropped, traffic }
     }
 
-    /// Whether any packet too large for its next hop had Don't Fragment set.
-    fn unfragmentable_seen(&self) -> bool {
-        self.oversized.values().any(|oversized| oversized.dont_fragment > 0)
+    /// The family of the followed pod, which the configuration findings are about.
+    fn pod_family(&self) -> Family {
+        Family::of(self.path.pod_ip)
+    }
+
+    /// Whether any packet of `family` too large for its next hop could not be fragmented.
+    fn unfragmentable_seen(&self, family: Family) -> bool {
+        self.oversized.iter().any(|((_, of), oversized)| *of == family && oversized.dont_fragment > 0)
     }
 
     /// The hop a packet at `hop` goes to next on its way, and the IP-level MTU it must fit:
@@ -122,7 +165,8 @@ impl<'a> MtuMismatch<'a> {
             }
             let drops = end.link_drops.get(&underlay.ifindex).copied().unwrap_or_default();
             let received_dropped = drops.rx_dropped + drops.rx_length_errors;
-            let icmp = self.icmp(self.unfragmentable_seen() || received_dropped > 0, end);
+            let family = self.pod_family();
+            let icmp = self.icmp(family, self.unfragmentable_seen(family) || received_dropped > 0, end);
             // A frame too large for the interface that receives it is dropped there, and a
             // receiving interface sends no ICMP error: lost, whatever the senders' ICMP.
             let blackhole = icmp.blackhole() || received_dropped > 0;
@@ -174,7 +218,8 @@ impl<'a> MtuMismatch<'a> {
     }
 
     fn pod_mtu_finding(&self, hop: &Hop, pod_end: &PodEnd, tunnel: &Hop, end: &TraceEnd<'_>) -> Finding {
-        let icmp = self.icmp(self.unfragmentable_seen(), end);
+        let family = self.pod_family();
+        let icmp = self.icmp(family, self.unfragmentable_seen(family), end);
         Finding {
             kind: FindingKind::MtuMismatch,
             severity: if icmp.blackhole() { Severity::Error } else { Severity::Warning },
@@ -198,8 +243,9 @@ impl<'a> MtuMismatch<'a> {
                 "blackhole": icmp.blackhole(),
             }),
             advice: format!(
-                "Give the pod network MTU {} (the CNI's mtu setting) so pods never send larger packets, and let ICMP fragmentation-needed through.",
-                tunnel.mtu
+                "Give the pod network MTU {} (the CNI's mtu setting) so pods never send larger packets, and let {} through.",
+                tunnel.mtu,
+                too_big_message(family)
             ),
         }
     }
@@ -235,11 +281,11 @@ impl<'a> MtuMismatch<'a> {
     fn oversized_findings(&self, end: &TraceEnd<'_>) -> Vec<Finding> {
         self.oversized
             .iter()
-            .filter_map(|(hop, oversized)| {
+            .filter_map(|((hop, family), oversized)| {
                 let name = &self.path.hop(hop.ifindex)?.ifname;
                 let next = self.next_mtu(*hop)?;
                 let direction = hop.direction;
-                let icmp = self.icmp(oversized.dont_fragment > 0, end);
+                let icmp = self.icmp(*family, oversized.dont_fragment > 0, end);
                 let fate = if oversized.dont_fragment == 0 {
                     "none had Don't Fragment set, so the kernel fragments them".to_string()
                 } else {
@@ -264,8 +310,9 @@ impl<'a> MtuMismatch<'a> {
                         "blackhole": icmp.blackhole(),
                     }),
                     advice: format!(
-                        "Lower the sender's MTU to {} or below, and let ICMP fragmentation-needed reach the pod so path MTU discovery works.",
-                        next.mtu
+                        "Lower the sender's MTU to {} or below, and let {} reach the pod so path MTU discovery works.",
+                        next.mtu,
+                        too_big_message(*family)
                     ),
                 })
             })
@@ -300,8 +347,14 @@ impl<'a> MtuMismatch<'a> {
 }
 
 impl Detector for MtuMismatch<'_> {
-    /// A wire-sized (non-GSO) packet larger than the MTU of the hop it heads for.
-    fn observe_packet(&mut self, packet: &Packet, _sighting: Option<&Sighting>) {
+    /// A wire-sized (non-GSO) packet larger than the MTU of the hop it heads for; and the
+    /// packet-too-big messages on their way back to a followed pod.
+    fn observe_packet(&mut self, packet: &Packet, sighting: Option<&Sighting>) {
+        let pod_layer = packet.pod_layer();
+        let first_sighting = sighting.is_none_or(|sighting| sighting.previous.is_none());
+        if pod_layer.proto == IPPROTO_ICMPV6 && is_too_big(pod_layer) && self.path.follows(pod_layer.dst) && first_sighting {
+            self.packet_too_big_seen += 1;
+        }
         if packet.is_gso() {
             return;
         }
@@ -311,28 +364,37 @@ impl Detector for MtuMismatch<'_> {
         // Between underlay devices, and leaving through one, the outer header is what must
         // fit; a packet received on the underlay for the tunnel device is decapsulated there.
         let outer_must_fit = underlay && (hop.direction == Direction::Egress || next_is_underlay);
-        let layer = if outer_must_fit { &packet.outer } else { packet.pod_layer() };
+        let layer = if outer_must_fit { &packet.outer } else { pod_layer };
         let ip_len = u32::from(layer.total_len);
         if ip_len <= next_mtu {
             return;
         }
-        let entry = self.oversized.entry(hop).or_default();
+        let family = Family::of(layer.src);
+        // The node forwards the pod's packets, and IPv6 routers never fragment; the outer
+        // header is this node's own, which its stack may fragment as its DF bit says.
+        let unfragmentable = layer.dont_fragment || (family == Family::V6 && !outer_must_fit);
+        let entry = self.oversized.entry((hop, family)).or_default();
         entry.count += 1;
-        entry.dont_fragment += u64::from(layer.dont_fragment);
+        entry.dont_fragment += u64::from(unfragmentable);
         if ip_len > entry.max_len {
             entry.max_len = ip_len;
-            entry.example = format!("{} ({} bytes, DF {})", layer.describe(), ip_len, if layer.dont_fragment { "set" } else { "clear" });
+            let df = match family {
+                Family::V4 => format!(", DF {}", if layer.dont_fragment { "set" } else { "clear" }),
+                Family::V6 => String::new(),
+            };
+            entry.example = format!("{} ({ip_len} bytes{df})", layer.describe());
         }
     }
 
     fn observe_kernel(&mut self, record: &KernelRecord) {
         let layer = record.pod_layer();
-        let frag_needed = (layer.proto, layer.icmp_type, layer.icmp_code) == (IPPROTO_ICMP, 3, 4);
         match record.kind {
-            KernelRecordKind::IcmpSent { icmp_type: 3, icmp_code: 4 } | KernelRecordKind::IcmpSent { icmp_type: 2, .. } => {
-                self.frag_needed_sent += 1;
-            }
-            KernelRecordKind::Drop { .. } if frag_needed => self.frag_needed_dropped += 1,
+            // `icmp:icmp_send` fires in IPv4's ICMP only.
+            KernelRecordKind::IcmpSent { icmp_type: 3, icmp_code: 4 } => self.frag_needed_sent += 1,
+            KernelRecordKind::Drop { .. } if is_too_big(layer) => match layer.proto {
+                IPPROTO_ICMPV6 => self.packet_too_big_dropped += 1,
+                _ => self.frag_needed_dropped += 1,
+            },
             _ => {}
         }
     }
@@ -352,10 +414,7 @@ impl Detector for MtuMismatch<'_> {
 #[cfg(test)]
 mod tests {
     use super::{super::testing::*, *};
-    use crate::{
-        events::decode::Layer,
-        node::{LinkDrops, path::fixtures::local_path},
-    };
+    use crate::node::{LinkDrops, path::Entry, path::fixtures::local_path};
 
     fn ping_of(size: u16) -> Layer {
         Layer { total_len: size, ..echo(POD, PEER, 8, 1) }
@@ -505,6 +564,112 @@ mod tests {
         // Sent back with fragmentation-needed delivered: not a blackhole, but no finding either.
         detector.observe_kernel(&kernel(KernelRecordKind::IcmpSent { icmp_type: 3, icmp_code: 4 }, ping_of(1500), 4, true, 1));
         assert!(End::default().findings(&detector, &path).is_empty());
+    }
+
+    const POD6: &str = "fd00:10:244::2";
+    const PEER6: &str = "fd00:10:244:1::2";
+    /// cni0's address, the source of the packet-too-big the node sends the pod.
+    const GATEWAY6: &str = "fd00:10:244::1";
+
+    /// The host-side path with the pod followed by its IPv6 address.
+    fn ipv6_pod(pod_mtu: u32) -> Path {
+        let mut path = host_side_1500(pod_mtu);
+        path.pod_ip = ip(POD6);
+        path.entries[0].pod_ip = ip(POD6);
+        path
+    }
+
+    /// An IPv6 TCP segment of `total_len` bytes from the pod: IPv6 has no DF bit.
+    fn segment6(total_len: u16, seq: u32) -> Layer {
+        Layer { total_len, header_len: 40, dont_fragment: false, tcp_seq: seq, ..tcp(POD6, 40000, PEER6, 5201, 0x10, 0) }
+    }
+
+    /// The packet-too-big the node sends back for a segment: ICMPv6 type 2.
+    fn packet_too_big() -> Layer {
+        Layer { icmp_type: 2, icmp_code: 0, header_len: 40, dont_fragment: false, ..layer(GATEWAY6, POD6, IPPROTO_ICMPV6) }
+    }
+
+    /// IPv6 has no Don't Fragment bit because routers never fragment it: a forwarded packet
+    /// too large for its next hop is dropped and answered by packet-too-big, never fragmented.
+    /// The kernel has no tracepoint for ICMPv6 errors, so with none seen on the path whether
+    /// one was sent is unknown, even where `icmp:icmp_send` (IPv4's) is attached.
+    #[test]
+    fn oversized_ipv6_packets_are_never_fragmented_and_no_packet_too_big_seen_is_unknown() {
+        let path = ipv6_pod(1500);
+        let mut detector = MtuMismatch::new(&path);
+        Feed::new(&path).journey(&mut detector, &segment6(1500, 1), &OUT[..2], 0);
+        let findings = End::default().findings(&detector, &path);
+        let traffic = findings.iter().find(|f| f.evidence["largest_packet"].is_number()).unwrap();
+        assert_eq!(traffic.hop.as_deref(), Some("cni0"));
+        assert_eq!((traffic.evidence["dont_fragment_packets"].clone(), traffic.evidence["blackhole"].clone()), (json!(1), json!(false)));
+        assert_eq!(traffic.evidence["icmp_frag_needed_sent"], json!(null));
+        assert!(!traffic.summary.contains("fragments them"), "{}", traffic.summary);
+        assert!(traffic.summary.contains("whether ICMPv6 packet-too-big was sent cannot be observed"), "{}", traffic.summary);
+        assert!(traffic.advice.contains("let ICMPv6 packet-too-big reach the pod"), "{}", traffic.advice);
+        assert!(!traffic.evidence["example"].as_str().unwrap().contains("DF"), "{}", traffic.evidence["example"]);
+        let pod = findings.iter().find(|f| f.hop.as_deref() == Some("veth1")).unwrap();
+        assert_eq!((pod.severity, pod.evidence["configuration_only"].clone()), (Severity::Warning, json!(false)));
+        assert!(pod.advice.contains("let ICMPv6 packet-too-big through"), "{}", pod.advice);
+        assert!(findings.iter().all(|f| f.severity == Severity::Warning), "{findings:#?}");
+    }
+
+    /// The node's packet-too-big crosses cni0 and the pod's veth on its way to the pod: one
+    /// message sent back, counted once. Dropped before the pod, it is a blackhole.
+    #[test]
+    fn a_packet_too_big_seen_on_its_way_to_the_pod_is_sent_and_one_dropped_is_a_blackhole() {
+        let path = ipv6_pod(1500);
+        let mut detector = MtuMismatch::new(&path);
+        let mut feed = Feed::new(&path);
+        feed.journey(&mut detector, &segment6(1500, 1), &OUT[..2], 0);
+        feed.journey(&mut detector, &packet_too_big(), &BACK[2..], 10_000);
+        let findings = End::default().findings(&detector, &path);
+        let traffic = findings.iter().find(|f| f.evidence["largest_packet"].is_number()).unwrap();
+        assert_eq!((traffic.evidence["icmp_frag_needed_sent"].clone(), traffic.evidence["blackhole"].clone()), (json!(1), json!(false)));
+        assert!(traffic.summary.contains("1 ICMPv6 packet-too-big messages were sent back"), "{}", traffic.summary);
+        assert!(findings.iter().all(|f| f.severity == Severity::Warning), "{findings:#?}");
+
+        let mut detector = MtuMismatch::new(&path);
+        Feed::new(&path).journey(&mut detector, &segment6(1500, 2), &OUT[..2], 0);
+        detector.observe_kernel(&kernel(KernelRecordKind::Drop { reason: 9, location: 0 }, packet_too_big(), 4, false, 1));
+        let findings = End::default().findings(&detector, &path);
+        let traffic = findings.iter().find(|f| f.evidence["largest_packet"].is_number()).unwrap();
+        assert_eq!((traffic.severity, traffic.evidence["blackhole"].clone()), (Severity::Error, json!(true)));
+        assert!(traffic.summary.contains("1 ICMPv6 packet-too-big messages were dropped before reaching the pod"), "{}", traffic.summary);
+    }
+
+    /// A packet-too-big counts only for IPv6 traffic, fragmentation-needed only for IPv4.
+    #[test]
+    fn each_family_is_judged_by_its_own_icmp_error() {
+        let path = ipv6_pod(1500);
+        let mut detector = MtuMismatch::new(&path);
+        let mut feed = Feed::new(&path);
+        feed.journey(&mut detector, &segment6(1500, 1), &OUT[..2], 0);
+        // An IPv4 fragmentation-needed the kernel sent says nothing of the IPv6 segment.
+        detector.observe_kernel(&kernel(KernelRecordKind::IcmpSent { icmp_type: 3, icmp_code: 4 }, ping_of(1500), 4, true, 1));
+        let findings = End::default().findings(&detector, &path);
+        let traffic = findings.iter().find(|f| f.evidence["largest_packet"].is_number()).unwrap();
+        assert_eq!(traffic.evidence["icmp_frag_needed_sent"], json!(null), "{traffic:#?}");
+        // And the pod followed by both addresses: a packet-too-big sent to its IPv6 address
+        // does not lift the blackhole of its IPv4 packets.
+        let mut path = host_side_1500(1500);
+        path.entries.push(Entry { pod_ip: ip(POD6), hop: path.entries[0].hop });
+        let mut detector = MtuMismatch::new(&path);
+        let mut feed = Feed::new(&path);
+        feed.journey(&mut detector, &ping_of(1500), &OUT[..2], 0);
+        feed.journey(&mut detector, &segment6(1500, 1), &OUT[..2], 5_000);
+        feed.journey(&mut detector, &packet_too_big(), &BACK[2..], 10_000);
+        let findings = End::default().findings(&detector, &path);
+        let sent = |hop: &str, family_example: &str| {
+            let finding = findings
+                .iter()
+                .find(|f| f.hop.as_deref() == Some(hop) && f.evidence["example"].as_str().is_some_and(|e| e.contains(family_example)))
+                .unwrap_or_else(|| panic!("{findings:#?}"));
+            (finding.evidence["icmp_frag_needed_sent"].clone(), finding.evidence["blackhole"].clone())
+        };
+        assert_eq!(sent("cni0", POD6), (json!(1), json!(false)));
+        assert_eq!(sent("cni0", POD), (json!(0), json!(true)));
+        let pod = findings.iter().find(|f| f.hop.as_deref() == Some("veth1")).unwrap();
+        assert_eq!((pod.severity, pod.evidence["blackhole"].clone()), (Severity::Error, json!(true)));
     }
 
     #[test]

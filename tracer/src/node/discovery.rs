@@ -10,7 +10,7 @@ use netlink_packet_route::{
     AddressFamily,
     link::{InfoKind, LinkLayerType},
     neighbour::{NeighbourAddress, NeighbourAttribute},
-    route::{RouteAddress, RouteAttribute, RouteType},
+    route::{RouteAttribute, RouteType},
 };
 use rtnetlink::{Handle, RouteMessageBuilder};
 
@@ -19,6 +19,7 @@ use super::{
     netlink::{Link, dump_addresses, dump_links, with_rtnetlink},
     netns::{self, PodInterface},
     path::{Entry, Hop, HopKey, HopKind, Locality, Path, PodEnd, Stage},
+    routing::{Family, Origin, Routing},
 };
 use crate::Direction;
 
@@ -83,14 +84,22 @@ pub async fn add_local_peer(path: &mut Path, peer: IpAddr) -> bool {
 }
 
 /// For two or more pods (IP, veth ifindex) behind the path's bridge: why the bridge itself
-/// counts none of the packets between them.
+/// counts none of the packets between them. A pod is its veth: a dual-stack pod followed by
+/// both its addresses is one pod.
 fn bridged_note(path: &Path, pods: &[(IpAddr, u32)]) -> Option<String> {
     let bridge = path.hops().find(|hop| hop.kind == HopKind::Bridge)?;
-    if pods.len() < 2 {
+    let mut veths: Vec<(u32, Vec<String>)> = Vec::new();
+    for (ip, ifindex) in pods {
+        match veths.iter_mut().find(|(veth, _)| veth == ifindex) {
+            Some((_, ips)) => ips.push(ip.to_string()),
+            None => veths.push((*ifindex, vec![ip.to_string()])),
+        }
+    }
+    if veths.len() < 2 {
         return None;
     }
     let named: Vec<String> =
-        pods.iter().filter_map(|(ip, ifindex)| path.hop(*ifindex).map(|veth| format!("{ip} ({})", veth.ifname))).collect();
+        veths.iter().filter_map(|(ifindex, ips)| path.hop(*ifindex).map(|veth| format!("{} ({})", ips.join(", "), veth.ifname))).collect();
     Some(format!(
         "{} are pods behind {bridge}: the bridge forwards frames between them from port to port, and those never cross {bridge}'s own \
          ingress or egress hooks, so {bridge} counts none of that traffic; it shows on the pods' veths",
@@ -130,7 +139,14 @@ async fn discover_one(handle: &Handle, pod_ip: IpAddr, overrides: &PathOverrides
         Locality::Local => Direction::Egress,
         Locality::Remote => Direction::Ingress,
     };
-    let network = network_stages(&links, default_route_oif(handle).await?, locality);
+    let routing = Routing::read(handle).await?;
+    // A local pod's packets enter the node's routing on the device its route points at (the
+    // bridge, or a routed CNI's veth); those to a remote pod come from anywhere.
+    let origin = match locality {
+        Locality::Local => Origin { source: Some(pod_ip), iif: Some(&oif.name) },
+        Locality::Remote => Origin::default(),
+    };
+    let network = network_stages(&links, &routing, Family::of(pod_ip), &origin, locality);
     candidates.extend(network.into_iter().map(|stage| (stage, network_side)));
     for name in &overrides.add {
         let link =
@@ -207,20 +223,32 @@ async fn pod_side(
     }
 }
 
-/// Every VXLAN device and its underlay, then the default route's device; a bond is one stage
-/// and its slaves the next, as alternatives. In the order a packet from the pod crosses them:
-/// one from a remote pod meets the wire before the tunnel device.
-fn network_stages(links: &BTreeMap<u32, Link>, default_oif: Option<u32>, locality: Locality) -> Vec<Vec<(u32, HopKind)>> {
+/// Every VXLAN device that may carry the pod's address family and its underlay, then the
+/// device of the default route the pod's traffic takes; a bond is one stage and its slaves the
+/// next, as alternatives. In the order a packet from the pod crosses them: one from a remote
+/// pod meets the wire before the tunnel device.
+fn network_stages(
+    links: &BTreeMap<u32, Link>,
+    routing: &Routing,
+    family: Family,
+    origin: &Origin<'_>,
+    locality: Locality,
+) -> Vec<Vec<(u32, HopKind)>> {
     let mut stages = Vec::new();
-    for vxlan in links.values().filter(|link| link.kind == Some(InfoKind::Vxlan)) {
+    for vxlan in links.values().filter(|link| link.kind == Some(InfoKind::Vxlan) && routing.may_carry(link.index, family)) {
         stages.push(vec![(vxlan.index, HopKind::Vxlan)]);
-        // Without an explicit `dev`, the kernel sends the encapsulated packet by route lookup.
-        if let Some(underlay) = vxlan.vxlan_underlay.or(default_oif) {
+        // Without an explicit `dev`, the kernel routes the encapsulated packet: this node's
+        // own packet from the tunnel's address, in that address's family.
+        let underlay = vxlan.vxlan_underlay.or_else(|| {
+            let encapsulated = Origin { source: vxlan.vxlan_local, iif: Some("lo") };
+            routing.of(vxlan.vxlan_local.map_or(family, Family::of)).default_route_device(&encapsulated)
+        });
+        if let Some(underlay) = underlay {
             push_underlay(links, underlay, &mut stages);
         }
     }
-    if let Some(default_oif) = default_oif {
-        push_underlay(links, default_oif, &mut stages);
+    if let Some(default_device) = routing.of(family).default_route_device(origin) {
+        push_underlay(links, default_device, &mut stages);
     }
     if locality == Locality::Remote {
         stages.reverse();
@@ -434,36 +462,13 @@ async fn route_oif(handle: &Handle, ip: IpAddr) -> Result<u32> {
         .with_context(|| format!("no path to {ip} on this node: its route has no output interface"))
 }
 
-/// The device of the IPv4 default route in the main table, if any.
-async fn default_route_oif(handle: &Handle) -> Result<Option<u32>> {
-    let routes: Vec<_> = handle
-        .route()
-        .get(RouteMessageBuilder::<std::net::Ipv4Addr>::new().build())
-        .execute()
-        .try_collect()
-        .await
-        .context("dumping IPv4 routes")?;
-    Ok(routes.iter().find_map(|route| {
-        let is_default = route.header.destination_prefix_length == 0
-            && route.header.kind == RouteType::Unicast
-            && !route
-                .attributes
-                .iter()
-                .any(|attr| matches!(attr, RouteAttribute::Destination(RouteAddress::Inet(a)) if !a.is_unspecified()));
-        if !is_default {
-            return None;
-        }
-        route.attributes.iter().find_map(|attr| match attr {
-            RouteAttribute::Oif(index) => Some(*index),
-            _ => None,
-        })
-    }))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::node::path::fixtures::{hop, key, local_path, path};
+    use crate::node::{
+        path::fixtures::{hop, key, local_path, path},
+        routing::fixtures::{default_rules, route, routing, tables},
+    };
 
     #[test]
     fn a_second_local_pod_is_an_alternative_with_its_own_entry() {
@@ -488,6 +493,10 @@ mod tests {
         path.stages[0].hops.push(hop("veth2", 8, HopKind::PodVeth, Direction::Ingress));
         let (pod, peer): (IpAddr, IpAddr) = ("10.244.0.2".parse().unwrap(), "10.244.0.3".parse().unwrap());
         assert_eq!(bridged_note(&path, &[(pod, 5)]), None, "one pod alone");
+        let pod6: IpAddr = "fd00:10:244::2".parse().unwrap();
+        assert_eq!(bridged_note(&path, &[(pod, 5), (pod6, 5)]), None, "one pod by both its addresses");
+        let dual = bridged_note(&path, &[(pod, 5), (pod6, 5), (peer, 8)]).unwrap();
+        assert!(dual.starts_with("10.244.0.2, fd00:10:244::2 (veth1) and 10.244.0.3 (veth2) are pods behind cni0"), "{dual}");
         let note = bridged_note(&path, &[(pod, 5), (peer, 8)]).unwrap();
         assert!(note.starts_with("10.244.0.2 (veth1) and 10.244.0.3 (veth2) are pods behind cni0"), "{note}");
         assert!(note.contains("never cross cni0's own ingress or egress hooks, so cni0 counts none of that traffic"), "{note}");
@@ -536,16 +545,29 @@ mod tests {
         links
     }
 
+    const MAIN: u32 = 254;
+
+    /// IPv4 routes only: the peer's pod subnet through flannel.1 (3), the default through `default_device`.
+    fn ipv4_routing(default_device: u32) -> Routing {
+        let ipv4 = tables(&[route("10.244.1.0/24", MAIN, 3), route("default", MAIN, default_device)], &default_rules());
+        routing(ipv4, tables(&[route("fe80::/64", MAIN, 3)], &default_rules()))
+    }
+
+    const POD: Origin<'static> = Origin { source: Some(IpAddr::V4(std::net::Ipv4Addr::new(10, 244, 0, 2))), iif: Some("cni0") };
+
     #[test]
     fn a_bonds_slaves_are_one_stage_of_alternatives() {
-        let stages = network_stages(&bonded_node(), Some(6), Locality::Local);
+        let stages = network_stages(&bonded_node(), &ipv4_routing(6), Family::V4, &POD, Locality::Local);
         assert_eq!(stages, [vec![(3, HopKind::Vxlan)], vec![(6, HopKind::Bond)], vec![(2, HopKind::BondSlave), (7, HopKind::BondSlave)]]);
     }
 
     #[test]
     fn a_remote_pods_path_meets_the_wire_first() {
         let links = bonded_node();
-        let candidates = network_stages(&links, Some(6), Locality::Remote).into_iter().map(|stage| (stage, Direction::Ingress)).collect();
+        let candidates = network_stages(&links, &ipv4_routing(6), Family::V4, &Origin::default(), Locality::Remote)
+            .into_iter()
+            .map(|stage| (stage, Direction::Ingress))
+            .collect();
         let stages = build_stages(candidates, &links, &[], &PathOverrides::default(), &mut Vec::new());
         let names: Vec<Vec<&str>> = stages.iter().map(|s| s.hops.iter().map(|h| h.ifname.as_str()).collect()).collect();
         assert_eq!(names, [vec!["eth1", "eth0"], vec!["bond0"], vec!["flannel.1"]]);
@@ -554,10 +576,60 @@ mod tests {
     #[test]
     fn excluded_hops_go_and_empty_stages_with_them() {
         let links = bonded_node();
-        let candidates = network_stages(&links, Some(6), Locality::Local).into_iter().map(|stage| (stage, Direction::Egress)).collect();
+        let candidates = network_stages(&links, &ipv4_routing(6), Family::V4, &POD, Locality::Local)
+            .into_iter()
+            .map(|stage| (stage, Direction::Egress))
+            .collect();
         let overrides = PathOverrides { add: vec![], exclude: vec!["bond0".into(), "eth1".into()] };
         let stages = build_stages(candidates, &links, &[], &overrides, &mut Vec::new());
         let names: Vec<Vec<&str>> = stages.iter().map(|s| s.hops.iter().map(|h| h.ifname.as_str()).collect()).collect();
         assert_eq!(names, [vec!["flannel.1"], vec!["eth0"]]);
+    }
+
+    /// kube-flannel with IPv6 enabled: flannel.1 (3) and flannel-v6.1 (8) over eth0 (2), each
+    /// with its family's route to the peer's pod subnet, and a default route of each family
+    /// through eth1 (7).
+    fn dual_stack_node() -> (BTreeMap<u32, Link>, Routing) {
+        let mut links = BTreeMap::from([
+            link(2, "eth0", None, None),
+            link(7, "eth1", None, None),
+            link(3, "flannel.1", Some(InfoKind::Vxlan), None),
+            link(8, "flannel-v6.1", Some(InfoKind::Vxlan), None),
+        ]);
+        for (index, local) in [(3, "10.99.0.1"), (8, "fd00:99::1")] {
+            let tunnel = links.get_mut(&index).unwrap();
+            tunnel.vxlan_underlay = Some(2);
+            tunnel.vxlan_local = Some(local.parse().unwrap());
+        }
+        let ipv4 = tables(&[route("10.244.1.0/24", MAIN, 3), route("default", MAIN, 7)], &default_rules());
+        // Every IPv6-enabled interface has a link-local route; flannel-v6.1's /128 address is
+        // local-table only.
+        let link_local: Vec<_> = [2, 3, 7, 8].into_iter().map(|index| route("fe80::/64", MAIN, index)).collect();
+        let mut ipv6 = vec![route("fd00:10:244:1::/64", MAIN, 8), route("default", MAIN, 7)];
+        ipv6.extend(link_local);
+        (links, routing(ipv4, tables(&ipv6, &default_rules())))
+    }
+
+    #[test]
+    fn a_dual_stack_pod_crosses_the_tunnel_of_its_address_family() {
+        let (links, routing) = dual_stack_node();
+        let pod6 = Origin { source: Some("fd00:10:244::2".parse().unwrap()), iif: Some("cni0") };
+        let ipv6 = network_stages(&links, &routing, Family::V6, &pod6, Locality::Local);
+        assert_eq!(ipv6, [vec![(8, HopKind::Vxlan)], vec![(2, HopKind::Nic)], vec![(7, HopKind::Nic)]]);
+        let ipv4 = network_stages(&links, &routing, Family::V4, &POD, Locality::Local);
+        assert_eq!(ipv4, [vec![(3, HopKind::Vxlan)], vec![(2, HopKind::Nic)], vec![(7, HopKind::Nic)]]);
+    }
+
+    /// A tunnel without `dev` whose own address is IPv6, carrying IPv4 pods: its packets leave
+    /// by the IPv6 default route (eth0), the pod's other traffic by the IPv4 one (eth1).
+    #[test]
+    fn a_tunnel_without_a_device_leaves_by_its_own_familys_default_route() {
+        let mut links =
+            BTreeMap::from([link(2, "eth0", None, None), link(7, "eth1", None, None), link(3, "vxlan0", Some(InfoKind::Vxlan), None)]);
+        links.get_mut(&3).unwrap().vxlan_local = Some("fd00:99::1".parse().unwrap());
+        let ipv4 = tables(&[route("10.244.1.0/24", MAIN, 3), route("default", MAIN, 7)], &default_rules());
+        let ipv6 = tables(&[route("default", MAIN, 2)], &default_rules());
+        let stages = network_stages(&links, &routing(ipv4, ipv6), Family::V4, &POD, Locality::Local);
+        assert_eq!(stages, [vec![(3, HopKind::Vxlan)], vec![(2, HopKind::Nic)], vec![(7, HopKind::Nic)]]);
     }
 }
