@@ -141,6 +141,29 @@ fn ipv6_counts_match_tcpdump_on_every_hop_of_flannel_v6() -> Result<()> {
     Ok(())
 }
 
+/// Both addresses of a pod followed in one run, with IPv4 and IPv6 traffic: each family's
+/// tunnel sends from its own endpoint (the node's IPv4 address for flannel.1, its IPv6 one
+/// for flannel-v6.1), which is no VXLAN source mismatch, nor anything else to warn about.
+#[test]
+fn both_addresses_followed_at_once_give_no_warning() -> Result<()> {
+    let lab = one_mtu_lab("dsb");
+    let (pod_a, pod_b) = (lab.pod_a(), lab.pod_b());
+    quiet_neighbour_discovery(&lab)?;
+    let both = [pod_a.ip.to_string(), ip6(pod_a.ip6).to_string()];
+    let podtrace = Podtrace::start(&lab.node_a().netns, &["follow", &both[0], &both[1], "-o", "json"])?;
+    ipv6_traffic(&lab)?;
+    assert_eq!(traffic::ping_received(&traffic::ping(&pod_a.netns, IpAddr::V4(pod_b.ip), 5, 56)?), 5);
+    std::thread::sleep(Duration::from_millis(300));
+    let finished = podtrace.finish()?;
+    assert!(finished.status.success(), "{}", finished.stderr);
+    let report = finished.json()?;
+    let tunnels: Vec<_> = hops(&report).into_iter().filter(|(_, kind, _)| kind == "vxlan").map(|(name, _, _)| name).collect();
+    assert!(tunnels.iter().any(|t| t == "flannel.1") && tunnels.iter().any(|t| t == "flannel-v6.1"), "{tunnels:?}");
+    let serious = serious_findings(&report);
+    assert!(serious.is_empty(), "{serious:#?}");
+    Ok(())
+}
+
 /// On a dual-stack node each address of a pod has its family's path: the IPv6 one crosses
 /// flannel-v6.1 and never flannel.1, the IPv4 one the other way round; a remote pod's IPv6
 /// address meets eth0 first.

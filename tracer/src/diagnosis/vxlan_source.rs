@@ -34,14 +34,12 @@ impl<'a> VxlanSourceMismatch<'a> {
 
     /// Traffic: packets sent from another address than the one peers send to.
     fn source_findings(&self) -> Vec<Finding> {
-        // Where peers send to is this node's endpoint, unless the user said otherwise.
-        let endpoint = self.node_ip.or_else(|| self.in_destinations.iter().max_by_key(|(_, count)| **count).map(|(ip, _)| *ip));
-        let Some(endpoint) = endpoint else { return Vec::new() };
         let underlays = self.underlays();
         self.out_sources
             .iter()
-            .filter(|(source, _)| **source != endpoint)
-            .map(|(source, count)| {
+            .filter_map(|(source, count)| Some((source, count, self.endpoint_for(source)?)))
+            .filter(|(source, _, endpoint)| *source != endpoint)
+            .map(|(source, count, endpoint)| {
                 let nic = underlays.iter().find(|h| h.addresses.iter().any(|(ip, _)| ip == source)).or(underlays.first());
                 Finding {
                     kind: FindingKind::VxlanSourceMismatch,
@@ -63,6 +61,16 @@ impl<'a> VxlanSourceMismatch<'a> {
                 }
             })
             .collect()
+    }
+
+    /// This node's tunnel endpoint in `source`'s address family: `--node-ip`, or where peers
+    /// send that family's VXLAN packets. A dual-stack node has one of each (flannel.1 over
+    /// IPv4, flannel-v6.1 over IPv6), and neither is a mismatch of the other.
+    fn endpoint_for(&self, source: &IpAddr) -> Option<IpAddr> {
+        let same_family = |ip: &IpAddr| ip.is_ipv4() == source.is_ipv4();
+        self.node_ip
+            .filter(same_family)
+            .or_else(|| self.in_destinations.iter().filter(|(ip, _)| same_family(ip)).max_by_key(|(_, count)| **count).map(|(ip, _)| *ip))
     }
 
     /// Configuration: an underlay with two IPv4 addresses in one subnet.
@@ -182,6 +190,30 @@ mod tests {
         assert_eq!(findings.len(), 1);
         assert_eq!(findings[0].evidence["endpoint"], "10.99.0.5");
         assert!(findings[0].summary.contains("(--node-ip)"));
+    }
+
+    /// A pod followed by both its addresses: flannel.1 sends from the node's IPv4 address,
+    /// flannel-v6.1 from its IPv6 one; each is its own family's endpoint.
+    #[test]
+    fn each_address_family_has_its_own_endpoint() {
+        let path = local_path();
+        let mut detector = VxlanSourceMismatch::new(&path, None);
+        traffic(&mut detector, &path, "10.99.0.1");
+        let mut feed = Feed::new(&path);
+        for seq in 1..=3 {
+            feed.packet(&mut detector, &vxlan(echo(POD, PEER, 8, seq), "fd00:99::1", "fd00:99::2", 2, Direction::Egress));
+            feed.packet(&mut detector, &vxlan(echo(PEER, POD, 0, seq), "fd00:99::2", "fd00:99::1", 2, Direction::Ingress));
+        }
+        assert!(End::default().findings(&detector, &path).is_empty());
+        // An IPv6 source that is not where IPv6 peers send to still is a mismatch.
+        let mut feed = Feed::new(&path);
+        feed.packet(&mut detector, &vxlan(echo(POD, PEER, 8, 9), "fd00:99::7", "fd00:99::2", 2, Direction::Egress));
+        let findings = End::default().findings(&detector, &path);
+        assert_eq!(findings.len(), 1, "{findings:#?}");
+        assert_eq!(
+            (findings[0].evidence["outer_source"].as_str(), findings[0].evidence["endpoint"].as_str()),
+            (Some("fd00:99::7"), Some("fd00:99::1"))
+        );
     }
 
     #[test]
