@@ -98,9 +98,17 @@ struct Judged<'g> {
 }
 
 impl Judged<'_> {
-    /// Packets of the group the flow lost: neither copies nor frames for another host.
+    /// Packets of the group that were copies: frames for another host, or packets seen
+    /// further along the path. A pitfall finding's evidence outweighs a sighting further on
+    /// (a frame DNATed back to the bridge it came from can cross the bridge device's own
+    /// transmit before it is dropped), so its flows' packets are never counted as copies.
+    fn copies(&self) -> u64 {
+        if self.reason == OTHERHOST { self.group.count } else { self.group.copies.min(self.group.count - self.explained) }
+    }
+
+    /// Packets of the group the flow lost.
     fn lost(&self) -> u64 {
-        if self.reason == OTHERHOST { 0 } else { self.group.count - self.group.copies }
+        self.group.count - self.copies()
     }
 
     /// Lost packets no pitfall finding explains: what this detector reports.
@@ -266,7 +274,7 @@ impl Detector for Drops<'_> {
     fn findings(&self, end: &TraceEnd<'_>) -> Vec<Finding> {
         let mut findings = Vec::new();
         for judged in self.judged(end) {
-            let copies = judged.group.count - judged.lost();
+            let copies = judged.copies();
             if copies > 0 {
                 findings.push(self.copies_finding(&judged, copies, end));
             }
@@ -776,5 +784,29 @@ mod tests {
         );
         detector.defer_to(&explained);
         assert!(end.findings(&detector, &path).is_empty(), "the backend's reply the pod had no socket for is explained too");
+    }
+
+    /// A frame DNATed back to the port it came from can cross cni0's transmit before the
+    /// bridge drops it on that port: seen further along, yet lost. With its flow explained, it
+    /// is neither a copy nor a drop finding, and counts as a drop at its hop.
+    #[test]
+    fn explained_drops_seen_further_along_are_no_copies() {
+        let path = local_path();
+        let mut detector = Drops::new(&path, NODE_NS);
+        let mut feed = Feed::new(&path);
+        let looped = tcp(POD, 40000, POD, 8080, TCP_SYN, 0);
+        feed.packet(&mut detector, &packet(Layer { dst: ip(SERVICE), dport: 80, ..looped.clone() }, 5, Direction::Ingress, 0));
+        feed.packet(&mut detector, &packet(looped.clone(), 4, Direction::Egress, 1000));
+        detector.observe_kernel(&drop(2, IP_RCV_CORE, looped, 5, NODE_NS));
+        let end = end();
+        assert_eq!(end.findings(&detector, &path)[0].kind, FindingKind::CopiesFreed, "unexplained, the sighting makes it a copy");
+        let mut explained = Explained::default();
+        explained.insert(
+            ClientFlow { proto: IPPROTO_TCP, pod: ip(POD), port: 40000 },
+            ServiceDnat { service: (ip(SERVICE), 80), backend: (ip(POD), 8080) },
+        );
+        detector.defer_to(&explained);
+        assert!(end.findings(&detector, &path).is_empty(), "{:#?}", end.findings(&detector, &path));
+        assert_eq!(detector.per_hop(&end.trace_end(&path)), HashMap::from([(HopKey { ifindex: 5, direction: Direction::Ingress }, 1)]));
     }
 }

@@ -401,8 +401,10 @@ mod tests {
     }
 
     /// With hairpin mode off on pod A's port, pod A connects to a Service that selects pod A
-    /// itself: the bridge drops the SYN, DNATed to pod A, as pod A's port receives it. One
-    /// finding names it; the drop and the unanswered attempt blame nothing else.
+    /// itself: the bridge drops the SYN, DNATed to pod A, as pod A's port receives it (the
+    /// retransmission after crossing cni0's transmit, as when the bridge had to resolve pod
+    /// A's address first). One finding names it; the drops and the unanswered attempt blame
+    /// nothing else, not even as copies.
     #[test]
     fn hairpin_off_is_named_once() {
         let mut path = local_path();
@@ -410,13 +412,13 @@ mod tests {
         let mut trace = Trace::new(&path);
         for attempt in 0..2u16 {
             let syn = Layer { ip_id: attempt, ..tcp(POD, 40000, SERVICE, 80, TCP_SYN, 0) };
-            trace.packet(&syn, VETH_IN, u64::from(attempt) * TIMEOUT);
-            trace.kernel(
-                KernelRecordKind::Drop { reason: NOT_SPECIFIED, location: 0x10 },
-                Layer { dst: ip(POD), dport: 8080, ..syn },
-                5,
-                true,
-            );
+            let at = u64::from(attempt) * TIMEOUT;
+            trace.packet(&syn, VETH_IN, at);
+            let dnated = Layer { dst: ip(POD), dport: 8080, ..syn };
+            if attempt == 1 {
+                trace.packet(&dnated, CNI0_OUT, at + 1000);
+            }
+            trace.kernel(KernelRecordKind::Drop { reason: NOT_SPECIFIED, location: 0x10 }, dnated, 5, true);
         }
         trace.kernel(KernelRecordKind::Retransmit { seq: 0, tcp_state: 2 }, tcp(POD, 40000, SERVICE, 80, TCP_SYN, 0), 0, false);
         let findings = trace.finish(&path);
