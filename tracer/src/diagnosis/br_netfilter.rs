@@ -35,8 +35,9 @@ struct Group {
 pub struct BrNetfilterOff<'a> {
     path: &'a Path,
     services: ServiceFlows<'a>,
-    /// Per client flow DNATed to a backend: the replies that reached the pod from the backend.
-    untranslated: BTreeMap<ClientFlow, u64>,
+    /// Per client flow DNATed to a backend: its DNAT, and the replies that reached the pod
+    /// from the backend.
+    untranslated: BTreeMap<ClientFlow, (ServiceDnat, u64)>,
     /// Flows with untranslated replies beyond the table's bound.
     left_out: u64,
 }
@@ -55,10 +56,9 @@ impl<'a> BrNetfilterOff<'a> {
     /// does not know.
     fn confirmed(&self) -> impl Iterator<Item = (ClientFlow, ServiceDnat, u64)> + '_ {
         let netfilter = self.bridge().and_then(|bridge| bridge.bridge_netfilter);
-        self.untranslated.iter().filter_map(move |(flow, replies)| {
+        self.untranslated.iter().filter_map(move |(flow, (dnat, replies))| {
             let passes_iptables = netfilter.is_some_and(|netfilter| netfilter.calls_iptables(flow.pod));
-            let dnat = self.services.translated(*flow)?;
-            (!passes_iptables).then_some((*flow, dnat, *replies))
+            (!passes_iptables).then_some((*flow, *dnat, *replies))
         })
     }
 
@@ -87,17 +87,14 @@ impl Detector for BrNetfilterOff<'_> {
             return;
         }
         if self.untranslated.len() < MAX_REQUESTS || self.untranslated.contains_key(&flow) {
-            *self.untranslated.entry(flow).or_default() += 1;
+            self.untranslated.entry(flow).or_insert((dnat, 0)).1 += 1;
         } else {
             self.left_out += 1;
         }
     }
 
     fn left_out(&self) -> Vec<LeftOut> {
-        vec![
-            LeftOut { what: "untranslated replies (more such flows than the table holds)", count: self.left_out },
-            LeftOut { what: "flows the pod opened (the Service table was full)", count: self.services.untracked },
-        ]
+        vec![LeftOut { what: "untranslated replies (more such flows than the table holds)", count: self.left_out }]
     }
 
     fn findings(&self, _end: &TraceEnd<'_>) -> Vec<Finding> {

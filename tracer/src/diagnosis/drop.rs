@@ -213,10 +213,7 @@ fn redirect_gateway(layer: &Layer) -> IpAddr {
 
 impl Detector for Drops<'_> {
     fn left_out(&self) -> Vec<LeftOut> {
-        vec![
-            LeftOut { what: "drops (more kinds and places of drop than the table holds)", count: self.left_out },
-            LeftOut { what: "flows the pod opened (the Service table was full)", count: self.services.untracked },
-        ]
+        vec![LeftOut { what: "drops (more kinds and places of drop than the table holds)", count: self.left_out }]
     }
 
     fn observe_packet(&mut self, packet: &Packet, sighting: Option<&Sighting>) {
@@ -333,8 +330,7 @@ impl Drops<'_> {
         let join = |ips: &BTreeSet<IpAddr>| ips.iter().map(IpAddr::to_string).collect::<Vec<_>>().join(", ");
         let (gateways, senders) = (join(&group.gateways), join(&group.redirect_senders));
         let to = key.to_pod.map(|pod| format!(" to {pod}")).unwrap_or_default();
-        let backends: BTreeSet<IpAddr> = self.services.backends().collect();
-        let about_dnat = !group.gateways.is_empty() && group.gateways.is_subset(&backends);
+        let about_dnat = !group.gateways.is_empty() && group.gateways.is_subset(self.services.backends());
         let why = if about_dnat {
             format!(
                 "{senders} forwarded the pod's packets, DNATed to {gateways} (a Service backend on the same link), back out the interface they came in on, and advised the pod to send to {gateways} directly; Linux's NAT drops every redirect about a connection it translated, before any filter rule sees it"

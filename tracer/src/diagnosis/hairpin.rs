@@ -26,6 +26,9 @@ use crate::{
 /// A client flow whose packets DNAT sent back to the pod and the kernel dropped on its port.
 #[derive(Clone, Copy, Debug)]
 struct LoopedBack {
+    /// Where the pod addressed the flow, once a packet entering the path showed it (the drop
+    /// may come first: the two come through different rings).
+    service: Option<Endpoint>,
     backend: Endpoint,
     drops: u64,
     /// The first drop's reason and location.
@@ -72,8 +75,7 @@ impl<'a> HairpinOff<'a> {
     pub fn explained(&self) -> Explained {
         let mut explained = Explained::default();
         for (flow, looped) in self.confirmed() {
-            let service = self.services.addressed(*flow).unwrap_or(looped.backend);
-            explained.insert(*flow, ServiceDnat { service, backend: looped.backend });
+            explained.insert(*flow, ServiceDnat { service: looped.service.unwrap_or(looped.backend), backend: looped.backend });
         }
         explained
     }
@@ -81,7 +83,11 @@ impl<'a> HairpinOff<'a> {
 
 impl Detector for HairpinOff<'_> {
     fn observe_packet(&mut self, packet: &Packet, sighting: Option<&Sighting>) {
-        self.services.observe(packet, sighting);
+        if let Some((flow, service)) = self.services.observe(packet, sighting)
+            && let Some(looped) = self.looped.get_mut(&flow)
+        {
+            looped.service.get_or_insert(service);
+        }
     }
 
     fn observe_kernel(&mut self, record: &KernelRecord) {
@@ -101,20 +107,18 @@ impl Detector for HairpinOff<'_> {
             self.left_out += 1;
             return;
         }
-        self.looped.entry(flow).or_insert(LoopedBack { backend: (layer.dst, layer.dport), drops: 0, reason, location }).drops += 1;
+        let service = self.services.addressed(flow);
+        self.looped.entry(flow).or_insert(LoopedBack { service, backend: (layer.dst, layer.dport), drops: 0, reason, location }).drops += 1;
     }
 
     fn left_out(&self) -> Vec<LeftOut> {
-        vec![
-            LeftOut { what: "drops of packets DNATed back to their pod (more such flows than the table holds)", count: self.left_out },
-            LeftOut { what: "flows the pod opened (the Service table was full)", count: self.services.untracked },
-        ]
+        vec![LeftOut { what: "drops of packets DNATed back to their pod (more such flows than the table holds)", count: self.left_out }]
     }
 
     fn findings(&self, end: &TraceEnd<'_>) -> Vec<Finding> {
         let mut groups: BTreeMap<GroupKey, Group> = BTreeMap::new();
         for (flow, looped) in self.confirmed() {
-            let key = (flow.pod, flow.proto, self.services.addressed(*flow), looped.backend);
+            let key = (flow.pod, flow.proto, looped.service, looped.backend);
             let group = groups.entry(key).or_insert_with(|| Group { reason: looped.reason, location: looped.location, ..Group::default() });
             group.flows += 1;
             group.drops += looped.drops;

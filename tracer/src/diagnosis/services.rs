@@ -6,12 +6,13 @@
 
 use std::{
     collections::{BTreeSet, HashMap, VecDeque},
+    hash::Hash,
     net::IpAddr,
 };
 
 use tracer_common::{IPPROTO_TCP, IPPROTO_UDP};
 
-use super::{MAX_REQUESTS, TCP_ACK};
+use super::TCP_ACK;
 use crate::{
     events::{
         correlate::{Fingerprint, Flow, Sighting},
@@ -38,9 +39,15 @@ pub struct ServiceDnat {
     pub backend: Endpoint,
 }
 
-/// How many recent opening packets are remembered by fingerprint: DNAT happens within
-/// microseconds of a packet entering the path, so only the newest ones matter.
-const MAX_RECENT: usize = 4_096;
+/// How many of the newest opening packets are remembered by fingerprint, and how many of the
+/// newest flows by their client end. Both pitfalls show within a round trip of a flow's first
+/// packet (DNAT as it crosses the node, the drop or the untranslated reply right after), so
+/// only the newest ones matter, and the oldest are forgotten rather than the newest refused:
+/// a busy pod's many flows never fill the tables.
+const MAX_RECENT_PACKETS: usize = 4_096;
+const MAX_RECENT_FLOWS: usize = 16_384;
+/// Distinct backend addresses remembered.
+const MAX_BACKENDS: usize = 1_024;
 
 /// Packets that open a flow: a TCP SYN, or any UDP datagram (each may be the first).
 fn is_opening(layer: &Layer) -> bool {
@@ -51,89 +58,102 @@ fn is_opening(layer: &Layer) -> bool {
     }
 }
 
+/// A map that keeps its newest `capacity` keys, in the order they were first inserted.
+struct Newest<K, V> {
+    map: HashMap<K, V>,
+    order: VecDeque<K>,
+    capacity: usize,
+}
+
+impl<K: Copy + Eq + Hash, V: Copy> Newest<K, V> {
+    fn new(capacity: usize) -> Self {
+        Self { map: HashMap::new(), order: VecDeque::new(), capacity }
+    }
+
+    /// Inserts `value` unless `key` is there already; forgets the oldest key beyond capacity.
+    fn insert_new(&mut self, key: K, value: V) {
+        if self.map.contains_key(&key) {
+            return;
+        }
+        self.map.insert(key, value);
+        self.order.push_back(key);
+        if self.order.len() > self.capacity
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.map.remove(&oldest);
+        }
+    }
+
+    fn get(&self, key: &K) -> Option<V> {
+        self.map.get(key).copied()
+    }
+}
+
 /// Where the followed pods addressed the flows they opened, where they entered the path, and
 /// where Service DNAT sent them: the same opening packet seen again further along the path
-/// with another destination.
+/// with another destination. Remembers the newest flows only.
 pub struct ServiceFlows<'a> {
     path: &'a Path,
     /// The destination of each client flow's first opening packet.
-    addressed: HashMap<ClientFlow, Endpoint>,
-    /// The destination of recent opening packets as they entered, by fingerprint, and the
-    /// order they came in, for eviction.
-    recent: HashMap<Fingerprint, Endpoint>,
-    recent_order: VecDeque<Fingerprint>,
-    translated: HashMap<ClientFlow, ServiceDnat>,
-    /// Flows not remembered because a table was full.
-    pub untracked: u64,
+    addressed: Newest<ClientFlow, Endpoint>,
+    /// The destination of opening packets as they entered, by fingerprint.
+    entered: Newest<Fingerprint, Endpoint>,
+    translated: Newest<ClientFlow, ServiceDnat>,
+    backends: BTreeSet<IpAddr>,
 }
 
 impl<'a> ServiceFlows<'a> {
     pub fn new(path: &'a Path) -> Self {
         Self {
             path,
-            addressed: HashMap::new(),
-            recent: HashMap::new(),
-            recent_order: VecDeque::new(),
-            translated: HashMap::new(),
-            untracked: 0,
+            addressed: Newest::new(MAX_RECENT_FLOWS),
+            entered: Newest::new(MAX_RECENT_PACKETS),
+            translated: Newest::new(MAX_RECENT_FLOWS),
+            backends: BTreeSet::new(),
         }
     }
 
-    pub fn observe(&mut self, packet: &Packet, sighting: Option<&Sighting>) {
-        let Some(sighting) = sighting.filter(|sighting| sighting.flow == Flow::FromPod) else { return };
+    /// Returns the flow and its destination when this packet opened it where its pod's
+    /// packets enter the path.
+    pub fn observe(&mut self, packet: &Packet, sighting: Option<&Sighting>) -> Option<(ClientFlow, Endpoint)> {
+        let sighting = sighting.filter(|sighting| sighting.flow == Flow::FromPod)?;
         let layer = packet.pod_layer();
         if !is_opening(layer) {
-            return;
+            return None;
         }
         let flow = ClientFlow { proto: layer.proto, pod: layer.src, port: layer.sport };
         let destination = (layer.dst, layer.dport);
         if sighting.previous.is_none() {
-            // A flow's packets start where its pod's packets enter the path.
-            if (HopKey { ifindex: packet.ifindex, direction: packet.direction }) == self.path.entry(layer.src) {
-                self.entered(flow, sighting.fingerprint, destination);
+            if (HopKey { ifindex: packet.ifindex, direction: packet.direction }) != self.path.entry(layer.src) {
+                return None;
             }
-            return;
+            self.addressed.insert_new(flow, destination);
+            self.entered.insert_new(sighting.fingerprint, destination);
+            return Some((flow, destination));
         }
-        let Some(&addressed) = self.recent.get(&sighting.fingerprint) else { return };
-        if addressed == destination || self.translated.contains_key(&flow) {
-            return;
+        let addressed = self.entered.get(&sighting.fingerprint)?;
+        if addressed != destination {
+            self.translated.insert_new(flow, ServiceDnat { service: addressed, backend: destination });
+            if self.backends.len() < MAX_BACKENDS {
+                self.backends.insert(destination.0);
+            }
         }
-        if self.translated.len() < MAX_REQUESTS {
-            self.translated.insert(flow, ServiceDnat { service: addressed, backend: destination });
-        } else {
-            self.untracked += 1;
-        }
-    }
-
-    fn entered(&mut self, flow: ClientFlow, fingerprint: Fingerprint, destination: Endpoint) {
-        if self.addressed.len() < MAX_REQUESTS || self.addressed.contains_key(&flow) {
-            self.addressed.entry(flow).or_insert(destination);
-        } else {
-            self.untracked += 1;
-        }
-        if self.recent.insert(fingerprint, destination).is_none() {
-            self.recent_order.push_back(fingerprint);
-        }
-        if self.recent_order.len() > MAX_RECENT
-            && let Some(oldest) = self.recent_order.pop_front()
-        {
-            self.recent.remove(&oldest);
-        }
+        None
     }
 
     /// Where the flow's first opening packet was addressed as it entered the path.
     pub fn addressed(&self, flow: ClientFlow) -> Option<Endpoint> {
-        self.addressed.get(&flow).copied()
+        self.addressed.get(&flow)
     }
 
     /// The flow's Service DNAT, when a hop saw its opening packet translated.
     pub fn translated(&self, flow: ClientFlow) -> Option<ServiceDnat> {
-        self.translated.get(&flow).copied()
+        self.translated.get(&flow)
     }
 
-    /// Every backend address a hop saw a flow translated to.
-    pub fn backends(&self) -> impl Iterator<Item = IpAddr> + '_ {
-        self.translated.values().map(|dnat| dnat.backend.0)
+    /// Backend addresses a hop saw flows translated to.
+    pub fn backends(&self) -> &BTreeSet<IpAddr> {
+        &self.backends
     }
 }
 
@@ -212,7 +232,7 @@ mod tests {
         let flow = ClientFlow { proto: IPPROTO_TCP, pod: ip(POD), port: 40000 };
         assert_eq!(flows.addressed(flow), Some((ip(SERVICE), 80)));
         assert_eq!(flows.translated(flow), Some(ServiceDnat { service: (ip(SERVICE), 80), backend: (ip(BACKEND), 8080) }));
-        assert_eq!(flows.backends().collect::<Vec<_>>(), [ip(BACKEND)]);
+        assert_eq!(flows.backends(), &BTreeSet::from([ip(BACKEND)]));
     }
 
     #[test]
@@ -236,27 +256,36 @@ mod tests {
         }
         assert_eq!(flows.translated(ClientFlow { proto: IPPROTO_TCP, pod: ip(POD), port: 40000 }), None);
         assert_eq!(flows.addressed(ClientFlow { proto: IPPROTO_TCP, pod: ip(POD), port: 40001 }), None);
-        assert_eq!(flows.backends().count(), 0);
+        assert!(flows.backends().is_empty());
     }
 
-    /// Only the newest opening packets are remembered by fingerprint: one seen again after
-    /// many others entered is not matched, and the table stays bounded.
+    /// Only the newest opening packets and flows are remembered: the oldest are forgotten, a
+    /// new one is never refused, and the tables stay bounded.
     #[test]
-    fn the_recent_table_is_bounded() {
+    fn the_oldest_flows_are_forgotten() {
         let path = local_path();
         let mut flows = ServiceFlows::new(&path);
         let mut feed = Feed::new(&path);
-        for port in 0..(MAX_RECENT as u16 + 10) {
-            let packet = packet(Layer { ip_id: port, ..udp(POD, 10_000 + port, SERVICE, 53) }, 5, Direction::Ingress, u64::from(port));
+        let datagram = |index: u32| Layer { ip_id: index as u16, ..udp(POD, 10_000 + (index % 50_000) as u16, SERVICE, 53) };
+        let total = MAX_RECENT_FLOWS as u32 + 10;
+        for index in 0..total {
+            let packet = packet(datagram(index), 5, Direction::Ingress, u64::from(index));
             let sighting = feed.observe(&packet);
             flows.observe(&packet, sighting.as_ref());
         }
-        assert_eq!((flows.recent.len(), flows.recent_order.len()), (MAX_RECENT, MAX_RECENT));
-        let first = Layer { ip_id: 0, dst: ip(BACKEND), ..udp(POD, 10_000, SERVICE, 53) };
-        let late = packet(first, 4, Direction::Egress, 100_000);
-        let sighting = feed.observe(&late);
-        flows.observe(&late, sighting.as_ref());
-        assert_eq!(flows.translated(ClientFlow { proto: IPPROTO_UDP, pod: ip(POD), port: 10_000 }), None);
+        assert_eq!((flows.entered.map.len(), flows.entered.order.len()), (MAX_RECENT_PACKETS, MAX_RECENT_PACKETS));
+        assert_eq!((flows.addressed.map.len(), flows.addressed.order.len()), (MAX_RECENT_FLOWS, MAX_RECENT_FLOWS));
+        let client = |index: u32| ClientFlow { proto: IPPROTO_UDP, pod: ip(POD), port: 10_000 + index as u16 };
+        assert_eq!(flows.addressed(client(0)), None, "the oldest flow is forgotten");
+        assert_eq!(flows.addressed(client(total - 1)), Some((ip(SERVICE), 53)), "the newest is remembered");
+        // An opening packet seen again after many others entered is not matched; the newest is.
+        for index in [0, total - 1] {
+            let late = packet(Layer { dst: ip(BACKEND), ..datagram(index) }, 4, Direction::Egress, u64::from(total + index));
+            let sighting = feed.observe(&late);
+            flows.observe(&late, sighting.as_ref());
+        }
+        assert_eq!(flows.translated(client(0)), None);
+        assert_eq!(flows.translated(client(total - 1)), Some(ServiceDnat { service: (ip(SERVICE), 53), backend: (ip(BACKEND), 53) }));
     }
 
     #[test]
