@@ -41,6 +41,21 @@ pub fn restore_input(ports: &[ServicePort]) -> Result<String> {
         "-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0".to_string(),
         r#"-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE --random-fully"#.to_string(),
     ];
+    service_rules(ports, &mut chains, &mut rules)?;
+    nat_input(&chains, &rules)
+}
+
+/// The `iptables-restore --noflush` input that adds `ports` to a node whose kube-proxy chains
+/// exist: only the new Services' own chains are declared (a declared chain is flushed), and
+/// their jumps are appended to `KUBE-SERVICES`.
+fn added_input(ports: &[ServicePort]) -> Result<String> {
+    let (mut chains, mut rules) = (Vec::new(), Vec::new());
+    service_rules(ports, &mut chains, &mut rules)?;
+    nat_input(&chains, &rules)
+}
+
+/// Each port's `KUBE-SVC-…` and `KUBE-SEP-…` chains and rules, and its jump from `KUBE-SERVICES`.
+fn service_rules(ports: &[ServicePort], chains: &mut Vec<String>, rules: &mut Vec<String>) -> Result<()> {
     for port in ports {
         let ServicePort { name, protocol, cluster_ip, port: service_port, endpoint } = port;
         let service = format!("KUBE-SVC-{}", chain_hash(&format!("{name}{protocol}"))?);
@@ -57,11 +72,16 @@ pub fn restore_input(ports: &[ServicePort]) -> Result<String> {
         ));
         chains.extend([service, endpoint_chain]);
     }
+    Ok(())
+}
+
+/// A `nat` table transaction declaring `chains` and appending `rules`.
+fn nat_input(chains: &[String], rules: &[String]) -> Result<String> {
     let mut input = String::from("*nat\n");
-    for chain in &chains {
+    for chain in chains {
         writeln!(input, ":{chain} - [0:0]")?;
     }
-    for rule in &rules {
+    for rule in rules {
         writeln!(input, "{rule}")?;
     }
     input.push_str("COMMIT\n");
@@ -70,7 +90,15 @@ pub fn restore_input(ports: &[ServicePort]) -> Result<String> {
 
 /// Loads the rules for `ports` into `netns`, keeping what is there (`--noflush`).
 pub fn load(netns: &str, ports: &[ServicePort]) -> Result<()> {
-    let input = restore_input(ports)?;
+    restore(netns, &restore_input(ports)?)
+}
+
+/// Adds Services to `netns`, where `load` has written kube-proxy's chains, keeping the others.
+pub fn add(netns: &str, ports: &[ServicePort]) -> Result<()> {
+    restore(netns, &added_input(ports)?)
+}
+
+fn restore(netns: &str, input: &str) -> Result<()> {
     let what = format!("iptables-restore --noflush in {netns}");
     let mut child = Command::new("ip")
         .args(["netns", "exec", netns, "iptables-restore", "-w", "--noflush"])
@@ -124,6 +152,24 @@ fn chain_hash(input: &str) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn added_services_declare_only_their_own_chains() {
+        let port = ServicePort {
+            name: "default/web:http",
+            protocol: "tcp",
+            cluster_ip: Ipv4Addr::new(10, 96, 0, 20),
+            port: 80,
+            endpoint: SocketAddrV4::new(Ipv4Addr::new(10, 244, 0, 3), 8080),
+        };
+        let input = added_input(&[port]).unwrap();
+        let declared: Vec<&str> = input.lines().filter(|line| line.starts_with(':')).collect();
+        assert_eq!(declared.len(), 2, "{input}");
+        assert!(declared.iter().all(|chain| chain.starts_with(":KUBE-SVC-") || chain.starts_with(":KUBE-SEP-")), "{input}");
+        assert!(input.contains("-A KUBE-SERVICES -d 10.96.0.20/32 -p tcp"), "{input}");
+        assert!(input.contains("-j DNAT --to-destination 10.244.0.3:8080"), "{input}");
+        assert!(!input.contains("PREROUTING") && !input.contains(":KUBE-SERVICES"), "{input}");
+    }
 
     #[test]
     fn chain_hashes_are_kube_proxys() {

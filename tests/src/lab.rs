@@ -514,6 +514,29 @@ impl Lab {
         run(&["ip", "-n", ns, "link", "set", ifname, if up { "up" } else { "down" }]).map(drop)
     }
 
+    /// Whether br_netfilter is loaded: its sysctls exist (not in the VM suite's initramfs).
+    pub fn br_netfilter_loaded(&self, node: &Node) -> bool {
+        self.run_in(&node.netns, &["test", "-e", "/proc/sys/net/bridge/bridge-nf-call-iptables"]).is_ok()
+    }
+
+    /// Sets `net.bridge.bridge-nf-call-iptables` in `node`'s namespace: whether frames its
+    /// bridge forwards between ports pass through iptables. Changes nothing where br_netfilter
+    /// is not loaded: there they never do.
+    pub fn set_bridge_nf_call_iptables(&self, node: &Node, on: bool) -> Result<()> {
+        if self.br_netfilter_loaded(node) {
+            let setting = format!("net.bridge.bridge-nf-call-iptables={}", u8::from(on));
+            self.run_in(&node.netns, &["sysctl", "-qw", &setting])?;
+        }
+        Ok(())
+    }
+
+    /// Turns hairpin mode of `pod`'s bridge port on `node` on or off: whether the bridge may
+    /// send a frame back out the port it came in on.
+    pub fn set_hairpin(&self, node: &Node, pod: &Pod, on: bool) -> Result<()> {
+        let mode = if on { "on" } else { "off" };
+        run(&["ip", "-n", &node.netns, "link", "set", &pod.host_veth, "type", "bridge_slave", "hairpin", mode]).map(drop)
+    }
+
     pub fn route(&self, ns: &str, args: &[&str]) -> Result<()> {
         let mut full = vec!["ip", "-n", ns, "route"];
         full.extend_from_slice(args);

@@ -163,10 +163,14 @@ while True:
     b, a = s.recvfrom(65536); s.sendto(b, a)
 "#;
 
+/// With "connect", the socket is connected, as resolvers' are: the kernel then delivers it
+/// only datagrams from the address it sent to.
 const UDP_SEND: &str = r#"
 import socket, sys, time
-host, port, count, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+host, port, count, size, connect = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "connect"
 s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(1.0)
+if connect:
+    s.connect((host, port))
 got = 0
 for i in range(count):
     s.sendto(bytes([i % 256]) * size, (host, port))
@@ -268,8 +272,16 @@ pub fn udp_echo_on(ns: &str, address: IpAddr, port: u16) -> Result<Server> {
 /// Sends `count` datagrams of `size` bytes, each waiting up to 1 s for its echo; returns how
 /// many echoes came back.
 pub fn udp_send(ns: &str, dst: impl Into<IpAddr>, port: u16, count: u32, size: usize) -> Result<u32> {
-    let dst: IpAddr = dst.into();
-    let args = [dst.to_string(), port.to_string(), count.to_string(), size.to_string()];
+    udp_client(ns, dst.into(), port, count, size, "unconnected")
+}
+
+/// `udp_send` from a connected socket, which takes echoes only from `dst` itself.
+pub fn udp_send_connected(ns: &str, dst: impl Into<IpAddr>, port: u16, count: u32, size: usize) -> Result<u32> {
+    udp_client(ns, dst.into(), port, count, size, "connect")
+}
+
+fn udp_client(ns: &str, dst: IpAddr, port: u16, count: u32, size: usize, mode: &str) -> Result<u32> {
+    let args = [dst.to_string(), port.to_string(), count.to_string(), size.to_string(), mode.to_string()];
     let output = python(ns, UDP_SEND, &args)?.output().context("running the UDP client")?;
     String::from_utf8_lossy(&output.stdout).trim().parse().context("parsing the UDP client's count")
 }

@@ -6,7 +6,7 @@ use podtrace_tests::{
     lab::{Lab, LabSpec, unique_prefix},
     podtrace::Podtrace,
     report::hop,
-    scenario::{self, Scenario},
+    scenario::{self, Scenario, ServiceAnswers},
 };
 use serde_json::Value;
 
@@ -271,5 +271,124 @@ fn lost_events_are_reported() -> Result<()> {
     // About the whole report, not one hop.
     assert!(finding["hop"].is_null(), "{finding:#}");
     assert_eq!(finding["evidence"]["lost_events"].as_u64().unwrap(), lost);
+    Ok(())
+}
+
+/// Brings up the lab for the kube-proxy pitfall `name`, injects it, and traces pod A on node A
+/// while it reaches `service`: what the pod got, and the JSON report.
+fn trace_service_pitfall(name: &str, tag: &str, service: std::net::Ipv4Addr) -> Result<(Lab, Scenario, ServiceAnswers, Value)> {
+    let mut spec = LabSpec { prefix: unique_prefix(tag), ..Default::default() };
+    scenario::adjust_spec(name, &mut spec);
+    let lab = Lab::up(spec)?;
+    let scenario = Scenario::prepare(&lab, name)?;
+    let (node, pod) = scenario.traced(&lab);
+    let podtrace = Podtrace::start(node, &["follow", &pod.to_string(), "-o", "json", "--reply-timeout-ms", "800"])?;
+    let answers = scenario::reach_service(&lab, service)?;
+    std::thread::sleep(std::time::Duration::from_millis(900));
+    let finished = podtrace.finish()?;
+    assert!(finished.status.success(), "{}", finished.stderr);
+    let report = finished.json()?;
+    Ok((lab, scenario, answers, report))
+}
+
+/// Warnings and errors other than `kind`: the same packets blamed on something else.
+fn serious_besides<'a>(report: &'a Value, kind: &str) -> Vec<&'a Value> {
+    report["findings"].as_array().unwrap().iter().filter(|f| f["severity"] != "info" && f["kind"] != kind).collect()
+}
+
+/// br_netfilter off on node A (`net.bridge.bridge-nf-call-iptables=0`; in the VM suite the
+/// module is not loaded at all) and pod A reaching a Service whose backend is the other pod on
+/// node A: the backend's replies are bridged straight to pod A, never un-DNATed, and pod A
+/// drops them. Named once, per protocol, and not also as a missing listener or a reset; the
+/// ICMP redirects node A sends pod A meanwhile, which its NAT drops, are said to be that.
+#[test]
+fn br_netfilter_off_is_named_for_a_service_backend_beside_the_client() -> Result<()> {
+    let (lab, _scenario, answers, report) = trace_service_pitfall("br-netfilter", "brnf", scenario::NEIGHBOUR_SERVICE_IP)?;
+    // The failure is real: no usable reply on either protocol.
+    assert_eq!(answers, ServiceAnswers { tcp: false, udp_echoes: 0 });
+    let backend = scenario::neighbour_pod(&lab).ip;
+    let loaded = lab.br_netfilter_loaded(lab.node_a());
+    let named = findings(&report, "br-netfilter-off");
+    assert_eq!(named.len(), 2, "one per protocol: {:#}", report["findings"]);
+    for (proto, service_port, backend_port) in
+        [("tcp", scenario::SERVICE_PORT, scenario::APP_PORT), ("udp", scenario::ECHO_PORT, scenario::ECHO_PORT)]
+    {
+        let finding = *named.iter().find(|f| f["evidence"]["proto"] == proto).unwrap_or_else(|| panic!("no {proto} in {named:#?}"));
+        assert_shape(finding);
+        assert_eq!((&finding["severity"], &finding["hop"]), (&Value::from("error"), &Value::from("cni0")), "{finding:#}");
+        let evidence = &finding["evidence"];
+        assert_eq!(evidence["pod"], lab.pod_a().ip.to_string());
+        assert_eq!(evidence["service"], format!("{}:{service_port}", scenario::NEIGHBOUR_SERVICE_IP));
+        assert_eq!(evidence["backend"], format!("{backend}:{backend_port}"));
+        assert!(evidence["untranslated_replies"].as_u64().unwrap() >= 1, "{finding:#}");
+        assert_eq!(evidence["br_netfilter_loaded"], loaded);
+        assert_eq!(evidence["sysctl_value"], if loaded { "0" } else { "absent (br_netfilter is not loaded)" });
+        assert!(finding["advice"].as_str().unwrap().contains("net.bridge.bridge-nf-call-iptables=1"), "{finding:#}");
+    }
+    let others = serious_besides(&report, "br-netfilter-off");
+    assert!(others.is_empty(), "the same packets blamed on something else: {others:#?}");
+    // Node A routed pod A's first packets to the backend back out cni0 and told pod A so; its
+    // NAT dropped those redirects. Information, not a firewall.
+    let redirects: Vec<_> = findings(&report, "drop").into_iter().filter(|f| f["evidence"]["icmp_type"] == 5).collect();
+    assert_eq!(redirects.len(), 1, "{:#}", report["findings"]);
+    let redirect = redirects[0];
+    assert_eq!(redirect["severity"], "info");
+    assert_eq!(redirect["evidence"]["redirect_gateways"], serde_json::json!([backend.to_string()]));
+    assert_eq!(redirect["evidence"]["redirect_from"], serde_json::json!([lab.node_a().gateway.to_string()]));
+    assert_eq!(redirect["evidence"]["about_service_dnat"], true, "{redirect:#}");
+    assert!(
+        redirect["summary"].as_str().unwrap().contains("Linux's NAT drops every redirect about a connection it translated"),
+        "{redirect:#}"
+    );
+    assert!(!redirect["advice"].as_str().unwrap().contains("firewall"), "{redirect:#}");
+    // The setting is the cause: with it on, the same Service answers.
+    if loaded {
+        lab.set_bridge_nf_call_iptables(lab.node_a(), true)?;
+        assert_eq!(
+            scenario::reach_service(&lab, scenario::NEIGHBOUR_SERVICE_IP)?,
+            ServiceAnswers { tcp: true, udp_echoes: scenario::ECHO_DATAGRAMS }
+        );
+    }
+    Ok(())
+}
+
+/// Hairpin mode off on pod A's bridge port and pod A reaching a Service that selects pod A
+/// itself: its bridge drops the packets, DNATed back to pod A, as they come in on that port.
+/// Named once, per protocol, and not also as a drop or as "no reply from the Service's node".
+/// Hairpin mode matters only where bridged frames pass iptables (br_netfilter), so this skips
+/// where the module is not loaded (the VM suite): there the node routes such packets instead.
+#[test]
+fn hairpin_off_is_named_for_a_pod_reaching_itself_through_a_service() -> Result<()> {
+    let (lab, _scenario, answers, report) = trace_service_pitfall("hairpin", "hpin", scenario::SELF_SERVICE_IP)?;
+    if !lab.br_netfilter_loaded(lab.node_a()) {
+        eprintln!("skipped: br_netfilter is not loaded, so bridged frames never pass iptables and hairpin mode is never needed");
+        return Ok(());
+    }
+    // The failure is real: no reply on either protocol.
+    assert_eq!(answers, ServiceAnswers { tcp: false, udp_echoes: 0 });
+    let (pod_a, veth) = (lab.pod_a().ip, lab.pod_a().host_veth.clone());
+    let named = findings(&report, "hairpin-off");
+    assert_eq!(named.len(), 2, "one per protocol: {:#}", report["findings"]);
+    for (proto, service_port, backend_port) in
+        [("tcp", scenario::SERVICE_PORT, scenario::APP_PORT), ("udp", scenario::ECHO_PORT, scenario::ECHO_PORT)]
+    {
+        let finding = *named.iter().find(|f| f["evidence"]["proto"] == proto).unwrap_or_else(|| panic!("no {proto} in {named:#?}"));
+        assert_shape(finding);
+        assert_eq!((&finding["severity"], &finding["hop"]), (&Value::from("error"), &Value::from(veth.as_str())), "{finding:#}");
+        let evidence = &finding["evidence"];
+        assert_eq!(evidence["service"], format!("{}:{service_port}", scenario::SELF_SERVICE_IP));
+        assert_eq!(evidence["backend"], format!("{pod_a}:{backend_port}"));
+        assert!(evidence["drops"].as_u64().unwrap() >= 1, "{finding:#}");
+        assert_eq!((&evidence["bridge_port"], &evidence["hairpin"]), (&Value::from(veth.as_str()), &Value::from("off")));
+        assert!(finding["advice"].as_str().unwrap().contains(&format!("bridge link set dev {veth} hairpin on")), "{finding:#}");
+    }
+    let others = serious_besides(&report, "hairpin-off");
+    assert!(others.is_empty(), "the same packets blamed on something else: {others:#?}");
+    // The setting is the cause: with hairpin mode on, the pod reaches itself.
+    lab.set_hairpin(lab.node_a(), lab.pod_a(), true)?;
+    assert_eq!(
+        scenario::reach_service(&lab, scenario::SELF_SERVICE_IP)?,
+        ServiceAnswers { tcp: true, udp_echoes: scenario::ECHO_DATAGRAMS }
+    );
     Ok(())
 }

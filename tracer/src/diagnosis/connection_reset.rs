@@ -6,10 +6,12 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use serde_json::json;
+use tracer_common::IPPROTO_TCP;
 
 use super::{
     Detector, Finding, FindingKind, LeftOut, MAX_GROUPS, Severity, TraceEnd,
     attempts::{Attempts, Rst},
+    services::Explained,
 };
 use crate::{
     events::{correlate::Sighting, decode::Packet},
@@ -26,11 +28,19 @@ pub struct ConnectionReset<'a> {
     resets: BTreeMap<ResetFlow, u64>,
     /// Resets of flows beyond the table's bound.
     left_out: u64,
+    /// Flows a pitfall finding explains, set when the trace ends.
+    explained: Explained,
 }
 
 impl<'a> ConnectionReset<'a> {
     pub fn new(path: &'a Path) -> Self {
-        Self { path, attempts: Attempts::default(), resets: BTreeMap::new(), left_out: 0 }
+        Self { path, attempts: Attempts::default(), resets: BTreeMap::new(), left_out: 0, explained: Explained::default() }
+    }
+
+    /// Leaves resets of flows a pitfall finding explains out of the findings: there, the RST
+    /// answers a reply the pod could not recognise.
+    pub fn defer_to(&mut self, explained: &Explained) {
+        self.explained = explained.clone();
     }
 }
 
@@ -55,6 +65,7 @@ impl Detector for ConnectionReset<'_> {
     fn findings(&self, _end: &TraceEnd<'_>) -> Vec<Finding> {
         self.resets
             .iter()
+            .filter(|((by, by_port, other, other_port), _)| !self.explained.covers(IPPROTO_TCP, (*by, *by_port), (*other, *other_port)))
             .map(|(&(by, by_port, other, other_port), &count)| {
                 let followed = if self.path.follows(by) { by } else { other };
                 let side = if followed == by { "the followed pod" } else { "its peer" };
@@ -141,5 +152,40 @@ mod tests {
         feed.journey(&mut detector, &tcp(POD, 40000, PEER, 9, TCP_SYN, 0), &OUT, 0);
         feed.journey(&mut detector, &tcp(PEER, 9, POD, 40000, TCP_RST | ACK, 0), &BACK, 10_000);
         assert!(End::default().findings(&detector, &path).is_empty());
+    }
+
+    /// With br_netfilter off, the backend's SYN-ACK reaches the client untranslated and the
+    /// client's kernel answers it with a RST: br-netfilter-off explains that flow, so it is no
+    /// abortive close; another flow's reset still is.
+    #[test]
+    fn resets_of_flows_a_pitfall_finding_explains_are_left_to_it() {
+        use super::super::services::{ClientFlow, ServiceDnat};
+
+        let (service, backend) = ("10.96.0.20", "10.244.0.3");
+        let path = local_path();
+        let mut detector = ConnectionReset::new(&path);
+        let mut feed = Feed::new(&path);
+        for (sport, ip_id) in [(40000, 1), (40001, 2)] {
+            feed.journey(
+                &mut detector,
+                &Layer { ip_id, ..tcp(POD, sport, service, 80, TCP_SYN, 0) },
+                &OUT[..1],
+                u64::from(ip_id) * 100_000,
+            );
+            let syn_ack = Layer { ip_id: ip_id + 10, ..tcp(backend, 8080, POD, sport, TCP_SYN | ACK, 0) };
+            feed.journey(&mut detector, &syn_ack, &BACK[3..], u64::from(ip_id) * 100_000 + 10_000);
+            let rst = Layer { ip_id: ip_id + 20, ..tcp(POD, sport, backend, 8080, TCP_RST, 0) };
+            feed.journey(&mut detector, &rst, &OUT[..1], u64::from(ip_id) * 100_000 + 20_000);
+        }
+        assert_eq!(End::default().findings(&detector, &path).len(), 2);
+        let mut explained = Explained::default();
+        explained.insert(
+            ClientFlow { proto: IPPROTO_TCP, pod: ip(POD), port: 40000 },
+            ServiceDnat { service: (ip(service), 80), backend: (ip(backend), 8080) },
+        );
+        detector.defer_to(&explained);
+        let findings = End::default().findings(&detector, &path);
+        assert_eq!(findings.len(), 1, "{findings:#?}");
+        assert_eq!(findings[0].evidence["reset_by_port"], 40001);
     }
 }

@@ -4,6 +4,7 @@
 use super::{
     Detector, Finding, FindingKind, LeftOut, Severity, TraceEnd,
     requests::{RequestKind, RequestTracker},
+    services::Explained,
 };
 use crate::{
     events::{correlate::Sighting, decode::Packet},
@@ -17,6 +18,13 @@ pub struct DnsUnanswered<'a> {
 impl<'a> DnsUnanswered<'a> {
     pub fn new(path: &'a Path, reply_timeout_ns: u64) -> Self {
         Self { requests: RequestTracker::new(path, &[RequestKind::Dns], reply_timeout_ns) }
+    }
+}
+
+impl DnsUnanswered<'_> {
+    /// Leaves requests of flows a pitfall finding explains out of the findings.
+    pub fn defer_to(&mut self, explained: &Explained) {
+        self.requests.defer_to(explained);
     }
 }
 

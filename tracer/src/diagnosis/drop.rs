@@ -2,25 +2,40 @@
 //! the function that dropped them and the hop. A drop is a loss of the flow only if the packet
 //! is not seen further along the path: normal consumption, copies (seen further on, or frames
 //! for another host's MAC that a promiscuous interface passed up) and packets for a followed
-//! pod that is gone (`pod-gone`) are not drops. Copies are reported as `copies-freed`.
+//! pod that is gone (`pod-gone`) are not drops. Copies are reported as `copies-freed`. Drops
+//! of flows a pitfall finding explains (`br-netfilter-off`, `hairpin-off`) are left to it, and
+//! ICMP redirects netfilter dropped are explained for what they are: advice the node sent,
+//! about packets it forwarded anyway.
 
 use std::{
-    collections::{BTreeMap, HashMap},
-    net::IpAddr,
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::{IpAddr, Ipv4Addr},
 };
 
 use serde_json::json;
-use tracer_common::{DROP_REASON_UNKNOWN, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP};
+use tracer_common::{DROP_REASON_UNKNOWN, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
 
-use super::{Detector, Finding, FindingKind, LeftOut, MAX_GROUPS, Severity, TraceEnd, copies::Copies};
+use super::{
+    Detector, Finding, FindingKind, LeftOut, MAX_GROUPS, Severity, TraceEnd,
+    copies::Copies,
+    services::{Endpoint, Explained, ServiceFlows},
+};
 use crate::{
     Direction,
     events::{
         correlate::Sighting,
-        decode::{KernelRecord, KernelRecordKind, Packet},
+        decode::{KernelRecord, KernelRecordKind, Layer, Packet},
     },
     node::{HopKey, Path},
 };
+
+/// Conversations remembered per group, so that those a pitfall finding explains can be left
+/// out; drops of conversations beyond it are never left out.
+const MAX_FLOWS_PER_GROUP: usize = 64;
+/// Redirect gateways remembered per group.
+const MAX_GATEWAYS: usize = 16;
+/// The IPv4 ICMP redirect type.
+const ICMP_REDIRECT: u8 = 5;
 
 /// Drops that share reason, location, device, direction, namespace and followed destination.
 #[derive(Clone, Debug, Default)]
@@ -34,10 +49,26 @@ struct DropGroup {
     copies: u64,
     bytes: u64,
     example: String,
+    /// TCP and UDP drops per conversation (protocol, source, destination).
+    flows: BTreeMap<(u8, Endpoint, Endpoint), u64>,
+    /// For ICMP redirects: the gateways they advised, and who sent them.
+    gateways: BTreeSet<IpAddr>,
+    redirect_senders: BTreeSet<IpAddr>,
 }
 
-/// (reason, location, ifindex, received, netns, the followed pod the packet was addressed to)
-type GroupKey = (u32, u64, u32, bool, u32, Option<IpAddr>);
+/// What drops are grouped by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct GroupKey {
+    reason: u32,
+    location: u64,
+    ifindex: u32,
+    received: bool,
+    netns: u32,
+    /// The followed pod the packets were addressed to.
+    to_pod: Option<IpAddr>,
+    /// IPv4 ICMP redirects, kept apart from whatever else was dropped in the same place.
+    icmp_redirect: bool,
+}
 
 /// Packets not for this host: frames for another MAC, which a promiscuous interface (a
 /// capture without `-p`) passes up its stack as copies, and the stack frees.
@@ -48,6 +79,10 @@ pub struct Drops<'a> {
     own_netns: u32,
     groups: BTreeMap<GroupKey, DropGroup>,
     copies: Copies<GroupKey>,
+    /// Service DNAT of the pods' flows, which tells what a dropped redirect was about.
+    services: ServiceFlows<'a>,
+    /// Flows a pitfall finding explains, set when the trace ends.
+    explained: Explained,
     /// Drops of kinds and places beyond the table's bound.
     left_out: u64,
 }
@@ -58,23 +93,58 @@ struct Judged<'g> {
     group: &'g DropGroup,
     reason: String,
     function: String,
+    /// Of the lost packets, those of flows a pitfall finding explains.
+    explained: u64,
 }
 
 impl Judged<'_> {
-    /// Packets of the group the flow lost: neither copies nor frames for another host.
+    /// Packets of the group that were copies: frames for another host, or packets seen
+    /// further along the path. A pitfall finding's evidence outweighs a sighting further on
+    /// (a frame DNATed back to the bridge it came from can cross the bridge device's own
+    /// transmit before it is dropped), so its flows' packets are never counted as copies.
+    fn copies(&self) -> u64 {
+        if self.reason == OTHERHOST { self.group.count } else { self.group.copies.min(self.group.count - self.explained) }
+    }
+
+    /// Packets of the group the flow lost.
     fn lost(&self) -> u64 {
-        if self.reason == OTHERHOST { 0 } else { self.group.count - self.group.copies }
+        self.group.count - self.copies()
+    }
+
+    /// Lost packets no pitfall finding explains: what this detector reports.
+    fn unexplained(&self) -> u64 {
+        self.lost().saturating_sub(self.explained)
+    }
+
+    /// ICMP redirects that netfilter dropped (named by its function where the kernel gives no
+    /// reason).
+    fn is_netfilter_redirect(&self) -> bool {
+        self.key.icmp_redirect && (self.reason == "NETFILTER_DROP" || (self.reason == UNKNOWN_REASON && self.function == "nf_hook_slow"))
     }
 }
 
 impl<'a> Drops<'a> {
     pub fn new(path: &'a Path, own_netns: u32) -> Self {
         let followed = path.entries.iter().map(|entry| entry.pod_ip).collect();
-        Self { path, own_netns, groups: BTreeMap::new(), copies: Copies::new(followed), left_out: 0 }
+        Self {
+            path,
+            own_netns,
+            groups: BTreeMap::new(),
+            copies: Copies::new(followed),
+            services: ServiceFlows::new(path),
+            explained: Explained::default(),
+            left_out: 0,
+        }
     }
 
     pub fn any(&self) -> bool {
         !self.groups.is_empty()
+    }
+
+    /// Leaves the drops of flows a pitfall finding explains out of this detector's findings
+    /// (they still count as drops at their hop).
+    pub fn defer_to(&mut self, explained: &Explained) {
+        self.explained = explained.clone();
     }
 
     /// Drops per hop, for the report's `drops` column.
@@ -95,32 +165,36 @@ impl<'a> Drops<'a> {
             .groups
             .iter()
             .map(|(key, group)| {
-                let (reason, location, ..) = *key;
-                let reason = match reason {
-                    DROP_REASON_UNKNOWN => UNKNOWN_REASON.to_string(),
-                    reason => end.drop_reasons.get(&i64::from(reason)).cloned().unwrap_or_else(|| format!("reason {reason}")),
-                };
-                let function = end.symbols.map(|s| s.function(location)).unwrap_or_else(|| format!("{location:#x}"));
-                Judged { key: *key, group, reason, function }
+                let explained = group
+                    .flows
+                    .iter()
+                    .filter(|((proto, src, dst), _)| self.explained.covers(*proto, *src, *dst))
+                    .map(|(_, count)| count)
+                    .sum();
+                Judged { key: *key, group, reason: reason_name(key.reason, end), function: function_name(key.location, end), explained }
             })
             .collect();
         names.into_iter().filter(move |judged| {
-            let to_gone_pod = judged.key.5.is_some_and(|pod| end.pod_gone(pod));
+            let to_gone_pod = judged.key.to_pod.is_some_and(|pod| end.pod_gone(pod));
             !to_gone_pod && !is_normal_consumption(&judged.reason, &judged.function, judged.group)
         })
     }
 
     /// The traced hop a drop happened at: its device, in this node's namespace.
-    fn hop_of(&self, (_, _, ifindex, received, netns, _): GroupKey) -> Option<HopKey> {
-        let direction = if received { Direction::Ingress } else { Direction::Egress };
-        (netns == self.own_netns && self.path.hop(ifindex).is_some()).then_some(HopKey { ifindex, direction })
+    fn hop_of(&self, key: GroupKey) -> Option<HopKey> {
+        let direction = if key.received { Direction::Ingress } else { Direction::Egress };
+        (key.netns == self.own_netns && self.path.hop(key.ifindex).is_some()).then_some(HopKey { ifindex: key.ifindex, direction })
     }
 
     /// "after flannel.1 ingress, before cni0 egress", or where off the path.
     fn place(&self, key: GroupKey) -> String {
         let Some(hop) = self.hop_of(key) else {
-            return if key.4 == self.own_netns { "on this node, off the traced path" } else { "inside a local pod's network namespace" }
-                .to_string();
+            return if key.netns == self.own_netns {
+                "on this node, off the traced path"
+            } else {
+                "inside a local pod's network namespace"
+            }
+            .to_string();
         };
         let here = self.path.label(&[hop]).unwrap_or_default();
         let next = self.path.step_of(hop).and_then(|step| self.path.label(&self.path.at_step(step + 1)));
@@ -131,12 +205,19 @@ impl<'a> Drops<'a> {
     }
 }
 
+/// The gateway an IPv4 ICMP redirect advises: the 4 bytes after its checksum, which the
+/// parser reads as an echo's id and sequence.
+fn redirect_gateway(layer: &Layer) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::from((u32::from(layer.icmp_id) << 16) | u32::from(layer.icmp_seq)))
+}
+
 impl Detector for Drops<'_> {
     fn left_out(&self) -> Vec<LeftOut> {
         vec![LeftOut { what: "drops (more kinds and places of drop than the table holds)", count: self.left_out }]
     }
 
     fn observe_packet(&mut self, packet: &Packet, sighting: Option<&Sighting>) {
+        self.services.observe(packet, sighting);
         let Some(sighting) = sighting else { return };
         let Some(step) = self.path.step_of(HopKey { ifindex: packet.ifindex, direction: packet.direction }) else { return };
         for key in self.copies.sighted(sighting.fingerprint, step, packet.ktime_ns) {
@@ -149,8 +230,15 @@ impl Detector for Drops<'_> {
     fn observe_kernel(&mut self, record: &KernelRecord) {
         let KernelRecordKind::Drop { reason, location } = record.kind else { return };
         let layer = record.pod_layer();
-        let to_pod = self.path.follows(layer.dst).then_some(layer.dst);
-        let key = (reason, location, record.ifindex, record.received, record.netns, to_pod);
+        let key = GroupKey {
+            reason,
+            location,
+            ifindex: record.ifindex,
+            received: record.received,
+            netns: record.netns,
+            to_pod: self.path.follows(layer.dst).then_some(layer.dst),
+            icmp_redirect: (layer.proto, layer.icmp_type) == (IPPROTO_ICMP, ICMP_REDIRECT),
+        };
         if self.groups.len() >= MAX_GROUPS && !self.groups.contains_key(&key) {
             self.left_out += 1;
             return;
@@ -169,17 +257,30 @@ impl Detector for Drops<'_> {
             group.echo_reply = matches!((layer.proto, layer.icmp_type), (IPPROTO_ICMP, 0) | (IPPROTO_ICMPV6, 129));
             group.tcp = layer.proto == IPPROTO_TCP;
         }
+        let flow = (layer.proto, (layer.src, layer.sport), (layer.dst, layer.dport));
+        if matches!(layer.proto, IPPROTO_TCP | IPPROTO_UDP) && (group.flows.len() < MAX_FLOWS_PER_GROUP || group.flows.contains_key(&flow))
+        {
+            *group.flows.entry(flow).or_default() += 1;
+        }
+        if key.icmp_redirect && group.gateways.len() < MAX_GATEWAYS {
+            group.gateways.insert(redirect_gateway(layer));
+            group.redirect_senders.insert(layer.src);
+        }
     }
 
     fn findings(&self, end: &TraceEnd<'_>) -> Vec<Finding> {
         let mut findings = Vec::new();
         for judged in self.judged(end) {
-            let copies = judged.group.count - judged.lost();
+            let copies = judged.copies();
             if copies > 0 {
                 findings.push(self.copies_finding(&judged, copies, end));
             }
-            if judged.lost() > 0 {
-                findings.push(self.drop_finding(&judged, end));
+            if judged.unexplained() > 0 {
+                findings.push(if judged.is_netfilter_redirect() {
+                    self.redirect_finding(&judged, end)
+                } else {
+                    self.drop_finding(&judged, end)
+                });
             }
         }
         findings
@@ -188,29 +289,78 @@ impl Detector for Drops<'_> {
 
 impl Drops<'_> {
     fn evidence(&self, judged: &Judged<'_>, count: u64, end: &TraceEnd<'_>) -> serde_json::Value {
-        let (_, location, _, received, ..) = judged.key;
         json!({
             "reason": judged.reason,
             "function": judged.function,
-            "location": end.symbols.map(|s| s.resolve(location)),
+            "location": end.symbols.map(|s| s.resolve(judged.key.location)),
             "count": count,
             "bytes": judged.group.bytes,
-            "direction": if received { Direction::Ingress } else { Direction::Egress },
+            "direction": if judged.key.received { Direction::Ingress } else { Direction::Egress },
             "example": judged.group.example,
             "not_checked_for_copies": self.copies.unchecked,
         })
     }
 
+    fn hop_name(&self, key: GroupKey) -> Option<String> {
+        self.hop_of(key).and_then(|hop| self.path.hop(hop.ifindex)).map(|hop| hop.ifname.clone())
+    }
+
     fn drop_finding(&self, judged: &Judged<'_>, end: &TraceEnd<'_>) -> Finding {
         let Judged { key, reason, function, .. } = judged;
-        let count = judged.lost();
+        let count = judged.unexplained();
         Finding {
             kind: FindingKind::Drop,
             severity: Severity::Error,
-            hop: self.hop_of(*key).and_then(|hop| self.path.hop(hop.ifindex)).map(|hop| hop.ifname.clone()),
+            hop: self.hop_name(*key),
             summary: format!("{count} packets of the flow were dropped {}: {reason} in {function}.", self.place(*key)),
             evidence: self.evidence(judged, count, end),
             advice: drop_advice(reason),
+        }
+    }
+
+    /// A node sends an ICMP redirect when it forwards a packet back out the interface it came
+    /// in on, to a next hop the sender could reach directly, and forwards the packet all the
+    /// same: the redirect is advice, and losing it loses nothing of the flow. Linux's NAT drops
+    /// every redirect about a connection it translated (nf_nat_icmp_reply_translation), so a
+    /// redirect about a Service's DNAT to a backend on the same bridge never leaves the node,
+    /// whatever the rules; when the gateway is such a backend, that is what happened.
+    fn redirect_finding(&self, judged: &Judged<'_>, end: &TraceEnd<'_>) -> Finding {
+        let Judged { key, group, reason, function, .. } = judged;
+        let count = judged.unexplained();
+        let join = |ips: &BTreeSet<IpAddr>| ips.iter().map(IpAddr::to_string).collect::<Vec<_>>().join(", ");
+        let (gateways, senders) = (join(&group.gateways), join(&group.redirect_senders));
+        let to = key.to_pod.map(|pod| format!(" to {pod}")).unwrap_or_default();
+        let about_dnat = !group.gateways.is_empty() && group.gateways.is_subset(self.services.backends());
+        let why = if about_dnat {
+            format!(
+                "{senders} forwarded the pod's packets, DNATed to {gateways} (a Service backend on the same link), back out the interface they came in on, and advised the pod to send to {gateways} directly; Linux's NAT drops every redirect about a connection it translated, before any filter rule sees it"
+            )
+        } else {
+            format!(
+                "{senders} forwarded the pod's packets back out the interface they came in on and advised the pod to send to {gateways} directly; netfilter drops such a redirect when Linux's NAT translated the connection it is about (Service DNAT), or when a rule drops ICMP the node sends"
+            )
+        };
+        Finding {
+            kind: FindingKind::Drop,
+            severity: Severity::Info,
+            hop: self.hop_name(*key),
+            summary: format!(
+                "{count} ICMP redirects{to} were dropped {} ({reason} in {function}): {why}. A redirect is advice: the packets it was about were forwarded anyway, so nothing of the flow was lost.",
+                self.place(*key)
+            ),
+            evidence: {
+                let mut evidence = self.evidence(judged, count, end);
+                evidence["icmp_type"] = json!(ICMP_REDIRECT);
+                evidence["redirect_gateways"] = json!(group.gateways);
+                evidence["redirect_from"] = json!(group.redirect_senders);
+                evidence["about_service_dnat"] = json!(about_dnat);
+                evidence
+            },
+            advice: if about_dnat {
+                "Nothing to fix for the redirects: they are the kernel's NAT at work (net.ipv4.conf.all.send_redirects=0 stops the node sending them).".into()
+            } else {
+                "Nothing to fix for the flow. To see which it was: conntrack -L shows whether the connections are NATed, iptables-save / nft list ruleset the rules on OUTPUT and POSTROUTING.".into()
+            },
         }
     }
 
@@ -231,7 +381,7 @@ impl Drops<'_> {
             hop: hop.map(|hop| hop.ifname.clone()),
             summary: format!(
                 "{count} copies of the flow's packets{} were freed {} ({reason} in {function}): {why}. Nothing was lost.",
-                key.5.map(|pod| format!(" to {pod}")).unwrap_or_default(),
+                key.to_pod.map(|pod| format!(" to {pod}")).unwrap_or_default(),
                 self.place(*key)
             ),
             evidence: self.evidence(judged, count, end),
@@ -242,6 +392,19 @@ impl Drops<'_> {
 
 /// How a drop's reason reads on a kernel that reports none (before 5.17).
 const UNKNOWN_REASON: &str = "reason unknown on this kernel";
+
+/// A drop reason's name on the running kernel.
+pub(super) fn reason_name(reason: u32, end: &TraceEnd<'_>) -> String {
+    match reason {
+        DROP_REASON_UNKNOWN => UNKNOWN_REASON.to_string(),
+        reason => end.drop_reasons.get(&i64::from(reason)).cloned().unwrap_or_else(|| format!("reason {reason}")),
+    }
+}
+
+/// The kernel function a drop happened in, or its address when symbols are unavailable.
+pub(super) fn function_name(location: u64, end: &TraceEnd<'_>) -> String {
+    end.symbols.map(|s| s.function(location)).unwrap_or_else(|| format!("{location:#x}"))
+}
 
 /// Frees that are the kernel's normal work, not losses: the reason says "not a drop" or the
 /// function is a known consumer that still uses the generic free. Where the kernel gives no
@@ -270,7 +433,7 @@ fn is_normal_consumption(reason: &str, function: &str, group: &DropGroup) -> boo
 
 fn drop_advice(reason: &str) -> String {
     match reason {
-        "NETFILTER_DROP" => "A firewall rule dropped the packets: list the rules on that node (iptables-save / nft list ruleset) and the NetworkPolicies that apply to the pod.".into(),
+        "NETFILTER_DROP" => "Netfilter dropped the packets: usually a firewall rule (list the rules on that node with iptables-save / nft list ruleset, and the NetworkPolicies that apply to the pod); with no rule that matches, the kernel's own conntrack or NAT (a full conntrack table shows in conntrack -S and dmesg).".into(),
         "NO_SOCKET" => "Nothing listens for these packets on the receiving side: check the server's port, or, for VXLAN, that the tunnel device is bound to the address peers send to.".into(),
         "IP_OUTNOROUTES" | "IP_INNOROUTES" => "The node has no route for these packets: check its routing table (ip route) for the pod subnets.".into(),
         "PKT_TOO_BIG" => "Packets larger than the next hop's MTU with DF set: align the MTUs along the path and let ICMP fragmentation-needed through.".into(),
@@ -287,8 +450,18 @@ fn drop_advice(reason: &str) -> String {
 mod tests {
     use std::collections::BTreeMap;
 
-    use super::{super::testing::*, *};
-    use crate::{events::decode::Layer, kernel::symbols::KernelSymbols, node::path::fixtures::local_path};
+    use super::{
+        super::{
+            services::{ClientFlow, ServiceDnat},
+            testing::*,
+        },
+        *,
+    };
+    use crate::{
+        events::decode::{Layer, TCP_SYN},
+        kernel::symbols::KernelSymbols,
+        node::path::fixtures::local_path,
+    };
 
     const NODE_NS: u32 = 4026531840;
     const NF_HOOK_SLOW: u64 = 0xffff_ffff_8120_0000;
@@ -474,5 +647,162 @@ mod tests {
             detector.observe_kernel(&drop(9, NF_HOOK_SLOW + location, tcp(PEER, 8080, POD, 40000, 0x12, 0), 3, NODE_NS));
         }
         assert_eq!(detector.left_out()[0].count, 5);
+    }
+
+    const SERVICE: &str = "10.96.0.20";
+    const BACKEND: &str = "10.244.0.3";
+
+    /// What the node sends a pod it routes back out cni0: an ICMP redirect (type 5, code 1
+    /// for a host) from its cni0 address, naming `gateway` in the bytes read as id and sequence.
+    fn redirect(gateway: [u8; 4], seq: u16) -> Layer {
+        Layer {
+            icmp_type: ICMP_REDIRECT,
+            icmp_code: 1,
+            icmp_id: u16::from_be_bytes([gateway[0], gateway[1]]),
+            icmp_seq: u16::from_be_bytes([gateway[2], gateway[3]]),
+            ip_id: seq,
+            ..echo("10.244.0.1", POD, ICMP_REDIRECT, 0)
+        }
+    }
+
+    /// Pod A's SYN to the Service at its veth, then DNATed to the backend at cni0 egress.
+    fn service_syn(detector: &mut Drops<'_>, feed: &mut Feed, sport: u16) {
+        let syn = Layer { ip_id: sport, ..tcp(POD, sport, SERVICE, 80, TCP_SYN, 0) };
+        feed.packet(detector, &packet(syn.clone(), 5, Direction::Ingress, 0));
+        feed.packet(detector, &packet(Layer { dst: ip(BACKEND), dport: 8080, ..syn }, 4, Direction::Egress, 1000));
+    }
+
+    /// The redirects a node sends about a Service's DNAT to a backend on the pod's bridge,
+    /// dropped by its NAT with no rule at all: no firewall is blamed, and nothing is an error.
+    #[test]
+    fn redirects_about_service_dnat_dropped_by_netfilter_are_the_kernels_nat() {
+        let path = local_path();
+        let mut detector = Drops::new(&path, NODE_NS);
+        service_syn(&mut detector, &mut Feed::new(&path), 40000);
+        for seq in 1..=2 {
+            detector.observe_kernel(&kernel(
+                KernelRecordKind::Drop { reason: 9, location: NF_HOOK_SLOW + 0x7d },
+                redirect([10, 244, 0, 3], seq),
+                0,
+                false,
+                NODE_NS,
+            ));
+        }
+        let end = end();
+        let findings = end.findings(&detector, &path);
+        assert_eq!(findings.len(), 1, "{findings:#?}");
+        let finding = &findings[0];
+        assert_eq!((finding.kind, finding.severity), (FindingKind::Drop, Severity::Info));
+        assert_eq!(finding.evidence["redirect_gateways"], json!(["10.244.0.3"]));
+        assert_eq!(finding.evidence["redirect_from"], json!(["10.244.0.1"]));
+        assert_eq!((&finding.evidence["about_service_dnat"], &finding.evidence["count"]), (&json!(true), &json!(2)));
+        assert!(
+            finding.summary.starts_with(
+                "2 ICMP redirects to 10.244.0.2 were dropped on this node, off the traced path (NETFILTER_DROP in nf_hook_slow)"
+            ),
+            "{}",
+            finding.summary
+        );
+        assert!(finding.summary.contains("DNATed to 10.244.0.3 (a Service backend on the same link)"), "{}", finding.summary);
+        assert!(finding.summary.contains("Linux's NAT drops every redirect about a connection it translated"), "{}", finding.summary);
+        assert!(finding.summary.ends_with("nothing of the flow was lost."), "{}", finding.summary);
+        assert!(!finding.summary.contains("rule dropped") && !finding.advice.contains("firewall"), "{finding:#?}");
+    }
+
+    /// A redirect whose gateway no hop saw as a DNAT target: both possible causes are named,
+    /// neither claimed; other packets dropped in the same place stay an error of their own.
+    #[test]
+    fn a_redirect_of_unknown_cause_says_what_is_known() {
+        let path = local_path();
+        let mut detector = Drops::new(&path, NODE_NS);
+        detector.observe_kernel(&kernel(
+            KernelRecordKind::Drop { reason: 9, location: NF_HOOK_SLOW },
+            redirect([10, 244, 0, 9], 1),
+            0,
+            false,
+            NODE_NS,
+        ));
+        detector.observe_kernel(&kernel(
+            KernelRecordKind::Drop { reason: 9, location: NF_HOOK_SLOW },
+            udp("10.244.0.1", 53, POD, 4000),
+            0,
+            false,
+            NODE_NS,
+        ));
+        let findings = end().findings(&detector, &path);
+        assert_eq!(findings.len(), 2, "{findings:#?}");
+        let redirect = findings.iter().find(|f| f.evidence["icmp_type"] == ICMP_REDIRECT).unwrap();
+        assert_eq!((redirect.severity, &redirect.evidence["about_service_dnat"]), (Severity::Info, &json!(false)));
+        assert!(redirect.summary.contains("advised the pod to send to 10.244.0.9 directly"), "{}", redirect.summary);
+        assert!(
+            redirect.summary.contains(
+                "when Linux's NAT translated the connection it is about (Service DNAT), or when a rule drops ICMP the node sends"
+            ),
+            "{}",
+            redirect.summary
+        );
+        let other = findings.iter().find(|f| f.evidence["icmp_type"].is_null()).unwrap();
+        assert_eq!(other.severity, Severity::Error);
+        assert!(other.advice.starts_with("Netfilter dropped the packets: usually a firewall rule"), "{}", other.advice);
+        assert!(other.advice.contains("the kernel's own conntrack or NAT"), "{}", other.advice);
+    }
+
+    /// Drops of flows a pitfall finding explains are left to it, whatever else shares their
+    /// group; they still count as drops at their hop.
+    #[test]
+    fn drops_of_explained_flows_are_left_to_the_pitfall() {
+        let path = local_path();
+        let mut detector = Drops::new(&path, NODE_NS);
+        let looped = tcp(POD, 40000, POD, 8080, TCP_SYN, 0);
+        for ip_id in 1..=2 {
+            detector.observe_kernel(&drop(2, IP_RCV_CORE, Layer { ip_id, ..looped.clone() }, 5, NODE_NS));
+        }
+        detector.observe_kernel(&drop(2, IP_RCV_CORE, tcp(POD, 40001, POD, 8080, TCP_SYN, 0), 5, NODE_NS));
+        let mut explained = Explained::default();
+        explained.insert(
+            ClientFlow { proto: IPPROTO_TCP, pod: ip(POD), port: 40000 },
+            ServiceDnat { service: (ip(SERVICE), 80), backend: (ip(POD), 8080) },
+        );
+        detector.defer_to(&explained);
+        let end = end();
+        let findings = end.findings(&detector, &path);
+        assert_eq!(findings.len(), 1, "{findings:#?}");
+        assert_eq!(findings[0].evidence["count"], 1, "only the unexplained flow's drop: {findings:#?}");
+        assert_eq!(detector.per_hop(&end.trace_end(&path)), HashMap::from([(HopKey { ifindex: 5, direction: Direction::Ingress }, 3)]));
+        detector.observe_kernel(&drop(5, ICMP_RCV, udp(BACKEND, 53, POD, 4000), 0, NODE_NS + 1));
+        explained.insert(
+            ClientFlow { proto: IPPROTO_UDP, pod: ip(POD), port: 4000 },
+            ServiceDnat { service: (ip(SERVICE), 53), backend: (ip(BACKEND), 53) },
+        );
+        explained.insert(
+            ClientFlow { proto: IPPROTO_TCP, pod: ip(POD), port: 40001 },
+            ServiceDnat { service: (ip(SERVICE), 80), backend: (ip(POD), 8080) },
+        );
+        detector.defer_to(&explained);
+        assert!(end.findings(&detector, &path).is_empty(), "the backend's reply the pod had no socket for is explained too");
+    }
+
+    /// A frame DNATed back to the port it came from can cross cni0's transmit before the
+    /// bridge drops it on that port: seen further along, yet lost. With its flow explained, it
+    /// is neither a copy nor a drop finding, and counts as a drop at its hop.
+    #[test]
+    fn explained_drops_seen_further_along_are_no_copies() {
+        let path = local_path();
+        let mut detector = Drops::new(&path, NODE_NS);
+        let mut feed = Feed::new(&path);
+        let looped = tcp(POD, 40000, POD, 8080, TCP_SYN, 0);
+        feed.packet(&mut detector, &packet(Layer { dst: ip(SERVICE), dport: 80, ..looped.clone() }, 5, Direction::Ingress, 0));
+        feed.packet(&mut detector, &packet(looped.clone(), 4, Direction::Egress, 1000));
+        detector.observe_kernel(&drop(2, IP_RCV_CORE, looped, 5, NODE_NS));
+        let end = end();
+        assert_eq!(end.findings(&detector, &path)[0].kind, FindingKind::CopiesFreed, "unexplained, the sighting makes it a copy");
+        let mut explained = Explained::default();
+        explained.insert(
+            ClientFlow { proto: IPPROTO_TCP, pod: ip(POD), port: 40000 },
+            ServiceDnat { service: (ip(SERVICE), 80), backend: (ip(POD), 8080) },
+        );
+        detector.defer_to(&explained);
+        assert!(end.findings(&detector, &path).is_empty(), "{:#?}", end.findings(&detector, &path));
+        assert_eq!(detector.per_hop(&end.trace_end(&path)), HashMap::from([(HopKey { ifindex: 5, direction: Direction::Ingress }, 1)]));
     }
 }

@@ -6,10 +6,12 @@
 
 mod attempts;
 mod bond;
+mod br_netfilter;
 mod connection_reset;
 mod copies;
 mod dns;
 mod drop;
+mod hairpin;
 mod lost_events;
 mod mtu;
 mod no_reply;
@@ -17,6 +19,7 @@ mod pod_gone;
 mod port_refused;
 mod requests;
 mod retransmits;
+mod services;
 #[cfg(test)]
 mod testing;
 mod vxlan_source;
@@ -27,8 +30,9 @@ use serde::Serialize;
 use serde_json::Value;
 
 use self::{
-    bond::Bonds, connection_reset::ConnectionReset, dns::DnsUnanswered, drop::Drops, lost_events::LostEvents, mtu::MtuMismatch,
-    no_reply::NoReply, pod_gone::PodGone, port_refused::PortRefused, retransmits::Retransmits, vxlan_source::VxlanSourceMismatch,
+    bond::Bonds, br_netfilter::BrNetfilterOff, connection_reset::ConnectionReset, dns::DnsUnanswered, drop::Drops, hairpin::HairpinOff,
+    lost_events::LostEvents, mtu::MtuMismatch, no_reply::NoReply, pod_gone::PodGone, port_refused::PortRefused, retransmits::Retransmits,
+    vxlan_source::VxlanSourceMismatch,
 };
 use crate::{
     events::{
@@ -75,6 +79,8 @@ pub enum FindingKind {
     LostEvents,
     BondDegraded,
     BondMisconfigured,
+    BrNetfilterOff,
+    HairpinOff,
 }
 
 impl fmt::Display for FindingKind {
@@ -93,6 +99,8 @@ impl fmt::Display for FindingKind {
             Self::LostEvents => "lost-events",
             Self::BondDegraded => "bond-degraded",
             Self::BondMisconfigured => "bond-misconfigured",
+            Self::BrNetfilterOff => "br-netfilter-off",
+            Self::HairpinOff => "hairpin-off",
         })
     }
 }
@@ -188,6 +196,8 @@ pub struct Outcome {
 
 /// Every detector, fed together.
 pub struct Diagnosis<'a> {
+    br_netfilter: BrNetfilterOff<'a>,
+    hairpin: HairpinOff<'a>,
     drops: Drops<'a>,
     retransmits: Retransmits<'a>,
     mtu: MtuMismatch<'a>,
@@ -206,6 +216,8 @@ pub struct Diagnosis<'a> {
 impl<'a> Diagnosis<'a> {
     pub fn new(path: &'a Path, settings: Settings) -> Self {
         Self {
+            br_netfilter: BrNetfilterOff::new(path),
+            hairpin: HairpinOff::new(path, settings.own_netns),
             drops: Drops::new(path, settings.own_netns),
             retransmits: Retransmits::new(path),
             mtu: MtuMismatch::new(path),
@@ -221,9 +233,12 @@ impl<'a> Diagnosis<'a> {
         }
     }
 
-    /// In the order findings of equal severity are listed.
-    fn detectors(&self) -> [&dyn Detector; 11] {
+    /// In the order findings of equal severity are listed: a pitfall that explains the
+    /// packets first.
+    fn detectors(&self) -> [&dyn Detector; 13] {
         [
+            &self.br_netfilter,
+            &self.hairpin,
             &self.drops,
             &self.retransmits,
             &self.mtu,
@@ -238,8 +253,10 @@ impl<'a> Diagnosis<'a> {
         ]
     }
 
-    fn detectors_mut(&mut self) -> [&mut dyn Detector; 11] {
+    fn detectors_mut(&mut self) -> [&mut dyn Detector; 13] {
         [
+            &mut self.br_netfilter,
+            &mut self.hairpin,
             &mut self.drops,
             &mut self.retransmits,
             &mut self.mtu,
@@ -276,6 +293,15 @@ impl<'a> Diagnosis<'a> {
     pub fn finish(mut self, end: TraceEnd<'_>) -> Outcome {
         // Events can carry timestamps a little past the moment the trace was stopped.
         let end = TraceEnd { end_ns: end.end_ns.max(self.last_ns), ..end };
+        // Packets a pitfall finding explains are not also blamed on something else.
+        let mut explained = self.br_netfilter.explained();
+        explained.extend(self.hairpin.explained());
+        self.drops.defer_to(&explained);
+        self.no_reply.defer_to(&explained);
+        self.dns.defer_to(&explained);
+        self.port_refused.defer_to(&explained);
+        self.connection_reset.defer_to(&explained);
+        self.retransmits.defer_to(&explained);
         let left_out: Vec<LeftOut> = self.detectors().iter().flat_map(|detector| detector.left_out()).filter(|l| l.count > 0).collect();
         self.lost_events.left_out = left_out;
         let mut findings: Vec<Finding> = self.detectors().iter().flat_map(|detector| detector.findings(&end)).collect();
@@ -286,7 +312,133 @@ impl<'a> Diagnosis<'a> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::collections::HashMap;
+
+    use super::{testing::*, *};
+    use crate::{
+        Direction,
+        events::decode::{KernelRecordKind, Layer, TCP_RST, TCP_SYN},
+        node::{
+            bridge::{BridgeNetfilter, FamilySwitch},
+            path::fixtures::local_path,
+        },
+    };
+
+    const NODE_NS: u32 = 4026531840;
+    const TIMEOUT: u64 = 1_000_000_000;
+    const SERVICE: &str = "10.96.0.20";
+    const BACKEND: &str = "10.244.0.3";
+    const NOT_SPECIFIED: u32 = 2;
+    const NETFILTER_DROP: u32 = 9;
+
+    /// Feeds a whole trace through every detector, as the event loop does.
+    struct Trace<'a> {
+        diagnosis: Diagnosis<'a>,
+        feed: Feed,
+    }
+
+    impl<'a> Trace<'a> {
+        fn new(path: &'a Path) -> Self {
+            let settings = Settings { node_ip: None, reply_timeout_ns: TIMEOUT, own_netns: NODE_NS };
+            Self { diagnosis: Diagnosis::new(path, settings), feed: Feed::new(path) }
+        }
+
+        fn packet(&mut self, layer: &Layer, (ifindex, direction): (u32, Direction), at_ns: u64) {
+            let packet = packet(layer.clone(), ifindex, direction, at_ns);
+            let sighting = self.feed.observe(&packet);
+            self.diagnosis.observe_packet(&packet, sighting.as_ref());
+        }
+
+        fn kernel(&mut self, kind: KernelRecordKind, layer: Layer, ifindex: u32, received: bool) {
+            self.diagnosis.observe_kernel(&kernel(kind, layer, ifindex, received, NODE_NS));
+        }
+
+        fn finish(self, path: &Path) -> Vec<Finding> {
+            let end = End {
+                end_ns: 10 * TIMEOUT,
+                drop_reasons: HashMap::from([
+                    (i64::from(NOT_SPECIFIED), "NOT_SPECIFIED".into()),
+                    (i64::from(NETFILTER_DROP), "NETFILTER_DROP".into()),
+                ]),
+                ..Default::default()
+            };
+            self.diagnosis.finish(end.trace_end(path)).findings
+        }
+    }
+
+    const VETH_IN: (u32, Direction) = (5, Direction::Ingress);
+    const VETH_OUT: (u32, Direction) = (5, Direction::Egress);
+    const CNI0_IN: (u32, Direction) = (4, Direction::Ingress);
+    const CNI0_OUT: (u32, Direction) = (4, Direction::Egress);
+
+    /// With br_netfilter off, pod A connects to a Service whose backend is behind cni0 too: the
+    /// node DNATs the SYN and routes it back out cni0 (telling the pod so with a redirect, which
+    /// its NAT drops), the backend's SYN-ACK is bridged to pod A untranslated, pod A's kernel
+    /// answers it with a RST and retransmits its SYN. One finding names it; the RST, the
+    /// retransmit and the redirect blame nothing else.
+    #[test]
+    fn br_netfilter_off_is_named_once() {
+        let mut path = local_path();
+        path.stages[1].hops[0].bridge_netfilter = Some(BridgeNetfilter::new(Some(FamilySwitch::default()), FamilySwitch::default()));
+        let mut trace = Trace::new(&path);
+        let syn = tcp(POD, 40000, SERVICE, 80, TCP_SYN, 0);
+        trace.packet(&syn, VETH_IN, 0);
+        trace.packet(&syn, CNI0_IN, 1000);
+        trace.packet(&Layer { dst: ip(BACKEND), dport: 8080, ..syn }, CNI0_OUT, 2000);
+        let redirect = Layer { icmp_type: 5, icmp_code: 1, icmp_id: 0x0af4, icmp_seq: 3, ..echo("10.244.0.1", POD, 5, 0) };
+        trace.kernel(KernelRecordKind::Drop { reason: NETFILTER_DROP, location: 0x10 }, redirect, 0, false);
+        trace.packet(&Layer { ip_id: 50, ..tcp(BACKEND, 8080, POD, 40000, TCP_SYN | TCP_ACK, 0) }, VETH_OUT, 3000);
+        trace.packet(&Layer { ip_id: 2, ..tcp(POD, 40000, BACKEND, 8080, TCP_RST, 0) }, VETH_IN, 4000);
+        trace.kernel(KernelRecordKind::Retransmit { seq: 0, tcp_state: 2 }, tcp(POD, 40000, SERVICE, 80, TCP_SYN, 0), 0, false);
+        let findings = trace.finish(&path);
+        let serious: Vec<_> = findings.iter().filter(|f| f.severity != Severity::Info).collect();
+        assert_eq!(serious.len(), 1, "{findings:#?}");
+        assert_eq!(serious[0].kind, FindingKind::BrNetfilterOff);
+        let others: Vec<_> = findings.iter().filter(|f| f.kind != FindingKind::BrNetfilterOff).collect();
+        assert_eq!(others.len(), 1, "{others:#?}");
+        assert_eq!(others[0].kind, FindingKind::Drop);
+        assert_eq!(others[0].evidence["about_service_dnat"], true, "{:#?}", others[0]);
+    }
+
+    /// With hairpin mode off on pod A's port, pod A connects to a Service that selects pod A
+    /// itself: the bridge drops the SYN, DNATed to pod A, as pod A's port receives it (the
+    /// retransmission after crossing cni0's transmit, as when the bridge had to resolve pod
+    /// A's address first). One finding names it; the drops and the unanswered attempt blame
+    /// nothing else, not even as copies.
+    #[test]
+    fn hairpin_off_is_named_once() {
+        let mut path = local_path();
+        path.stages[0].hops[0].hairpin = Some(false);
+        let mut trace = Trace::new(&path);
+        for attempt in 0..2u16 {
+            let syn = Layer { ip_id: attempt, ..tcp(POD, 40000, SERVICE, 80, TCP_SYN, 0) };
+            let at = u64::from(attempt) * TIMEOUT;
+            trace.packet(&syn, VETH_IN, at);
+            let dnated = Layer { dst: ip(POD), dport: 8080, ..syn };
+            if attempt == 1 {
+                trace.packet(&dnated, CNI0_OUT, at + 1000);
+            }
+            trace.kernel(KernelRecordKind::Drop { reason: NOT_SPECIFIED, location: 0x10 }, dnated, 5, true);
+        }
+        trace.kernel(KernelRecordKind::Retransmit { seq: 0, tcp_state: 2 }, tcp(POD, 40000, SERVICE, 80, TCP_SYN, 0), 0, false);
+        let findings = trace.finish(&path);
+        assert_eq!(findings.len(), 1, "{findings:#?}");
+        assert_eq!((findings[0].kind, findings[0].evidence["drops"].as_u64()), (FindingKind::HairpinOff, Some(2)));
+    }
+
+    /// The same trace with hairpin mode on: whatever dropped those packets is not hairpin mode,
+    /// so the drop and the unanswered attempt are reported as they are.
+    #[test]
+    fn with_hairpin_on_the_same_drops_are_plain_drops() {
+        let mut path = local_path();
+        path.stages[0].hops[0].hairpin = Some(true);
+        let mut trace = Trace::new(&path);
+        let syn = tcp(POD, 40000, SERVICE, 80, TCP_SYN, 0);
+        trace.packet(&syn, VETH_IN, 0);
+        trace.kernel(KernelRecordKind::Drop { reason: NOT_SPECIFIED, location: 0x10 }, Layer { dst: ip(POD), dport: 8080, ..syn }, 5, true);
+        let kinds: Vec<FindingKind> = trace.finish(&path).iter().map(|f| f.kind).collect();
+        assert_eq!(kinds, [FindingKind::Drop, FindingKind::NoReply]);
+    }
 
     #[test]
     fn kinds_serialise_to_the_documented_names() {
@@ -303,6 +455,9 @@ mod tests {
             FindingKind::PodGone,
             FindingKind::LostEvents,
             FindingKind::BondDegraded,
+            FindingKind::BondMisconfigured,
+            FindingKind::BrNetfilterOff,
+            FindingKind::HairpinOff,
         ]
         .iter()
         .map(|kind| {
@@ -325,7 +480,10 @@ mod tests {
                 "copies-freed",
                 "pod-gone",
                 "lost-events",
-                "bond-degraded"
+                "bond-degraded",
+                "bond-misconfigured",
+                "br-netfilter-off",
+                "hairpin-off"
             ]
         );
     }

@@ -4,6 +4,7 @@
 use super::{
     Detector, Finding, FindingKind, LeftOut, Severity, TraceEnd,
     requests::{RequestKind, RequestTracker},
+    services::Explained,
 };
 use crate::{
     events::{correlate::Sighting, decode::Packet},
@@ -19,6 +20,13 @@ pub struct NoReply<'a> {
 impl<'a> NoReply<'a> {
     pub fn new(path: &'a Path, reply_timeout_ns: u64) -> Self {
         Self { path, requests: RequestTracker::new(path, &[RequestKind::Echo, RequestKind::TcpSyn], reply_timeout_ns), reply_timeout_ns }
+    }
+}
+
+impl NoReply<'_> {
+    /// Leaves requests of flows a pitfall finding explains out of the findings.
+    pub fn defer_to(&mut self, explained: &Explained) {
+        self.requests.defer_to(explained);
     }
 }
 
@@ -64,9 +72,15 @@ mod tests {
         super::{MAX_REQUESTS, testing::*},
         *,
     };
+    use tracer_common::IPPROTO_TCP;
+
+    use super::super::{
+        requests::MAX_CLIENTS_LISTED,
+        services::{ClientFlow, Explained, ServiceDnat},
+    };
     use crate::{
         Direction,
-        events::decode::Layer,
+        events::decode::{Layer, TCP_SYN},
         node::path::{
             Entry,
             fixtures::{bonded_path, hop, key, local_path},
@@ -252,5 +266,71 @@ mod tests {
         assert_eq!(findings.len(), 1, "{findings:#?}");
         assert_eq!(findings[0].evidence["requests"], requests);
         assert_eq!(findings[0].evidence["last_hop"], "eth0 egress");
+    }
+
+    const SERVICE: &str = "10.96.0.21";
+
+    /// Pod A's connection attempt from `sport` to the Service, seen at its veth only (the
+    /// bridge dropped it), or also DNATed to `dnat_to` further on.
+    fn attempt(detector: &mut NoReply<'_>, feed: &mut Feed, sport: u16, dnat_to: Option<&str>, at_ns: u64) {
+        let syn = Layer { ip_id: sport, ..tcp(POD, sport, SERVICE, 80, TCP_SYN, 0) };
+        feed.journey(detector, &syn, &OUT[..1], at_ns);
+        if let Some(backend) = dnat_to {
+            feed.journey(detector, &Layer { dst: ip(backend), dport: 8080, ..syn }, &OUT[1..], at_ns + 1000);
+        }
+    }
+
+    /// Explains pod A's flows from `ports` to the Service, DNATed back to the pod itself.
+    fn looped_back(ports: impl Iterator<Item = u16>) -> Explained {
+        let mut explained = Explained::default();
+        for port in ports {
+            explained.insert(
+                ClientFlow { proto: IPPROTO_TCP, pod: ip(POD), port },
+                ServiceDnat { service: (ip(SERVICE), 80), backend: (ip(POD), 8080) },
+            );
+        }
+        explained
+    }
+
+    /// A pod reaching a Service that loops back to it (hairpin-off explains it): those
+    /// connection attempts are left to that finding; other attempts to the Service are not.
+    #[test]
+    fn attempts_a_pitfall_finding_explains_are_left_to_it() {
+        let path = local_path();
+        let mut detector = NoReply::new(&path, TIMEOUT);
+        let mut feed = Feed::new(&path);
+        for sport in 40000..40003 {
+            attempt(&mut detector, &mut feed, sport, None, u64::from(sport - 40000) * 1_000_000);
+        }
+        detector.defer_to(&looped_back(40000..40002));
+        let end = End { end_ns: 5 * TIMEOUT, ..Default::default() };
+        let findings = end.findings(&detector, &path);
+        assert_eq!(findings.len(), 1, "{findings:#?}");
+        assert_eq!((&findings[0].evidence["requests"], &findings[0].evidence["packets"]), (&serde_json::json!(1), &serde_json::json!(1)));
+        detector.defer_to(&looped_back(40000..40003));
+        assert!(end.findings(&detector, &path).is_empty());
+    }
+
+    /// Far more attempts than a group lists by client port: those beyond the list are left to
+    /// the pitfall finding when it explains the pod's flows to that Service and none of the
+    /// group was seen DNATed elsewhere; one seen DNATed to another backend keeps them reported.
+    #[test]
+    fn attempts_beyond_the_client_list_are_judged_by_service() {
+        let path = local_path();
+        let attempts = MAX_REQUESTS as u16 + 100;
+        let trace = |other_backend: bool| {
+            let mut detector = NoReply::new(&path, TIMEOUT);
+            let mut feed = Feed::new(&path);
+            for index in 0..attempts {
+                let dnat_to = (other_backend && index == 0).then_some(PEER);
+                attempt(&mut detector, &mut feed, 10_000 + index, dnat_to, u64::from(index) * 200_000);
+            }
+            detector.defer_to(&looped_back(10_000..10_000 + attempts));
+            End { end_ns: u64::from(attempts) * 200_000 + 5 * TIMEOUT, ..Default::default() }.findings(&detector, &path)
+        };
+        assert!(trace(false).is_empty(), "{:#?}", trace(false));
+        let findings = trace(true);
+        assert_eq!(findings.len(), 1, "{findings:#?}");
+        assert_eq!(findings[0].evidence["requests"], u64::from(attempts) - MAX_CLIENTS_LISTED as u64, "the unlisted ones");
     }
 }

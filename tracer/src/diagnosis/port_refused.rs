@@ -10,6 +10,7 @@ use tracer_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP};
 use super::{
     Detector, Finding, FindingKind, LeftOut, MAX_GROUPS, Severity, TraceEnd,
     attempts::{Attempts, Rst},
+    services::Explained,
 };
 use crate::{
     events::{
@@ -30,11 +31,19 @@ pub struct PortRefused<'a> {
     refused: BTreeMap<(Refusal, &'static str), u64>,
     /// Refusals of peers and ports beyond the table's bound.
     left_out: u64,
+    /// Flows a pitfall finding explains, set when the trace ends.
+    explained: Explained,
 }
 
 impl<'a> PortRefused<'a> {
     pub fn new(path: &'a Path) -> Self {
-        Self { path, attempts: Attempts::default(), refused: BTreeMap::new(), left_out: 0 }
+        Self { path, attempts: Attempts::default(), refused: BTreeMap::new(), left_out: 0, explained: Explained::default() }
+    }
+
+    /// Leaves out of the findings a client pod's refusals of replies that a pitfall finding
+    /// explains: the pod refused them because they came from the backend, not the Service.
+    pub fn defer_to(&mut self, explained: &Explained) {
+        self.explained = explained.clone();
     }
 }
 
@@ -75,6 +84,7 @@ impl Detector for PortRefused<'_> {
     fn findings(&self, _end: &TraceEnd<'_>) -> Vec<Finding> {
         self.refused
             .iter()
+            .filter(|(((peer, proto, port, from), _), _)| !self.explained.covers_client_of(*proto, (*peer, *port), *from))
             .map(|(((peer, proto, port, from), how), count)| {
                 let proto = proto_name(*proto);
                 let listing = if proto == "udp" { "ss -lunp" } else { "ss -ltnp" };
@@ -220,5 +230,36 @@ mod tests {
             assert!(finding.summary.starts_with(&format!("{POD} port {port}/")), "{}", finding.summary);
             assert!(finding.summary.contains(&format!("refused {PEER}'s packets")), "{}", finding.summary);
         }
+    }
+
+    /// With both pods followed and br_netfilter off, the client pod refuses the backend's
+    /// untranslated UDP replies with port unreachable: br-netfilter-off explains that, not a
+    /// missing listener.
+    #[test]
+    fn a_client_refusing_replies_a_pitfall_finding_explains_is_left_to_it() {
+        use super::super::services::{ClientFlow, ServiceDnat};
+
+        let backend = "10.244.0.3";
+        let mut path = local_path();
+        path.entries.push(Entry { pod_ip: ip(backend), hop: key(8, Direction::Ingress) });
+        let mut detector = PortRefused::new(&path);
+        let mut feed = Feed::new(&path);
+        let quote = Layer {
+            icmp_type: 3,
+            icmp_code: 3,
+            quoted_proto: IPPROTO_UDP,
+            quoted_sport: 53,
+            quoted_dport: 4000,
+            ..echo(POD, backend, 3, 0)
+        };
+        feed.journey(&mut detector, &quote, &OUT[..1], 0);
+        assert_eq!(End::default().findings(&detector, &path).len(), 1);
+        let mut explained = Explained::default();
+        explained.insert(
+            ClientFlow { proto: IPPROTO_UDP, pod: ip(POD), port: 4000 },
+            ServiceDnat { service: (ip("10.96.0.10"), 53), backend: (ip(backend), 53) },
+        );
+        detector.defer_to(&explained);
+        assert!(End::default().findings(&detector, &path).is_empty());
     }
 }

@@ -9,7 +9,10 @@ use std::{
 use serde_json::{Value, json};
 use tracer_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
 
-use super::{MAX_GROUPS, MAX_REQUESTS, TCP_ACK};
+use super::{
+    MAX_GROUPS, MAX_REQUESTS, TCP_ACK,
+    services::{ClientFlow, Explained},
+};
 use crate::{
     events::{
         correlate::{Fingerprint, Flow, Sighting},
@@ -79,6 +82,10 @@ impl Unanswered {
     }
 }
 
+/// Client flows listed per group, so that those a pitfall finding explains can be left out;
+/// requests of flows beyond the list are counted per pod and protocol.
+pub(super) const MAX_CLIENTS_LISTED: usize = 256;
+
 /// Unanswered requests of one kind to one peer and port, folded together: the live ones a
 /// report summarises, and the settled ones the table no longer holds.
 #[derive(Clone, Debug, Default)]
@@ -87,14 +94,52 @@ struct Group {
     packets: u64,
     hops: BTreeSet<HopKey>,
     dnat_to: BTreeSet<(IpAddr, u16)>,
+    /// Requests and packets per TCP or UDP client flow.
+    clients: BTreeMap<ClientFlow, (usize, u64)>,
+    /// Requests and packets of client flows beyond the list, per pod and protocol.
+    unlisted: BTreeMap<(IpAddr, u8), (usize, u64)>,
 }
 
 impl Group {
-    fn add(&mut self, request: &Request) {
+    fn add(&mut self, key: &RequestKey, request: &Request) {
         self.requests += 1;
         self.packets += request.packets;
         self.hops.extend(request.hops.iter().copied());
         self.dnat_to.extend(request.dnat_to);
+        if !matches!(key.proto, IPPROTO_TCP | IPPROTO_UDP) {
+            return;
+        }
+        let client = ClientFlow { proto: key.proto, pod: key.pod, port: key.pod_port };
+        let (requests, packets) = if self.clients.len() < MAX_CLIENTS_LISTED || self.clients.contains_key(&client) {
+            self.clients.entry(client).or_default()
+        } else {
+            self.unlisted.entry((key.pod, key.proto)).or_default()
+        };
+        *requests += 1;
+        *packets += request.packets;
+    }
+
+    /// The group without the requests a pitfall finding explains: those of the client flows
+    /// it covers to `peer`, and the unlisted ones of a pod whose flows to `peer` it explains
+    /// when no hop saw any of the group's requests DNATed elsewhere. None when nothing is left.
+    fn without(mut self, explained: &Explained, peer: (IpAddr, u16)) -> Option<Self> {
+        let mut left_out: Vec<(usize, u64)> = self
+            .clients
+            .iter()
+            .filter(|(client, _)| explained.covers(client.proto, (client.pod, client.port), peer))
+            .map(|(_, counts)| *counts)
+            .collect();
+        left_out.extend(
+            self.unlisted
+                .iter()
+                .filter(|((pod, proto), _)| explained.explains_service(*proto, *pod, peer, &self.dnat_to))
+                .map(|(_, counts)| *counts),
+        );
+        for (requests, packets) in left_out {
+            self.requests -= requests;
+            self.packets -= packets;
+        }
+        (self.requests > 0).then_some(self)
     }
 }
 
@@ -115,6 +160,8 @@ pub struct RequestTracker<'a> {
     /// Requests not tracked because the table was full of requests still waiting, or whose
     /// group did not fit among the settled ones.
     untracked: u64,
+    /// Flows a pitfall finding explains, set when the trace ends.
+    explained: Explained,
 }
 
 impl<'a> RequestTracker<'a> {
@@ -128,7 +175,13 @@ impl<'a> RequestTracker<'a> {
             settled: BTreeMap::new(),
             settled_at_ns: 0,
             untracked: 0,
+            explained: Explained::default(),
         }
+    }
+
+    /// Leaves requests of flows a pitfall finding explains out of `unanswered`.
+    pub fn defer_to(&mut self, explained: &Explained) {
+        self.explained = explained.clone();
     }
 
     /// Removes the requests whose reply timeout has passed: answered ones are done, and
@@ -148,7 +201,7 @@ impl<'a> RequestTracker<'a> {
             }
             let group_key = (key.kind, request.peer, request.peer_port);
             if self.settled.len() < MAX_GROUPS || self.settled.contains_key(&group_key) {
-                self.settled.entry(group_key).or_default().add(&request);
+                self.settled.entry(group_key).or_default().add(&key, &request);
             } else {
                 self.untracked += 1;
             }
@@ -242,10 +295,14 @@ impl<'a> RequestTracker<'a> {
         let mut groups = self.settled.clone();
         for (key, request) in &self.requests {
             if !request.answered && request.first_ns <= cutoff {
-                groups.entry((key.kind, request.peer, request.peer_port)).or_default().add(request);
+                groups.entry((key.kind, request.peer, request.peer_port)).or_default().add(key, request);
             }
         }
-        groups.into_iter().map(|((kind, peer, port), group)| self.summarise(kind, peer, port, &group)).collect()
+        groups
+            .into_iter()
+            .filter_map(|((kind, peer, port), group)| Some(((kind, peer, port), group.without(&self.explained, (peer, port))?)))
+            .map(|((kind, peer, port), group)| self.summarise(kind, peer, port, &group))
+            .collect()
     }
 
     fn summarise(&self, kind: RequestKind, peer: IpAddr, port: u16, group: &Group) -> Unanswered {

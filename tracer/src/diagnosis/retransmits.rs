@@ -17,7 +17,7 @@ use std::{
 use serde_json::json;
 use tracer_common::IPPROTO_TCP;
 
-use super::{Detector, Finding, FindingKind, MAX_GROUPS, MAX_REQUESTS, Severity, TCP_ACK, TraceEnd};
+use super::{Detector, Finding, FindingKind, MAX_GROUPS, MAX_REQUESTS, Severity, TCP_ACK, TraceEnd, services::Explained};
 use crate::{
     events::{
         correlate::Sighting,
@@ -80,11 +80,19 @@ pub struct Retransmits<'a> {
     groups: BTreeMap<FlowKey, RetransmitGroup>,
     /// Keyed by the flow as its followed pod sees it: (pod, pod port, peer, peer port).
     tcp_flows: HashMap<FlowKey, TcpFlow>,
+    /// Flows a pitfall finding explains, set when the trace ends.
+    explained: Explained,
 }
 
 impl<'a> Retransmits<'a> {
     pub fn new(path: &'a Path) -> Self {
-        Self { path, groups: BTreeMap::new(), tcp_flows: HashMap::new() }
+        Self { path, groups: BTreeMap::new(), tcp_flows: HashMap::new(), explained: Explained::default() }
+    }
+
+    /// Leaves retransmits of flows a pitfall finding explains out of the findings (they still
+    /// count at their hop): those connections never got a reply they could use.
+    pub fn defer_to(&mut self, explained: &Explained) {
+        self.explained = explained.clone();
     }
 
     /// The hop where the pod that owns a connection enters the path.
@@ -122,7 +130,7 @@ impl Detector for Retransmits<'_> {
         // A reply crosses several hops: it is counted where it leaves the path towards its
         // pod, where its addresses are the ones the pod's socket uses (Service DNAT undone).
         if self.path.follows(layer.dst)
-            && packet_hop(packet) == exit(self.path, layer.dst)
+            && packet_hop(packet) == self.path.exit(layer.dst)
             && let Some(flow) = self.tcp_flows.get_mut(&(layer.dst, layer.dport, layer.src, layer.sport))
         {
             flow.replies += 1;
@@ -161,18 +169,16 @@ impl Detector for Retransmits<'_> {
     }
 
     fn findings(&self, _end: &TraceEnd<'_>) -> Vec<Finding> {
-        self.groups.iter().map(|(key, group)| self.finding(*key, group)).collect()
+        self.groups
+            .iter()
+            .filter(|((src, sport, dst, dport), _)| !self.explained.covers(IPPROTO_TCP, (*src, *sport), (*dst, *dport)))
+            .map(|(key, group)| self.finding(*key, group))
+            .collect()
     }
 }
 
 fn packet_hop(packet: &Packet) -> HopKey {
     HopKey { ifindex: packet.ifindex, direction: packet.direction }
-}
-
-/// The hop where packets to `pod_ip` leave the path: its entry hop, the other way.
-fn exit(path: &Path, pod_ip: IpAddr) -> HopKey {
-    let entry = path.entry(pod_ip);
-    HopKey { direction: entry.direction.opposite(), ..entry }
 }
 
 impl Retransmits<'_> {
@@ -407,5 +413,26 @@ mod tests {
         assert_eq!(finding.evidence["duplicates_reported_by_peer"], 2);
         assert_eq!((finding.evidence["mtu_signature"].clone(), finding.severity), (serde_json::json!(false), Severity::Info));
         assert!(finding.summary.contains("reported 2 of them as duplicates (D-SACK)"), "{}", finding.summary);
+    }
+
+    /// A connection attempt whose replies never reached the pod usably (a pitfall finding
+    /// explains its flow) is left to that finding: its retransmitted SYN is no TCP recovery.
+    /// It still counts at its hop.
+    #[test]
+    fn retransmits_of_flows_a_pitfall_finding_explains_are_left_to_it() {
+        use super::super::services::{ClientFlow, Explained, ServiceDnat};
+
+        let path = local_path();
+        let mut detector = Retransmits::new(&path);
+        detector.observe_kernel(&retransmit(0));
+        assert_eq!(End::default().findings(&detector, &path).len(), 1);
+        let mut explained = Explained::default();
+        explained.insert(
+            ClientFlow { proto: IPPROTO_TCP, pod: ip(POD), port: 40000 },
+            ServiceDnat { service: (ip(PEER), 5201), backend: (ip(POD), 8080) },
+        );
+        detector.defer_to(&explained);
+        assert!(End::default().findings(&detector, &path).is_empty());
+        assert_eq!(detector.per_hop().values().sum::<u64>(), 1);
     }
 }

@@ -8,7 +8,7 @@ pub use crate::events::testing::*;
 use crate::{
     Direction,
     events::{
-        correlate::{Correlator, Limits},
+        correlate::{Correlator, Limits, Sighting},
         decode::{DecodeErrors, Layer, Packet},
     },
     kernel::symbols::KernelSymbols,
@@ -28,8 +28,13 @@ impl Feed {
     }
 
     pub fn packet(&mut self, detector: &mut dyn Detector, packet: &Packet) {
-        let sighting = self.correlator.observe(packet);
+        let sighting = self.observe(packet);
         detector.observe_packet(packet, sighting.as_ref());
+    }
+
+    /// The packet's sighting, for what is fed packets outside a detector.
+    pub fn observe(&mut self, packet: &Packet) -> Option<Sighting> {
+        self.correlator.observe(packet)
     }
 
     /// The same packet crossing each hop in turn, 1 µs apart from `start_ns`.

@@ -16,6 +16,7 @@ use rtnetlink::{Handle, RouteMessageBuilder};
 
 use super::{
     bond::slave_state,
+    bridge::{self, BridgeNetfilter},
     netlink::{Link, dump_addresses, dump_links, with_rtnetlink},
     netns::{self, PodInterface},
     path::{Entry, Hop, HopKey, HopKind, Locality, Path, PodEnd, Stage},
@@ -159,7 +160,15 @@ async fn discover_one(handle: &Handle, pod_ip: IpAddr, overrides: &PathOverrides
         }
     }
 
-    let mut stages = build_stages(candidates, &links, &addresses, overrides, &mut warnings);
+    // Read only where a bridge carries the pod's packets: nothing else depends on it.
+    let bridge_sysctls = if candidates.iter().flat_map(|(hops, _)| hops).any(|(_, kind)| *kind == HopKind::Bridge) {
+        bridge::read_sysctls()
+            .map_err(|err| warnings.push(format!("whether bridged packets pass through iptables is unknown: {err:#}")))
+            .ok()
+    } else {
+        None
+    };
+    let mut stages = build_stages(candidates, &links, &addresses, bridge_sysctls, overrides, &mut warnings);
     if let Some(inside) = inside {
         let host_end = stages.iter_mut().flat_map(|stage| &mut stage.hops).find(|hop| hop.ifindex == inside.peer_index);
         if let Some(hop) = host_end {
@@ -275,10 +284,12 @@ fn push_underlay(links: &BTreeMap<u32, Link>, index: u32, stages: &mut Vec<Vec<(
 }
 
 /// Turns candidates into hops: each interface once, excluded ones dropped, empty stages gone.
+/// `bridge_sysctls` is None when they could not be read.
 fn build_stages(
     candidates: Vec<Candidate>,
     links: &BTreeMap<u32, Link>,
     addresses: &[(u32, IpAddr, u8)],
+    bridge_sysctls: Option<bridge::Sysctls>,
     overrides: &PathOverrides,
     warnings: &mut Vec<String>,
 ) -> Vec<Stage> {
@@ -308,6 +319,11 @@ fn build_stages(
                 bond: link.bond.clone(),
                 slave: slave_state(link, links),
                 pod_end: None,
+                bridge_netfilter: match (kind, link.bridge_nf_call, bridge_sysctls) {
+                    (HopKind::Bridge, Some(switch), Some(sysctls)) => Some(BridgeNetfilter::new(sysctls, switch)),
+                    _ => None,
+                },
+                hairpin: if kind == HopKind::PodVeth { link.hairpin } else { None },
             });
         }
         if !hops.is_empty() {
@@ -529,6 +545,8 @@ mod tests {
             bond_port: None,
             link_netnsid: None,
             peer_index: None,
+            bridge_nf_call: None,
+            hairpin: None,
         };
         (index, link)
     }
@@ -568,7 +586,7 @@ mod tests {
             .into_iter()
             .map(|stage| (stage, Direction::Ingress))
             .collect();
-        let stages = build_stages(candidates, &links, &[], &PathOverrides::default(), &mut Vec::new());
+        let stages = build_stages(candidates, &links, &[], None, &PathOverrides::default(), &mut Vec::new());
         let names: Vec<Vec<&str>> = stages.iter().map(|s| s.hops.iter().map(|h| h.ifname.as_str()).collect()).collect();
         assert_eq!(names, [vec!["eth1", "eth0"], vec!["bond0"], vec!["flannel.1"]]);
     }
@@ -581,7 +599,7 @@ mod tests {
             .map(|stage| (stage, Direction::Egress))
             .collect();
         let overrides = PathOverrides { add: vec![], exclude: vec!["bond0".into(), "eth1".into()] };
-        let stages = build_stages(candidates, &links, &[], &overrides, &mut Vec::new());
+        let stages = build_stages(candidates, &links, &[], None, &overrides, &mut Vec::new());
         let names: Vec<Vec<&str>> = stages.iter().map(|s| s.hops.iter().map(|h| h.ifname.as_str()).collect()).collect();
         assert_eq!(names, [vec!["flannel.1"], vec!["eth0"]]);
     }

@@ -11,7 +11,10 @@ use netlink_packet_route::{
 };
 use rtnetlink::Handle;
 
-use super::bond::{self, BondState, SlaveLink};
+use super::{
+    bond::{self, BondState, SlaveLink},
+    bridge::{self, FamilySwitch},
+};
 
 /// Runs `work` over a fresh rtnetlink connection, which is closed when `work` ends.
 pub async fn with_rtnetlink<T>(work: impl AsyncFnOnce(&Handle) -> Result<T>) -> Result<T> {
@@ -40,6 +43,11 @@ pub(super) struct Link {
     pub link_netnsid: Option<i32>,
     /// For a veth: its peer's ifindex (IFLA_LINK), in the namespace `link_netnsid` names.
     pub peer_index: Option<u32>,
+    /// For a bridge: its own `nf_call_iptables` and `nf_call_ip6tables` switches.
+    pub bridge_nf_call: Option<FamilySwitch>,
+    /// For a bridge port: whether hairpin mode lets the bridge send a frame back out the port
+    /// it came in on.
+    pub hairpin: Option<bool>,
 }
 
 impl Link {
@@ -85,6 +93,8 @@ fn parse_link(message: &LinkMessage) -> Link {
         bond_port: None,
         link_netnsid: None,
         peer_index: None,
+        bridge_nf_call: None,
+        hairpin: None,
     };
     for attr in &message.attributes {
         match attr {
@@ -118,6 +128,8 @@ fn parse_link_info(infos: &[LinkInfo], link: &mut Link) {
             }
             LinkInfo::Data(InfoData::Bond(attrs)) => link.bond = Some(bond::parse_bond(attrs)),
             LinkInfo::PortData(InfoPortData::BondPort(attrs)) => link.bond_port = Some(bond::parse_bond_port(attrs)),
+            LinkInfo::Data(InfoData::Bridge(attrs)) => link.bridge_nf_call = Some(bridge::parse_bridge(attrs)),
+            LinkInfo::PortData(InfoPortData::BridgePort(attrs)) => link.hairpin = bridge::parse_port_hairpin(attrs),
             _ => {}
         }
     }

@@ -9,7 +9,10 @@ use std::{fmt, net::IpAddr};
 
 use serde::Serialize;
 
-use super::bond::{BondState, SlaveState};
+use super::{
+    bond::{BondState, SlaveState},
+    bridge::BridgeNetfilter,
+};
 use crate::Direction;
 
 /// The role an interface plays on the pod's path.
@@ -65,6 +68,11 @@ pub struct Hop {
     pub slave: Option<SlaveState>,
     /// For a pod veth: the pod's own end of it, when its namespace could be read.
     pub pod_end: Option<PodEnd>,
+    /// For a bridge: whether the frames it forwards between its ports pass through iptables
+    /// (None when that could not be read).
+    pub bridge_netfilter: Option<BridgeNetfilter>,
+    /// For a pod veth on a bridge: its port's hairpin mode.
+    pub hairpin: Option<bool>,
 }
 
 /// The pod's end of its veth, inside the pod's network namespace: its MTU, not the host
@@ -169,6 +177,12 @@ impl Path {
         )
     }
 
+    /// The hop where packets to `pod_ip` leave the path: its entry hop, the other way.
+    pub fn exit(&self, pod_ip: IpAddr) -> HopKey {
+        let entry = self.entry(pod_ip);
+        HopKey { direction: entry.direction.opposite(), ..entry }
+    }
+
     /// Every (hop, direction) once: the way out in stage order, then the way back in exactly
     /// the reverse order.
     pub fn travel_order(&self) -> Vec<(&Hop, Direction)> {
@@ -267,6 +281,8 @@ pub(crate) mod fixtures {
             bond: None,
             slave: None,
             pod_end: None,
+            bridge_netfilter: None,
+            hairpin: None,
         }
     }
 
@@ -378,6 +394,7 @@ mod tests {
         assert_eq!(path.entry(second), key(8, Direction::Ingress));
         assert_eq!(path.entry(path.pod_ip), key(5, Direction::Ingress));
         assert_eq!(path.entry("10.1.1.1".parse().unwrap()), key(5, Direction::Ingress));
+        assert_eq!(path.exit(second), key(8, Direction::Egress));
         assert!(path.is_underlay(2) && !path.is_underlay(3));
     }
 }
