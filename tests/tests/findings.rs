@@ -296,8 +296,8 @@ fn serious_besides<'a>(report: &'a Value, kind: &str) -> Vec<&'a Value> {
     report["findings"].as_array().unwrap().iter().filter(|f| f["severity"] != "info" && f["kind"] != kind).collect()
 }
 
-/// br_netfilter off on node A (`net.bridge.bridge-nf-call-iptables=0`; in the VM suite the
-/// module is not loaded at all) and pod A reaching a Service whose backend is the other pod on
+/// br_netfilter off on node A (`net.bridge.bridge-nf-call-iptables=0`, or the module not
+/// loaded at all) and pod A reaching a Service whose backend is the other pod on
 /// node A: the backend's replies are bridged straight to pod A, never un-DNATed, and pod A
 /// drops them. Named once, per protocol, and not also as a missing listener or a reset; the
 /// ICMP redirects node A sends pod A meanwhile, which its NAT drops, are said to be that.
@@ -356,7 +356,7 @@ fn br_netfilter_off_is_named_for_a_service_backend_beside_the_client() -> Result
 /// itself: its bridge drops the packets, DNATed back to pod A, as they come in on that port.
 /// Named once, per protocol, and not also as a drop or as "no reply from the Service's node".
 /// Hairpin mode matters only where bridged frames pass iptables (br_netfilter), so this skips
-/// where the module is not loaded (the VM suite): there the node routes such packets instead.
+/// where the module is not loaded: there the node routes such packets instead.
 #[test]
 fn hairpin_off_is_named_for_a_pod_reaching_itself_through_a_service() -> Result<()> {
     let (lab, _scenario, answers, report) = trace_service_pitfall("hairpin", "hpin", scenario::SELF_SERVICE_IP)?;

@@ -22,6 +22,9 @@ const MODULES: &[&str] = &[
     "veth",
     "vxlan",
     "bridge",
+    // Bridged traffic through iptables, as on every kubelet node (and built into the host's
+    // kernel); the br-netfilter-off and hairpin-off findings are tested with and without it.
+    "br_netfilter",
     "bonding",
     "sch_ingress",
     "cls_bpf",
