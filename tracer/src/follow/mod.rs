@@ -108,13 +108,17 @@ struct KernelFacts {
 
 impl KernelFacts {
     fn read(btf_file: &FsPath) -> Result<Self> {
-        let kernel_btf = KernelBtf::from_file(btf_file)?;
+        let formats = TracepointFormats::read()?;
+        // Our own reading of the BTF is dropped before aya parses it again for the loader:
+        // both at once would set podtrace's peak memory.
+        let (layout, drop_reasons) = {
+            let kernel_btf = KernelBtf::from_file(btf_file)?;
+            let layout = layout::build(&kernel_btf, &formats)?;
+            // Kernels before 5.17 have no drop reasons: their drops are named "unknown".
+            (layout, kernel_btf.enum_values("skb_drop_reason", "SKB_DROP_REASON_").unwrap_or_default())
+        };
         let btf = aya::Btf::parse_file(btf_file, aya::Endianness::default())
             .map_err(|err| anyhow!("unreadable BTF at {}: {err}", btf_file.display()))?;
-        let formats = TracepointFormats::read()?;
-        let layout = layout::build(&kernel_btf, &formats)?;
-        // Kernels before 5.17 have no drop reasons: their drops are named "unknown".
-        let drop_reasons = kernel_btf.enum_values("skb_drop_reason", "SKB_DROP_REASON_").unwrap_or_default();
         Ok(Self { btf, formats, layout, drop_reasons })
     }
 }
