@@ -149,10 +149,11 @@ pub struct HopStats {
 /// A packet in flight: where and when it was last seen.
 #[derive(Clone, Debug)]
 struct InFlight {
-    last_hop: HopKey,
+    /// The hop's number (`Correlator::hops`).
+    last_hop: usize,
     last_ns: u64,
     /// Hops already seen, so a second sighting at one of them is recognised as a new packet:
-    /// bit `n` for the hop numbered `n` (`Correlator::hop_bit`). No allocation per packet.
+    /// bit `n` for the hop numbered `n`. No allocation per packet.
     seen: u128,
     generation: u64,
 }
@@ -184,10 +185,11 @@ pub struct Sighting {
 pub struct Correlator {
     followed: Vec<IpAddr>,
     limits: Limits,
-    hops: FastMap<HopKey, HopStats>,
-    /// Each hop's bit in `InFlight::seen`, numbered as first seen. Hops past the 128th get
-    /// none: a repeated sighting there is not recognised (a path has a handful of hops).
-    hop_bits: FastMap<HopKey, u128>,
+    /// Every hop seen, numbered in the order first seen: one hash lookup per event finds the
+    /// number, and the rest is indexing. Hops past the 128th have no bit in `InFlight::seen`:
+    /// a repeated sighting there is not recognised (a path has a handful of hops).
+    hop_numbers: FastMap<HopKey, usize>,
+    hops: Vec<(HopKey, HopStats)>,
     in_flight: FastMap<Fingerprint, InFlight>,
     /// Insertion order for expiry and eviction; stale generations are skipped.
     order: VecDeque<(Fingerprint, u64, u64)>,
@@ -203,8 +205,8 @@ impl Correlator {
         Self {
             followed,
             limits,
-            hops: FastMap::default(),
-            hop_bits: FastMap::default(),
+            hop_numbers: FastMap::default(),
+            hops: Vec::new(),
             in_flight: FastMap::default(),
             order: VecDeque::new(),
             next_generation: 0,
@@ -214,8 +216,8 @@ impl Correlator {
     }
 
     pub fn observe(&mut self, packet: &Packet) -> Option<Sighting> {
-        let hop = HopKey { ifindex: packet.ifindex, direction: packet.direction };
-        let stats = self.hops.entry(hop).or_default();
+        let hop = self.hop_number(HopKey { ifindex: packet.ifindex, direction: packet.direction });
+        let stats = &mut self.hops[hop].1;
         stats.packets += 1;
         stats.bytes += u64::from(packet.skb_len);
         stats.max_len = stats.max_len.max(packet.skb_len);
@@ -229,7 +231,7 @@ impl Correlator {
         };
         self.expire(packet.ktime_ns);
 
-        let bit = self.hop_bit(hop);
+        let bit = 1u128.checked_shl(hop as u32).unwrap_or(0);
         let previous = match self.in_flight.get_mut(&fingerprint) {
             // Seen here before: a new packet with the same identity (a collision, or a
             // duplicate the kernel made), so its journey restarts.
@@ -245,26 +247,28 @@ impl Correlator {
         };
         match previous {
             Some((previous_hop, latency)) => {
-                if let Some(stats) = self.hops.get_mut(&previous_hop) {
-                    stats.last_seen -= 1;
-                }
-                let stats = self.hops.get_mut(&hop).expect("inserted above");
+                self.hops[previous_hop].1.last_seen -= 1;
+                let stats = &mut self.hops[hop].1;
                 stats.linked += 1;
                 stats.latency_ns.record(latency);
                 stats.last_seen += 1;
             }
             None => self.start(fingerprint, hop, bit, packet.ktime_ns),
         }
+        let previous = previous.map(|(number, latency)| (self.hops[number].0, latency));
         Some(Sighting { fingerprint, flow, previous })
     }
 
-    /// The hop's bit in `InFlight::seen`; 0 past the 128th hop.
-    fn hop_bit(&mut self, hop: HopKey) -> u128 {
-        let numbered = self.hop_bits.len();
-        *self.hop_bits.entry(hop).or_insert_with(|| 1u128.checked_shl(numbered as u32).unwrap_or(0))
+    /// The hop's number, numbering it if it is new.
+    fn hop_number(&mut self, hop: HopKey) -> usize {
+        let hops = &mut self.hops;
+        *self.hop_numbers.entry(hop).or_insert_with(|| {
+            hops.push((hop, HopStats::default()));
+            hops.len() - 1
+        })
     }
 
-    fn start(&mut self, fingerprint: Fingerprint, hop: HopKey, bit: u128, now_ns: u64) {
+    fn start(&mut self, fingerprint: Fingerprint, hop: usize, bit: u128, now_ns: u64) {
         if self.in_flight.len() >= self.limits.max_in_flight {
             self.evict_oldest();
         }
@@ -272,7 +276,7 @@ impl Correlator {
         self.next_generation += 1;
         self.in_flight.insert(fingerprint, InFlight { last_hop: hop, last_ns: now_ns, seen: bit, generation });
         self.order.push_back((fingerprint, generation, now_ns));
-        self.hops.get_mut(&hop).expect("hop stats exist").last_seen += 1;
+        self.hops[hop].1.last_seen += 1;
         // Stale entries (restarted journeys) would otherwise pile up in `order`.
         if self.order.len() > 2 * self.limits.max_in_flight {
             self.order.retain(|(fp, generation, _)| self.in_flight.get(fp).is_some_and(|e| e.generation == *generation));
@@ -302,7 +306,7 @@ impl Correlator {
     }
 
     pub fn hop_stats(&self, hop: HopKey) -> Option<&HopStats> {
-        self.hops.get(&hop)
+        self.hop_numbers.get(&hop).map(|&number| &self.hops[number].1)
     }
 
     pub fn in_flight(&self) -> usize {
