@@ -391,7 +391,7 @@ impl Drops<'_> {
 }
 
 /// How a drop's reason reads on a kernel that reports none (before 5.17).
-const UNKNOWN_REASON: &str = "reason unknown on this kernel";
+pub(super) const UNKNOWN_REASON: &str = "reason unknown on this kernel";
 
 /// A drop reason's name on the running kernel.
 pub(super) fn reason_name(reason: u32, end: &TraceEnd<'_>) -> String {
@@ -424,10 +424,18 @@ fn is_normal_consumption(reason: &str, function: &str, group: &DropGroup) -> boo
     if reason == "NO_SOCKET" && group.tcp {
         return true;
     }
+    // icmpv6_rcv: kernels before 6.4 free every ICMPv6 message they handled but an echo
+    // (packet-too-big, neighbour discovery) with the generic free; its real drops have reasons.
     matches!(reason, "NOT_SPECIFIED" | UNKNOWN_REASON)
         && matches!(
             function,
-            "skb_release_data" | "kfree_skb_list_reason" | "sk_stream_kill_queues" | "skb_queue_purge_reason" | "tcp_v4_rcv" | "tcp_v6_rcv"
+            "skb_release_data"
+                | "kfree_skb_list_reason"
+                | "sk_stream_kill_queues"
+                | "skb_queue_purge_reason"
+                | "tcp_v4_rcv"
+                | "tcp_v6_rcv"
+                | "icmpv6_rcv"
         )
 }
 

@@ -19,7 +19,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 use serde_json::json;
 use tracer_common::{IPPROTO_ICMP, IPPROTO_ICMPV6};
 
-use super::{Detector, Finding, FindingKind, Severity, TraceEnd};
+use super::{Detector, Finding, FindingKind, MAX_GROUPS, Severity, TraceEnd, drop};
 use crate::{
     Direction,
     events::{
@@ -50,9 +50,19 @@ pub struct MtuMismatch<'a> {
     frag_needed_sent: u64,
     /// ICMPv6 packet-too-big seen crossing the path to a followed pod, each packet once.
     packet_too_big_seen: u64,
-    /// Fragmentation-needed and packet-too-big messages the kernel then dropped.
+    /// Fragmentation-needed messages the kernel then dropped.
     frag_needed_dropped: u64,
-    packet_too_big_dropped: u64,
+    /// Frees of packet-too-big messages, by drop reason and location: judged at the end,
+    /// when the location's function is known (see `delivered_then_freed`).
+    packet_too_big_frees: BTreeMap<(u32, u64), u64>,
+}
+
+/// A packet-too-big freed by `icmpv6_rcv` without a reason had arrived: the receiving stack
+/// took its MTU and some kernels (6.1) free a handled ICMPv6 error with the generic free.
+/// A drop on the way there has a reason, or happens elsewhere.
+fn delivered_then_freed(reason: u32, location: u64, end: &TraceEnd<'_>) -> bool {
+    matches!(drop::reason_name(reason, end).as_str(), "NOT_SPECIFIED" | drop::UNKNOWN_REASON)
+        && drop::function_name(location, end) == "icmpv6_rcv"
 }
 
 /// The ICMP error that teaches a sender of `family` a smaller MTU.
@@ -119,7 +129,7 @@ impl<'a> MtuMismatch<'a> {
             frag_needed_sent: 0,
             packet_too_big_seen: 0,
             frag_needed_dropped: 0,
-            packet_too_big_dropped: 0,
+            packet_too_big_frees: BTreeMap::new(),
         }
     }
 
@@ -127,7 +137,15 @@ impl<'a> MtuMismatch<'a> {
         let (sent, dropped) = match family {
             Family::V4 => (end.icmp_send_observed.then_some(self.frag_needed_sent), self.frag_needed_dropped),
             // Seen only where one crosses a traced hop: none seen is not none sent.
-            Family::V6 => ((self.packet_too_big_seen > 0).then_some(self.packet_too_big_seen), self.packet_too_big_dropped),
+            Family::V6 => {
+                let dropped = self
+                    .packet_too_big_frees
+                    .iter()
+                    .filter(|((reason, location), _)| !delivered_then_freed(*reason, *location, end))
+                    .map(|(_, count)| count)
+                    .sum();
+                ((self.packet_too_big_seen > 0).then_some(self.packet_too_big_seen), dropped)
+            }
         };
         IcmpState { family, sent, dropped, traffic }
     }
@@ -391,8 +409,18 @@ impl Detector for MtuMismatch<'_> {
         match record.kind {
             // `icmp:icmp_send` fires in IPv4's ICMP only.
             KernelRecordKind::IcmpSent { icmp_type: 3, icmp_code: 4 } => self.frag_needed_sent += 1,
-            KernelRecordKind::Drop { .. } if is_too_big(layer) => match layer.proto {
-                IPPROTO_ICMPV6 => self.packet_too_big_dropped += 1,
+            KernelRecordKind::Drop { reason, location } if is_too_big(layer) => match layer.proto {
+                IPPROTO_ICMPV6 => {
+                    let key = (reason, location);
+                    // A handful of distinct places at most; past the bound, the rest count
+                    // with the first (a drop, unless that place was a delivery).
+                    let key = if self.packet_too_big_frees.len() < MAX_GROUPS || self.packet_too_big_frees.contains_key(&key) {
+                        key
+                    } else {
+                        *self.packet_too_big_frees.keys().next().expect("the map is full")
+                    };
+                    *self.packet_too_big_frees.entry(key).or_default() += 1;
+                }
                 _ => self.frag_needed_dropped += 1,
             },
             _ => {}
@@ -635,6 +663,36 @@ mod tests {
         let traffic = findings.iter().find(|f| f.evidence["largest_packet"].is_number()).unwrap();
         assert_eq!((traffic.severity, traffic.evidence["blackhole"].clone()), (Severity::Error, json!(true)));
         assert!(traffic.summary.contains("1 ICMPv6 packet-too-big messages were dropped before reaching the pod"), "{}", traffic.summary);
+    }
+
+    /// Kernels such as 6.1 free a packet-too-big that the pod's stack handled with the generic
+    /// free in icmpv6_rcv: delivered, not dropped. The same free with a reason, or elsewhere,
+    /// still is a drop.
+    #[test]
+    fn a_packet_too_big_freed_by_icmpv6_rcv_without_a_reason_was_delivered() {
+        const ICMPV6_RCV: u64 = 0xffff_ffff_8160_0000;
+        const NF_HOOK_SLOW: u64 = 0xffff_ffff_8170_0000;
+        let end = || End {
+            drop_reasons: std::collections::HashMap::from([(2, "NOT_SPECIFIED".into()), (9, "NETFILTER_DROP".into())]),
+            symbols: Some(crate::kernel::symbols::KernelSymbols::new(BTreeMap::from([
+                (ICMPV6_RCV, "icmpv6_rcv".to_string()),
+                (NF_HOOK_SLOW, "nf_hook_slow".to_string()),
+            ]))),
+            ..Default::default()
+        };
+        let path = ipv6_pod(1500);
+        let blackhole = |reason: u32, location: u64| {
+            let mut detector = MtuMismatch::new(&path);
+            let mut feed = Feed::new(&path);
+            feed.journey(&mut detector, &segment6(1500, 1), &OUT[..2], 0);
+            feed.journey(&mut detector, &packet_too_big(), &BACK[2..], 10_000);
+            detector.observe_kernel(&kernel(KernelRecordKind::Drop { reason, location }, packet_too_big(), 0, true, 1));
+            let findings = end().findings(&detector, &path);
+            findings.iter().find(|f| f.evidence["largest_packet"].is_number()).unwrap().evidence["blackhole"].clone()
+        };
+        assert_eq!(blackhole(2, ICMPV6_RCV + 0x1a0), json!(false), "handled, then freed");
+        assert_eq!(blackhole(9, NF_HOOK_SLOW + 0x40), json!(true), "dropped by netfilter");
+        assert_eq!(blackhole(9, ICMPV6_RCV + 0x1a0), json!(true), "a reason is a drop, wherever");
     }
 
     /// A packet-too-big counts only for IPv6 traffic, fragmentation-needed only for IPv4.
