@@ -4,7 +4,7 @@
 //! cache outside the repository. The initramfs is built on the fly (`initramfs`): busybox, the
 //! statically linked (musl) podtrace and test binaries, the tools the tests call, and the
 //! kernel's own modules. The VM runs the suite and reports each test binary's exit status on
-//! the serial console (`boot`).
+//! the serial console (`boot`). Kernels boot side by side, one per CPU.
 
 mod boot;
 mod initramfs;
@@ -13,11 +13,13 @@ mod kernel;
 use std::{
     path::PathBuf,
     process::{Command, Stdio},
+    sync::Mutex,
 };
 
 use anyhow::{Context as _, Result, bail};
 
 use crate::{setup::step, workspace};
+use kernel::Kernel;
 
 /// A kernel line of the matrix.
 struct KernelLine {
@@ -90,24 +92,46 @@ pub fn run(kernels: &[String], filter: &[String]) -> Result<()> {
             .collect::<Result<_>>()?
     };
     let binaries = build_static()?;
-    let mut failures = Vec::new();
+    let mut prepared = Vec::new();
     for line in selected {
         let kernel = kernel::fetch(line.package_prefix)?;
         println!("xtask: VM kernel {}: package {} version {}", line.name, kernel.package, kernel.version);
         let runs = test_runs(line.tests, &binaries.tests, filter);
         let initramfs = initramfs::build(&kernel, &binaries.podtrace, &binaries.tests, &runs)?;
-        match boot::boot(&kernel, &initramfs) {
-            Ok(()) => println!("xtask: VM kernel {} ({}): all test binaries passed", line.name, kernel.release),
-            Err(err) => {
-                println!("xtask: VM kernel {} ({}): {err:#}", line.name, kernel.release);
-                failures.push(format!("{}: {err:#}", line.name));
-            }
-        }
+        prepared.push((line.name, kernel, initramfs));
     }
+    let failures = boot_all(prepared);
     if !failures.is_empty() {
         bail!("VM tests failed: {}", failures.join("; "));
     }
     Ok(())
+}
+
+/// Boots each kernel with its initramfs, as many at once as the machine has CPUs (each VM
+/// has one vCPU, and TCG keeps it busy), and returns the failures. Every console line is
+/// prefixed with its kernel, so interleaved output stays readable.
+fn boot_all(prepared: Vec<(&'static str, Kernel, PathBuf)>) -> Vec<String> {
+    let parallel = std::thread::available_parallelism().map_or(1, usize::from).min(prepared.len()).max(1);
+    let queue = Mutex::new(prepared.into_iter());
+    let failures = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..parallel {
+            scope.spawn(|| {
+                // A call of its own, so the queue's lock is released before the VM boots.
+                let next = || queue.lock().expect("no VM thread panics holding the queue").next();
+                while let Some((name, kernel, initramfs)) = next() {
+                    match boot::boot(&kernel, &initramfs) {
+                        Ok(()) => println!("xtask: VM kernel {name} ({}): all test binaries passed", kernel.release),
+                        Err(err) => {
+                            println!("xtask: VM kernel {name} ({}): {err:#}", kernel.release);
+                            failures.lock().expect("no VM thread panics holding the failures").push(format!("{name}: {err:#}"));
+                        }
+                    }
+                }
+            });
+        }
+    });
+    failures.into_inner().expect("no VM thread panicked")
 }
 
 /// The binaries to run and their filters: the selection's, narrowed by the user's filter.
