@@ -37,15 +37,15 @@ enum Task {
     },
     /// Set up and run every test.
     Test {
-        /// Skip the kernel tests in VMs (6.1 and 6.12).
+        /// Skip the kernel tests in VMs (Debian's 5.10, 6.1, 6.12 and 7.2).
         #[arg(long)]
         skip_vm: bool,
     },
     /// Speed and memory figures: kernel cost per packet, userspace throughput, memory.
     Bench,
-    /// Run the privileged test suite in QEMU on Debian's 6.1 and 6.12 kernels.
+    /// Run the privileged test suite in QEMU on Debian's kernels, 5.10 to 7.2.
     Vm {
-        /// 6.1, 6.12 or all (repeatable).
+        /// 5.10, 6.1, 6.12, 7.2 or all (repeatable).
         #[arg(long, default_value = "all")]
         kernel: Vec<String>,
         /// Test name filter passed to every test binary.
