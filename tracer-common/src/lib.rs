@@ -2,14 +2,16 @@
 //!
 //! Every type here crosses the kernel/user boundary byte for byte, so each is `#[repr(C)]`,
 //! `Copy`, free of padding holes that the kernel side would leave uninitialised, and defined
-//! only here.
+//! only here; so does `parse`, the header parser both sides run.
 #![no_std]
+
+pub mod parse;
 
 /// TC hook the event was seen on.
 pub const DIR_INGRESS: u8 = 0;
 pub const DIR_EGRESS: u8 = 1;
 
-/// `PacketEvent::flags`: the frame carried an 802.1Q/802.1ad tag.
+/// `parse::Frame::flags`: the frame carried an 802.1Q/802.1ad tag.
 pub const PKT_VLAN: u8 = 1 << 0;
 /// The outer packet is VXLAN and `inner` holds the encapsulated packet.
 pub const PKT_VXLAN: u8 = 1 << 1;
@@ -83,10 +85,27 @@ pub struct IpLayer {
     pub reserved: u8,
 }
 
-/// One packet seen by a TC program on a traced hop.
+/// One packet seen by a TC program on a traced hop: what the skb says of it, and the first
+/// bytes of the frame, which userspace parses (`parse::parse_frame`). The kernel copies the
+/// head with one helper call straight into the ring record, rather than parse every header
+/// of a followed packet itself and copy the result.
+///
+/// Two sizes: `HEAD_SHORT` for a plain IPv4 packet (no IP options, not VXLAN), whose every
+/// header the parse reads ends by byte 110 (an ICMP error quoting an IPv4 header with options
+/// and 8 bytes after it), and `HEAD_LONG` for everything else, the whole region the kernel's
+/// own parse reads. The ring record's length tells them apart.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PacketRecord<const HEAD: usize> {
+    pub meta: PacketMeta,
+    /// The frame's first `meta.head_len` bytes; the rest is whatever the ring held before.
+    pub head: [u8; HEAD],
+}
+
+/// `PacketRecord::meta`: the skb's side of a packet event.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PacketEvent {
+pub struct PacketMeta {
     /// `bpf_ktime_get_ns()`, CLOCK_MONOTONIC.
     pub ktime_ns: u64,
     pub ifindex: u32,
@@ -94,17 +113,19 @@ pub struct PacketEvent {
     pub skb_len: u32,
     pub gso_size: u32,
     pub gso_segs: u32,
-    /// VXLAN network identifier when `PKT_VXLAN` is set.
-    pub vni: u32,
+    /// How many bytes of `head` hold the frame: its length, at most the record's head size.
+    pub head_len: u16,
     /// `DIR_*`.
     pub direction: u8,
-    /// `PKT_*` flags.
-    pub flags: u8,
-    /// 802.1Q VLAN id when `PKT_VLAN` is set.
-    pub vlan_id: u16,
-    pub outer: IpLayer,
-    pub inner: IpLayer,
+    /// The hop's `HOP_*` flags that say how to read the frame (`HOP_NO_MAC_HEADER`).
+    pub hop_flags: u8,
+    /// Zero; keeps the struct free of trailing padding.
+    pub reserved: u32,
 }
+
+/// Head sizes of `PacketRecord`.
+pub const HEAD_SHORT: usize = 128;
+pub const HEAD_LONG: usize = 256;
 
 /// Indexes into the per-CPU `COUNTERS` array.
 pub const COUNTER_MATCHED: u32 = 0;
@@ -119,7 +140,8 @@ pub const COUNTER_NOT_IP: u32 = 3;
 pub const COUNTER_LOST_KERNEL_EVENTS: u32 = 4;
 pub const COUNTER_COUNT: u32 = 5;
 
-/// `HopConfig::flags`: the device has no MAC header (IP starts at offset 0).
+/// `HopConfig::flags` (and `PacketMeta::hop_flags`): the device has no MAC header (IP
+/// starts at offset 0).
 pub const HOP_NO_MAC_HEADER: u32 = 1 << 0;
 
 /// Per-ifindex settings, written by userspace for each traced hop.
@@ -202,6 +224,8 @@ pub const DROP_REASON_UNKNOWN: u32 = u32::MAX;
 /// `KernelEvent::flags`: the skb had been received on `ifindex` (skb_iif), not sent out of it.
 pub const KEV_RECEIVED: u8 = 1 << 0;
 
+const _: () = assert!(size_of::<PacketMeta>() == 32 && size_of::<parse::Frame>() == 2 * size_of::<IpLayer>() + 8);
+
 /// A kernel-wide event (tracepoint) about one of the followed flows.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -273,7 +297,6 @@ mod user {
     // SAFETY: all are repr(C) plain-old-data with no invalid bit patterns.
     unsafe impl aya::Pod for super::KernelEvent {}
     unsafe impl aya::Pod for super::KernelLayout {}
-    unsafe impl aya::Pod for super::PacketEvent {}
     unsafe impl aya::Pod for super::HopConfig {}
     unsafe impl aya::Pod for super::FilterConfig {}
     unsafe impl aya::Pod for super::FollowedV4 {}

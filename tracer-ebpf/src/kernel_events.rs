@@ -14,13 +14,11 @@ use aya_ebpf::{
 };
 use tracer_common::{
     COUNTER_LOST_KERNEL_EVENTS, COUNTER_UNPARSED, DROP_REASON_UNKNOWN, IPPROTO_TCP, IpLayer, KEV_DROP, KEV_ICMP_SEND, KEV_RECEIVED,
-    KEV_RETRANSMIT, KernelEvent, KernelLayout, MAX_NETNS,
+    KEV_RETRANSMIT, KernelEvent, KernelLayout, MAX_NETNS, PKT_INNER_TRUNCATED,
+    parse::{ETH_P_IP, ETH_P_IPV6, Headers, Skip, could_be_followed, is_v4_mapped, parse_packet, v4_mapped},
 };
 
-use crate::{
-    maps::{count, filter, matches},
-    parse::{ETH_P_IP, ETH_P_IPV6, Headers, Skip, is_v4_mapped, parse_packet, unparsed_could_be_followed, v4_mapped},
-};
+use crate::maps::{count, filter, is_followed, matches};
 
 /// Kernel memory starting at an skb's network header.
 struct KernelMemory(*const u8);
@@ -216,11 +214,14 @@ fn fill_from_skb(skb: *const u8, event: &mut KernelEvent, layout: &KernelLayout)
     match parse_packet(&headers, ether_type, 0, &filter.vxlan_ports, &mut event.outer, &mut event.inner) {
         Ok(parsed) => {
             event.flags |= parsed.flags;
+            if parsed.flags & PKT_INNER_TRUNCATED != 0 && could_be_followed(&event.outer, &event.inner, parsed.flags, is_followed) {
+                count(COUNTER_UNPARSED);
+            }
             matches(&filter, &event.outer, &event.inner, parsed.flags)
         }
         // Another flow's truncated headers are none of the report's business.
         Err(Skip::Unparsed) => {
-            if unparsed_could_be_followed(&event.outer, &event.inner, 0) {
+            if could_be_followed(&event.outer, &event.inner, 0, is_followed) {
                 count(COUNTER_UNPARSED);
             }
             false

@@ -1,11 +1,13 @@
 //! podtrace kernel programs.
 //!
 //! `tc` holds the TC classifiers, `kernel_events` the tracepoint programs; both parse with
-//! `parse` and decide what to report with `maps::matches`.
+//! `tracer_common::parse` (which userspace runs too) and decide what to report with
+//! `maps::matches`.
 //!
-//! The TC programs only observe: they read headers with `bpf_skb_load_bytes` (which works on
-//! non-linear skbs and bounds-checks for us), never touch the packet, and always return the
-//! "continue" verdict so the packet's fate and any other TC programs are unchanged.
+//! The TC programs only observe: they read headers with direct packet access and
+//! `bpf_skb_load_bytes` (which works on non-linear skbs and bounds-checks for us), never
+//! touch the packet, and always return the "continue" verdict so the packet's fate and any
+//! other TC programs are unchanged.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -13,8 +15,6 @@
 mod kernel_events;
 #[cfg(target_arch = "bpf")]
 mod maps;
-#[cfg(any(target_arch = "bpf", test))]
-mod parse;
 #[cfg(target_arch = "bpf")]
 mod tc;
 

@@ -32,20 +32,47 @@ pub fn filter() -> FilterConfig {
     unsafe { core::ptr::read_volatile(&FILTER) }
 }
 
-const _: () = assert!(MAX_FAST_FOLLOWED == 8, "v4_may_be_followed compares 8 slots");
+const _: () = assert!(MAX_FAST_FOLLOWED == 8, "holds compares 8 slots");
 
-/// Whether an IPv4 address (as the packet's bytes, read as a native `u32`) may be followed:
-/// compared with the followed IPv4 addresses; when there are more of them than `FollowedV4`
-/// holds, always "may be" (the full parse then looks in `FOLLOWED`), which keeps this free of
-/// stack (a subprogram's frame counts against 5.10's 512 bytes). False only when it certainly
-/// is not.
+/// What the TC programs' fast test compares packets with: the followed IPv4 addresses (all
+/// of them: `fast_followed` gives none when more are followed than `FollowedV4` holds), the
+/// VXLAN ports, and whether `--peer`, `--port` or `--proto` narrow what is reported (then
+/// the fast test can turn packets away but not report them).
+pub struct FastFollowed {
+    followed: &'static FollowedV4,
+    pub narrowed: bool,
+    pub vxlan_ports: [u16; 2],
+}
+
+impl FastFollowed {
+    /// Whether an IPv4 address (as the packet's bytes, read as a native `u32`) is followed.
+    #[inline(always)]
+    pub fn holds(&self, addr: u32) -> bool {
+        holds(self.followed, addr)
+    }
+}
+
+/// The fast test's view of the followed IPs, or `None` where it cannot decide anything: it
+/// is switched off (`full_parse_only`), or more IPv4 addresses are followed than it compares.
+/// `FILTER`'s fields are read one by one, with no copy of the whole filter on the stack (a
+/// subprogram's frame counts against 5.10's 512 bytes).
 #[inline(always)]
-pub fn v4_may_be_followed(addr: u32) -> bool {
-    let Some(followed) = FOLLOWED_V4.get_ptr(0) else { return true };
-    // SAFETY: the map's single entry, written only by userspace.
-    let followed = unsafe { &*followed };
-    // More followed IPv4 addresses than the slots hold: the full parse decides, with the map.
-    followed.overflow != 0 || holds(followed, addr)
+pub fn fast_followed() -> Option<FastFollowed> {
+    // SAFETY: as in `filter`.
+    let (full_parse_only, has_peer, proto, port, vxlan_ports) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const FILTER.full_parse_only),
+            core::ptr::read_volatile(&raw const FILTER.has_peer),
+            core::ptr::read_volatile(&raw const FILTER.proto),
+            core::ptr::read_volatile(&raw const FILTER.port),
+            core::ptr::read_volatile(&raw const FILTER.vxlan_ports),
+        )
+    };
+    if full_parse_only != 0 {
+        return None;
+    }
+    let followed = fast_followed_v4()?;
+    Some(FastFollowed { followed, narrowed: has_peer != 0 || proto != 0 || port != 0, vxlan_ports })
 }
 
 /// The followed IPv4 addresses when `FollowedV4` holds all of them (then it answers alone,
@@ -76,14 +103,6 @@ fn holds(followed: &FollowedV4, addr: u32) -> bool {
     hits & set != 0
 }
 
-/// What the fast "not ours" test needs of `FILTER`, field by field (no copy of the whole
-/// filter on the stack): whether it is off, and the VXLAN ports.
-#[inline(always)]
-pub fn fast_path_config() -> (u8, [u16; 2]) {
-    // SAFETY: as in `filter`.
-    unsafe { (core::ptr::read_volatile(&raw const FILTER.full_parse_only), core::ptr::read_volatile(&raw const FILTER.vxlan_ports)) }
-}
-
 #[inline(always)]
 pub fn count(index: u32) {
     if let Some(counter) = COUNTERS.get_ptr_mut(index) {
@@ -104,8 +123,9 @@ pub fn matches(filter: &FilterConfig, outer: &IpLayer, inner: &IpLayer, flags: u
     followed && passes_filter(filter, pod_layer)
 }
 
+/// Whether an address of `layer` is followed.
 #[inline(always)]
-fn is_followed(layer: &IpLayer) -> bool {
+pub fn is_followed(layer: &IpLayer) -> bool {
     if layer.version == 4 {
         if let Some(followed) = fast_followed_v4() {
             let v4 = |addr: &[u8; 16]| u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]]);

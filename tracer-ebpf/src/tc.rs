@@ -8,20 +8,20 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use tracer_common::{
-    COUNTER_LOST_EVENTS, COUNTER_MATCHED, COUNTER_NOT_IP, COUNTER_UNPARSED, DIR_EGRESS, DIR_INGRESS, HOP_NO_MAC_HEADER, HOP_SLOTS,
-    HopConfig, HopSlot, IPPROTO_UDP, MAX_HOPS, PKT_VLAN, PacketEvent,
+    COUNTER_LOST_EVENTS, COUNTER_MATCHED, COUNTER_NOT_IP, COUNTER_UNPARSED, DIR_EGRESS, DIR_INGRESS, HEAD_LONG, HEAD_SHORT,
+    HOP_NO_MAC_HEADER, HOP_SLOTS, HopConfig, HopSlot, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, MAX_HOPS, PKT_INNER_TRUNCATED, PacketMeta,
+    PacketRecord,
+    parse::{ETH_P_IP, Frame, Headers, Skip, could_be_followed, parse_frame},
 };
 
-use crate::{
-    maps::{count, fast_path_config, filter, matches, v4_may_be_followed},
-    parse::{ETH_P_IP, ETH_P_IPV6, Headers, Skip, parse_ethernet, parse_packet, unparsed_could_be_followed},
-};
+use crate::maps::{FastFollowed, count, fast_followed, filter, is_followed, matches};
 
 /// How many of a packet's first bytes one `bpf_skb_load_bytes` copies for the parse (from
-/// the paged part of a non-linear skb too). Every header podtrace reads ends well before:
+/// the paged part of a non-linear skb too), as many as a `HEAD_LONG` record carries, so that
+/// userspace parses what the kernel parsed. Every header podtrace reads ends well before:
 /// a VXLAN packet carrying IPv6 with two extension headers and TCP with 40 bytes of options
 /// ends at 222. A header past it would count as unparsed, never be skipped silently.
-const SNAPSHOT_LEN: usize = 256;
+const SNAPSHOT_LEN: usize = HEAD_LONG;
 
 /// A packet's first bytes, copied with one helper call instead of one per header (which is
 /// where the parse's time went), in per-CPU memory: too large for the stack beside the parse.
@@ -96,10 +96,10 @@ static HOP_SLOT: Array<HopSlot> = Array::with_max_entries(HOP_SLOTS, 0);
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
-/// Per-CPU scratch space: the event is too large for the 512-byte BPF stack alongside
-/// the header copies.
+/// Per-CPU room for the parse of a packet the fast test could not decide: two layers are
+/// too large for the 512-byte BPF stack alongside the header reads.
 #[map]
-static SCRATCH: PerCpuArray<PacketEvent> = PerCpuArray::with_max_entries(1, 0);
+static FRAME: PerCpuArray<Frame> = PerCpuArray::with_max_entries(1, 0);
 
 #[classifier]
 pub fn podtrace_ingress(ctx: TcContext) -> i32 {
@@ -113,45 +113,92 @@ pub fn podtrace_egress(ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
-/// The event is built in per-CPU scratch memory and copied into the ring only for a
-/// followed packet. (Reserving the ring record first and parsing into it saves the copy,
-/// but a packet the fast test cannot turn away, e.g. IPv6, then pays a reserve and a
-/// discard, which the bench measured at about 90 ns: more than the copy of a followed one.)
+/// A followed packet's event is its frame's head, copied straight into a ring record that
+/// userspace parses: the fast test decides most packets without a parse, and where it cannot
+/// (IPv6, VLAN tags, IP options, more followed IPs than it compares, `--peer`/`--port`/
+/// `--proto`), the full parse decides, and the head is copied all the same.
 #[inline(always)]
 fn trace(ctx: &TcContext, direction: u8) {
-    match build_event(ctx, direction) {
-        Ok(event) => {
-            count(COUNTER_MATCHED);
-            if EVENTS.output::<PacketEvent>(event, wakeup_flags()).is_err() {
-                count(COUNTER_LOST_EVENTS);
-            }
-        }
-        Err(NoEvent::Parse(Skip::NotIp)) => count(COUNTER_NOT_IP),
-        Err(NoEvent::Parse(Skip::Unparsed)) => count(COUNTER_UNPARSED),
-        Err(NoEvent::NotFollowed) => {}
+    // SAFETY: ctx.skb.skb is the program's context pointer, valid for the whole run.
+    let skb = unsafe { &*ctx.skb.skb };
+    let Some(hop) = hop_config(skb.ifindex) else { return };
+    match fast_verdict(ctx, hop) {
+        VERDICT_NOT_OURS => {}
+        VERDICT_OURS_PLAIN => emit::<HEAD_SHORT>(ctx, skb, hop, direction),
+        VERDICT_OURS => emit::<HEAD_LONG>(ctx, skb, hop, direction),
+        _ => match parse_and_match(ctx, skb, hop) {
+            Ok(()) => emit::<HEAD_LONG>(ctx, skb, hop, direction),
+            Err(NoEvent::Parse(Skip::NotIp)) => count(COUNTER_NOT_IP),
+            Err(NoEvent::Parse(Skip::Unparsed)) => count(COUNTER_UNPARSED),
+            Err(NoEvent::NotFollowed) => {}
+        },
     }
+}
+
+/// Writes a followed packet's event in place: reserves its ring record, copies the frame's
+/// first bytes into it with one `bpf_skb_load_bytes` (paged data too), and commits it. No
+/// scratch record, no zeroing, no second copy.
+#[inline(always)]
+fn emit<const HEAD: usize>(ctx: &TcContext, skb: &__sk_buff, hop: HopConfig, direction: u8) {
+    if skb.len == 0 {
+        count(COUNTER_UNPARSED);
+        return;
+    }
+    let Some(mut record) = EVENTS.reserve::<PacketRecord<HEAD>>(0) else {
+        count(COUNTER_MATCHED);
+        count(COUNTER_LOST_EVENTS);
+        return;
+    };
+    let record_ptr = record.as_mut_ptr();
+    // 1..=HEAD, written so that older verifiers (5.10's) see both bounds on the register
+    // passed: LLVM would otherwise fold the bounds into a form they cannot read.
+    let len = (core::hint::black_box((skb.len as usize).min(HEAD) - 1) & (HEAD - 1)) + 1;
+    // SAFETY: the program's context, and `len` (1..=HEAD) bytes of the reserved record's head.
+    let copied = unsafe { bpf_skb_load_bytes(ctx.skb.skb.cast(), 0, (*record_ptr).head.as_mut_ptr().cast(), len as u32) };
+    if copied != 0 {
+        record.discard(0);
+        count(COUNTER_UNPARSED);
+        return;
+    }
+    count(COUNTER_MATCHED);
+    // SAFETY: the reserved record is ours until submitted; the clock helper has no
+    // preconditions.
+    unsafe {
+        (*record_ptr).meta = PacketMeta {
+            ktime_ns: bpf_ktime_get_ns(),
+            ifindex: skb.ifindex,
+            skb_len: skb.len,
+            gso_size: skb.gso_size,
+            gso_segs: skb.gso_segs,
+            head_len: len as u16,
+            direction,
+            hop_flags: hop.flags as u8,
+            reserved: 0,
+        }
+    };
+    record.submit(wakeup_flags((size_of::<PacketRecord<HEAD>>() + 8) as u64));
 }
 
 /// Wake the reader once per batch of events, when the waiting data crosses `WAKEUP_BYTES`,
 /// rather than for each event its reader has caught up with (the kernel's default): a
-/// wakeup costs more than writing the event. The reader drains the ring on a short timer
-/// too, so a quiet moment's last events are not held back for long.
+/// wakeup costs more than writing the event (on a virtual machine, an interrupt the
+/// hypervisor delivers). The reader drains the ring on a short timer too, so a quiet
+/// moment's last events are not held back for long. `record_bytes`: this record with the
+/// ring's 8-byte header.
 #[inline(always)]
-fn wakeup_flags() -> u64 {
-    let waiting = EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) + EVENT_RECORD_BYTES;
-    let crosses = waiting >= WAKEUP_BYTES && waiting < WAKEUP_BYTES + EVENT_RECORD_BYTES;
+fn wakeup_flags(record_bytes: u64) -> u64 {
+    let waiting = EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) + record_bytes;
+    let crosses = waiting >= WAKEUP_BYTES && waiting < WAKEUP_BYTES + record_bytes;
     u64::from(if crosses { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP })
 }
 
-/// A ring record: the event and the ring's 8-byte header.
-const EVENT_RECORD_BYTES: u64 = (size_of::<PacketEvent>() + 8) as u64;
-/// About 150 events.
+/// About 110 to 200 events.
 const WAKEUP_BYTES: u64 = 32 * 1024;
 
 /// Why a packet on a hop produced no event.
 enum NoEvent {
     Parse(Skip),
-    /// Not a traced hop, or not a followed flow.
+    /// Not a followed flow.
     NotFollowed,
 }
 
@@ -162,27 +209,15 @@ impl From<Skip> for NoEvent {
     }
 }
 
+/// The full parse, for a packet the fast test could not decide: whether it is reported.
 #[inline(always)]
-fn build_event(ctx: &TcContext, direction: u8) -> Result<&PacketEvent, NoEvent> {
-    // SAFETY: ctx.skb.skb is the program's context pointer, valid for the whole run.
-    let skb = unsafe { &*ctx.skb.skb };
-    let ifindex = skb.ifindex;
-    let hop = hop_config(ifindex).ok_or(NoEvent::NotFollowed)?;
-    if not_ours(ctx, hop) {
-        return Err(NoEvent::NotFollowed);
-    }
-    let event = match SCRATCH.get_ptr_mut(0) {
+fn parse_and_match(ctx: &TcContext, skb: &__sk_buff, hop: HopConfig) -> Result<(), NoEvent> {
+    let frame = match FRAME.get_ptr_mut(0) {
         // SAFETY: a per-CPU slot, exclusively ours until this program run ends.
-        Some(event) => unsafe { &mut *event },
+        Some(frame) => unsafe { &mut *frame },
         None => return Err(NoEvent::NotFollowed),
     };
-    *event = PacketEvent::default();
-    event.ifindex = ifindex;
-    event.direction = direction;
-    event.skb_len = skb.len;
-    event.gso_size = skb.gso_size;
-    event.gso_segs = skb.gso_segs;
-
+    *frame = Frame::default();
     let snapshot = match SNAPSHOT.get_ptr_mut(0) {
         // SAFETY: a per-CPU slot, exclusively ours until this program run ends.
         Some(snapshot) => unsafe { &mut *snapshot },
@@ -190,21 +225,21 @@ fn build_event(ctx: &TcContext, direction: u8) -> Result<&PacketEvent, NoEvent> 
     };
     take_snapshot(ctx, skb.len, snapshot)?;
     let packet = &Packet { ctx, snapshot };
-    let (ether_type, l3_offset) = l3_start(packet, hop, event)?;
     let filter = filter();
-    let parsed = match parse_packet(packet, ether_type, l3_offset, &filter.vxlan_ports, &mut event.outer, &mut event.inner) {
-        Ok(parsed) => parsed,
-        Err(Skip::Unparsed) if !unparsed_could_be_followed(&event.outer, &event.inner, 0) => return Err(NoEvent::NotFollowed),
+    match parse_frame(packet, hop.flags & HOP_NO_MAC_HEADER != 0, &filter.vxlan_ports, frame) {
+        Ok(()) => {}
+        Err(Skip::Unparsed) if !could_be_followed(&frame.outer, &frame.inner, 0, is_followed) => return Err(NoEvent::NotFollowed),
         Err(skip) => return Err(skip.into()),
-    };
-    event.flags |= parsed.flags;
-    event.vni = parsed.vni;
-    if !matches(&filter, &event.outer, &event.inner, event.flags) {
-        return Err(NoEvent::NotFollowed);
     }
-    // SAFETY: a helper without arguments or preconditions.
-    event.ktime_ns = unsafe { bpf_ktime_get_ns() };
-    Ok(event)
+    if matches(&filter, &frame.outer, &frame.inner, frame.flags) {
+        return Ok(());
+    }
+    // A reported packet's cut-short inner header is counted by userspace, which parses the
+    // same bytes; one that is not reported is counted here.
+    if frame.flags & PKT_INNER_TRUNCATED != 0 && could_be_followed(&frame.outer, &frame.inner, frame.flags, is_followed) {
+        count(COUNTER_UNPARSED);
+    }
+    Err(NoEvent::NotFollowed)
 }
 
 /// Copies the packet's first bytes (up to `SNAPSHOT_LEN`) into `snapshot`.
@@ -242,96 +277,92 @@ const IPV4_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
 const VXLAN_HLEN: usize = 8;
 
-/// The fast "not ours" test, before any parse: with direct packet access, the outer IPv4
-/// addresses and, for UDP to a VXLAN port, the inner IPv4 addresses at their fixed offset,
-/// compared with the followed IPs. True only when the full parse would certainly report
-/// nothing and count nothing (both headers plain IPv4 without options, their addresses
-/// read, none followed); anything else (VLAN tags, IPv6, IP options, non-IP frames, headers
-/// beyond the linear area) is left to the full parse, whose results it never changes.
+/// The fast test's answers (`fast_verdict`).
+/// The full parse decides.
+const VERDICT_UNDECIDED: u32 = 0;
+/// Certainly not reported: the full parse would report nothing and count nothing.
+const VERDICT_NOT_OURS: u32 = 1;
+/// Reported, and a plain IPv4 TCP, UDP or ICMP packet, whose headers fit a `HEAD_SHORT` head.
+const VERDICT_OURS_PLAIN: u32 = 2;
+/// Reported; its headers may need a `HEAD_LONG` head (VXLAN, other protocols).
+const VERDICT_OURS: u32 = 3;
+
+/// The fast test, before any parse: with direct packet access, the outer IPv4 addresses
+/// and, for UDP to a VXLAN port, the inner IPv4 addresses at their fixed offset, compared with
+/// the followed IPs. "Not ours" only when the full parse would certainly report nothing and
+/// count nothing (both headers plain IPv4, their addresses read, none followed); "ours" only
+/// when it would certainly report the packet (an address followed, no `--peer`/`--port`/
+/// `--proto` to apply). Anything else (VLAN tags, IPv6, IP options, non-IP frames, headers
+/// beyond the linear area, more followed IPs than `FollowedV4` holds) is left to the full
+/// parse, whose results it never changes.
 #[inline(always)]
-fn not_ours(ctx: &TcContext, hop: HopConfig) -> bool {
-    let verdict = if hop.flags & HOP_NO_MAC_HEADER != 0 { not_ours_at::<0>(ctx.skb.skb) } else { not_ours_at::<ETH_HLEN>(ctx.skb.skb) };
-    verdict != 0
+fn fast_verdict(ctx: &TcContext, hop: HopConfig) -> u32 {
+    if hop.flags & HOP_NO_MAC_HEADER != 0 { fast_verdict_at::<0>(ctx.skb.skb) } else { fast_verdict_at::<ETH_HLEN>(ctx.skb.skb) }
 }
 
-/// `not_ours` for an IPv4 header at `L3` (0 on a device without a MAC header, else after
+/// `fast_verdict` for an IPv4 header at `L3` (0 on a device without a MAC header, else after
 /// an untagged Ethernet header): every offset a constant, every read inside one bounds check.
-/// A function of its own (a BPF-to-BPF call) that answers 1 or 0: the verifier's paths
+/// A function of its own (a BPF-to-BPF call) that answers with a number: the verifier's paths
 /// through it end at its return, so the full parse after it is verified once, not once per
 /// path (which older kernels' verifiers, 5.10's, do not prune well enough).
 #[inline(never)]
-fn not_ours_at<const L3: usize>(skb: *mut __sk_buff) -> u32 {
+fn fast_verdict_at<const L3: usize>(skb: *mut __sk_buff) -> u32 {
     // SAFETY: the program's context, valid for the whole run.
     let (data, end) = unsafe { ((*skb).data as usize, (*skb).data_end as usize) };
-    u32::from(not_ours_inline::<L3>(data, end))
+    let Some(followed) = fast_followed() else { return VERDICT_UNDECIDED };
+    fast_verdict_inline::<L3>(data, end, &followed)
 }
 
 /// Kept small on the stack: the subprogram's frame adds to the program's, and 5.10 refuses
 /// more than 512 bytes for both.
 #[inline(always)]
-fn not_ours_inline<const L3: usize>(data: usize, end: usize) -> bool {
-    let (full_parse_only, vxlan_ports) = fast_path_config();
-    if full_parse_only != 0 {
-        return false;
-    }
+fn fast_verdict_inline<const L3: usize>(data: usize, end: usize, followed: &FastFollowed) -> u32 {
     if data + L3 + IPV4_HLEN + UDP_HLEN > end {
         // Short frames, and headers beyond the linear area: the full parse reads them.
-        return false;
+        return VERDICT_UNDECIDED;
     }
     // SAFETY (all reads below): within [data, data + L3 + IPV4_HLEN + UDP_HLEN), checked above.
     let read_u8 = |offset: usize| unsafe { core::ptr::read((data + offset) as *const u8) };
     let read_u32 = |offset: usize| unsafe { core::ptr::read_unaligned((data + offset) as *const u32) };
     let read_be16 = |offset: usize| u16::from_be_bytes([read_u8(offset), read_u8(offset + 1)]);
     if L3 == ETH_HLEN && read_be16(12) != ETH_P_IP {
-        return false;
+        return VERDICT_UNDECIDED;
     }
     if read_u8(L3) != 0x45 {
-        return false;
+        return VERDICT_UNDECIDED;
     }
-    if v4_may_be_followed(read_u32(L3 + 12)) || v4_may_be_followed(read_u32(L3 + 16)) {
-        return false;
-    }
+    let proto = read_u8(L3 + 9);
     // Only a UDP first fragment to a VXLAN port carries an inner packet to look at.
-    if read_u8(L3 + 9) != IPPROTO_UDP || read_be16(L3 + 6) & 0x1fff != 0 {
-        return true;
-    }
     let dport = read_be16(L3 + IPV4_HLEN + 2);
-    if dport != vxlan_ports[0] && dport != vxlan_ports[1] {
-        return true;
+    let vxlan =
+        proto == IPPROTO_UDP && read_be16(L3 + 6) & 0x1fff == 0 && (dport == followed.vxlan_ports[0] || dport == followed.vxlan_ports[1]);
+    if followed.holds(read_u32(L3 + 12)) || followed.holds(read_u32(L3 + 16)) {
+        return if followed.narrowed {
+            VERDICT_UNDECIDED
+        } else if !vxlan && matches!(proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_ICMP) {
+            VERDICT_OURS_PLAIN
+        } else {
+            VERDICT_OURS
+        };
+    }
+    if !vxlan {
+        return VERDICT_NOT_OURS;
     }
     let inner = L3 + IPV4_HLEN + UDP_HLEN + VXLAN_HLEN;
     if data + inner + ETH_HLEN + IPV4_HLEN > end {
-        return false;
+        return VERDICT_UNDECIDED;
     }
     // SAFETY (all reads below): within [data, data + inner + ETH_HLEN + IPV4_HLEN), checked above.
     if read_u8(L3 + IPV4_HLEN + UDP_HLEN) & 0x08 == 0 {
         // No VNI flag: the full parse does not look inside either.
-        return true;
+        return VERDICT_NOT_OURS;
     }
     let vihl = read_u8(inner + ETH_HLEN);
     if read_be16(inner + 12) != ETH_P_IP || vihl >> 4 != 4 || vihl & 0x0f < 5 {
-        return false;
+        return VERDICT_UNDECIDED;
     }
-    !(v4_may_be_followed(read_u32(inner + ETH_HLEN + 12)) || v4_may_be_followed(read_u32(inner + ETH_HLEN + 16)))
-}
-
-/// The EtherType and offset of the IP header; for a VLAN-tagged frame, the tag goes into
-/// `event`.
-#[inline(always)]
-fn l3_start(ctx: &Packet, hop: HopConfig, event: &mut PacketEvent) -> Result<(u16, usize), Skip> {
-    if hop.flags & HOP_NO_MAC_HEADER != 0 {
-        // Tunnel devices hand us the IP header at offset 0; its version nibble names it.
-        let first: u8 = ctx.read(0)?;
-        return match first >> 4 {
-            4 => Ok((ETH_P_IP, 0)),
-            6 => Ok((ETH_P_IPV6, 0)),
-            _ => Err(Skip::NotIp),
-        };
+    if followed.holds(read_u32(inner + ETH_HLEN + 12)) || followed.holds(read_u32(inner + ETH_HLEN + 16)) {
+        return if followed.narrowed { VERDICT_UNDECIDED } else { VERDICT_OURS };
     }
-    let (ether_type, offset, vlan_id) = parse_ethernet(ctx, 0)?;
-    if let Some(vlan_id) = vlan_id {
-        event.flags |= PKT_VLAN;
-        event.vlan_id = vlan_id;
-    }
-    Ok((ether_type, offset))
+    VERDICT_NOT_OURS
 }

@@ -11,7 +11,7 @@ use aya::{
 };
 use tracer::{
     Direction,
-    events::decode::{self, Packet},
+    events::decode::{Packet, PacketDecoder},
     probes::{AttachMode, Counters, KERNEL_RING_BYTES, LoadOptions, Probes},
 };
 use tracer_common::FilterConfig;
@@ -26,6 +26,8 @@ const CONTINUE: u32 = u32::MAX;
 struct Harness {
     probes: Probes,
     events: RingBuf<MapData>,
+    /// Parses the records as `podtrace follow` does; what it counts joins the kernel's.
+    decoder: PacketDecoder,
 }
 
 impl Harness {
@@ -38,7 +40,7 @@ impl Harness {
         probes.follow(POD.parse().unwrap()).unwrap();
         probes.register_hop(LOOPBACK, no_mac_header).unwrap();
         let events = probes.take_events().unwrap();
-        Self { probes, events }
+        Self { probes, events, decoder: PacketDecoder::new(filter.vxlan_ports) }
     }
 
     fn default() -> Self {
@@ -54,7 +56,7 @@ impl Harness {
         assert_eq!(result.return_value, CONTINUE, "the program must always let the packet continue");
         let mut packets = Vec::new();
         while let Some(item) = self.events.next() {
-            packets.push(decode::decode(&item).unwrap());
+            packets.extend(self.decoder.decode(&item).unwrap());
         }
         packets
     }
@@ -66,7 +68,7 @@ impl Harness {
     }
 
     fn counters(&self) -> Counters {
-        self.probes.counters().unwrap()
+        self.probes.counters().unwrap().with_decoded(self.decoder.counts())
     }
 }
 
@@ -699,7 +701,7 @@ fn random_and_mutated_frames_never_break_the_parser() {
         assert_eq!(result.return_value, CONTINUE, "frame {index}: {frame:02x?}");
         let mut emitted = Vec::new();
         while let Some(item) = harness.events.next() {
-            emitted.push(decode::decode(&item).unwrap_or_else(|err| panic!("frame {index}: undecodable event: {err:#}")));
+            emitted.extend(harness.decoder.decode(&item).unwrap_or_else(|err| panic!("frame {index}: undecodable event: {err:#}")));
         }
         assert!(emitted.len() <= 1, "frame {index}: {} events", emitted.len());
         let frame_has_followed = needles.iter().any(|needle| contains(&frame, needle));
@@ -765,9 +767,10 @@ fn the_fast_path_yields_what_the_full_parse_yields() {
             assert_eq!(result.return_value, CONTINUE);
             let mut packets = Vec::new();
             while let Some(item) = harness.events.next() {
-                let mut packet = decode::decode(&item).unwrap();
-                packet.ktime_ns = 0;
-                packets.push(packet);
+                if let Some(mut packet) = harness.decoder.decode(&item).unwrap() {
+                    packet.ktime_ns = 0;
+                    packets.push(packet);
+                }
             }
             Some(packets)
         };

@@ -1,11 +1,15 @@
-//! Turns raw ring-buffer records into typed packets.
+//! Turns raw ring-buffer records into typed packets: the TC programs' packet records are
+//! parsed here, from the ring's memory, by the parser the kernel programs run
+//! (`tracer_common::parse`).
 
 use std::net::{IpAddr, Ipv6Addr};
 
 use anyhow::{Result, bail};
 use tracer_common::{
-    DIR_EGRESS, DIR_INGRESS, IP_DF, IP_FRAGMENT, IP_LATER_FRAGMENT, IP_OPTIONS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
-    IpLayer, KEV_DROP, KEV_ICMP_SEND, KEV_RECEIVED, KEV_RETRANSMIT, KernelEvent, PKT_INNER_TRUNCATED, PKT_VLAN, PKT_VXLAN, PacketEvent,
+    DIR_EGRESS, DIR_INGRESS, HEAD_LONG, HEAD_SHORT, HOP_NO_MAC_HEADER, IP_DF, IP_FRAGMENT, IP_LATER_FRAGMENT, IP_OPTIONS, IPPROTO_ICMP,
+    IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IpLayer, KEV_DROP, KEV_ICMP_SEND, KEV_RECEIVED, KEV_RETRANSMIT, KernelEvent,
+    PKT_INNER_TRUNCATED, PKT_VLAN, PKT_VXLAN, PacketMeta, PacketRecord,
+    parse::{Bytes, Frame, parse_frame},
 };
 
 use crate::Direction;
@@ -194,47 +198,89 @@ impl DecodeErrors {
     }
 }
 
-pub fn decode(bytes: &[u8]) -> Result<Packet> {
-    if bytes.len() < size_of::<PacketEvent>() {
-        bail!("ring record of {} bytes is shorter than a PacketEvent ({})", bytes.len(), size_of::<PacketEvent>());
-    }
-    let pointer = bytes.as_ptr().cast::<PacketEvent>();
-    let copy;
-    let event: &PacketEvent = if pointer.is_aligned() {
-        // SAFETY: length checked and aligned (ring records are 8-byte aligned); PacketEvent is
-        // plain old data, read in place in the ring's memory.
-        unsafe { &*pointer }
-    } else {
-        // SAFETY: length checked; read unaligned.
-        copy = unsafe { std::ptr::read_unaligned(pointer) };
-        &copy
-    };
-    if !matches!(event.direction, DIR_INGRESS | DIR_EGRESS) {
-        bail!("ring record with unknown direction {} (not written by this podtrace's programs)", event.direction);
-    }
-    Ok(from_event(event))
+/// What parsing the packet records found wanting, for the report's `unparsed` (the kernel
+/// counts what it turned away; these are what it reported).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DecodeCounts {
+    /// Records whose headers did not parse: no packet, only a count.
+    pub unparsed_records: u64,
+    /// Packets whose VXLAN payload was cut short of the inner headers.
+    pub truncated_inner: u64,
 }
 
-/// A packet from an event our own programs wrote (`decode` checks records from the ring).
-pub fn from_event(event: &PacketEvent) -> Packet {
-    let vxlan = event.flags & PKT_VXLAN != 0;
-    let inner_truncated = event.flags & PKT_INNER_TRUNCATED != 0;
+/// Parses the TC programs' packet records, counting those whose headers fall short.
+pub struct PacketDecoder {
+    /// The ports the kernel programs were loaded with (`FilterConfig::vxlan_ports`).
+    vxlan_ports: [u16; 2],
+    counts: DecodeCounts,
+}
+
+impl PacketDecoder {
+    pub fn new(vxlan_ports: [u16; 2]) -> Self {
+        Self { vxlan_ports, counts: DecodeCounts::default() }
+    }
+
+    pub fn counts(&self) -> DecodeCounts {
+        self.counts
+    }
+
+    /// The packet a ring record holds, parsed where it lies; `None` when its headers do not
+    /// parse (counted in `counts`). An error for a record our programs cannot have written.
+    pub fn decode(&mut self, bytes: &[u8]) -> Result<Option<Packet>> {
+        let (meta, head) = split_record(bytes)?;
+        let mut frame = Frame::default();
+        let no_mac_header = u32::from(meta.hop_flags) & HOP_NO_MAC_HEADER != 0;
+        if parse_frame(&Bytes(head), no_mac_header, &self.vxlan_ports, &mut frame).is_err() {
+            self.counts.unparsed_records += 1;
+            return Ok(None);
+        }
+        if frame.flags & PKT_INNER_TRUNCATED != 0 {
+            self.counts.truncated_inner += 1;
+        }
+        Ok(Some(packet(&meta, &frame)))
+    }
+}
+
+/// A packet record's metadata and the bytes of its head that hold the frame.
+fn split_record(bytes: &[u8]) -> Result<(PacketMeta, &[u8])> {
+    let head_size = match bytes.len().checked_sub(size_of::<PacketMeta>()) {
+        Some(head) if head == HEAD_SHORT || head == HEAD_LONG => head,
+        _ => bail!(
+            "ring record of {} bytes is no packet record ({} or {})",
+            bytes.len(),
+            size_of::<PacketRecord<HEAD_SHORT>>(),
+            size_of::<PacketRecord<HEAD_LONG>>()
+        ),
+    };
+    // SAFETY: at least size_of::<PacketMeta>() bytes; PacketMeta is plain old data, read
+    // unaligned.
+    let meta: PacketMeta = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    if !matches!(meta.direction, DIR_INGRESS | DIR_EGRESS) {
+        bail!("ring record with unknown direction {} (not written by this podtrace's programs)", meta.direction);
+    }
+    let head_len = usize::from(meta.head_len);
+    if head_len > head_size {
+        bail!("ring record claims {head_len} bytes of a {head_size}-byte head");
+    }
+    let head = &bytes[size_of::<PacketMeta>()..];
+    Ok((meta, &head[..head_len]))
+}
+
+/// A packet from a record's metadata (`split_record` checked its direction) and its parse.
+fn packet(meta: &PacketMeta, frame: &Frame) -> Packet {
+    let vxlan = frame.flags & PKT_VXLAN != 0;
+    let inner_truncated = frame.flags & PKT_INNER_TRUNCATED != 0;
     Packet {
-        ktime_ns: event.ktime_ns,
-        ifindex: event.ifindex,
-        direction: match event.direction {
-            DIR_INGRESS => Direction::Ingress,
-            DIR_EGRESS => Direction::Egress,
-            // Written only by our own programs; anything else is a build mismatch.
-            other => unreachable!("unknown direction {other} in event"),
-        },
-        skb_len: event.skb_len,
-        gso_size: event.gso_size,
-        gso_segs: event.gso_segs,
-        vlan_id: (event.flags & PKT_VLAN != 0).then_some(event.vlan_id),
-        outer: Layer::from_wire(&event.outer),
-        inner: (vxlan && !inner_truncated).then(|| Layer::from_wire(&event.inner)),
-        vni: vxlan.then_some(event.vni),
+        ktime_ns: meta.ktime_ns,
+        ifindex: meta.ifindex,
+        direction: if meta.direction == DIR_EGRESS { Direction::Egress } else { Direction::Ingress },
+        skb_len: meta.skb_len,
+        gso_size: meta.gso_size,
+        gso_segs: meta.gso_segs,
+        vlan_id: (frame.flags & PKT_VLAN != 0).then_some(frame.vlan_id),
+        outer: Layer::from_wire(&frame.outer),
+        inner: (vxlan && !inner_truncated).then(|| Layer::from_wire(&frame.inner)),
+        vni: vxlan.then_some(frame.vni),
         inner_truncated,
     }
 }
@@ -304,13 +350,66 @@ fn unmap(bytes: [u8; 16]) -> IpAddr {
     }
 }
 
+/// The bytes of a ring record as the TC programs write it, for tests and benchmarks that feed
+/// `PacketDecoder` without the kernel: `frame`'s first bytes in a head of the size the
+/// kernel would pick (`HEAD_LONG` where `long`).
+pub fn packet_record(meta: PacketMeta, frame: &[u8], long: bool) -> Vec<u8> {
+    let head_size = if long { HEAD_LONG } else { HEAD_SHORT };
+    let head_len = frame.len().min(head_size);
+    let meta = PacketMeta { head_len: head_len as u16, ..meta };
+    // SAFETY: PacketMeta is repr(C) plain old data without padding.
+    let meta_bytes = unsafe { std::slice::from_raw_parts((&meta as *const PacketMeta).cast::<u8>(), size_of::<PacketMeta>()) };
+    let mut record = meta_bytes.to_vec();
+    record.extend_from_slice(&frame[..head_len]);
+    record.resize(size_of::<PacketMeta>() + head_size, 0);
+    record
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn ipv4(src: [u8; 4], dst: [u8; 4], proto: u8, l4: &[u8]) -> Vec<u8> {
+        let mut packet = vec![0x45, 0];
+        packet.extend_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
+        packet.extend_from_slice(&[0, 1, 0x40, 0, 64, proto, 0, 0]);
+        packet.extend_from_slice(&src);
+        packet.extend_from_slice(&dst);
+        packet.extend_from_slice(l4);
+        packet
+    }
+
+    fn ethernet(payload: Vec<u8>) -> Vec<u8> {
+        [vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x08, 0x00], payload].concat()
+    }
+
+    /// A pod's TCP segment (a 32-byte header, 100 bytes of payload) in VXLAN between nodes.
+    fn vxlan_frame() -> Vec<u8> {
+        let mut tcp = vec![0x9c, 0x40, 0, 80, 0, 0, 0, 1, 0, 0, 0, 2, 8 << 4, 0x10, 0, 0, 0, 0, 0, 0];
+        tcp.extend_from_slice(&[1; 12]);
+        tcp.extend_from_slice(&[0; 100]);
+        let inner = ethernet(ipv4([10, 244, 0, 2], [10, 244, 1, 2], IPPROTO_TCP, &tcp));
+        let udp = [vec![0xc7, 0x38, 0x21, 0x18, 0, 0, 0, 0, 0x08, 0, 0, 0, 0, 0, 1, 0], inner].concat();
+        ethernet(ipv4([10, 99, 0, 1], [10, 99, 0, 2], IPPROTO_UDP, &udp))
+    }
+
+    fn decoder() -> PacketDecoder {
+        PacketDecoder::new([8472, 4789])
+    }
+
+    fn egress() -> PacketMeta {
+        PacketMeta { direction: DIR_EGRESS, ..Default::default() }
+    }
+
     #[test]
-    fn short_records_are_rejected() {
-        assert!(decode(&[0u8; 10]).is_err());
+    fn records_our_programs_cannot_have_written_are_errors() {
+        assert!(decoder().decode(&[0u8; 10]).is_err(), "short");
+        assert!(decoder().decode(&packet_record(egress(), &vxlan_frame(), true)[..200]).is_err(), "no head size of ours");
+        let unknown_direction = packet_record(PacketMeta { direction: 7, ..egress() }, &vxlan_frame(), true);
+        assert!(decoder().decode(&unknown_direction).is_err());
+        let mut overlong = packet_record(egress(), &vxlan_frame(), false);
+        overlong[std::mem::offset_of!(PacketMeta, head_len)] = 200;
+        assert!(decoder().decode(&overlong).is_err(), "a head longer than the record's");
         assert!(decode_kernel(&[0u8; 10]).is_err());
     }
 
@@ -329,30 +428,39 @@ mod tests {
     }
 
     #[test]
-    fn vxlan_event_exposes_the_inner_packet() {
-        let mut event = PacketEvent { flags: PKT_VXLAN, vni: 1, direction: DIR_EGRESS, ..Default::default() };
-        event.outer.src = std::net::Ipv4Addr::new(10, 99, 0, 1).to_ipv6_mapped().octets();
-        event.inner.src = std::net::Ipv4Addr::new(10, 244, 0, 2).to_ipv6_mapped().octets();
-        event.inner.proto = IPPROTO_TCP;
-        event.inner.total_len = 1450;
-        event.inner.header_len = 20;
-        event.inner.tcp_header_len = 32;
-        // SAFETY: PacketEvent is repr(C) plain old data without padding, and `event` outlives `bytes`.
-        let bytes = unsafe { std::slice::from_raw_parts((&event as *const PacketEvent).cast::<u8>(), size_of::<PacketEvent>()) };
-        let packet = decode(bytes).unwrap();
+    fn a_vxlan_record_exposes_the_inner_packet() {
+        let mut decoder = decoder();
+        let packet = decoder.decode(&packet_record(egress(), &vxlan_frame(), true)).unwrap().unwrap();
         assert_eq!(packet.direction, Direction::Egress);
         assert_eq!(packet.outer.src, "10.99.0.1".parse::<IpAddr>().unwrap());
         assert_eq!(packet.pod_layer().src, "10.244.0.2".parse::<IpAddr>().unwrap());
-        assert_eq!(packet.pod_layer().payload_len(), 1450 - 20 - 32);
+        assert_eq!(packet.pod_layer().payload_len(), 100);
         assert_eq!(packet.vni, Some(1));
+        assert_eq!(decoder.counts(), DecodeCounts::default());
     }
 
     #[test]
-    fn truncated_inner_falls_back_to_outer() {
-        let event = PacketEvent { flags: PKT_VXLAN | PKT_INNER_TRUNCATED, ..Default::default() };
-        let packet = from_event(&event);
+    fn a_truncated_inner_packet_falls_back_to_the_outer_and_is_counted() {
+        let mut decoder = decoder();
+        let cut = &vxlan_frame()[..14 + 20 + 8 + 8 + 14 + 10];
+        let packet = decoder.decode(&packet_record(egress(), cut, true)).unwrap().unwrap();
         assert!(packet.inner.is_none());
         assert!(packet.inner_truncated);
+        assert_eq!(decoder.counts(), DecodeCounts { unparsed_records: 0, truncated_inner: 1 });
+    }
+
+    #[test]
+    fn a_record_whose_headers_do_not_parse_is_counted_not_reported() {
+        let mut decoder = decoder();
+        assert_eq!(decoder.decode(&packet_record(egress(), &vxlan_frame()[..14 + 12], false)).unwrap(), None);
+        assert_eq!(decoder.counts(), DecodeCounts { unparsed_records: 1, truncated_inner: 0 });
+    }
+
+    #[test]
+    fn a_device_without_a_mac_header_starts_at_the_ip_header() {
+        let meta = PacketMeta { hop_flags: HOP_NO_MAC_HEADER as u8, ..egress() };
+        let packet = decoder().decode(&packet_record(meta, &vxlan_frame()[14..], true)).unwrap().unwrap();
+        assert_eq!(packet.pod_layer().src, "10.244.0.2".parse::<IpAddr>().unwrap());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use crate::{
     diagnosis::Diagnosis,
     events::{
         correlate::{Correlator, Limits},
-        decode::{self, DecodeErrors},
+        decode::{self, DecodeCounts, DecodeErrors, PacketDecoder},
     },
     node::{self, LinkDrops, Path, with_rtnetlink},
 };
@@ -27,6 +27,7 @@ pub struct Collector<'a> {
     vanished: Vec<u32>,
     /// Each hop's drop counters when the trace started, then how much they grew.
     link_drops: HashMap<u32, LinkDrops>,
+    packets: PacketDecoder,
     decode_errors: DecodeErrors,
 }
 
@@ -38,6 +39,8 @@ pub struct Collected<'a> {
     pub vanished: Vec<u32>,
     /// How much each hop's drop counters grew during the trace.
     pub link_drops: HashMap<u32, LinkDrops>,
+    /// What parsing the packet records found wanting.
+    pub decoded: DecodeCounts,
     pub decode_errors: DecodeErrors,
 }
 
@@ -45,7 +48,8 @@ pub struct Collected<'a> {
 const PACKET_DRAIN_INTERVAL: Duration = Duration::from_millis(20);
 
 impl<'a> Collector<'a> {
-    pub fn new(path: &'a Path, diagnosis: Diagnosis<'a>, live: LiveLines) -> Self {
+    /// `vxlan_ports`: the ports the kernel programs were loaded with.
+    pub fn new(path: &'a Path, diagnosis: Diagnosis<'a>, live: LiveLines, vxlan_ports: [u16; 2]) -> Self {
         let followed = path.entries.iter().map(|entry| entry.pod_ip).collect();
         Self {
             correlator: Correlator::new(followed, Limits::default()),
@@ -54,13 +58,14 @@ impl<'a> Collector<'a> {
             live,
             vanished: Vec::new(),
             link_drops: HashMap::new(),
+            packets: PacketDecoder::new(vxlan_ports),
             decode_errors: DecodeErrors::default(),
         }
     }
 
     pub fn finish(self) -> Collected<'a> {
-        let Self { correlator, diagnosis, vanished, link_drops, decode_errors, .. } = self;
-        Collected { correlator, diagnosis, vanished, link_drops, decode_errors }
+        let Self { correlator, diagnosis, vanished, link_drops, packets, decode_errors, .. } = self;
+        Collected { correlator, diagnosis, vanished, link_drops, decoded: packets.counts(), decode_errors }
     }
 
     /// Runs the event loop, then reads the kernel's counters with `read_counters` and only
@@ -152,12 +157,13 @@ impl<'a> Collector<'a> {
 
     fn drain_packets(&mut self, ring: &mut RingBuf<MapData>) {
         while let Some(item) = ring.next() {
-            match decode::decode(&item) {
-                Ok(packet) => {
+            match self.packets.decode(&item) {
+                Ok(Some(packet)) => {
                     let sighting = self.correlator.observe(&packet);
                     self.diagnosis.observe_packet(&packet, sighting.as_ref());
                     self.live.print(&packet, sighting.as_ref());
                 }
+                Ok(None) => {}
                 Err(err) => self.decode_errors.record(&err),
             }
         }

@@ -30,6 +30,10 @@ use crate::{
     report::{self, Report, RunFacts},
 };
 
+/// The UDP ports treated as VXLAN, by the kernel programs and the userspace parse alike:
+/// flannel's 8472 and IANA's 4789.
+const VXLAN_PORTS: [u16; 2] = [8472, 4789];
+
 pub struct FollowOptions {
     pub pod_ips: Vec<IpAddr>,
     pub duration: Option<Duration>,
@@ -68,7 +72,7 @@ pub async fn follow(options: &FollowOptions) -> Result<Followed> {
 /// the end: bonds can fail over mid-trace.
 async fn diagnose_and_report(options: &FollowOptions, kernel: &KernelFacts, path: &Path, run: Run<'_>) -> Result<Followed> {
     let final_path = bond::refresh_bond_state(path).await?;
-    let Collected { correlator, diagnosis, vanished, link_drops, decode_errors } = run.collected;
+    let Collected { correlator, diagnosis, vanished, link_drops, decode_errors, .. } = run.collected;
     // Only drops need function names, and reading kallsyms takes a while.
     let symbols = if diagnosis.has_drops() { KernelSymbols::load().ok() } else { None };
     let outcome = diagnosis.finish(TraceEnd {
@@ -171,7 +175,7 @@ async fn attach(options: &FollowOptions, kernel: &KernelFacts, node: &NodeFacts)
         has_peer: u8::from(options.peer.is_some()),
         proto: options.proto.unwrap_or(0),
         port: options.port.unwrap_or(0),
-        vxlan_ports: [8472, 4789],
+        vxlan_ports: VXLAN_PORTS,
         ..Default::default()
     };
     let load = LoadOptions { filter, layout: kernel.layout, ring_bytes: options.ring_bytes, kernel_ring_bytes: options.kernel_ring_bytes };
@@ -236,15 +240,16 @@ async fn collect<'a>(options: &FollowOptions, node: &'a NodeFacts, attached: Att
         (true, true) => Some(Destination::Stderr),
     };
     let live = LiveLines::new(&node.path, destination);
-    let mut collector = Collector::new(&node.path, Diagnosis::new(&node.path, settings), live);
+    let mut collector = Collector::new(&node.path, Diagnosis::new(&node.path, settings), live, VXLAN_PORTS);
     let counted = collector.run(events, kernel_events, options.duration, signals, || probes.counters()).await;
     let duration_s = started.elapsed().as_secs_f64();
     let end_ns = monotonic_ns();
     let recursion_misses = probes.recursion_misses();
     let detached = probes.detach().await;
+    let collected = collector.finish();
     Ok(Run {
-        collected: collector.finish(),
-        counters: counted?,
+        counters: counted?.with_decoded(collected.decoded),
+        collected,
         recursion_misses: recursion_misses?,
         sources,
         attach_mode,

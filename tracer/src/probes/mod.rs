@@ -27,7 +27,7 @@ pub use self::{
     tc::{EGRESS_PROGRAM, INGRESS_PROGRAM},
     tracepoints::KernelSources,
 };
-use crate::Direction;
+use crate::{Direction, events::decode::DecodeCounts};
 
 /// The compiled kernel object, built by `build.rs` from `tracer-ebpf`.
 static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
@@ -52,6 +52,20 @@ pub struct Counters {
     pub not_ip: u64,
     /// Kernel events (drops, retransmits, ICMP errors) that did not fit in theirs.
     pub lost_kernel_events: u64,
+}
+
+impl Counters {
+    /// The kernel's counts with what userspace found parsing the packets it reported: a
+    /// record whose headers did not parse is an unparsed packet rather than an event, and a
+    /// cut-short VXLAN payload an unparsed packet besides its event, as the kernel counts
+    /// the packets it turns away.
+    pub fn with_decoded(self, decoded: DecodeCounts) -> Self {
+        Self {
+            matched: self.matched.saturating_sub(decoded.unparsed_records),
+            unparsed: self.unparsed + decoded.unparsed_records + decoded.truncated_inner,
+            ..self
+        }
+    }
 }
 
 pub struct LoadOptions {

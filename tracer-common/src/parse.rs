@@ -1,6 +1,9 @@
-//! Header parsing shared by the TC programs (reading the packet with `bpf_skb_load_bytes`)
-//! and the tracepoint programs (reading an skb's memory with `bpf_probe_read_kernel`):
-//! `parse_packet` reads an IP packet and, for VXLAN, the packet it carries.
+//! The one header parser of podtrace, for the kernel programs and userspace alike: the TC
+//! programs run it where their fast test cannot decide whether a packet is followed, the
+//! tracepoint programs on an skb's memory, and userspace on the packet heads the TC programs
+//! copy into their ring (`PacketRecord`), so that what the kernel decided and what userspace
+//! reports are read by the same code. `parse_frame` reads a frame as a TC hop sees it,
+//! `parse_packet` an IP packet and, for VXLAN, the packet it carries.
 
 use network_types::{
     eth::EthHdr,
@@ -8,15 +11,11 @@ use network_types::{
     udp::UdpHdr,
     vlan::VlanHdr,
 };
-use tracer_common::{
-    COUNTER_UNPARSED, FilterConfig, IP_DF, IP_FRAGMENT, IP_LATER_FRAGMENT, IP_OPTIONS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
-    IPPROTO_UDP, IpLayer, PKT_INNER_TRUNCATED, PKT_VXLAN,
-};
 
-#[cfg(target_arch = "bpf")]
-use crate::maps::{count, matches};
-#[cfg(test)]
-use tests::{count, matches};
+use crate::{
+    IP_DF, IP_FRAGMENT, IP_LATER_FRAGMENT, IP_OPTIONS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IpLayer,
+    PKT_INNER_TRUNCATED, PKT_VLAN, PKT_VXLAN,
+};
 
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86DD;
@@ -39,8 +38,8 @@ pub enum Skip {
     Unparsed,
 }
 
-/// Somewhere headers can be read from at an offset: the packet for the TC programs
-/// (`tc.rs`), an skb's memory for the tracepoint programs (`kernel_events.rs`).
+/// Somewhere headers can be read from at an offset: a copy of the packet's head for the TC
+/// programs and userspace, an skb's memory for the tracepoint programs.
 pub trait Headers {
     fn read<T: Copy>(&self, offset: usize) -> Result<T, Skip>;
 
@@ -54,6 +53,18 @@ pub trait Headers {
     }
 }
 
+/// Bytes in memory as `Headers`: a read past the end fails like one past the packet's end.
+pub struct Bytes<'a>(pub &'a [u8]);
+
+impl Headers for Bytes<'_> {
+    #[inline(always)]
+    fn read<T: Copy>(&self, offset: usize) -> Result<T, Skip> {
+        let bytes = self.0.get(offset..offset + size_of::<T>()).ok_or(Skip::Unparsed)?;
+        // SAFETY: `bytes` holds size_of::<T>() bytes; T is a plain header type, read unaligned.
+        Ok(unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast()) })
+    }
+}
+
 /// What `parse_packet` found besides the two layers.
 pub struct Parsed {
     /// `PKT_VXLAN`, `PKT_INNER_TRUNCATED`.
@@ -61,10 +72,53 @@ pub struct Parsed {
     pub vni: u32,
 }
 
+/// A frame as a TC hop sees it, parsed: what a packet event reports of its headers.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Frame {
+    pub outer: IpLayer,
+    /// The encapsulated packet when `flags` has `PKT_VXLAN`.
+    pub inner: IpLayer,
+    /// VXLAN network identifier when `PKT_VXLAN` is set.
+    pub vni: u32,
+    /// 802.1Q VLAN id when `PKT_VLAN` is set.
+    pub vlan_id: u16,
+    /// `PKT_*` flags.
+    pub flags: u8,
+    /// Zero; keeps the struct free of trailing padding.
+    pub reserved: u8,
+}
+
+/// Parses a frame into `frame` (which must start zeroed): its Ethernet header and VLAN tags,
+/// or, where `no_mac_header` (tunnel devices hand TC the IP header at offset 0), the IP
+/// header its version nibble names; then `parse_packet`.
+#[inline(always)]
+pub fn parse_frame<H: Headers>(headers: &H, no_mac_header: bool, vxlan_ports: &[u16; 2], frame: &mut Frame) -> Result<(), Skip> {
+    let (ether_type, l3_offset) = if no_mac_header {
+        let first: u8 = headers.read(0)?;
+        match first >> 4 {
+            4 => (ETH_P_IP, 0),
+            6 => (ETH_P_IPV6, 0),
+            _ => return Err(Skip::NotIp),
+        }
+    } else {
+        let (ether_type, offset, vlan_id) = parse_ethernet(headers, 0)?;
+        if let Some(vlan_id) = vlan_id {
+            frame.flags |= PKT_VLAN;
+            frame.vlan_id = vlan_id;
+        }
+        (ether_type, offset)
+    };
+    let parsed = parse_packet(headers, ether_type, l3_offset, vxlan_ports, &mut frame.outer, &mut frame.inner)?;
+    frame.flags |= parsed.flags;
+    frame.vni = parsed.vni;
+    Ok(())
+}
+
 /// Parses the IP packet at `l3_offset` into `outer` and, when it is VXLAN to one of
 /// `vxlan_ports`, the packet it carries into `inner`. A VXLAN payload too short for its inner
-/// headers keeps the outer layer, which still tells where the packet was, and is counted as
-/// unparsed.
+/// headers keeps the outer layer, which still tells where the packet was, and sets
+/// `PKT_INNER_TRUNCATED`: the caller counts it as unparsed where it `could_be_followed`.
 #[inline(always)]
 pub fn parse_packet<H: Headers>(
     headers: &H,
@@ -83,12 +137,7 @@ pub fn parse_packet<H: Headers>(
                 parsed.vni = vni;
             }
             Ok(None) => {}
-            Err(_) => {
-                parsed.flags |= PKT_VXLAN | PKT_INNER_TRUNCATED;
-                if unparsed_could_be_followed(outer, inner, parsed.flags) {
-                    count(COUNTER_UNPARSED);
-                }
-            }
+            Err(_) => parsed.flags |= PKT_VXLAN | PKT_INNER_TRUNCATED,
         }
     }
     Ok(parsed)
@@ -96,13 +145,14 @@ pub fn parse_packet<H: Headers>(
 
 /// Whether a packet whose headers could not all be read may be a followed pod's, and so
 /// leaves the report incomplete: its headers were cut before its addresses (outer, or a
-/// VXLAN packet's inner ones), or the addresses that were read name a followed IP. Other
-/// flows' truncated headers are none of the report's business.
+/// VXLAN packet's inner ones), or the addresses that were read name a followed IP
+/// (`is_followed`, asked of the outer layer, and of the inner one under VXLAN). Other flows'
+/// truncated headers are none of the report's business.
 #[inline(always)]
-pub fn unparsed_could_be_followed(outer: &IpLayer, inner: &IpLayer, flags: u8) -> bool {
-    let addresses_unread = outer.version == 0 || (flags & PKT_VXLAN != 0 && inner.version == 0);
-    // "Any" filter: ports and protocol may be what was cut off.
-    addresses_unread || matches(&FilterConfig::default(), outer, inner, flags)
+pub fn could_be_followed(outer: &IpLayer, inner: &IpLayer, flags: u8, is_followed: impl Fn(&IpLayer) -> bool) -> bool {
+    let vxlan = flags & PKT_VXLAN != 0;
+    let addresses_unread = outer.version == 0 || (vxlan && inner.version == 0);
+    addresses_unread || is_followed(outer) || (vxlan && is_followed(inner))
 }
 
 /// Parses a VXLAN header at `offset` and the packet it carries into `inner`; returns the VNI,
@@ -375,35 +425,19 @@ mod tests {
     //! The parser on the host, against a byte slice standing in for the packet: what
     //! `bpf_skb_load_bytes` does, a read that fails past the end.
 
-    use std::cell::Cell;
+    extern crate std;
+    use std::{vec, vec::Vec};
 
     use super::*;
 
-    struct Bytes<'a>(&'a [u8]);
-
-    impl Headers for Bytes<'_> {
-        fn read<T: Copy>(&self, offset: usize) -> Result<T, Skip> {
-            let bytes = self.0.get(offset..offset + size_of::<T>()).ok_or(Skip::Unparsed)?;
-            // SAFETY: `bytes` holds size_of::<T>() bytes; T is a plain header type read unaligned.
-            Ok(unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast()) })
-        }
+    /// The stand-in for the followed-IP match: POD is followed.
+    fn followed(layer: &IpLayer) -> bool {
+        layer.src == v4_mapped(POD) || layer.dst == v4_mapped(POD)
     }
 
-    thread_local! {
-        static UNPARSED: Cell<u64> = const { Cell::new(0) };
-    }
-
-    /// The stand-in for the per-CPU counters.
-    pub fn count(index: u32) {
-        assert_eq!(index, COUNTER_UNPARSED, "the parser counts only unparsed packets");
-        UNPARSED.set(UNPARSED.get() + 1);
-    }
-
-    /// The stand-in for the followed-IP match: POD is followed, and the filter is "any".
-    pub fn matches(filter: &FilterConfig, outer: &IpLayer, inner: &IpLayer, flags: u8) -> bool {
-        assert_eq!(*filter, FilterConfig::default());
-        let followed = |layer: &IpLayer| layer.src == v4_mapped(POD) || layer.dst == v4_mapped(POD);
-        followed(outer) || (flags & PKT_VXLAN != 0 && followed(inner))
+    /// Whether the kernel would count a truncated parse as unparsed.
+    fn counted(parsed: &Parsed, outer: &IpLayer, inner: &IpLayer) -> bool {
+        parsed.flags & PKT_INNER_TRUNCATED != 0 && could_be_followed(outer, inner, parsed.flags, followed)
     }
 
     const POD: [u8; 4] = [10, 244, 0, 2];
@@ -456,54 +490,48 @@ mod tests {
     fn a_truncated_inner_packet_keeps_the_outer_and_counts_unparsed() {
         let inner = ethernet(&ipv4(POD, PEER, IPPROTO_ICMP, &echo_request()));
         for cut in [0, 10, 14 + 10, 14 + 20 + 2] {
-            UNPARSED.set(0);
-            let (parsed, outer, _) = parse(&vxlan(&inner[..cut])).ok().unwrap();
+            let (parsed, outer, inner) = parse(&vxlan(&inner[..cut])).ok().unwrap();
             assert_eq!(parsed.flags, PKT_VXLAN | PKT_INNER_TRUNCATED, "cut at {cut}");
             assert_eq!(outer.src, v4_mapped([10, 99, 0, 1]));
-            assert_eq!(UNPARSED.get(), 1, "cut at {cut}");
+            assert!(counted(&parsed, &outer, &inner), "cut at {cut}");
         }
     }
 
     #[test]
     fn a_udp_packet_to_another_port_is_not_vxlan() {
-        UNPARSED.set(0);
         let udp = [0xc7, 0x38, 0x00, 0x35, 0, 8, 0, 0];
         let (parsed, outer, inner) = parse(&ipv4(POD, PEER, IPPROTO_UDP, &udp)).ok().unwrap();
         assert_eq!((parsed.flags, outer.dport, inner), (0, 53, IpLayer::default()));
-        assert_eq!(UNPARSED.get(), 0);
+        assert!(!counted(&parsed, &outer, &inner));
     }
 
     #[test]
-    fn a_truncated_outer_header_is_unparsed_without_counting_here() {
-        UNPARSED.set(0);
+    fn a_truncated_outer_header_is_unparsed() {
         let packet = ipv4(POD, PEER, IPPROTO_TCP, &[0; 20]);
         assert!(matches!(parse(&packet[..19]), Err(Skip::Unparsed)), "inside the IP header");
         assert!(matches!(parse(&packet[..30]), Err(Skip::Unparsed)), "inside the TCP header");
-        // The caller counts what it cannot report at all.
-        assert_eq!(UNPARSED.get(), 0);
     }
 
     #[test]
     fn unfollowed_flows_cut_after_their_addresses_are_not_counted() {
         const OTHER: [u8; 4] = [10, 244, 0, 9];
         let inner = |src| ethernet(&ipv4(src, PEER, IPPROTO_TCP, &[0; 20]));
-        for (src, cut, counted) in [
+        for (src, cut, expected) in [
             (OTHER, 14 + 20 + 4, false), // inside the other pod's TCP header: its addresses were read
             (POD, 14 + 20 + 4, true),    // the same cut in the followed pod's packet
             (OTHER, 14 + 10, true),      // inside the inner IP header: could be anyone's
         ] {
-            UNPARSED.set(0);
-            let (parsed, _, _) = parse(&vxlan(&inner(src)[..cut])).ok().unwrap();
+            let (parsed, outer, inner) = parse(&vxlan(&inner(src)[..cut])).ok().unwrap();
             assert_eq!(parsed.flags, PKT_VXLAN | PKT_INNER_TRUNCATED);
-            assert_eq!(UNPARSED.get(), u64::from(counted), "{src:?} cut at {cut}");
+            assert_eq!(counted(&parsed, &outer, &inner), expected, "{src:?} cut at {cut}");
         }
         let mut outer = IpLayer::default();
-        assert!(unparsed_could_be_followed(&outer, &IpLayer::default(), 0), "nothing read");
+        assert!(could_be_followed(&outer, &IpLayer::default(), 0, followed), "nothing read");
         outer.version = 4;
         outer.src = v4_mapped(OTHER);
-        assert!(!unparsed_could_be_followed(&outer, &IpLayer::default(), 0));
+        assert!(!could_be_followed(&outer, &IpLayer::default(), 0, followed));
         outer.dst = v4_mapped(POD);
-        assert!(unparsed_could_be_followed(&outer, &IpLayer::default(), 0));
+        assert!(could_be_followed(&outer, &IpLayer::default(), 0, followed));
     }
 
     fn tcp_with_options(options: &[u8]) -> Vec<u8> {
