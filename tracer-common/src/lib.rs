@@ -287,7 +287,15 @@ pub struct KernelLayout {
     pub icmp_skbaddr: u32,
     pub icmp_type: u32,
     pub icmp_code: u32,
+    /// The drop reasons that say "not a drop" (`NOT_DROPPED_YET`, `CONSUMED`), which the
+    /// `skb:kfree_skb` programs turn away before reading the skb; `NO_SUCH_REASON` where the
+    /// kernel has no such reason.
+    pub kfree_not_drops: [u32; 2],
 }
+
+/// `KernelLayout::kfree_not_drops` for a reason the kernel does not have: a value no
+/// `enum skb_drop_reason` reaches, and not `DROP_REASON_UNKNOWN`.
+pub const NO_SUCH_REASON: u32 = u32::MAX - 1;
 
 /// Maximum number of network namespaces that count as "this node" (`NETNS` map size).
 pub const MAX_NETNS: u32 = 1024;

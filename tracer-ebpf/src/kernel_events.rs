@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 use tracer_common::{
     COUNTER_LOST_KERNEL_EVENTS, COUNTER_UNPARSED, DROP_REASON_UNKNOWN, IPPROTO_TCP, IpLayer, KEV_DROP, KEV_ICMP_SEND, KEV_RECEIVED,
-    KEV_RETRANSMIT, KernelEvent, KernelLayout, MAX_NETNS, PKT_INNER_TRUNCATED,
+    KEV_RETRANSMIT, KernelEvent, KernelLayout, MAX_NETNS, NO_SUCH_REASON, PKT_INNER_TRUNCATED,
     parse::{ETH_P_IP, ETH_P_IPV6, Headers, Skip, could_be_followed, is_v4_mapped, parse_packet, v4_mapped},
 };
 
@@ -61,6 +61,7 @@ static LAYOUT: KernelLayout = KernelLayout {
     icmp_skbaddr: 0,
     icmp_type: 0,
     icmp_code: 0,
+    kfree_not_drops: [NO_SUCH_REASON; 2],
 };
 
 /// Network namespaces (by inode number) whose events belong to this node.
@@ -230,8 +231,16 @@ fn fill_from_skb(skb: *const u8, event: &mut KernelEvent, layout: &KernelLayout)
     }
 }
 
+/// A drop of a followed flow, with its reason. A free whose reason says "not a drop" is
+/// turned away first, before the scratch record or the skb is touched: the program runs on
+/// every free on the node.
 #[inline(always)]
 fn on_drop(skb: *const u8, location: u64, reason: u32) {
+    // SAFETY: a global written only by the loader; the field alone is read.
+    let not_drops = unsafe { core::ptr::read_volatile(&raw const LAYOUT.kfree_not_drops) };
+    if reason == not_drops[0] || reason == not_drops[1] {
+        return;
+    }
     with_scratch(|event| {
         if !fill_from_skb(skb, event, &layout()) {
             return;

@@ -346,6 +346,40 @@ fn icmp_errors_name_the_flow_they_quote() {
     assert_eq!(harness.counters(), Counters { matched: 5, ..Default::default() });
 }
 
+/// The fast path reports a plain IPv4 packet with the frame's first 128 bytes: enough for
+/// the deepest headers such a packet has, a TCP header with 40 bytes of options (the
+/// timestamp last) and an ICMP error quoting an IPv4 header with 40 bytes of options. Each
+/// comes out as the full parse reads it.
+#[test]
+fn the_short_head_holds_a_plain_packets_deepest_headers() {
+    let mut fast = Harness::default();
+    let mut full = Harness::new(FilterConfig { full_parse_only: 1, ..default_filter() }, false);
+    let mut segment = tcp(40000, 80, 1, 2, 0x10, 1400);
+    segment[12] = 15 << 4;
+    // MSS, window scale, NOP, SACK permitted, a 20-byte experimental option, timestamp.
+    let options =
+        [[2u8, 4, 5, 0xb4, 3, 3, 7, 1, 4, 2, 254, 20].as_slice(), &[0; 18], &[8, 10, 0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 1]].concat();
+    segment.splice(20..20, options);
+    let mut quoting = V4::new(POD, PEER, 17);
+    quoting.options = vec![1; 40];
+    let quoted = quoting.packet(&udp(40001, 9999, b"payload!"));
+    let frames = [
+        ethernet(0x0800, &V4::new(POD, PEER, 6).packet(&segment)),
+        ethernet(0x0800, &V4::new(PEER, POD, 1).packet(&icmp_error(3, 3, &quoted[..68]))),
+    ];
+    let mut packets = Vec::new();
+    for frame in &frames {
+        let (mut a, mut b) = (fast.one(frame), full.one(frame));
+        (a.ktime_ns, b.ktime_ns) = (0, 0);
+        assert_eq!(a, b);
+        packets.push(a);
+    }
+    assert_eq!(packets[0].outer.tcp_tsval, 0xdead_beef);
+    assert_eq!((packets[1].outer.quoted_proto, packets[1].outer.quoted_sport, packets[1].outer.quoted_dport), (17, 40001, 9999));
+    let events = [fast.counters(), full.counters()];
+    assert_eq!(events, [Counters { matched: 2, ..Default::default() }; 2]);
+}
+
 #[test]
 fn ipv4_fragments_and_options() {
     let mut harness = Harness::default();

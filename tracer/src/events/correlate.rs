@@ -12,7 +12,7 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    hash::{BuildHasherDefault, Hash as _, Hasher},
+    hash::{BuildHasherDefault, Hasher},
     net::IpAddr,
 };
 
@@ -87,34 +87,37 @@ pub fn fingerprint(layer: &Layer, followed: &[IpAddr]) -> Option<(Fingerprint, F
     } else {
         return None;
     };
+    // The fields packed into few words, each word one step of the mix: every field keeps
+    // all its bits, so packets that differ in any of them still differ.
     let mut hasher = WordHasher::default();
-    flow.hash(&mut hasher);
-    pod_addr.hash(&mut hasher);
-    layer.proto.hash(&mut hasher);
+    match pod_addr {
+        IpAddr::V4(v4) => hasher.write_u64(u64::from(v4.to_bits()) | 1 << 32),
+        IpAddr::V6(v6) => {
+            let bits = v6.to_bits();
+            hasher.write_u64(bits as u64);
+            hasher.write_u64((bits >> 64) as u64);
+        }
+    }
     // IPv6 has no IP ID outside fragments; the flow label is the closest stable field.
-    layer.ip_id.hash(&mut hasher);
-    layer.flow_label.hash(&mut hasher);
-    layer.payload_len().hash(&mut hasher);
-    layer.later_fragment.hash(&mut hasher);
+    hasher.write_u64(
+        u64::from(flow == Flow::ToPod)
+            | u64::from(layer.proto) << 8
+            | u64::from(layer.ip_id) << 16
+            | u64::from(layer.payload_len()) << 32
+            | u64::from(layer.later_fragment) << 48,
+    );
+    let port = if matches!(layer.proto, IPPROTO_TCP | IPPROTO_UDP) { pod_port } else { 0 };
+    hasher.write_u64(u64::from(layer.flow_label) | u64::from(port) << 32);
     match layer.proto {
         IPPROTO_TCP => {
-            pod_port.hash(&mut hasher);
-            layer.tcp_seq.hash(&mut hasher);
-            layer.tcp_ack.hash(&mut hasher);
-            layer.tcp_flags.hash(&mut hasher);
-            layer.tcp_tsval.hash(&mut hasher);
-            layer.tcp_sack_right.hash(&mut hasher);
+            hasher.write_u64(u64::from(layer.tcp_seq) | u64::from(layer.tcp_ack) << 32);
+            hasher.write_u64(u64::from(layer.tcp_flags) | u64::from(layer.tcp_tsval) << 32);
+            hasher.write_u64(u64::from(layer.tcp_sack_right));
         }
-        IPPROTO_UDP => {
-            pod_port.hash(&mut hasher);
-            layer.payload_head.hash(&mut hasher);
-        }
-        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
-            layer.icmp_type.hash(&mut hasher);
-            layer.icmp_code.hash(&mut hasher);
-            layer.icmp_id.hash(&mut hasher);
-            layer.icmp_seq.hash(&mut hasher);
-        }
+        IPPROTO_UDP => hasher.write_u64(u64::from(u32::from_ne_bytes(layer.payload_head))),
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => hasher.write_u64(
+            u64::from(layer.icmp_type) | u64::from(layer.icmp_code) << 8 | u64::from(layer.icmp_id) << 16 | u64::from(layer.icmp_seq) << 32,
+        ),
         _ => {}
     }
     Some((Fingerprint(avalanche(hasher.finish())), flow))
@@ -146,17 +149,20 @@ pub struct HopStats {
     pub last_seen: u64,
 }
 
-/// A packet in flight: where and when it was last seen.
+/// A packet in flight: where and when it was last seen. 32 bytes, so that the table's
+/// entries (with their key) take as few cache lines as they can.
 #[derive(Clone, Debug)]
 struct InFlight {
-    /// The hop's number (`Correlator::hops`).
-    last_hop: usize,
     last_ns: u64,
     /// Hops already seen, so a second sighting at one of them is recognised as a new packet:
     /// bit `n` for the hop numbered `n`. No allocation per packet.
-    seen: u128,
+    seen: u64,
     generation: u64,
+    /// The hop's number (`Correlator::hops`).
+    last_hop: u32,
 }
+
+const _: () = assert!(size_of::<InFlight>() == 32);
 
 /// Bounds on correlation memory.
 #[derive(Clone, Copy, Debug)]
@@ -186,7 +192,7 @@ pub struct Correlator {
     followed: Vec<IpAddr>,
     limits: Limits,
     /// Every hop seen, numbered in the order first seen: one hash lookup per event finds the
-    /// number, and the rest is indexing. Hops past the 128th have no bit in `InFlight::seen`:
+    /// number, and the rest is indexing. Hops past the 64th have no bit in `InFlight::seen`:
     /// a repeated sighting there is not recognised (a path has a handful of hops).
     hop_numbers: FastMap<HopKey, usize>,
     hops: Vec<(HopKey, HopStats)>,
@@ -231,14 +237,14 @@ impl Correlator {
         };
         self.expire(packet.ktime_ns);
 
-        let bit = 1u128.checked_shl(hop as u32).unwrap_or(0);
+        let bit = 1u64.checked_shl(hop as u32).unwrap_or(0);
         let previous = match self.in_flight.get_mut(&fingerprint) {
             // Seen here before: a new packet with the same identity (a collision, or a
             // duplicate the kernel made), so its journey restarts.
             Some(entry) if entry.seen & bit != 0 => None,
             Some(entry) => {
-                let previous = (entry.last_hop, packet.ktime_ns.saturating_sub(entry.last_ns));
-                entry.last_hop = hop;
+                let previous = (entry.last_hop as usize, packet.ktime_ns.saturating_sub(entry.last_ns));
+                entry.last_hop = hop as u32;
                 entry.last_ns = packet.ktime_ns;
                 entry.seen |= bit;
                 Some(previous)
@@ -268,13 +274,13 @@ impl Correlator {
         })
     }
 
-    fn start(&mut self, fingerprint: Fingerprint, hop: usize, bit: u128, now_ns: u64) {
+    fn start(&mut self, fingerprint: Fingerprint, hop: usize, bit: u64, now_ns: u64) {
         if self.in_flight.len() >= self.limits.max_in_flight {
             self.evict_oldest();
         }
         let generation = self.next_generation;
         self.next_generation += 1;
-        self.in_flight.insert(fingerprint, InFlight { last_hop: hop, last_ns: now_ns, seen: bit, generation });
+        self.in_flight.insert(fingerprint, InFlight { last_ns: now_ns, seen: bit, generation, last_hop: hop as u32 });
         self.order.push_back((fingerprint, generation, now_ns));
         self.hops[hop].1.last_seen += 1;
         // Stale entries (restarted journeys) would otherwise pile up in `order`.

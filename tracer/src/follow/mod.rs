@@ -60,10 +60,13 @@ pub struct Followed {
 }
 
 pub async fn follow(options: &FollowOptions) -> Result<Followed> {
-    let kernel = KernelFacts::read(&options.btf)?;
+    let (kernel, btf) = KernelFacts::read(&options.btf)?;
     let node = discover(options).await?;
     let mut signals = Signals::install()?;
-    let attached = attach(options, &kernel, &node).await?;
+    let attached = attach(options, &kernel, &btf, &node).await?;
+    // Only attaching needs the BTF: freed before the trace, whose allocations then reuse its
+    // memory rather than add to podtrace's peak.
+    drop(btf);
     let run = collect(options, &node, attached, &mut signals).await?;
     diagnose_and_report(options, &kernel, &node.path, run).await
 }
@@ -101,29 +104,29 @@ async fn diagnose_and_report(options: &FollowOptions, kernel: &KernelFacts, path
     Ok(Followed { report: report::build(&final_path, &correlator, facts, outcome), detach_error: run.detach_error })
 }
 
-/// What the running kernel says about itself: its BTF, the layout the kernel programs read
-/// memory with, and its drop reason names.
+/// What the running kernel says about itself: the layout the kernel programs read memory
+/// with, and its drop reason names.
 struct KernelFacts {
-    btf: aya::Btf,
     formats: TracepointFormats,
     layout: tracer_common::KernelLayout,
     drop_reasons: HashMap<i64, String>,
 }
 
 impl KernelFacts {
-    fn read(btf_file: &FsPath) -> Result<Self> {
+    /// The facts, and the BTF as aya reads it, for attaching the tp_btf programs.
+    fn read(btf_file: &FsPath) -> Result<(Self, aya::Btf)> {
         let formats = TracepointFormats::read()?;
         // Our own reading of the BTF is dropped before aya parses it again for the loader:
         // both at once would set podtrace's peak memory.
         let (layout, drop_reasons) = {
             let kernel_btf = KernelBtf::from_file(btf_file)?;
-            let layout = layout::build(&kernel_btf, &formats)?;
             // Kernels before 5.17 have no drop reasons: their drops are named "unknown".
-            (layout, kernel_btf.enum_values("skb_drop_reason", "SKB_DROP_REASON_").unwrap_or_default())
+            let drop_reasons = kernel_btf.enum_values("skb_drop_reason", "SKB_DROP_REASON_").unwrap_or_default();
+            (layout::build(&kernel_btf, &formats, &drop_reasons)?, drop_reasons)
         };
         let btf = aya::Btf::parse_file(btf_file, aya::Endianness::default())
             .map_err(|err| anyhow!("unreadable BTF at {}: {err}", btf_file.display()))?;
-        Ok(Self { btf, formats, layout, drop_reasons })
+        Ok((Self { formats, layout, drop_reasons }, btf))
     }
 }
 
@@ -159,7 +162,7 @@ struct Attached {
 /// Sweeps what killed runs left, loads the programs and attaches them to every hop and
 /// tracepoint; on failure, detaches whatever was attached. Holds the state lock throughout,
 /// so another run's sweep never meets a half-attached, not yet recorded filter of ours.
-async fn attach(options: &FollowOptions, kernel: &KernelFacts, node: &NodeFacts) -> Result<Attached> {
+async fn attach(options: &FollowOptions, kernel: &KernelFacts, btf: &aya::Btf, node: &NodeFacts) -> Result<Attached> {
     let lock = StateLock::acquire()?;
     let owner = Owner::register()?;
     let swept = probes::sweep(Some(&owner)).await.context("sweeping leftovers of earlier runs")?;
@@ -188,7 +191,7 @@ async fn attach(options: &FollowOptions, kernel: &KernelFacts, node: &NodeFacts)
         for hop in node.path.hops() {
             probes.attach(hop).await?;
         }
-        let sources = probes.attach_kernel_events(&kernel.btf, &node.namespaces, &kernel.formats)?;
+        let sources = probes.attach_kernel_events(btf, &node.namespaces, &kernel.formats)?;
         Ok::<_, anyhow::Error>((probes.take_events()?, probes.take_kernel_events()?, sources))
     }
     .await;

@@ -1,15 +1,18 @@
 //! Builds the `KernelLayout` the tracepoint programs read kernel memory with: struct member
 //! offsets from BTF, tracepoint record offsets from tracefs.
 
+use std::collections::HashMap;
+
 use anyhow::Result;
-use tracer_common::KernelLayout;
+use tracer_common::{KernelLayout, NO_SUCH_REASON};
 
 use super::{btf::KernelBtf, tracefs::TracepointFormats};
 
 /// Struct offsets from BTF plus, for each tracepoint whose format is available, its record
 /// offsets. Missing tracepoints leave their offsets at zero; their programs are not attached.
 /// A missing `reason` in `skb:kfree_skb` (kernels before 5.17) leaves that offset zero too.
-pub fn build(btf: &KernelBtf, formats: &TracepointFormats) -> Result<KernelLayout> {
+/// `drop_reasons`: the kernel's `enum skb_drop_reason`, value to name without its prefix.
+pub fn build(btf: &KernelBtf, formats: &TracepointFormats, drop_reasons: &HashMap<i64, String>) -> Result<KernelLayout> {
     let mut layout = KernelLayout {
         skb_head: btf.offset_of("sk_buff", "head")?,
         skb_len: btf.offset_of("sk_buff", "len")?,
@@ -22,6 +25,7 @@ pub fn build(btf: &KernelBtf, formats: &TracepointFormats) -> Result<KernelLayou
         dev_nd_net: btf.offset_of("net_device", "nd_net")?,
         net_ns_inum: btf.offset_of("net", "ns.inum")?,
         sock_net: btf.offset_of("sock", "__sk_common.skc_net")?,
+        kfree_not_drops: ["NOT_DROPPED_YET", "CONSUMED"].map(|name| reason_value(drop_reasons, name)),
         ..Default::default()
     };
     if let Some(format) = &formats.kfree_skb {
@@ -52,6 +56,11 @@ pub fn build(btf: &KernelBtf, formats: &TracepointFormats) -> Result<KernelLayou
     Ok(layout)
 }
 
+/// The value of the drop reason `name`, or `NO_SUCH_REASON`.
+fn reason_value(drop_reasons: &HashMap<i64, String>, name: &str) -> u32 {
+    drop_reasons.iter().find(|(_, reason)| *reason == name).and_then(|(value, _)| u32::try_from(*value).ok()).unwrap_or(NO_SUCH_REASON)
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -64,8 +73,17 @@ mod tests {
         let btf = KernelBtf::from_file(Path::new("/sys/kernel/btf/vmlinux")).unwrap();
         let formats = TracepointFormats::read().unwrap();
         let Some(kfree) = &formats.kfree_skb else { panic!("every kernel podtrace supports has skb:kfree_skb") };
-        let layout = build(&btf, &formats).unwrap();
+        let reasons = btf.enum_values("skb_drop_reason", "SKB_DROP_REASON_").unwrap_or_default();
+        let layout = build(&btf, &formats, &reasons).unwrap();
         assert!(layout.skb_len > 0 && layout.skb_head > layout.skb_len);
+        // Every kernel with drop reasons has NOT_DROPPED_YET; CONSUMED came later (6.0).
+        let named = |value: u32| reasons.get(&i64::from(value)).map(String::as_str);
+        if !reasons.is_empty() {
+            assert_eq!(named(layout.kfree_not_drops[0]), Some("NOT_DROPPED_YET"));
+        }
+        for value in layout.kfree_not_drops {
+            assert!(value == NO_SUCH_REASON || matches!(named(value), Some("NOT_DROPPED_YET" | "CONSUMED")), "{value}");
+        }
         assert_eq!(layout.kfree_skbaddr, 8);
         // The reason field exists from 5.17 on; before, its offset stays 0.
         match kfree.offset("reason") {
@@ -92,8 +110,10 @@ mod tests {
         let btf = KernelBtf::from_file(Path::new("/sys/kernel/btf/vmlinux")).unwrap();
         let mut formats = TracepointFormats::read().unwrap();
         formats.kfree_skb = Some(TracepointFormat::parse("skb:kfree_skb", format).unwrap());
-        let layout = build(&btf, &formats).unwrap();
+        let layout = build(&btf, &formats, &HashMap::new()).unwrap();
         assert_eq!((layout.kfree_skbaddr, layout.kfree_location, layout.kfree_reason), (8, 16, 0));
+        // No drop reasons at all: nothing to turn away, not even a drop of unknown reason.
+        assert_eq!(layout.kfree_not_drops, [NO_SUCH_REASON; 2]);
     }
 
     #[test]
@@ -101,7 +121,7 @@ mod tests {
         let btf = KernelBtf::from_file(Path::new("/sys/kernel/btf/vmlinux")).unwrap();
         let mut formats = TracepointFormats::read().unwrap();
         formats.icmp_send = None;
-        let layout = build(&btf, &formats).unwrap();
+        let layout = build(&btf, &formats, &HashMap::new()).unwrap();
         assert_eq!((layout.icmp_skbaddr, layout.icmp_type, layout.icmp_code), (0, 0, 0));
         assert!(layout.kfree_skbaddr > 0 && layout.retrans_skaddr > 0, "{layout:?}");
     }
