@@ -287,7 +287,7 @@ pub struct KernelLayout {
     pub icmp_skbaddr: u32,
     pub icmp_type: u32,
     pub icmp_code: u32,
-    /// The drop reasons that say "not a drop" (`NOT_DROPPED_YET`, `CONSUMED`), which the
+    /// The drop reasons that say "not a drop" (`SKB_NOT_DROPPED_YET`, `SKB_CONSUMED`), which the
     /// `skb:kfree_skb` programs turn away before reading the skb; `NO_SUCH_REASON` where the
     /// kernel has no such reason.
     pub kfree_not_drops: [u32; 2],

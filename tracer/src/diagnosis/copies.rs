@@ -4,14 +4,11 @@
 //! different rings, in either order, so both sides are remembered for a while, in bounded
 //! tables.
 
-use std::{
-    collections::{HashMap, VecDeque},
-    net::IpAddr,
-};
+use std::{collections::VecDeque, net::IpAddr};
 
 use crate::{
     events::{
-        correlate::{Fingerprint, fingerprint},
+        correlate::{FastMap, Fingerprint, fingerprint},
         decode::Layer,
     },
     node::path::Step,
@@ -26,12 +23,14 @@ const WINDOW_NS: u64 = 2_000_000_000;
 
 pub struct Copies<K> {
     followed: Vec<IpAddr>,
-    /// Per fingerprint, the furthest step it was seen at and when.
-    furthest: HashMap<Fingerprint, (Step, u64)>,
-    /// Insertion order of `furthest`, for eviction; entries whose time no longer matches are stale.
-    order: VecDeque<(Fingerprint, u64)>,
+    /// Per fingerprint, the furthest step it was seen at and when (the table and its
+    /// insertion order hold the same fingerprints: a sighting of one already there updates it
+    /// in place).
+    furthest: FastMap<Fingerprint, (Step, u64)>,
+    /// Insertion order of `furthest`, for eviction.
+    order: VecDeque<Fingerprint>,
     /// Drops not (yet) known to be copies: their group, step and time.
-    pending: HashMap<Fingerprint, Vec<(K, Step, u64)>>,
+    pending: FastMap<Fingerprint, Vec<(K, Step, u64)>>,
     /// Insertion order of `pending`, for expiry and eviction.
     pending_order: VecDeque<(Fingerprint, u64)>,
     pending_len: usize,
@@ -43,9 +42,9 @@ impl<K: Copy> Copies<K> {
     pub fn new(followed: Vec<IpAddr>) -> Self {
         Self {
             followed,
-            furthest: HashMap::new(),
+            furthest: FastMap::default(),
             order: VecDeque::new(),
-            pending: HashMap::new(),
+            pending: FastMap::default(),
             pending_order: VecDeque::new(),
             pending_len: 0,
             unchecked: 0,
@@ -58,15 +57,21 @@ impl<K: Copy> Copies<K> {
 
     /// A packet seen at `step`; returns the groups of earlier drops it shows were copies.
     pub fn sighted(&mut self, fingerprint: Fingerprint, step: Step, ktime_ns: u64) -> Vec<K> {
-        let furthest =
-            self.furthest.get(&fingerprint).filter(|(_, at)| ktime_ns.abs_diff(*at) < WINDOW_NS).map_or(step, |(s, _)| step.max(*s));
-        if self.furthest.len() >= MAX_SIGHTINGS && !self.furthest.contains_key(&fingerprint) {
-            self.evict_sighting();
-        }
-        self.furthest.insert(fingerprint, (furthest, ktime_ns));
-        self.order.push_back((fingerprint, ktime_ns));
-        if self.order.len() > 2 * MAX_SIGHTINGS {
-            self.order.retain(|(fp, at)| self.furthest.get(fp).is_some_and(|(_, t)| t == at));
+        match self.furthest.get_mut(&fingerprint) {
+            Some((furthest, at)) => {
+                // A sighting this far from the last one is another packet with the fingerprint.
+                *furthest = if ktime_ns.abs_diff(*at) < WINDOW_NS { step.max(*furthest) } else { step };
+                *at = ktime_ns;
+            }
+            None => {
+                if self.furthest.len() >= MAX_SIGHTINGS {
+                    if let Some(oldest) = self.order.pop_front() {
+                        self.furthest.remove(&oldest);
+                    }
+                }
+                self.furthest.insert(fingerprint, (step, ktime_ns));
+                self.order.push_back(fingerprint);
+            }
         }
         let Some(drops) = self.pending.get_mut(&fingerprint) else { return Vec::new() };
         let (copies, still): (Vec<_>, Vec<_>) =
@@ -112,15 +117,6 @@ impl<K: Copy> Copies<K> {
             self.pending.remove(&fingerprint);
         }
         true
-    }
-
-    fn evict_sighting(&mut self) {
-        while let Some((fingerprint, at)) = self.order.pop_front() {
-            if self.furthest.get(&fingerprint).is_some_and(|(_, t)| *t == at) {
-                self.furthest.remove(&fingerprint);
-                return;
-            }
-        }
     }
 }
 

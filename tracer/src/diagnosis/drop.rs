@@ -411,7 +411,8 @@ pub(super) fn function_name(location: u64, end: &TraceEnd<'_>) -> String {
 /// reason, the function alone decides, as for NOT_SPECIFIED.
 fn is_normal_consumption(reason: &str, function: &str, group: &DropGroup) -> bool {
     // A socket's queues purged when it closes: packets delivered, never read.
-    if matches!(reason, "NOT_DROPPED_YET" | "CONSUMED" | "QUEUE_PURGE" | "SOCKET_CLOSE") {
+    // The enum's first two names keep their `SKB_` prefix (`SKB_NOT_DROPPED_YET`, `SKB_CONSUMED`).
+    if matches!(reason, "SKB_NOT_DROPPED_YET" | "SKB_CONSUMED" | "QUEUE_PURGE" | "SOCKET_CLOSE") {
         return true;
     }
     // Echo replies are delivered to raw sockets (ping) as clones; the original is then freed

@@ -68,7 +68,8 @@ impl Hasher for WordHasher {
     }
 }
 
-type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<WordHasher>>;
+/// A table keyed by fingerprints (already hashes) or other small trusted keys.
+pub(crate) type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<WordHasher>>;
 
 /// Which way a packet travels relative to the followed pod.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

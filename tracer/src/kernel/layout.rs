@@ -25,7 +25,7 @@ pub fn build(btf: &KernelBtf, formats: &TracepointFormats, drop_reasons: &HashMa
         dev_nd_net: btf.offset_of("net_device", "nd_net")?,
         net_ns_inum: btf.offset_of("net", "ns.inum")?,
         sock_net: btf.offset_of("sock", "__sk_common.skc_net")?,
-        kfree_not_drops: ["NOT_DROPPED_YET", "CONSUMED"].map(|name| reason_value(drop_reasons, name)),
+        kfree_not_drops: ["SKB_NOT_DROPPED_YET", "SKB_CONSUMED"].map(|name| reason_value(drop_reasons, name)),
         ..Default::default()
     };
     if let Some(format) = &formats.kfree_skb {
@@ -76,13 +76,14 @@ mod tests {
         let reasons = btf.enum_values("skb_drop_reason", "SKB_DROP_REASON_").unwrap_or_default();
         let layout = build(&btf, &formats, &reasons).unwrap();
         assert!(layout.skb_len > 0 && layout.skb_head > layout.skb_len);
-        // Every kernel with drop reasons has NOT_DROPPED_YET; CONSUMED came later (6.0).
+        // Every kernel with drop reasons has SKB_NOT_DROPPED_YET (the enum's first two names
+        // keep their `SKB_` prefix); SKB_CONSUMED came later (6.0).
         let named = |value: u32| reasons.get(&i64::from(value)).map(String::as_str);
         if !reasons.is_empty() {
-            assert_eq!(named(layout.kfree_not_drops[0]), Some("NOT_DROPPED_YET"));
+            assert_eq!(named(layout.kfree_not_drops[0]), Some("SKB_NOT_DROPPED_YET"));
         }
         for value in layout.kfree_not_drops {
-            assert!(value == NO_SUCH_REASON || matches!(named(value), Some("NOT_DROPPED_YET" | "CONSUMED")), "{value}");
+            assert!(value == NO_SUCH_REASON || matches!(named(value), Some("SKB_NOT_DROPPED_YET" | "SKB_CONSUMED")), "{value}");
         }
         assert_eq!(layout.kfree_skbaddr, 8);
         // The reason field exists from 5.17 on; before, its offset stays 0.
