@@ -64,10 +64,10 @@ impl<K: Copy> Copies<K> {
                 *at = ktime_ns;
             }
             None => {
-                if self.furthest.len() >= MAX_SIGHTINGS {
-                    if let Some(oldest) = self.order.pop_front() {
-                        self.furthest.remove(&oldest);
-                    }
+                if self.furthest.len() >= MAX_SIGHTINGS
+                    && let Some(oldest) = self.order.pop_front()
+                {
+                    self.furthest.remove(&oldest);
                 }
                 self.furthest.insert(fingerprint, (step, ktime_ns));
                 self.order.push_back(fingerprint);
