@@ -79,7 +79,9 @@ fn a_dns_burst_with_ip_id_zero_is_linked_query_by_query() -> Result<()> {
     let (pod, veth) = (lab.pod_a(), lab.pod_a().host_veth.clone());
     lab.run_in(
         &lab.node_a().netns,
-        &["tc", "qdisc", "add", "dev", &lab.node_a().vxlan, "root", "tbf", "rate", "200kbit", "burst", "1600", "latency", "1s"],
+        // Slower than the slowest sender (a VM under emulation sends a query every few
+        // milliseconds), so that the burst always queues.
+        &["tc", "qdisc", "add", "dev", &lab.node_a().vxlan, "root", "tbf", "rate", "50kbit", "burst", "1600", "latency", "2s"],
     )?;
     let args = [pod.ip.to_string(), DNS_SERVICE_IP.to_string(), KUBERNETES_SERVICE_NAME.to_string(), "40".to_string()];
     let report = follow(&lab, pod, || {
