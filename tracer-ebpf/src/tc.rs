@@ -277,8 +277,8 @@ const IPV4_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
 const VXLAN_HLEN: usize = 8;
 
-/// The fast test's answers (`fast_verdict`).
-/// The full parse decides.
+// The fast test's answers (`fast_verdict`).
+/// Undecided: the full parse decides.
 const VERDICT_UNDECIDED: u32 = 0;
 /// Certainly not reported: the full parse would report nothing and count nothing.
 const VERDICT_NOT_OURS: u32 = 1;
