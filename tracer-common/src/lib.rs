@@ -224,7 +224,7 @@ pub const DROP_REASON_UNKNOWN: u32 = u32::MAX;
 /// `KernelEvent::flags`: the skb had been received on `ifindex` (skb_iif), not sent out of it.
 pub const KEV_RECEIVED: u8 = 1 << 0;
 
-const _: () = assert!(size_of::<PacketMeta>() == 32 && size_of::<parse::Frame>() == 2 * size_of::<IpLayer>() + 8);
+const _: () = assert!(size_of::<PacketMeta>() == 32 && size_of::<parse::Frame>() == 2 * size_of::<IpLayer>() + 12);
 
 /// A kernel-wide event (tracepoint) about one of the followed flows.
 #[repr(C)]

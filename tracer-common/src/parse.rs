@@ -70,6 +70,24 @@ pub struct Parsed {
     /// `PKT_VXLAN`, `PKT_INNER_TRUNCATED`.
     pub flags: u8,
     pub vni: u32,
+    /// Where the headers it read end (`headers_end`).
+    pub headers_end: usize,
+}
+
+/// Where an L4 header at `l4_offset` ends as the parse reads it: TCP with its options, UDP
+/// with its payload's first `PAYLOAD_HEAD_LEN` bytes, an ICMP header (an ICMP error's quote
+/// is read further, see `parse_quoted`), nothing of other protocols. With the IP headers before
+/// it, and for VXLAN the inner packet's, this is what a packet event copies of a frame
+/// (`Frame::headers_end`): headers only, never payload, and all that a parse of the copy reads.
+#[inline(always)]
+pub fn l4_headers_end(proto: u8, l4_offset: usize, tcp_header_len: u8) -> usize {
+    l4_offset
+        + match proto {
+            IPPROTO_TCP => (tcp_header_len as usize).max(TCP_HDR_LEN),
+            IPPROTO_UDP => UdpHdr::LEN + PAYLOAD_HEAD_LEN,
+            IPPROTO_ICMP | IPPROTO_ICMPV6 => ICMP_HDR_LEN,
+            _ => 0,
+        }
 }
 
 /// A frame as a TC hop sees it, parsed: what a packet event reports of its headers.
@@ -83,10 +101,12 @@ pub struct Frame {
     pub vni: u32,
     /// 802.1Q VLAN id when `PKT_VLAN` is set.
     pub vlan_id: u16,
+    /// Where the headers read end (`Parsed::headers_end`).
+    pub headers_end: u16,
     /// `PKT_*` flags.
     pub flags: u8,
     /// Zero; keeps the struct free of trailing padding.
-    pub reserved: u8,
+    pub reserved: [u8; 3],
 }
 
 /// Parses a frame into `frame` (which must start zeroed): its Ethernet header and VLAN tags,
@@ -112,6 +132,7 @@ pub fn parse_frame<H: Headers>(headers: &H, no_mac_header: bool, vxlan_ports: &[
     let parsed = parse_packet(headers, ether_type, l3_offset, vxlan_ports, &mut frame.outer, &mut frame.inner)?;
     frame.flags |= parsed.flags;
     frame.vni = parsed.vni;
+    frame.headers_end = parsed.headers_end as u16;
     Ok(())
 }
 
@@ -128,16 +149,21 @@ pub fn parse_packet<H: Headers>(
     outer: &mut IpLayer,
     inner: &mut IpLayer,
 ) -> Result<Parsed, Skip> {
-    let l4_offset = parse_ip(headers, ether_type, l3_offset, outer)?;
-    let mut parsed = Parsed { flags: 0, vni: 0 };
+    let headers_end = parse_ip(headers, ether_type, l3_offset, outer)?;
+    let mut parsed = Parsed { flags: 0, vni: 0, headers_end };
     if is_vxlan(outer, vxlan_ports) {
-        match parse_vxlan(headers, l4_offset + UDP_PAYLOAD, inner) {
-            Ok(Some(vni)) => {
+        match parse_vxlan(headers, l3_offset + usize::from(outer.header_len) + UdpHdr::LEN, inner) {
+            Ok(Some((vni, inner_end))) => {
                 parsed.flags |= PKT_VXLAN;
                 parsed.vni = vni;
+                parsed.headers_end = inner_end;
             }
             Ok(None) => {}
-            Err(_) => parsed.flags |= PKT_VXLAN | PKT_INNER_TRUNCATED,
+            // The frame ends inside the inner headers: all of it is headers.
+            Err(_) => {
+                parsed.flags |= PKT_VXLAN | PKT_INNER_TRUNCATED;
+                parsed.headers_end = usize::from(u16::MAX);
+            }
         }
     }
     Ok(parsed)
@@ -155,18 +181,19 @@ pub fn could_be_followed(outer: &IpLayer, inner: &IpLayer, flags: u8, is_followe
     addresses_unread || is_followed(outer) || (vxlan && is_followed(inner))
 }
 
-/// Parses a VXLAN header at `offset` and the packet it carries into `inner`; returns the VNI,
-/// or `None` if the I flag is clear (not a VXLAN packet after all).
+/// Parses a VXLAN header at `offset` and the packet it carries into `inner`; returns the VNI
+/// and where the inner headers end, or `None` if the I flag is clear (not a VXLAN packet
+/// after all).
 #[inline(always)]
-fn parse_vxlan<H: Headers>(headers: &H, offset: usize, inner: &mut IpLayer) -> Result<Option<u32>, Skip> {
+fn parse_vxlan<H: Headers>(headers: &H, offset: usize, inner: &mut IpLayer) -> Result<Option<(u32, usize)>, Skip> {
     let vxlan: [u8; VXLAN_HDR_LEN] = headers.read(offset)?;
     if vxlan[0] & VXLAN_FLAG_VNI == 0 {
         return Ok(None);
     }
     let vni = u32::from_be_bytes([0, vxlan[4], vxlan[5], vxlan[6]]);
     let (ether_type, l3_offset, _) = parse_ethernet(headers, offset + VXLAN_HDR_LEN)?;
-    parse_ip(headers, ether_type, l3_offset, inner)?;
-    Ok(Some(vni))
+    let inner_end = parse_ip(headers, ether_type, l3_offset, inner)?;
+    Ok(Some((vni, inner_end)))
 }
 
 /// Whether a parsed outer layer is a UDP packet to one of the VXLAN ports.
@@ -174,9 +201,6 @@ fn parse_vxlan<H: Headers>(headers: &H, offset: usize, inner: &mut IpLayer) -> R
 fn is_vxlan(layer: &IpLayer, ports: &[u16; 2]) -> bool {
     layer.proto == IPPROTO_UDP && layer.flags & IP_LATER_FRAGMENT == 0 && (layer.dport == ports[0] || layer.dport == ports[1])
 }
-
-/// The UDP payload offset for an L4 offset.
-const UDP_PAYLOAD: usize = UdpHdr::LEN;
 
 /// Returns the EtherType after at most two VLAN tags, the L3 offset, and the outer VLAN id.
 #[inline(always)]
@@ -203,14 +227,16 @@ pub fn parse_ethernet<H: Headers>(ctx: &H, offset: usize) -> Result<(u16, usize,
     }
 }
 
-/// Fills `layer` from the IP header at `offset` and the L4 header after it; returns the L4 offset.
+/// Fills `layer` from the IP header at `offset` and the L4 header after it; returns where
+/// they end (`l4_headers_end`; the IP header's end for a later fragment, which has no L4
+/// header).
 #[inline(always)]
 fn parse_ip<H: Headers>(ctx: &H, ether_type: u16, offset: usize, layer: &mut IpLayer) -> Result<usize, Skip> {
     let l4_offset = if ether_type == ETH_P_IP { parse_ipv4(ctx, offset, layer)? } else { parse_ipv6(ctx, offset, layer)? };
-    if layer.flags & IP_LATER_FRAGMENT == 0 {
-        parse_l4(ctx, l4_offset, layer)?;
+    if layer.flags & IP_LATER_FRAGMENT != 0 {
+        return Ok(l4_offset);
     }
-    Ok(l4_offset)
+    parse_l4(ctx, l4_offset, layer)
 }
 
 #[inline(always)]
@@ -287,8 +313,9 @@ fn parse_ipv6<H: Headers>(ctx: &H, offset: usize, layer: &mut IpLayer) -> Result
     Ok(l4_offset)
 }
 
+/// Fills `layer`'s L4 fields from the header at `offset`; returns where what it read ends.
 #[inline(always)]
-fn parse_l4<H: Headers>(ctx: &H, offset: usize, layer: &mut IpLayer) -> Result<(), Skip> {
+fn parse_l4<H: Headers>(ctx: &H, offset: usize, layer: &mut IpLayer) -> Result<usize, Skip> {
     match layer.proto {
         IPPROTO_TCP => {
             // ports, seq, ack, data offset, flags
@@ -320,15 +347,19 @@ fn parse_l4<H: Headers>(ctx: &H, offset: usize, layer: &mut IpLayer) -> Result<(
             layer.icmp_seq = u16::from_be_bytes([icmp[6], icmp[7]]);
             if is_icmp_error(layer.proto, layer.icmp_type) {
                 // A short quote leaves the quoted fields zero; the ICMP header itself is sound.
-                let _ = parse_quoted(ctx, offset + ICMP_HDR_LEN, layer);
+                // Cut short, the packet ends inside the quoted headers: all of it is headers.
+                return Ok(parse_quoted(ctx, offset + ICMP_HDR_LEN, layer).unwrap_or(usize::from(u16::MAX)));
             }
         }
         _ => {}
     }
-    Ok(())
+    Ok(l4_headers_end(layer.proto, offset, layer.tcp_header_len))
 }
 
 const ICMP_HDR_LEN: usize = 8;
+/// What an ICMP error must quote of the packet it answers after its IP header (RFC 792): the
+/// ports, or an ICMP header's type, code and id.
+const QUOTED_L4_LEN: usize = 8;
 const PAYLOAD_HEAD_LEN: usize = 4;
 const TCP_HDR_LEN: usize = 20;
 const TCPOPT_EOL: u8 = 0;
@@ -390,9 +421,10 @@ fn is_icmp_error(proto: u8, icmp_type: u8) -> bool {
 }
 
 /// Reads the protocol and ports of the packet an ICMP error quotes at `offset`: its IP header
-/// and at least the first 8 bytes after it.
+/// and at least the first 8 bytes after it. Returns where the quoted IP header and the 8
+/// bytes after it end (its L4 header's start: ports, or an ICMP header).
 #[inline(always)]
-fn parse_quoted<H: Headers>(ctx: &H, offset: usize, layer: &mut IpLayer) -> Result<(), Skip> {
+fn parse_quoted<H: Headers>(ctx: &H, offset: usize, layer: &mut IpLayer) -> Result<usize, Skip> {
     let (proto, l4_offset) = if layer.proto == IPPROTO_ICMP {
         let ip: Ipv4Hdr = ctx.read(offset)?;
         (ip.proto, offset + ((ip.vihl & 0x0f) as usize) * 4)
@@ -406,7 +438,7 @@ fn parse_quoted<H: Headers>(ctx: &H, offset: usize, layer: &mut IpLayer) -> Resu
         layer.quoted_sport = u16::from_be_bytes([ports[0], ports[1]]);
         layer.quoted_dport = u16::from_be_bytes([ports[2], ports[3]]);
     }
-    Ok(())
+    Ok(l4_offset + QUOTED_L4_LEN)
 }
 
 #[inline(always)]

@@ -1,7 +1,7 @@
 //! TC classifiers attached to ingress and egress of every hop on the pod's path.
 
 use aya_ebpf::{
-    bindings::{__sk_buff, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, TC_ACT_UNSPEC},
+    bindings::{__sk_buff, BPF_RB_NO_WAKEUP, TC_ACT_UNSPEC},
     helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes},
     macros::{classifier, map},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
@@ -11,7 +11,7 @@ use tracer_common::{
     COUNTER_LOST_EVENTS, COUNTER_MATCHED, COUNTER_NOT_IP, COUNTER_UNPARSED, DIR_EGRESS, DIR_INGRESS, HEAD_LONG, HEAD_SHORT,
     HOP_NO_MAC_HEADER, HOP_SLOTS, HopConfig, HopSlot, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, MAX_HOPS, PKT_INNER_TRUNCATED, PacketMeta,
     PacketRecord,
-    parse::{ETH_P_IP, Frame, Headers, Skip, could_be_followed, parse_frame},
+    parse::{ETH_P_IP, Frame, Headers, Skip, could_be_followed, l4_headers_end, parse_frame},
 };
 
 use crate::maps::{FastFollowed, count, fast_followed, filter, is_followed, matches};
@@ -122,12 +122,14 @@ fn trace(ctx: &TcContext, direction: u8) {
     // SAFETY: ctx.skb.skb is the program's context pointer, valid for the whole run.
     let skb = unsafe { &*ctx.skb.skb };
     let Some(hop) = hop_config(skb.ifindex) else { return };
-    match fast_verdict(ctx, hop) {
+    let verdict = fast_verdict(ctx, hop);
+    let headers_end = verdict >> VERDICT_BITS;
+    match verdict & VERDICT_MASK {
         VERDICT_NOT_OURS => {}
-        VERDICT_OURS_PLAIN => emit::<HEAD_SHORT>(ctx, skb, hop, direction),
-        VERDICT_OURS => emit::<HEAD_LONG>(ctx, skb, hop, direction),
+        VERDICT_OURS_PLAIN => emit::<HEAD_SHORT>(ctx, skb, hop, direction, headers_end),
+        VERDICT_OURS => emit::<HEAD_LONG>(ctx, skb, hop, direction, headers_end),
         _ => match parse_and_match(ctx, skb, hop) {
-            Ok(()) => emit::<HEAD_LONG>(ctx, skb, hop, direction),
+            Ok(headers_end) => emit::<HEAD_LONG>(ctx, skb, hop, direction, headers_end),
             Err(NoEvent::Parse(Skip::NotIp)) => count(COUNTER_NOT_IP),
             Err(NoEvent::Parse(Skip::Unparsed)) => count(COUNTER_UNPARSED),
             Err(NoEvent::NotFollowed) => {}
@@ -136,23 +138,21 @@ fn trace(ctx: &TcContext, direction: u8) {
 }
 
 /// Writes a followed packet's event in place: reserves its ring record, copies the frame's
-/// first bytes into it with one `bpf_skb_load_bytes` (paged data too), and commits it. No
-/// scratch record, no zeroing, no second copy.
+/// headers (its first `headers_end` bytes, `parse::l4_headers_end`: never payload) into it
+/// with one `bpf_skb_load_bytes` (paged data too), and commits it. No scratch record, no
+/// zeroing, no second copy; the bytes of the head past them are an earlier record's headers.
 #[inline(always)]
-fn emit<const HEAD: usize>(ctx: &TcContext, skb: &__sk_buff, hop: HopConfig, direction: u8) {
-    if skb.len == 0 {
+fn emit<const HEAD: usize>(ctx: &TcContext, skb: &__sk_buff, hop: HopConfig, direction: u8, headers_end: u32) {
+    let Some(len) = copy_len::<HEAD>(skb.len.min(headers_end)) else {
         count(COUNTER_UNPARSED);
         return;
-    }
+    };
     let Some(mut record) = EVENTS.reserve::<PacketRecord<HEAD>>(0) else {
         count(COUNTER_MATCHED);
         count(COUNTER_LOST_EVENTS);
         return;
     };
     let record_ptr = record.as_mut_ptr();
-    // 1..=HEAD, written so that older verifiers (5.10's) see both bounds on the register
-    // passed: LLVM would otherwise fold the bounds into a form they cannot read.
-    let len = (core::hint::black_box((skb.len as usize).min(HEAD) - 1) & (HEAD - 1)) + 1;
     // SAFETY: the program's context, and `len` (1..=HEAD) bytes of the reserved record's head.
     let copied = unsafe { bpf_skb_load_bytes(ctx.skb.skb.cast(), 0, (*record_ptr).head.as_mut_ptr().cast(), len as u32) };
     if copied != 0 {
@@ -176,24 +176,11 @@ fn emit<const HEAD: usize>(ctx: &TcContext, skb: &__sk_buff, hop: HopConfig, dir
             reserved: 0,
         }
     };
-    record.submit(wakeup_flags((size_of::<PacketRecord<HEAD>>() + 8) as u64));
+    // The reader drains the ring on a short timer and is never woken: a wakeup costs more
+    // than writing the event (on a virtual machine, an interrupt the hypervisor delivers),
+    // and the ring holds far more than a timer period of events.
+    record.submit(u64::from(BPF_RB_NO_WAKEUP));
 }
-
-/// Wake the reader once per batch of events, when the waiting data crosses `WAKEUP_BYTES`,
-/// rather than for each event its reader has caught up with (the kernel's default): a
-/// wakeup costs more than writing the event (on a virtual machine, an interrupt the
-/// hypervisor delivers). The reader drains the ring on a short timer too, so a quiet
-/// moment's last events are not held back for long. `record_bytes`: this record with the
-/// ring's 8-byte header.
-#[inline(always)]
-fn wakeup_flags(record_bytes: u64) -> u64 {
-    let waiting = EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) + record_bytes;
-    let crosses = waiting >= WAKEUP_BYTES && waiting < WAKEUP_BYTES + record_bytes;
-    u64::from(if crosses { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP })
-}
-
-/// About 110 to 200 events.
-const WAKEUP_BYTES: u64 = 32 * 1024;
 
 /// Why a packet on a hop produced no event.
 enum NoEvent {
@@ -209,9 +196,10 @@ impl From<Skip> for NoEvent {
     }
 }
 
-/// The full parse, for a packet the fast test could not decide: whether it is reported.
+/// The full parse, for a packet the fast test could not decide: whether it is reported, and
+/// if so where its headers end.
 #[inline(always)]
-fn parse_and_match(ctx: &TcContext, skb: &__sk_buff, hop: HopConfig) -> Result<(), NoEvent> {
+fn parse_and_match(ctx: &TcContext, skb: &__sk_buff, hop: HopConfig) -> Result<u32, NoEvent> {
     let frame = match FRAME.get_ptr_mut(0) {
         // SAFETY: a per-CPU slot, exclusively ours until this program run ends.
         Some(frame) => unsafe { &mut *frame },
@@ -232,7 +220,7 @@ fn parse_and_match(ctx: &TcContext, skb: &__sk_buff, hop: HopConfig) -> Result<(
         Err(skip) => return Err(skip.into()),
     }
     if matches(&filter, &frame.outer, &frame.inner, frame.flags) {
-        return Ok(());
+        return Ok(u32::from(frame.headers_end));
     }
     // A reported packet's cut-short inner header is counted by userspace, which parses the
     // same bytes; one that is not reported is counted here.
@@ -245,12 +233,7 @@ fn parse_and_match(ctx: &TcContext, skb: &__sk_buff, hop: HopConfig) -> Result<(
 /// Copies the packet's first bytes (up to `SNAPSHOT_LEN`) into `snapshot`.
 #[inline(always)]
 fn take_snapshot(ctx: &TcContext, skb_len: u32, snapshot: &mut Snapshot) -> Result<(), Skip> {
-    if skb_len == 0 {
-        return Err(Skip::Unparsed);
-    }
-    // 1..=SNAPSHOT_LEN, written so that older verifiers (5.10's) see both bounds on the
-    // register passed: LLVM would otherwise fold the check above into one they cannot read.
-    let len = (core::hint::black_box((skb_len as usize).min(SNAPSHOT_LEN) - 1) & (SNAPSHOT_LEN - 1)) + 1;
+    let len = copy_len::<SNAPSHOT_LEN>(skb_len).ok_or(Skip::Unparsed)?;
     // SAFETY: the program's context and `len` (1..=SNAPSHOT_LEN) bytes of our own buffer.
     let ret = unsafe { bpf_skb_load_bytes(ctx.skb.skb.cast(), 0, snapshot.bytes.as_mut_ptr().cast(), len as u32) };
     if ret != 0 {
@@ -258,6 +241,18 @@ fn take_snapshot(ctx: &TcContext, skb_len: u32, snapshot: &mut Snapshot) -> Resu
     }
     snapshot.len = len as u64;
     Ok(())
+}
+
+/// How many of a packet's `skb_len` bytes a copy into an `N`-byte buffer (`N` a power of
+/// two) takes: 1..=N, none of an empty packet. Written so that older verifiers (5.10's) see
+/// both bounds on the length register passed to the helper: LLVM would otherwise fold the
+/// bounds into a form they cannot read, and `black_box` keeps it from dropping the mask.
+#[inline(always)]
+fn copy_len<const N: usize>(skb_len: u32) -> Option<usize> {
+    if skb_len == 0 {
+        return None;
+    }
+    Some((core::hint::black_box((skb_len as usize).min(N) - 1) & (N - 1)) + 1)
 }
 
 /// The settings of the hop on `ifindex`, if it is one.
@@ -277,15 +272,24 @@ const IPV4_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
 const VXLAN_HLEN: usize = 8;
 
-// The fast test's answers (`fast_verdict`).
+// The fast test's answers (`fast_verdict`), in the low `VERDICT_BITS` bits; above them, for
+// a reported packet, where its headers end (`parse::l4_headers_end`).
 /// Undecided: the full parse decides.
 const VERDICT_UNDECIDED: u32 = 0;
 /// Certainly not reported: the full parse would report nothing and count nothing.
 const VERDICT_NOT_OURS: u32 = 1;
-/// Reported, and a plain IPv4 TCP, UDP or ICMP packet, whose headers fit a `HEAD_SHORT` head.
+/// Reported, and a plain IPv4 packet without options, whose headers fit a `HEAD_SHORT` head.
 const VERDICT_OURS_PLAIN: u32 = 2;
-/// Reported; its headers may need a `HEAD_LONG` head (VXLAN, other protocols).
+/// Reported, and VXLAN: its headers need a `HEAD_LONG` head.
 const VERDICT_OURS: u32 = 3;
+const VERDICT_BITS: u32 = 8;
+const VERDICT_MASK: u32 = (1 << VERDICT_BITS) - 1;
+
+/// A reported packet's verdict with where its headers end.
+#[inline(always)]
+fn reported(verdict: u32, headers_end: usize) -> u32 {
+    verdict | (headers_end as u32) << VERDICT_BITS
+}
 
 /// The fast test, before any parse: with direct packet access, the outer IPv4 addresses
 /// and, for UDP to a VXLAN port, the inner IPv4 addresses at their fixed offset, compared with
@@ -336,18 +340,21 @@ fn fast_verdict_inline<const L3: usize>(data: usize, end: usize, followed: &Fast
     let dport = read_be16(L3 + IPV4_HLEN + 2);
     let vxlan =
         proto == IPPROTO_UDP && read_be16(L3 + 6) & 0x1fff == 0 && (dport == followed.vxlan_ports[0] || dport == followed.vxlan_ports[1]);
-    if followed.holds(read_u32(L3 + 12)) || followed.holds(read_u32(L3 + 16)) {
-        return if followed.narrowed {
-            VERDICT_UNDECIDED
-        } else if !vxlan && matches!(proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_ICMP) {
-            VERDICT_OURS_PLAIN
-        } else {
-            VERDICT_OURS
-        };
+    let outer_followed = followed.holds(read_u32(L3 + 12)) || followed.holds(read_u32(L3 + 16));
+    if outer_followed && followed.narrowed {
+        return VERDICT_UNDECIDED;
     }
     if !vxlan {
-        return VERDICT_NOT_OURS;
+        if !outer_followed {
+            return VERDICT_NOT_OURS;
+        }
+        return match ipv4_headers_end(data, end, L3) {
+            Some(headers_end) => reported(VERDICT_OURS_PLAIN, headers_end),
+            None => VERDICT_UNDECIDED,
+        };
     }
+    // VXLAN: where the copy ends is the inner headers' business, even for a packet between
+    // followed addresses (a node's own).
     let inner = L3 + IPV4_HLEN + UDP_HLEN + VXLAN_HLEN;
     if data + inner + ETH_HLEN + IPV4_HLEN > end {
         return VERDICT_UNDECIDED;
@@ -355,14 +362,59 @@ fn fast_verdict_inline<const L3: usize>(data: usize, end: usize, followed: &Fast
     // SAFETY (all reads below): within [data, data + inner + ETH_HLEN + IPV4_HLEN), checked above.
     if read_u8(L3 + IPV4_HLEN + UDP_HLEN) & 0x08 == 0 {
         // No VNI flag: the full parse does not look inside either.
-        return VERDICT_NOT_OURS;
+        return if outer_followed {
+            reported(VERDICT_OURS_PLAIN, l4_headers_end(IPPROTO_UDP, L3 + IPV4_HLEN, 0))
+        } else {
+            VERDICT_NOT_OURS
+        };
     }
     let vihl = read_u8(inner + ETH_HLEN);
     if read_be16(inner + 12) != ETH_P_IP || vihl >> 4 != 4 || vihl & 0x0f < 5 {
         return VERDICT_UNDECIDED;
     }
-    if followed.holds(read_u32(inner + ETH_HLEN + 12)) || followed.holds(read_u32(inner + ETH_HLEN + 16)) {
-        return if followed.narrowed { VERDICT_UNDECIDED } else { VERDICT_OURS };
+    if outer_followed || followed.holds(read_u32(inner + ETH_HLEN + 12)) || followed.holds(read_u32(inner + ETH_HLEN + 16)) {
+        if followed.narrowed {
+            return VERDICT_UNDECIDED;
+        }
+        return match ipv4_headers_end(data, end, inner + ETH_HLEN) {
+            Some(headers_end) => reported(VERDICT_OURS, headers_end),
+            None => VERDICT_UNDECIDED,
+        };
     }
     VERDICT_NOT_OURS
 }
+
+/// Where the headers of the option-less IPv4 packet at `l3` end, as `parse::l4_headers_end`
+/// has it, read with direct packet access; `None` where the fast test leaves it to the full
+/// parse: IP options, an ICMP error (whose quote the parse reads), a TCP header beyond the
+/// linear area.
+#[inline(always)]
+fn ipv4_headers_end(data: usize, end: usize, l3: usize) -> Option<usize> {
+    let l4 = l3 + IPV4_HLEN;
+    // The TCP data offset is the furthest byte read.
+    if data + l4 + TCP_DOFF + 1 > end {
+        return None;
+    }
+    // SAFETY (all reads below): within [data, data + l4 + TCP_DOFF + 1), checked above.
+    let read_u8 = |offset: usize| unsafe { core::ptr::read((data + offset) as *const u8) };
+    if read_u8(l3) != 0x45 {
+        return None;
+    }
+    let proto = read_u8(l3 + 9);
+    if u16::from_be_bytes([read_u8(l3 + 6), read_u8(l3 + 7)]) & 0x1fff != 0 {
+        // A later fragment carries no L4 header.
+        return Some(l4);
+    }
+    let tcp_header_len = match proto {
+        IPPROTO_TCP => (read_u8(l4 + TCP_DOFF) >> 4) * 4,
+        IPPROTO_ICMP if matches!(read_u8(l4), ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM) => return None,
+        _ => 0,
+    };
+    Some(l4_headers_end(proto, l4, tcp_header_len))
+}
+
+/// The TCP header's data offset byte.
+const TCP_DOFF: usize = 12;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETER_PROBLEM: u8 = 12;

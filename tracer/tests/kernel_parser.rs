@@ -14,7 +14,7 @@ use tracer::{
     events::decode::{Packet, PacketDecoder},
     probes::{AttachMode, Counters, KERNEL_RING_BYTES, LoadOptions, Probes},
 };
-use tracer_common::FilterConfig;
+use tracer_common::{FilterConfig, PacketMeta};
 
 const POD: &str = "10.244.0.2";
 const PEER: &str = "10.244.1.2";
@@ -378,6 +378,56 @@ fn the_short_head_holds_a_plain_packets_deepest_headers() {
     assert_eq!((packets[1].outer.quoted_proto, packets[1].outer.quoted_sport, packets[1].outer.quoted_dport), (17, 40001, 9999));
     let events = [fast.counters(), full.counters()];
     assert_eq!(events, [Counters { matched: 2, ..Default::default() }; 2]);
+}
+
+/// A packet event carries the frame's headers, never its payload: the head stops where the
+/// last header the parse reads ends (a UDP payload's first 4 bytes, an ICMP error's quoted
+/// IP header and the 8 bytes after it, a VXLAN packet's inner headers), on the fast path and
+/// the full parse alike.
+#[test]
+fn events_carry_headers_never_payload() {
+    const POD6: &str = "fd00:10:244::2";
+    const PEER6: &str = "fd00:10:244:1::2";
+    let mut fast = Harness::default();
+    let mut full = Harness::new(FilterConfig { full_parse_only: 1, ..default_filter() }, false);
+    for harness in [&mut fast, &mut full] {
+        harness.probes.follow(ip(POD6)).unwrap();
+    }
+    let mut timestamped = tcp(40000, 80, 1, 2, 0x10, 1000);
+    timestamped[12] = 8 << 4;
+    timestamped.splice(20..20, [1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2]);
+    let quoted = V4::new(POD, PEER, 17).packet(&udp(40001, 53, &[0xab; 200]));
+    let mut later_fragment = V4::new(POD, PEER, 6);
+    later_fragment.frag = 185;
+    let cases: [(&str, Vec<u8>, usize); 9] = [
+        ("TCP", pod_tcp_frame(), 14 + 20 + 20),
+        ("TCP with options", ethernet(0x0800, &V4::new(POD, PEER, 6).packet(&timestamped)), 14 + 20 + 32),
+        ("UDP", ethernet(0x0800, &V4::new(POD, PEER, 17).packet(&udp(40000, 53, &[0xab; 300]))), 14 + 20 + 8 + 4),
+        ("ICMP echo", ethernet(0x0800, &V4::new(POD, PEER, 1).packet(&icmp_echo(8, 7, 1))), 14 + 20 + 8),
+        ("ICMP error", ethernet(0x0800, &V4::new(PEER, POD, 1).packet(&icmp_error(3, 3, &quoted))), 14 + 20 + 8 + 20 + 8),
+        ("later fragment", ethernet(0x0800, &later_fragment.packet(&[0xab; 500])), 14 + 20),
+        ("other protocol", ethernet(0x0800, &V4::new(POD, PEER, 47).packet(&[0xab; 500])), 14 + 20),
+        (
+            "VXLAN",
+            ethernet(0x0800, &V4::new("192.168.0.1", "192.168.0.2", 17).packet(&udp(50000, 8472, &vxlan(1, &pod_tcp_frame())))),
+            50 + 54,
+        ),
+        ("IPv6 TCP", ethernet(0x86dd, &v6(POD6, PEER6, 6, 0, &tcp(40000, 80, 1, 2, 0x10, 1000))), 14 + 40 + 20),
+    ];
+    for (what, frame, headers_end) in &cases {
+        for (path, harness) in [("fast", &mut fast), ("full", &mut full)] {
+            let program = harness.probes.program(Direction::Ingress).unwrap();
+            program.test_run(TestRunOptions { data_in: Some(frame), ..Default::default() }).unwrap();
+            let mut heads = Vec::new();
+            while let Some(item) = harness.events.next() {
+                assert!(item.len() >= size_of::<PacketMeta>());
+                // SAFETY: the record starts with a PacketMeta (checked long enough), read unaligned.
+                let meta: PacketMeta = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                heads.push(usize::from(meta.head_len));
+            }
+            assert_eq!(heads, [*headers_end], "{what} ({path} path): the head copied");
+        }
+    }
 }
 
 #[test]

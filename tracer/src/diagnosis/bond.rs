@@ -15,7 +15,7 @@ use std::{
 use serde_json::{Value, json};
 use tracer_common::IPPROTO_TCP;
 
-use super::{Detector, Finding, FindingKind, MAX_GROUPS, Severity, TCP_ACK, TraceEnd};
+use super::{Detector, Finding, FindingKind, FlowMap, MAX_GROUPS, Severity, TCP_ACK, TraceEnd};
 use crate::{
     events::{
         correlate::Sighting,
@@ -58,12 +58,12 @@ pub struct Bonds<'a> {
     path: &'a Path,
     /// Per slave ifindex: what the pod's side sent through it.
     slaves_out: HashMap<u32, SlaveTraffic>,
-    tcp_flows: HashMap<TcpFlowKey, TcpFlowOverBond>,
+    tcp_flows: FlowMap<TcpFlowKey, TcpFlowOverBond>,
 }
 
 impl<'a> Bonds<'a> {
     pub fn new(path: &'a Path) -> Self {
-        Self { path, slaves_out: HashMap::new(), tcp_flows: HashMap::new() }
+        Self { path, slaves_out: HashMap::new(), tcp_flows: FlowMap::default() }
     }
 
     fn tcp_flow(&mut self, key: TcpFlowKey) -> Option<&mut TcpFlowOverBond> {

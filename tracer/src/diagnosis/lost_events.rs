@@ -3,6 +3,8 @@
 
 use serde_json::json;
 
+use crate::events::correlate::Limits;
+
 use super::{Detector, Finding, FindingKind, LeftOut, MAX_GROUPS, MAX_REQUESTS, Severity, TraceEnd};
 
 #[derive(Default)]
@@ -90,7 +92,11 @@ impl LostEvents {
             severity: Severity::Warning,
             hop: None,
             summary: format!("The findings are incomplete: podtrace's bounded tables left out {}.", listed.join(", ")),
-            evidence: json!({ "left_out": evidence, "table_sizes": { "requests": MAX_REQUESTS, "groups": MAX_GROUPS } }),
+            evidence: json!({ "left_out": evidence, "table_sizes": {
+                "requests": MAX_REQUESTS,
+                "groups": MAX_GROUPS,
+                "packets_in_flight": Limits::default().max_in_flight,
+            } }),
             advice: "Narrow the trace with --peer, --port or --proto, or trace for a shorter time.".into(),
         })
     }

@@ -153,6 +153,9 @@ pub struct TraceEnd<'b> {
     pub final_path: &'b Path,
     pub drop_reasons: &'b HashMap<i64, String>,
     pub symbols: Option<&'b KernelSymbols>,
+    /// Packets the full correlation table evicted while they may still have been crossing
+    /// the path (`Correlator::evicted_in_transit`).
+    pub evicted_in_transit: u64,
 }
 
 impl TraceEnd<'_> {
@@ -176,6 +179,11 @@ pub trait Detector {
         Vec::new()
     }
 }
+
+/// A detector's table of flows or requests, looked up for every packet: keyed by header
+/// fields the network chooses, so hashed with a per-run random seed (foldhash), a fraction of
+/// SipHash's cost.
+pub(crate) type FlowMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Events a detector's bounded table had no room for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -302,7 +310,12 @@ impl<'a> Diagnosis<'a> {
         self.port_refused.defer_to(&explained);
         self.connection_reset.defer_to(&explained);
         self.retransmits.defer_to(&explained);
-        let left_out: Vec<LeftOut> = self.detectors().iter().flat_map(|detector| detector.left_out()).filter(|l| l.count > 0).collect();
+        let in_transit = LeftOut {
+            what: "packets from the hop-by-hop correlation, evicted by its full table while still in transit (their later hops go unlinked)",
+            count: end.evicted_in_transit,
+        };
+        let left_out: Vec<LeftOut> =
+            self.detectors().iter().flat_map(|detector| detector.left_out()).chain([in_transit]).filter(|l| l.count > 0).collect();
         self.lost_events.left_out = left_out;
         let mut findings: Vec<Finding> = self.detectors().iter().flat_map(|detector| detector.findings(&end)).collect();
         findings.sort_by_key(|finding| std::cmp::Reverse(finding.severity));
@@ -364,6 +377,23 @@ mod tests {
             };
             self.diagnosis.finish(end.trace_end(path)).findings
         }
+    }
+
+    /// Packets the correlation table evicted while in transit leave hops unlinked: the report
+    /// must say its per-hop linking is incomplete; evictions of finished packets are no news.
+    #[test]
+    fn packets_evicted_in_transit_are_reported_as_left_out() {
+        let path = local_path();
+        let finish = |evicted_in_transit| {
+            let diagnosis = Diagnosis::new(&path, Settings { node_ip: None, reply_timeout_ns: TIMEOUT, own_netns: NODE_NS });
+            diagnosis.finish(End { evicted_in_transit, ..Default::default() }.trace_end(&path)).findings
+        };
+        assert!(finish(0).is_empty());
+        let findings = finish(7);
+        assert_eq!(findings.len(), 1, "{findings:#?}");
+        assert_eq!((findings[0].kind, findings[0].severity), (FindingKind::LostEvents, Severity::Warning));
+        assert!(findings[0].summary.contains("left out 7 packets from the hop-by-hop correlation"), "{}", findings[0].summary);
+        assert_eq!(findings[0].evidence["table_sizes"]["packets_in_flight"], 65_536);
     }
 
     const VETH_IN: (u32, Direction) = (5, Direction::Ingress);

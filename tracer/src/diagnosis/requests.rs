@@ -2,7 +2,7 @@
 //! dns-unanswered detectors, each of which tracks its own kinds of request.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
 };
 
@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use tracer_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
 
 use super::{
-    MAX_GROUPS, MAX_REQUESTS, TCP_ACK,
+    FlowMap, MAX_GROUPS, MAX_REQUESTS, TCP_ACK,
     services::{ClientFlow, Explained},
 };
 use crate::{
@@ -150,8 +150,8 @@ pub struct RequestTracker<'a> {
     kinds: &'static [RequestKind],
     reply_timeout_ns: u64,
     /// Requests still within their reply timeout, or not yet settled.
-    requests: HashMap<RequestKey, Request>,
-    by_fingerprint: HashMap<Fingerprint, RequestKey>,
+    requests: FlowMap<RequestKey, Request>,
+    by_fingerprint: FlowMap<Fingerprint, RequestKey>,
     /// Requests past their reply timeout and unanswered, folded per kind, peer and port, so
     /// the table holds only those still waiting: a busy pod never fills it.
     settled: BTreeMap<GroupKey, Group>,
@@ -170,8 +170,8 @@ impl<'a> RequestTracker<'a> {
             path,
             kinds,
             reply_timeout_ns,
-            requests: HashMap::new(),
-            by_fingerprint: HashMap::new(),
+            requests: FlowMap::default(),
+            by_fingerprint: FlowMap::default(),
             settled: BTreeMap::new(),
             settled_at_ns: 0,
             untracked: 0,

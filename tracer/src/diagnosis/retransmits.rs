@@ -17,7 +17,7 @@ use std::{
 use serde_json::json;
 use tracer_common::IPPROTO_TCP;
 
-use super::{Detector, Finding, FindingKind, MAX_GROUPS, MAX_REQUESTS, Severity, TCP_ACK, TraceEnd, services::Explained};
+use super::{Detector, Finding, FindingKind, FlowMap, MAX_GROUPS, MAX_REQUESTS, Severity, TCP_ACK, TraceEnd, services::Explained};
 use crate::{
     events::{
         correlate::Sighting,
@@ -79,14 +79,14 @@ pub struct Retransmits<'a> {
     path: &'a Path,
     groups: BTreeMap<FlowKey, RetransmitGroup>,
     /// Keyed by the flow as its followed pod sees it: (pod, pod port, peer, peer port).
-    tcp_flows: HashMap<FlowKey, TcpFlow>,
+    tcp_flows: FlowMap<FlowKey, TcpFlow>,
     /// Flows a pitfall finding explains, set when the trace ends.
     explained: Explained,
 }
 
 impl<'a> Retransmits<'a> {
     pub fn new(path: &'a Path) -> Self {
-        Self { path, groups: BTreeMap::new(), tcp_flows: HashMap::new(), explained: Explained::default() }
+        Self { path, groups: BTreeMap::new(), tcp_flows: FlowMap::default(), explained: Explained::default() }
     }
 
     /// Leaves retransmits of flows a pitfall finding explains out of the findings (they still

@@ -12,7 +12,7 @@ use std::{
 
 use tracer_common::{IPPROTO_TCP, IPPROTO_UDP};
 
-use super::TCP_ACK;
+use super::{FlowMap, TCP_ACK};
 use crate::{
     events::{
         correlate::{Fingerprint, Flow, Sighting},
@@ -60,14 +60,14 @@ fn is_opening(layer: &Layer) -> bool {
 
 /// A map that keeps its newest `capacity` keys, in the order they were first inserted.
 struct Newest<K, V> {
-    map: HashMap<K, V>,
+    map: FlowMap<K, V>,
     order: VecDeque<K>,
     capacity: usize,
 }
 
 impl<K: Copy + Eq + Hash, V: Copy> Newest<K, V> {
     fn new(capacity: usize) -> Self {
-        Self { map: HashMap::new(), order: VecDeque::new(), capacity }
+        Self { map: FlowMap::default(), order: VecDeque::new(), capacity }
     }
 
     /// Inserts `value` unless `key` is there already; forgets the oldest key beyond capacity.

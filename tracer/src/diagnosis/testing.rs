@@ -60,6 +60,7 @@ pub struct End {
     pub recursion_misses: Option<u64>,
     /// The kernel has no `icmp:icmp_send` (5.10).
     pub icmp_send_missing: bool,
+    pub evicted_in_transit: u64,
     /// `link_drops` with every other hop of the path that did not vanish, as a trace reads them;
     /// filled by `trace_end` (public only so that tests can build an `End` with `..Default::default()`).
     pub all_link_drops: OnceLock<HashMap<u32, LinkDrops>>,
@@ -86,6 +87,7 @@ impl End {
             final_path: path,
             drop_reasons: &self.drop_reasons,
             symbols: self.symbols.as_ref(),
+            evicted_in_transit: self.evicted_in_transit,
         }
     }
 

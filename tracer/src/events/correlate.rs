@@ -179,6 +179,10 @@ impl Default for Limits {
     }
 }
 
+/// An evicted packet seen this recently may still be crossing the path: a node's hops are
+/// microseconds apart, and even a packet queued behind a shaper is on in well under this.
+pub const IN_TRANSIT_NS: u64 = 100_000_000;
+
 /// The outcome of observing one packet at one hop.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Sighting {
@@ -201,8 +205,13 @@ pub struct Correlator {
     /// Insertion order for expiry and eviction; stale generations are skipped.
     order: VecDeque<(Fingerprint, u64, u64)>,
     next_generation: u64,
-    /// Packets that left the table before they were seen again (finished, or evicted).
+    /// Packets the full table evicted before their expiry.
     pub evicted: u64,
+    /// Of those, packets last seen less than `IN_TRANSIT_NS` before: likely still crossing
+    /// the path, so their later sightings start new journeys and their hops go unlinked.
+    pub evicted_in_transit: u64,
+    /// The newest event's time, against which an evicted packet's age is taken.
+    now_ns: u64,
     /// Events whose addresses matched no followed IP.
     pub unmatched: u64,
 }
@@ -218,6 +227,8 @@ impl Correlator {
             order: VecDeque::new(),
             next_generation: 0,
             evicted: 0,
+            evicted_in_transit: 0,
+            now_ns: 0,
             unmatched: 0,
         }
     }
@@ -236,6 +247,7 @@ impl Correlator {
             self.unmatched += 1;
             return None;
         };
+        self.now_ns = self.now_ns.max(packet.ktime_ns);
         self.expire(packet.ktime_ns);
 
         let bit = 1u64.checked_shl(hop as u32).unwrap_or(0);
@@ -304,7 +316,12 @@ impl Correlator {
 
     fn evict_oldest(&mut self) {
         while let Some((fingerprint, generation, _)) = self.order.pop_front() {
-            if self.in_flight.get(&fingerprint).is_some_and(|e| e.generation == generation) {
+            if let Some(entry) = self.in_flight.get(&fingerprint)
+                && entry.generation == generation
+            {
+                if self.now_ns.saturating_sub(entry.last_ns) < IN_TRANSIT_NS {
+                    self.evicted_in_transit += 1;
+                }
                 self.in_flight.remove(&fingerprint);
                 self.evicted += 1;
                 return;
@@ -314,6 +331,11 @@ impl Correlator {
 
     pub fn hop_stats(&self, hop: HopKey) -> Option<&HopStats> {
         self.hop_numbers.get(&hop).map(|&number| &self.hops[number].1)
+    }
+
+    /// How many packets the table holds at most.
+    pub fn table_size(&self) -> usize {
+        self.limits.max_in_flight
     }
 
     pub fn in_flight(&self) -> usize {
@@ -584,6 +606,22 @@ mod tests {
             assert!(correlator.order.len() <= 200);
         }
         assert_eq!(correlator.evicted, 10_000 - 100);
+        // One nanosecond apart: every evicted packet was still in transit.
+        assert_eq!(correlator.evicted_in_transit, 10_000 - 100);
+    }
+
+    #[test]
+    fn evicting_a_packet_long_past_its_last_hop_is_not_in_transit() {
+        let limits = Limits { max_in_flight: 2, expiry_ns: u64::MAX };
+        let mut correlator = Correlator::new(pod(), limits);
+        let second = 1_000_000_000;
+        for (i, at) in [(1u16, 0), (2, 0), (3, second), (4, second + 1)] {
+            correlator.observe(&packet(icmp("10.244.0.2", "10.244.1.2", 1, i, i), 3, Direction::Ingress, at));
+        }
+        // The first two were a second old when the third and fourth pushed them out.
+        assert_eq!((correlator.evicted, correlator.evicted_in_transit), (2, 0));
+        correlator.observe(&packet(icmp("10.244.0.2", "10.244.1.2", 1, 5, 5), 3, Direction::Ingress, second + 2));
+        assert_eq!((correlator.evicted, correlator.evicted_in_transit), (3, 1));
     }
 
     #[test]

@@ -90,6 +90,7 @@ async fn diagnose_and_report(options: &FollowOptions, kernel: &KernelFacts, path
         final_path: &final_path,
         drop_reasons: &kernel.drop_reasons,
         symbols: symbols.as_ref(),
+        evicted_in_transit: correlator.evicted_in_transit,
     });
     let facts = RunFacts {
         node: options.node.clone(),

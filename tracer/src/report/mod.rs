@@ -75,6 +75,18 @@ pub struct Report {
     pub decode_errors: DecodeErrors,
     /// Packets the kernel matched (each crossing of each hop counts once).
     pub events: u64,
+    pub correlation: CorrelationReport,
+}
+
+/// How the hop-by-hop correlation's bounded table fared.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct CorrelationReport {
+    /// Packets it holds at most.
+    pub table_size: usize,
+    /// Packets it evicted, full, before their expiry: harmless for a packet past its last hop.
+    pub evicted: u64,
+    /// Of those, packets seen at a hop within the last 100 ms, likely still in transit.
+    pub evicted_in_transit: u64,
 }
 
 /// Inputs that are not per-hop statistics.
@@ -133,6 +145,11 @@ pub fn build(path: &Path, correlator: &Correlator, facts: RunFacts<'_>, outcome:
         recursion_misses: facts.recursion_misses,
         decode_errors: facts.decode_errors,
         events: facts.counters.matched,
+        correlation: CorrelationReport {
+            table_size: correlator.table_size(),
+            evicted: correlator.evicted,
+            evicted_in_transit: correlator.evicted_in_transit,
+        },
     }
 }
 
@@ -165,6 +182,7 @@ mod tests {
         assert_eq!(json["duration_s"], 1.235);
         assert_eq!(json["lost_events"], 2);
         assert_eq!(json["lost_kernel_events"], 4);
+        assert_eq!(json["correlation"], serde_json::json!({"table_size": 65_536, "evicted": 0, "evicted_in_transit": 0}));
         assert!(json["recursion_misses"].is_null(), "unknown on this kernel, not 0");
         assert_eq!(json["decode_errors"], serde_json::json!({"count": 1, "first": "ring record with unknown direction 9"}));
         let first = &json["hops"][0];
