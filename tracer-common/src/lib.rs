@@ -17,6 +17,9 @@ pub const PKT_VLAN: u8 = 1 << 0;
 pub const PKT_VXLAN: u8 = 1 << 1;
 /// The VXLAN payload was cut short, so `inner` is incomplete.
 pub const PKT_INNER_TRUNCATED: u8 = 1 << 2;
+/// `NatTuple::flags`: the packet crossed a NAT (conntrack translated it); the record carries
+/// the tuple the pod's side of the NAT has (`TranslatedRecord`).
+pub const PKT_TRANSLATED: u8 = 1 << 4;
 
 /// `IpLayer::flags`: the IP header had the Don't Fragment bit.
 pub const IP_DF: u8 = 1 << 0;
@@ -123,6 +126,63 @@ pub struct PacketMeta {
     pub reserved: u32,
 }
 
+/// A followed pod's packet seen translated by the node's NAT (masqueraded on its way out, or
+/// a reply on its way in before conntrack undoes the NAT): the record of a plain packet with
+/// the tuple the pod's side of the NAT has, so userspace recognises it as the pod's packet and
+/// names what it was translated to. A NATed packet the fast test read is plain IPv4, whose
+/// headers fit a `HEAD_SHORT` head. Its length tells it from a `PacketRecord`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TranslatedRecord {
+    pub meta: PacketMeta,
+    pub pod: NatTuple,
+    pub head: [u8; HEAD_SHORT],
+}
+
+/// An IPv4 flow's tuple as one side of a NAT has it: the addresses as the packet's bytes
+/// (read as native `u32`s), the ports (TCP, UDP) or the echo id (ICMP, in `sport`; `dport` 0)
+/// in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NatTuple {
+    pub src: u32,
+    pub dst: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// `PKT_TRANSLATED` in a `TranslatedRecord`; zero in a `NAT_FLOWS` key.
+    pub flags: u8,
+    /// Zero; keeps the struct free of padding holes (it is a map key too).
+    pub reserved: u16,
+}
+
+/// How many translated flows the TC programs remember (`NAT_FLOWS`, least recently used
+/// forgotten first), so that their replies are recognised on ingress.
+pub const MAX_NAT_FLOWS: u32 = 16_384;
+
+/// Where a conntrack entry's tuples sit relative to its original tuple, and the tuple's
+/// fields: the layout of `struct nf_conn` since 2.6 (`tuplehash[2]` then `status`), checked
+/// against the running kernel's BTF by userspace, which leaves NAT following off where it
+/// differs. `KernelLayout::ct_tuples` says where the original tuple is.
+pub const CT_REPLY_TUPLE: usize = 56;
+pub const CT_STATUS: usize = 96;
+/// How many bytes one read of a conntrack entry takes: both tuples and `status`.
+pub const CT_READ: usize = CT_STATUS + 8;
+/// `struct nf_conntrack_tuple`: `src.u3`, `src.u` (port or echo id), `src.l3num`, `dst.u3`,
+/// `dst.u`, `dst.protonum`.
+pub const CT_SRC_ADDR: usize = 0;
+pub const CT_SRC_PORT: usize = 16;
+pub const CT_L3NUM: usize = 18;
+pub const CT_DST_ADDR: usize = 20;
+pub const CT_DST_PORT: usize = 36;
+pub const CT_PROTONUM: usize = 38;
+/// `enum ip_conntrack_status`: `IPS_SRC_NAT`, `IPS_DST_NAT`.
+pub const IPS_NAT_MASK: u64 = (1 << 4) | (1 << 5);
+/// `enum ip_conntrack_info`: values from here on are of the reply direction; the low 3 bits of
+/// `skb->_nfct` hold it, the rest is the `struct nf_conn` pointer.
+pub const IP_CT_IS_REPLY: u64 = 3;
+pub const NFCT_INFO_MASK: u64 = 7;
+
 /// Head sizes of `PacketRecord`.
 pub const HEAD_SHORT: usize = 128;
 pub const HEAD_LONG: usize = 256;
@@ -138,11 +198,19 @@ pub const COUNTER_NOT_IP: u32 = 3;
 /// Kernel events (drops, retransmits, ICMP errors) that did not fit in their ring buffer, or
 /// nested deeper than the programs keep records for.
 pub const COUNTER_LOST_KERNEL_EVENTS: u32 = 4;
-pub const COUNTER_COUNT: u32 = 5;
+/// Translated flows of the followed pods learned into `NAT_FLOWS`: beyond `MAX_NAT_FLOWS`,
+/// the oldest were forgotten and their replies may have gone unrecognised.
+pub const COUNTER_NAT_FLOWS: u32 = 5;
+pub const COUNTER_COUNT: u32 = 6;
 
 /// `HopConfig::flags` (and `PacketMeta::hop_flags`): the device has no MAC header (IP
 /// starts at offset 0).
 pub const HOP_NO_MAC_HEADER: u32 = 1 << 0;
+
+/// The hop is where the node's NAT shows (a NIC, a bond or its slave): packets the fast test
+/// turns away are looked up as translated flows of the followed pods (conntrack's entry on
+/// egress, the learned reply tuples on ingress).
+pub const HOP_NAT: u32 = 1 << 1;
 
 /// Per-ifindex settings, written by userspace for each traced hop.
 #[repr(C)]
@@ -225,6 +293,7 @@ pub const DROP_REASON_UNKNOWN: u32 = u32::MAX;
 pub const KEV_RECEIVED: u8 = 1 << 0;
 
 const _: () = assert!(size_of::<PacketMeta>() == 32 && size_of::<parse::Frame>() == 2 * size_of::<IpLayer>() + 12);
+const _: () = assert!(size_of::<NatTuple>() == 16 && size_of::<TranslatedRecord>() == 32 + 16 + HEAD_SHORT);
 
 /// A kernel-wide event (tracepoint) about one of the followed flows.
 #[repr(C)]
@@ -291,6 +360,11 @@ pub struct KernelLayout {
     /// `skb:kfree_skb` programs turn away before reading the skb; `NO_SUCH_REASON` where the
     /// kernel has no such reason.
     pub kfree_not_drops: [u32; 2],
+    /// `sk_buff._nfct` and where the original tuple of a `struct nf_conn` is
+    /// (`tuplehash[IP_CT_DIR_ORIGINAL].tuple`), for the TC programs' NAT following; both 0
+    /// where the kernel has no conntrack or its layout is not the one `CT_*` describe.
+    pub skb_nfct: u32,
+    pub ct_tuples: u32,
 }
 
 /// `KernelLayout::kfree_not_drops` for a reason the kernel does not have: a value no
@@ -309,4 +383,5 @@ mod user {
     unsafe impl aya::Pod for super::FilterConfig {}
     unsafe impl aya::Pod for super::FollowedV4 {}
     unsafe impl aya::Pod for super::HopSlot {}
+    unsafe impl aya::Pod for super::NatTuple {}
 }

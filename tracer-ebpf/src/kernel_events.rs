@@ -62,7 +62,18 @@ static LAYOUT: KernelLayout = KernelLayout {
     icmp_type: 0,
     icmp_code: 0,
     kfree_not_drops: [NO_SUCH_REASON; 2],
+    skb_nfct: 0,
+    ct_tuples: 0,
 };
+
+/// `sk_buff._nfct` and the original tuple's offset in `struct nf_conn` (0: no NAT following),
+/// for the TC programs' NAT following (`nat`), read field by field: no copy of the whole
+/// layout on the stack.
+#[inline(always)]
+pub fn conntrack_offsets() -> (u32, u32) {
+    // SAFETY: a global written only by the loader.
+    unsafe { (core::ptr::read_volatile(&raw const LAYOUT.skb_nfct), core::ptr::read_volatile(&raw const LAYOUT.ct_tuples)) }
+}
 
 /// Network namespaces (by inode number) whose events belong to this node.
 #[map]

@@ -1,6 +1,7 @@
 //! podtrace kernel programs.
 //!
-//! `tc` holds the TC classifiers, `kernel_events` the tracepoint programs; both parse with
+//! `tc` holds the TC classifiers, `nat` their following of the pods' translated flows (NAT on
+//! the node's NICs), `kernel_events` the tracepoint programs; both parse with
 //! `tracer_common::parse` (which userspace runs too) and decide what to report with
 //! `maps::matches`.
 //!
@@ -15,6 +16,8 @@
 mod kernel_events;
 #[cfg(target_arch = "bpf")]
 mod maps;
+#[cfg(target_arch = "bpf")]
+mod nat;
 #[cfg(target_arch = "bpf")]
 mod tc;
 

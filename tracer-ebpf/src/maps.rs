@@ -136,6 +136,52 @@ pub fn is_followed(layer: &IpLayer) -> bool {
     unsafe { FOLLOWED.get(&layer.src).is_some() || FOLLOWED.get(&layer.dst).is_some() }
 }
 
+/// `passes_filter` for an IPv4 flow given by its addresses (as the packet's bytes, read as
+/// native `u32`s), protocol and ports (host order; 0 where the parse reads none): `FILTER`'s
+/// fields read one by one, with no copy of the whole filter on the stack.
+#[inline(always)]
+pub fn passes_filter_v4(src: u32, dst: u32, proto: u8, sport: u16, dport: u16) -> bool {
+    // SAFETY: as in `filter`.
+    let (has_peer, filter_proto, port) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const FILTER.has_peer),
+            core::ptr::read_volatile(&raw const FILTER.proto),
+            core::ptr::read_volatile(&raw const FILTER.port),
+        )
+    };
+    if has_peer != 0 && !peer_is_v4(src) && !peer_is_v4(dst) {
+        return false;
+    }
+    if filter_proto != 0 && proto != filter_proto {
+        return false;
+    }
+    !(port != 0 && sport != port && dport != port)
+}
+
+/// Whether `--peer` is the IPv4 address `addr` (as the packet's bytes, read as a native
+/// `u32`): `FILTER.peer` read a 16-bit word at a time (it starts the 2-aligned filter), each
+/// compared before the next is read, so that few registers hold it at once.
+#[inline(always)]
+fn peer_is_v4(addr: u32) -> bool {
+    let words = (&raw const FILTER.peer).cast::<u16>();
+    let bytes = addr.to_ne_bytes();
+    let expected = [0, 0, 0, 0, 0, 0xffff, u16::from_ne_bytes([bytes[0], bytes[1]]), u16::from_ne_bytes([bytes[2], bytes[3]])];
+    // SAFETY: as in `filter`; the 8 words of the 16-byte `peer`, 2-aligned at its start.
+    expected.iter().enumerate().all(|(index, word)| unsafe { core::ptr::read_volatile(words.add(index)) } == *word)
+}
+
+/// Whether an IPv4 address (as the packet's bytes, read as a native `u32`) is followed.
+#[inline(always)]
+pub fn is_followed_v4(addr: u32) -> bool {
+    if let Some(followed) = fast_followed_v4() {
+        return holds(followed, addr);
+    }
+    let bytes = addr.to_ne_bytes();
+    let mapped = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, bytes[0], bytes[1], bytes[2], bytes[3]];
+    // SAFETY: only whether an entry exists is used.
+    unsafe { FOLLOWED.get(&mapped).is_some() }
+}
+
 #[inline(always)]
 fn passes_filter(filter: &FilterConfig, layer: &IpLayer) -> bool {
     if filter.has_peer != 0 && layer.src != filter.peer && layer.dst != filter.peer {

@@ -8,7 +8,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use tracer_common::{
-    COUNTER_LOST_EVENTS, COUNTER_MATCHED, COUNTER_NOT_IP, COUNTER_UNPARSED, DIR_EGRESS, DIR_INGRESS, HEAD_LONG, HEAD_SHORT,
+    COUNTER_LOST_EVENTS, COUNTER_MATCHED, COUNTER_NOT_IP, COUNTER_UNPARSED, DIR_EGRESS, DIR_INGRESS, HEAD_LONG, HEAD_SHORT, HOP_NAT,
     HOP_NO_MAC_HEADER, HOP_SLOTS, HopConfig, HopSlot, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, MAX_HOPS, PKT_INNER_TRUNCATED, PacketMeta,
     PacketRecord,
     parse::{ETH_P_IP, Frame, Headers, Skip, could_be_followed, l4_headers_end, parse_frame},
@@ -94,7 +94,7 @@ static HOP_SLOT: Array<HopSlot> = Array::with_max_entries(HOP_SLOTS, 0);
 
 /// Userspace resizes this at load time (`--ring-size`).
 #[map]
-static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
 /// Per-CPU room for the parse of a packet the fast test could not decide: two layers are
 /// too large for the 512-byte BPF stack alongside the header reads.
@@ -125,6 +125,8 @@ fn trace(ctx: &TcContext, direction: u8) {
     let verdict = fast_verdict(ctx, hop);
     let headers_end = verdict >> VERDICT_BITS;
     match verdict & VERDICT_MASK {
+        // Only where the node's NAT shows can a packet without a followed address be ours.
+        VERDICT_NOT_OURS if hop.flags & HOP_NAT != 0 => crate::nat::trace_translated(ctx.skb.skb, u32::from(direction), hop.flags),
         VERDICT_NOT_OURS => {}
         VERDICT_OURS_PLAIN => emit::<HEAD_SHORT>(ctx, skb, hop, direction, headers_end),
         VERDICT_OURS => emit::<HEAD_LONG>(ctx, skb, hop, direction, headers_end),
@@ -248,7 +250,7 @@ fn take_snapshot(ctx: &TcContext, skb_len: u32, snapshot: &mut Snapshot) -> Resu
 /// both bounds on the length register passed to the helper: LLVM would otherwise fold the
 /// bounds into a form they cannot read, and `black_box` keeps it from dropping the mask.
 #[inline(always)]
-fn copy_len<const N: usize>(skb_len: u32) -> Option<usize> {
+pub(crate) fn copy_len<const N: usize>(skb_len: u32) -> Option<usize> {
     if skb_len == 0 {
         return None;
     }
@@ -389,7 +391,7 @@ fn fast_verdict_inline<const L3: usize>(data: usize, end: usize, followed: &Fast
 /// parse: IP options, an ICMP error (whose quote the parse reads), a TCP header beyond the
 /// linear area.
 #[inline(always)]
-fn ipv4_headers_end(data: usize, end: usize, l3: usize) -> Option<usize> {
+pub(crate) fn ipv4_headers_end(data: usize, end: usize, l3: usize) -> Option<usize> {
     let l4 = l3 + IPV4_HLEN;
     // The TCP data offset is the furthest byte read.
     if data + l4 + TCP_DOFF + 1 > end {

@@ -143,7 +143,7 @@ fn loaded_with(followed: &str, on_hop: bool, filter: FilterConfig) -> Result<(Pr
     probes.follow(followed.parse::<IpAddr>()?)?;
     if on_hop {
         // BPF_PROG_TEST_RUN hands the program an skb on the loopback device.
-        probes.register_hop(1, false)?;
+        probes.register_hop(1, 0)?;
     }
     let events = probes.take_events()?;
     Ok((probes, events))

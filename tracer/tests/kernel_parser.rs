@@ -12,9 +12,10 @@ use aya::{
 use tracer::{
     Direction,
     events::decode::{Packet, PacketDecoder},
+    kernel::{btf::KernelBtf, layout},
     probes::{AttachMode, Counters, KERNEL_RING_BYTES, LoadOptions, Probes},
 };
-use tracer_common::{FilterConfig, PacketMeta};
+use tracer_common::{FilterConfig, HOP_NAT, HOP_NO_MAC_HEADER, KernelLayout, NatTuple, PKT_TRANSLATED, PacketMeta};
 
 const POD: &str = "10.244.0.2";
 const PEER: &str = "10.244.1.2";
@@ -38,7 +39,7 @@ impl Harness {
         )
         .expect("loading the programs (are you root?)");
         probes.follow(POD.parse().unwrap()).unwrap();
-        probes.register_hop(LOOPBACK, no_mac_header).unwrap();
+        probes.register_hop(LOOPBACK, if no_mac_header { HOP_NO_MAC_HEADER } else { 0 }).unwrap();
         let events = probes.take_events().unwrap();
         Self { probes, events, decoder: PacketDecoder::new(filter.vxlan_ports) }
     }
@@ -881,8 +882,8 @@ fn many_followed_ips_and_a_shared_hop_slot() {
     }
     probes.follow(ip(POD)).unwrap();
     // Slot 1 of 256 goes to ifindex 257, registered first; loopback (1) is found in the map.
-    probes.register_hop(257, false).unwrap();
-    probes.register_hop(LOOPBACK, false).unwrap();
+    probes.register_hop(257, 0).unwrap();
+    probes.register_hop(LOOPBACK, 0).unwrap();
     let mut events = probes.take_events().unwrap();
     let program = probes.program(Direction::Ingress).unwrap();
     for (src, expected) in [(POD, 1), ("10.244.3.111", 1), ("10.244.3.100", 1), ("10.244.3.99", 0)] {
@@ -894,4 +895,79 @@ fn many_followed_ips_and_a_shared_hop_slot() {
         }
         assert_eq!(seen, expected, "{src}");
     }
+}
+
+// ---- translated flows (the node's NAT) -------------------------------------------------
+
+/// The node's address the pod is masqueraded to, and a host outside the cluster.
+const NODE: &str = "10.99.0.1";
+const EXTERNAL: &str = "203.0.113.10";
+
+fn v4_word(text: &str) -> u32 {
+    u32::from_ne_bytes(text.parse::<std::net::Ipv4Addr>().unwrap().octets())
+}
+
+fn nat_tuple(src: &str, dst: &str, sport: u16, dport: u16, proto: u8, flags: u8) -> NatTuple {
+    NatTuple { src: v4_word(src), dst: v4_word(dst), sport: sport.to_be(), dport: dport.to_be(), proto, flags, reserved: 0 }
+}
+
+/// The programs loaded with this kernel's conntrack layout, the loopback hop registered with
+/// `HOP_NAT` (as a NIC is) or without it, and pod A's TCP flow to the external host (from port
+/// 40000, masqueraded to 61000) and its ping (id 7, masqueraded to id 9) learned.
+fn nat_harness(nat_hop: bool) -> Harness {
+    let mut btf = KernelBtf::from_file(std::path::Path::new("/sys/kernel/btf/vmlinux")).unwrap();
+    let module = std::path::Path::new("/sys/kernel/btf/nf_conntrack");
+    if module.exists() {
+        btf.add_module(module).unwrap();
+    }
+    let (skb_nfct, ct_tuples) = layout::conntrack(&btf).expect("this kernel's conntrack, as the TC programs read it");
+    let layout = KernelLayout { skb_nfct, ct_tuples, ..Default::default() };
+    let filter = default_filter();
+    let mut probes =
+        Probes::load(&LoadOptions { filter, layout, ring_bytes: 1 << 16, kernel_ring_bytes: KERNEL_RING_BYTES }, AttachMode::Auto)
+            .expect("loading the programs (are you root?)");
+    probes.follow(ip(POD)).unwrap();
+    probes.register_hop(LOOPBACK, if nat_hop { HOP_NAT } else { 0 }).unwrap();
+    probes
+        .learn_translated_flow(nat_tuple(EXTERNAL, NODE, 8080, 61000, 6, 0), nat_tuple(EXTERNAL, POD, 8080, 40000, 6, PKT_TRANSLATED))
+        .unwrap();
+    probes.learn_translated_flow(nat_tuple(EXTERNAL, NODE, 9, 0, 1, 0), nat_tuple(EXTERNAL, POD, 7, 0, 1, PKT_TRANSLATED)).unwrap();
+    let events = probes.take_events().unwrap();
+    Harness { probes, events, decoder: PacketDecoder::new(filter.vxlan_ports) }
+}
+
+/// Replies of a learned translated flow arriving on a NIC, before conntrack undoes the NAT,
+/// are the pod's, reported with its side of the NAT; other flows to the node's address, and
+/// the same replies on a hop where the NAT does not show, are not.
+#[test]
+fn replies_of_a_translated_flow_are_the_pods() {
+    let mut harness = nat_harness(true);
+    let reply = ethernet(0x0800, &V4::new(EXTERNAL, NODE, 6).packet(&tcp(8080, 61000, 5000, 1001, 0x12, 0)));
+    let packet = harness.one(&reply);
+    let layer = packet.pod_layer();
+    assert_eq!((layer.src, layer.sport, layer.dst, layer.dport), (ip(EXTERNAL), 8080, ip(POD), 40000));
+    assert_eq!((layer.tcp_seq, layer.tcp_flags), (5000, 0x12));
+    let translated = packet.translated.expect("the wire's header");
+    assert_eq!((translated.src, translated.dst, translated.sport, translated.dport), (ip(EXTERNAL), ip(NODE), 8080, 61000));
+    let echo_reply = ethernet(0x0800, &V4::new(EXTERNAL, NODE, 1).packet(&icmp_echo(0, 9, 3)));
+    let packet = harness.one(&echo_reply);
+    assert_eq!((packet.outer.dst, packet.outer.icmp_id, packet.outer.icmp_seq), (ip(POD), 7, 3));
+    assert_eq!(packet.translated.unwrap().sport, 9);
+    // The node's own flows to the same host: another port, another id, an echo request.
+    for frame in [
+        ethernet(0x0800, &V4::new(EXTERNAL, NODE, 6).packet(&tcp(8080, 61001, 5000, 1001, 0x12, 0))),
+        ethernet(0x0800, &V4::new(EXTERNAL, NODE, 1).packet(&icmp_echo(0, 10, 3))),
+        ethernet(0x0800, &V4::new(EXTERNAL, NODE, 1).packet(&icmp_echo(8, 9, 3))),
+        ethernet(0x0800, &V4::new(EXTERNAL, NODE, 17).packet(&udp(8080, 61000, &[1, 2, 3, 4]))),
+    ] {
+        assert!(harness.run(Direction::Ingress, &frame, None).is_empty());
+    }
+    // On egress the packet's own conntrack entry decides: a test run's skb has none.
+    let out = ethernet(0x0800, &V4::new(NODE, EXTERNAL, 6).packet(&tcp(61000, 8080, 1000, 5001, 0x10, 0)));
+    assert!(harness.run(Direction::Egress, &out, None).is_empty());
+    assert_eq!(harness.counters(), Counters { matched: 2, ..Default::default() });
+
+    let mut plain_hop = nat_harness(false);
+    assert!(plain_hop.run(Direction::Ingress, &reply, None).is_empty());
+    assert_eq!(plain_hop.counters(), Counters::default());
 }

@@ -2,6 +2,7 @@
 //! not tracked: the report is incomplete, and must say so.
 
 use serde_json::json;
+use tracer_common::MAX_NAT_FLOWS;
 
 use crate::events::correlate::Limits;
 
@@ -30,6 +31,15 @@ impl LostEvents {
         if decode_errors > 0 {
             parts.push(format!("{decode_errors} ring records could not be decoded"));
         }
+        // The kernel forgets its least recently used translated flows past its table's size.
+        let forgotten_flows = counters.nat_flows > u64::from(MAX_NAT_FLOWS);
+        if forgotten_flows {
+            parts.push(format!(
+                "{} translated flows of the pod were learned, more than the {MAX_NAT_FLOWS} the kernel programs remember: replies of the \
+                 oldest may have gone unrecognised where the node's NAT shows",
+                counters.nat_flows
+            ));
+        }
         let recursion_misses = end.recursion_misses.unwrap_or(0);
         if recursion_misses > 0 {
             parts.push(format!(
@@ -48,6 +58,9 @@ impl LostEvents {
         }
         if counters.lost_kernel_events > 0 {
             advice.push(format!("enlarge the kernel-event ring with --kernel-ring-size (now {kernel_ring_bytes} bytes)"));
+        }
+        if forgotten_flows {
+            advice.push("narrow the trace with --peer, --port or --proto to fewer translated flows".into());
         }
         if counters.unparsed > 0 {
             advice.push("unparsed packets are truncated or malformed headers: capture the hop with tcpdump to inspect them".into());
@@ -71,6 +84,7 @@ impl LostEvents {
                 "decode_errors": decode_errors,
                 "first_decode_error": end.decode_errors.first,
                 "recursion_misses": end.recursion_misses,
+                "translated_flows": counters.nat_flows,
                 "matched_events": counters.matched,
                 "ring_bytes": ring_bytes,
                 "kernel_ring_bytes": kernel_ring_bytes,
@@ -124,6 +138,19 @@ mod tests {
         assert_eq!(finding.evidence["lost_events"], 3);
         assert_eq!(finding.evidence["ring_bytes"], 4096);
         assert!(finding.advice.contains("--ring-size"));
+    }
+
+    #[test]
+    fn more_translated_flows_than_the_kernel_remembers_are_reported() {
+        let path = local_path();
+        let at_bound = End { counters: Counters { nat_flows: u64::from(MAX_NAT_FLOWS), ..Default::default() }, ..Default::default() };
+        assert!(at_bound.findings(&LostEvents::default(), &path).is_empty());
+        let beyond = End { counters: Counters { nat_flows: u64::from(MAX_NAT_FLOWS) + 1, ..Default::default() }, ..Default::default() };
+        let findings = beyond.findings(&LostEvents::default(), &path);
+        assert_eq!(findings.len(), 1, "{findings:#?}");
+        assert_eq!(findings[0].evidence["translated_flows"], u64::from(MAX_NAT_FLOWS) + 1);
+        assert!(findings[0].summary.contains("translated flows of the pod were learned"), "{}", findings[0].summary);
+        assert!(findings[0].advice.starts_with("Narrow the trace"), "{}", findings[0].advice);
     }
 
     #[test]

@@ -2,13 +2,13 @@
 //! parsed here, from the ring's memory, by the parser the kernel programs run
 //! (`tracer_common::parse`).
 
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Result, bail};
 use tracer_common::{
     DIR_EGRESS, DIR_INGRESS, HEAD_LONG, HEAD_SHORT, HOP_NO_MAC_HEADER, IP_DF, IP_FRAGMENT, IP_LATER_FRAGMENT, IP_OPTIONS, IPPROTO_ICMP,
-    IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IpLayer, KEV_DROP, KEV_ICMP_SEND, KEV_RECEIVED, KEV_RETRANSMIT, KernelEvent,
-    PKT_INNER_TRUNCATED, PKT_VLAN, PKT_VXLAN, PacketMeta, PacketRecord,
+    IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IpLayer, KEV_DROP, KEV_ICMP_SEND, KEV_RECEIVED, KEV_RETRANSMIT, KernelEvent, NatTuple,
+    PKT_INNER_TRUNCATED, PKT_TRANSLATED, PKT_VLAN, PKT_VXLAN, PacketMeta, PacketRecord, TranslatedRecord,
     parse::{Bytes, Frame, parse_frame},
 };
 
@@ -170,6 +170,19 @@ pub struct Packet {
     pub inner: Option<Layer>,
     pub vni: Option<u32>,
     pub inner_truncated: bool,
+    /// What the node's NAT made of the packet, where it was seen translated: `outer` then
+    /// holds the pod's side of the NAT, so that the packet is recognised as the pod's.
+    pub translated: Option<Translation>,
+}
+
+/// A translated packet's header as it was on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Translation {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    /// The ports, or for ICMP the echo id in `sport` (`dport` 0).
+    pub sport: u16,
+    pub dport: u16,
 }
 
 impl Packet {
@@ -227,7 +240,7 @@ impl PacketDecoder {
     /// The packet a ring record holds, parsed where it lies; `None` when its headers do not
     /// parse (counted in `counts`). An error for a record our programs cannot have written.
     pub fn decode(&mut self, bytes: &[u8]) -> Result<Option<Packet>> {
-        let (meta, head) = split_record(bytes)?;
+        let (meta, pod, head) = split_record(bytes)?;
         let mut frame = Frame::default();
         let no_mac_header = u32::from(meta.hop_flags) & HOP_NO_MAC_HEADER != 0;
         if parse_frame(&Bytes(head), no_mac_header, &self.vxlan_ports, &mut frame).is_err() {
@@ -237,19 +250,47 @@ impl PacketDecoder {
         if frame.flags & PKT_INNER_TRUNCATED != 0 {
             self.counts.truncated_inner += 1;
         }
-        Ok(Some(packet(&meta, &frame)))
+        let mut packet = packet(&meta, &frame);
+        if let Some(pod) = pod {
+            translate(&mut packet, &pod)?;
+        }
+        Ok(Some(packet))
     }
 }
 
-/// A packet record's metadata and the bytes of its head that hold the frame.
-fn split_record(bytes: &[u8]) -> Result<(PacketMeta, &[u8])> {
-    let head_size = match bytes.len().checked_sub(size_of::<PacketMeta>()) {
+/// Puts the pod's side of the NAT into a translated packet's header, keeping the wire's.
+fn translate(packet: &mut Packet, pod: &NatTuple) -> Result<()> {
+    let wire = &mut packet.outer;
+    if packet.inner.is_some() || pod.flags & PKT_TRANSLATED == 0 || pod.proto != wire.proto {
+        bail!("translated record of protocol {} for a {} packet (not written by this podtrace's programs)", pod.proto, wire.describe());
+    }
+    let address = |addr: u32| IpAddr::V4(Ipv4Addr::from(addr.to_ne_bytes()));
+    let port = u16::from_be;
+    let icmp = wire.proto == IPPROTO_ICMP;
+    let (sport, dport) = if icmp { (wire.icmp_id, 0) } else { (wire.sport, wire.dport) };
+    packet.translated = Some(Translation { src: wire.src, dst: wire.dst, sport, dport });
+    (wire.src, wire.dst) = (address(pod.src), address(pod.dst));
+    if icmp {
+        wire.icmp_id = port(pod.sport);
+    } else {
+        (wire.sport, wire.dport) = (port(pod.sport), port(pod.dport));
+    }
+    Ok(())
+}
+
+/// A packet record's metadata, the pod's tuple of a translated one, and the bytes of its
+/// head that hold the frame.
+fn split_record(bytes: &[u8]) -> Result<(PacketMeta, Option<NatTuple>, &[u8])> {
+    let translated = bytes.len() == size_of::<TranslatedRecord>();
+    let head_start = if translated { size_of::<PacketMeta>() + size_of::<NatTuple>() } else { size_of::<PacketMeta>() };
+    let head_size = match bytes.len().checked_sub(head_start) {
         Some(head) if head == HEAD_SHORT || head == HEAD_LONG => head,
         _ => bail!(
-            "ring record of {} bytes is no packet record ({} or {})",
+            "ring record of {} bytes is no packet record ({}, {} or {})",
             bytes.len(),
             size_of::<PacketRecord<HEAD_SHORT>>(),
-            size_of::<PacketRecord<HEAD_LONG>>()
+            size_of::<PacketRecord<HEAD_LONG>>(),
+            size_of::<TranslatedRecord>()
         ),
     };
     // SAFETY: at least size_of::<PacketMeta>() bytes; PacketMeta is plain old data, read
@@ -262,8 +303,11 @@ fn split_record(bytes: &[u8]) -> Result<(PacketMeta, &[u8])> {
     if head_len > head_size {
         bail!("ring record claims {head_len} bytes of a {head_size}-byte head");
     }
-    let head = &bytes[size_of::<PacketMeta>()..];
-    Ok((meta, &head[..head_len]))
+    // SAFETY: a translated record holds a NatTuple after the meta; plain old data, read
+    // unaligned.
+    let pod = translated.then(|| unsafe { std::ptr::read_unaligned(bytes[size_of::<PacketMeta>()..].as_ptr().cast::<NatTuple>()) });
+    let head = &bytes[head_start..];
+    Ok((meta, pod, &head[..head_len]))
 }
 
 /// A packet from a record's metadata (`split_record` checked its direction) and its parse.
@@ -282,6 +326,7 @@ fn packet(meta: &PacketMeta, frame: &Frame) -> Packet {
         inner: (vxlan && !inner_truncated).then(|| Layer::from_wire(&frame.inner)),
         vni: vxlan.then_some(frame.vni),
         inner_truncated,
+        translated: None,
     }
 }
 
@@ -362,6 +407,15 @@ pub fn packet_record(meta: PacketMeta, frame: &[u8], long: bool) -> Vec<u8> {
     let mut record = meta_bytes.to_vec();
     record.extend_from_slice(&frame[..head_len]);
     record.resize(size_of::<PacketMeta>() + head_size, 0);
+    record
+}
+
+/// `packet_record` of a packet the node translated, with `pod`, the pod's side of the NAT.
+pub fn translated_record(meta: PacketMeta, pod: NatTuple, frame: &[u8]) -> Vec<u8> {
+    let mut record = packet_record(meta, frame, false);
+    // SAFETY: NatTuple is repr(C) plain old data without padding.
+    let pod = unsafe { std::slice::from_raw_parts((&pod as *const NatTuple).cast::<u8>(), size_of::<NatTuple>()) };
+    record.splice(size_of::<PacketMeta>()..size_of::<PacketMeta>(), pod.iter().copied());
     record
 }
 
@@ -461,6 +515,39 @@ mod tests {
         let meta = PacketMeta { hop_flags: HOP_NO_MAC_HEADER as u8, ..egress() };
         let packet = decoder().decode(&packet_record(meta, &vxlan_frame()[14..], true)).unwrap().unwrap();
         assert_eq!(packet.pod_layer().src, "10.244.0.2".parse::<IpAddr>().unwrap());
+    }
+
+    /// Pod 10.244.0.2:40000 masqueraded to the node's 10.99.0.1:61000 on its way to
+    /// 203.0.113.10:8080: the packet keeps the pod's side, the wire's is kept beside it.
+    #[test]
+    fn a_translated_record_carries_the_pods_side_of_the_nat() {
+        let tcp = [vec![0xee, 0x48, 0x1f, 0x90, 0, 0, 0, 1, 0, 0, 0, 0, 5 << 4, 0x02, 0, 0], vec![0; 4]].concat();
+        let frame = ethernet(ipv4([10, 99, 0, 1], [203, 0, 113, 10], IPPROTO_TCP, &tcp));
+        let pod = NatTuple {
+            src: u32::from_ne_bytes([10, 244, 0, 2]),
+            dst: u32::from_ne_bytes([203, 0, 113, 10]),
+            sport: 40000u16.to_be(),
+            dport: 8080u16.to_be(),
+            proto: IPPROTO_TCP,
+            flags: PKT_TRANSLATED,
+            reserved: 0,
+        };
+        let packet = decoder().decode(&translated_record(egress(), pod, &frame)).unwrap().unwrap();
+        let layer = packet.pod_layer();
+        assert_eq!((layer.src, layer.sport, layer.dst, layer.dport), (ip("10.244.0.2"), 40000, ip("203.0.113.10"), 8080));
+        assert_eq!(packet.translated, Some(Translation { src: ip("10.99.0.1"), dst: ip("203.0.113.10"), sport: 61000, dport: 8080 }));
+        // An echo's id is its port.
+        let echo = ethernet(ipv4([10, 99, 0, 1], [203, 0, 113, 10], IPPROTO_ICMP, &[8, 0, 0, 0, 0xee, 0x48, 0, 1]));
+        let pod = NatTuple { sport: 7u16.to_be(), dport: 0, proto: IPPROTO_ICMP, ..pod };
+        let packet = decoder().decode(&translated_record(egress(), pod, &echo)).unwrap().unwrap();
+        assert_eq!((packet.outer.src, packet.outer.icmp_id), (ip("10.244.0.2"), 7));
+        assert_eq!(packet.translated.unwrap().sport, 61000);
+        // A tuple of another protocol than the packet's is no record of ours.
+        assert!(decoder().decode(&translated_record(egress(), NatTuple { proto: IPPROTO_UDP, ..pod }, &echo)).is_err());
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
     }
 
     #[test]

@@ -73,6 +73,7 @@ pub fn packet(layer: Layer, ifindex: u32, direction: Direction, ktime_ns: u64) -
         inner: None,
         vni: None,
         inner_truncated: false,
+        translated: None,
     }
 }
 

@@ -120,7 +120,13 @@ impl KernelFacts {
         // Our own reading of the BTF is dropped before aya parses it again for the loader:
         // both at once would set podtrace's peak memory.
         let (layout, drop_reasons) = {
-            let kernel_btf = KernelBtf::from_file(btf_file)?;
+            let mut kernel_btf = KernelBtf::from_file(btf_file)?;
+            // Conntrack's structs are in its module's BTF where it is a module (Debian's); the
+            // module is loaded wherever the node NATs.
+            let conntrack = btf_file.with_file_name("nf_conntrack");
+            if conntrack.exists() {
+                kernel_btf.add_module(&conntrack)?;
+            }
             // Kernels before 5.17 have no drop reasons: their drops are named "unknown".
             let drop_reasons = kernel_btf.enum_values("skb_drop_reason", "SKB_DROP_REASON_").unwrap_or_default();
             (layout::build(&kernel_btf, &formats, &drop_reasons)?, drop_reasons)

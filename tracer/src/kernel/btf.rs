@@ -31,7 +31,7 @@ struct Member {
 
 #[derive(Clone, Debug)]
 enum Type {
-    Composite { name: u32, members: Vec<Member> },
+    Composite { name: u32, size: u32, members: Vec<Member> },
     Enum { name: u32, values: Vec<(u32, i64)> },
     Other,
 }
@@ -49,6 +49,21 @@ impl KernelBtf {
     }
 
     pub fn parse(data: &[u8]) -> Result<Self> {
+        let mut btf = Self { types: vec![Type::Other], strings: Vec::new(), by_name: HashMap::new() };
+        btf.append(data)?;
+        Ok(btf)
+    }
+
+    /// Adds a kernel module's BTF (`/sys/kernel/btf/<module>`), which is split BTF on top of
+    /// vmlinux': its type ids continue vmlinux' and its string offsets continue vmlinux' string
+    /// section, so both sections are appended to ours. A struct a module defines (conntrack's,
+    /// where `nf_conntrack` is a module) is then found like vmlinux' own.
+    pub fn add_module(&mut self, path: &Path) -> Result<()> {
+        let data = std::fs::read(path).with_context(|| format!("reading BTF from {}", path.display()))?;
+        self.append(&data).with_context(|| format!("parsing BTF from {}", path.display()))
+    }
+
+    fn append(&mut self, data: &[u8]) -> Result<()> {
         let bytes = Bytes(data);
         if bytes.u16_at(0)? != BTF_MAGIC {
             bail!("not little-endian BTF (bad magic)");
@@ -58,19 +73,18 @@ impl KernelBtf {
         let type_len = bytes.u32_at(12)? as usize;
         let str_off = header_len + bytes.u32_at(16)? as usize;
         let str_len = bytes.u32_at(20)? as usize;
-        let strings = data.get(str_off..str_off + str_len).context("BTF string section out of bounds")?.to_vec();
-
-        // Type ids start at 1; id 0 is void.
-        let mut types = vec![Type::Other];
+        let strings = data.get(str_off..str_off + str_len).context("BTF string section out of bounds")?;
+        // Type ids start at 1 (id 0 is void), a split BTF's after its base's; its string
+        // offsets past the base's strings index its own section, so the sections concatenate.
         let mut pos = type_off;
         while pos < type_off + type_len {
             let (ty, next) = bytes.type_at(pos)?;
-            types.push(ty);
+            self.types.push(ty);
             pos = next;
         }
-        let mut btf = Self { types, strings, by_name: HashMap::new() };
-        btf.by_name = btf.names();
-        Ok(btf)
+        self.strings.extend_from_slice(strings);
+        self.by_name = self.names();
+        Ok(())
     }
 
     /// Type ids of the named structs, unions and enums, by name.
@@ -95,23 +109,28 @@ impl KernelBtf {
         std::str::from_utf8(&rest[..end]).unwrap_or("")
     }
 
-    fn composite(&self, name: &str) -> Result<&[Member]> {
+    fn composite(&self, name: &str) -> Result<(u32, &[Member])> {
         self.by_name
             .get(name)
             .into_iter()
             .flatten()
             .find_map(|id| match &self.types[*id as usize] {
                 // Forward declarations have no members; skip to the definition.
-                Type::Composite { members, .. } if !members.is_empty() => Some(members.as_slice()),
+                Type::Composite { size, members, .. } if !members.is_empty() => Some((*size, members.as_slice())),
                 _ => None,
             })
             .with_context(|| format!("struct {name} not found in the kernel BTF"))
     }
 
+    /// Byte size of `struct name`.
+    pub fn size_of(&self, name: &str) -> Result<u32> {
+        Ok(self.composite(name)?.0)
+    }
+
     /// Byte offset of `field` in `struct name`, looking through anonymous unions and structs.
     /// A dotted path (`__sk_common.skc_net`) descends into named members.
     pub fn offset_of(&self, name: &str, field: &str) -> Result<u32> {
-        let mut members = self.composite(name)?;
+        let mut members = self.composite(name)?.1;
         let mut offset = 0;
         let mut parts = field.split('.').peekable();
         while let Some(part) = parts.next() {
@@ -207,7 +226,7 @@ impl Bytes<'_> {
                         bit_offset: if kind_flag { offset & 0x00ff_ffff } else { offset },
                     });
                 }
-                (Type::Composite { name, members }, pos + vlen * 12)
+                (Type::Composite { name, size: self.u32_at(pos - 4)?, members }, pos + vlen * 12)
             }
             KIND_ENUM => {
                 let mut values = Vec::with_capacity(vlen);
@@ -265,6 +284,8 @@ mod tests {
             Err(_) => assert!(printed.is_empty() && !format.contains("reason"), "a reason field without the enum: {format}"),
         }
         assert!(btf.offset_of("sk_buff", "no_such_field").is_err());
+        // A conntrack tuple: two 16-byte addresses, each with its 2-byte port and 2 more bytes.
+        assert_eq!(btf.size_of("nf_conntrack_tuple").unwrap(), 40);
         assert!(btf.offset_of("no_such_struct", "x").is_err());
     }
 

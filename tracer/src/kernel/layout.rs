@@ -3,8 +3,10 @@
 
 use std::collections::HashMap;
 
-use anyhow::Result;
-use tracer_common::{KernelLayout, NO_SUCH_REASON};
+use anyhow::{Context as _, Result, bail};
+use tracer_common::{
+    CT_DST_ADDR, CT_DST_PORT, CT_L3NUM, CT_PROTONUM, CT_REPLY_TUPLE, CT_SRC_ADDR, CT_SRC_PORT, CT_STATUS, KernelLayout, NO_SUCH_REASON,
+};
 
 use super::{btf::KernelBtf, tracefs::TracepointFormats};
 
@@ -28,6 +30,10 @@ pub fn build(btf: &KernelBtf, formats: &TracepointFormats, drop_reasons: &HashMa
         kfree_not_drops: ["SKB_NOT_DROPPED_YET", "SKB_CONSUMED"].map(|name| reason_value(drop_reasons, name)),
         ..Default::default()
     };
+    match conntrack(btf) {
+        Ok((skb_nfct, ct_tuples)) => (layout.skb_nfct, layout.ct_tuples) = (skb_nfct, ct_tuples),
+        Err(err) => crate::note!("podtrace: warning: flows the node translates (masquerade, NAT) are not followed on its NICs: {err:#}"),
+    }
     if let Some(format) = &formats.kfree_skb {
         layout.kfree_skbaddr = format.offset("skbaddr")?;
         layout.kfree_location = format.offset("location")?;
@@ -54,6 +60,31 @@ pub fn build(btf: &KernelBtf, formats: &TracepointFormats, drop_reasons: &HashMa
         layout.icmp_code = format.offset("code")?;
     }
     Ok(layout)
+}
+
+/// Where the TC programs read an skb's conntrack entry: `sk_buff._nfct`, and the original
+/// tuple in `struct nf_conn`, whose neighbours (the reply tuple, `status`) and fields must sit
+/// where `tracer_common::CT_*` says, since the programs read them at those offsets.
+pub fn conntrack(btf: &KernelBtf) -> Result<(u32, u32)> {
+    let nfct = btf.offset_of("sk_buff", "_nfct").context("the kernel has no conntrack")?;
+    let tuples = btf.offset_of("nf_conn", "tuplehash")? + btf.offset_of("nf_conntrack_tuple_hash", "tuple")?;
+    let status = btf.offset_of("nf_conn", "status")?;
+    let expected = [
+        ("the tuple hash's size", btf.size_of("nf_conntrack_tuple_hash")?, CT_REPLY_TUPLE),
+        ("status", status.checked_sub(tuples).unwrap_or(u32::MAX), CT_STATUS),
+        ("src.u3", btf.offset_of("nf_conntrack_tuple", "src.u3")?, CT_SRC_ADDR),
+        ("src.u", btf.offset_of("nf_conntrack_tuple", "src.u")?, CT_SRC_PORT),
+        ("src.l3num", btf.offset_of("nf_conntrack_tuple", "src.l3num")?, CT_L3NUM),
+        ("dst.u3", btf.offset_of("nf_conntrack_tuple", "dst.u3")?, CT_DST_ADDR),
+        ("dst.u", btf.offset_of("nf_conntrack_tuple", "dst.u")?, CT_DST_PORT),
+        ("dst.protonum", btf.offset_of("nf_conntrack_tuple", "dst.protonum")?, CT_PROTONUM),
+    ];
+    for (what, found, expected) in expected {
+        if found as usize != expected {
+            bail!("struct nf_conn's {what} is at {found}, not {expected} as podtrace reads it");
+        }
+    }
+    Ok((nfct, tuples))
 }
 
 /// The value of the drop reason `name`, or `NO_SUCH_REASON`.
@@ -100,6 +131,20 @@ mod tests {
             }
             None => assert_eq!((layout.icmp_skbaddr, layout.icmp_type), (0, 0)),
         }
+    }
+
+    /// The kernel's conntrack as the TC programs read it (from vmlinux' BTF, or the
+    /// `nf_conntrack` module's where it is one): every kernel podtrace supports has it so.
+    #[test]
+    fn conntrack_entries_have_the_layout_the_programs_read() {
+        let mut btf = KernelBtf::from_file(Path::new("/sys/kernel/btf/vmlinux")).unwrap();
+        let module = Path::new("/sys/kernel/btf/nf_conntrack");
+        if module.exists() {
+            btf.add_module(module).unwrap();
+        }
+        let (nfct, tuples) = conntrack(&btf).unwrap();
+        assert!(nfct > 0 && tuples > 0 && tuples < 128, "{nfct} {tuples}");
+        assert_eq!(btf.size_of("nf_conntrack_tuple").unwrap(), 40);
     }
 
     #[test]

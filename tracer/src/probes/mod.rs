@@ -17,8 +17,8 @@ use aya::{
     programs::{SchedClassifier, tc::SchedClassifierLink},
 };
 use tracer_common::{
-    COUNTER_COUNT, COUNTER_LOST_EVENTS, COUNTER_LOST_KERNEL_EVENTS, COUNTER_MATCHED, COUNTER_NOT_IP, COUNTER_UNPARSED, FilterConfig,
-    FollowedV4, HOP_NO_MAC_HEADER, HOP_SLOTS, HopConfig, HopSlot, KernelLayout, MAX_FAST_FOLLOWED,
+    COUNTER_COUNT, COUNTER_LOST_EVENTS, COUNTER_LOST_KERNEL_EVENTS, COUNTER_MATCHED, COUNTER_NAT_FLOWS, COUNTER_NOT_IP, COUNTER_UNPARSED,
+    FilterConfig, FollowedV4, HOP_NAT, HOP_NO_MAC_HEADER, HOP_SLOTS, HopConfig, HopSlot, KernelLayout, MAX_FAST_FOLLOWED, NatTuple,
 };
 
 pub use self::{
@@ -27,7 +27,11 @@ pub use self::{
     tc::{EGRESS_PROGRAM, INGRESS_PROGRAM},
     tracepoints::KernelSources,
 };
-use crate::{Direction, events::decode::DecodeCounts};
+use crate::{
+    Direction,
+    events::decode::DecodeCounts,
+    node::{Hop, HopKind},
+};
 
 /// The compiled kernel object, built by `build.rs` from `tracer-ebpf`.
 static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
@@ -52,6 +56,8 @@ pub struct Counters {
     pub not_ip: u64,
     /// Kernel events (drops, retransmits, ICMP errors) that did not fit in theirs.
     pub lost_kernel_events: u64,
+    /// Translated flows of the followed pods the TC programs learned (`COUNTER_NAT_FLOWS`).
+    pub nat_flows: u64,
 }
 
 impl Counters {
@@ -92,6 +98,9 @@ pub struct Probes {
     filters: Vec<state::FilterRecord>,
     /// The tracepoint programs attached, by name.
     tracing_programs: Vec<String>,
+    /// Whether the TC programs can read conntrack (`KernelLayout::skb_nfct`): then the hops
+    /// where the node's NAT shows get `HOP_NAT`.
+    conntrack: bool,
 }
 
 impl Probes {
@@ -108,7 +117,8 @@ impl Probes {
                 ebpf.program_mut(name).with_context(|| format!("program {name} missing from the kernel object"))?.try_into()?;
             program.load().with_context(|| format!("verifying program {name}"))?;
         }
-        Ok(Self { ebpf, mode, owner: None, links: Vec::new(), filters: Vec::new(), tracing_programs: Vec::new() })
+        let conntrack = options.layout.skb_nfct != 0;
+        Ok(Self { ebpf, mode, owner: None, links: Vec::new(), filters: Vec::new(), tracing_programs: Vec::new(), conntrack })
     }
 
     /// Records what `attach` attaches as `owner`'s, so other runs leave it alone while the
@@ -148,10 +158,17 @@ impl Probes {
         Ok(())
     }
 
-    /// Tells the kernel programs to report packets seen on `ifindex`.
-    pub fn register_hop(&mut self, ifindex: u32, no_mac_header: bool) -> Result<()> {
+    /// The kernel programs' settings for `hop` (`HOP_*`): how to read its frames, and whether
+    /// the node's NAT shows there (a NIC, a bond or a slave, with a MAC header), so that the
+    /// followed pods' translated flows are looked up.
+    pub fn hop_flags(&self, hop: &Hop) -> u32 {
+        let nat_shows = matches!(hop.kind, HopKind::Nic | HopKind::Bond | HopKind::BondSlave) && !hop.no_mac_header;
+        (if hop.no_mac_header { HOP_NO_MAC_HEADER } else { 0 }) | (if nat_shows && self.conntrack { HOP_NAT } else { 0 })
+    }
+
+    /// Tells the kernel programs to report packets seen on `ifindex`, read as `flags` say.
+    pub fn register_hop(&mut self, ifindex: u32, flags: u32) -> Result<()> {
         let mut hops: HashMap<_, u32, HopConfig> = HashMap::try_from(self.ebpf.map_mut("HOPS").context("HOPS map missing")?)?;
-        let flags = if no_mac_header { HOP_NO_MAC_HEADER } else { 0 };
         hops.insert(ifindex, HopConfig { flags }, 0).context("registering the hop")?;
         // The array slot that finds the hop without a hash lookup, unless another hop holds it.
         let mut slots: Array<_, HopSlot> = Array::try_from(self.ebpf.map_mut("HOP_SLOT").context("HOP_SLOT map missing")?)?;
@@ -176,14 +193,24 @@ impl Probes {
     pub fn counters(&self) -> Result<Counters> {
         let counters: PerCpuArray<_, u64> = PerCpuArray::try_from(self.ebpf.map("COUNTERS").context("COUNTERS map missing")?)?;
         let sum = |index: u32| -> Result<u64> { Ok(counters.get(&index, 0).context("reading COUNTERS")?.iter().sum()) };
-        debug_assert_eq!(COUNTER_COUNT, 5);
+        debug_assert_eq!(COUNTER_COUNT, 6);
         Ok(Counters {
             matched: sum(COUNTER_MATCHED)?,
             lost_events: sum(COUNTER_LOST_EVENTS)?,
             unparsed: sum(COUNTER_UNPARSED)?,
             not_ip: sum(COUNTER_NOT_IP)?,
             lost_kernel_events: sum(COUNTER_LOST_KERNEL_EVENTS)?,
+            nat_flows: sum(COUNTER_NAT_FLOWS)?,
         })
+    }
+
+    /// Learns a translated flow as the TC programs do on egress: its replies arriving as
+    /// `reply` are the pod's, with `pod` its side of the NAT. For the kernel-parser tests,
+    /// whose BPF_PROG_TEST_RUN skbs have no conntrack entry to learn from.
+    pub fn learn_translated_flow(&mut self, reply: NatTuple, pod: NatTuple) -> Result<()> {
+        let mut flows: HashMap<_, NatTuple, NatTuple> =
+            HashMap::try_from(self.ebpf.map_mut("NAT_FLOWS").context("NAT_FLOWS map missing")?)?;
+        flows.insert(reply, pod, 0).context("writing NAT_FLOWS")
     }
 
     /// Access for the kernel-parser tests, which run the programs with BPF_PROG_TEST_RUN.

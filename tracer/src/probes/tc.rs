@@ -27,7 +27,7 @@ impl Probes {
     /// holds the state lock (`StateLock`). In auto mode the first hop decides: TCX if the
     /// kernel accepts a TCX link (6.6+, or a kernel that backported it), clsact otherwise.
     pub async fn attach(&mut self, hop: &Hop) -> Result<()> {
-        self.register_hop(hop.ifindex, hop.no_mac_header)?;
+        self.register_hop(hop.ifindex, self.hop_flags(hop))?;
         if self.mode == AttachMode::Auto {
             match self.attach_program(hop, Direction::Ingress, AttachMode::Tcx).await {
                 Ok(()) => {

@@ -71,6 +71,9 @@ pub struct Report {
     pub lost_kernel_events: u64,
     /// Tracepoint runs the kernel skipped (null: this kernel does not say).
     pub recursion_misses: Option<u64>,
+    /// Flows of the followed pods the node translated (masquerade, NAT) that the kernel
+    /// programs learned, to recognise their replies on the NICs.
+    pub translated_flows: u64,
     /// Ring records that could not be decoded, and the first one's error.
     pub decode_errors: DecodeErrors,
     /// Packets the kernel matched (each crossing of each hop counts once).
@@ -143,6 +146,7 @@ pub fn build(path: &Path, correlator: &Correlator, facts: RunFacts<'_>, outcome:
         unparsed: facts.counters.unparsed,
         lost_kernel_events: facts.counters.lost_kernel_events,
         recursion_misses: facts.recursion_misses,
+        translated_flows: facts.counters.nat_flows,
         decode_errors: facts.decode_errors,
         events: facts.counters.matched,
         correlation: CorrelationReport {

@@ -1,0 +1,229 @@
+//! Following the pods' flows through the node's NAT: a pod talking to anything outside the
+//! cluster is masqueraded to the node's address on the way out (flannel's `ipMasq`, Calico's
+//! `natOutgoing`), so on the NIC its packets carry no followed address and the fast test
+//! turns them away. On a hop with `HOP_NAT` (the NIC, a bond, its slaves), such an IPv4
+//! packet is looked up instead:
+//! - on egress, after POSTROUTING, the skb's own conntrack entry (`skb->_nfct`) has both
+//!   tuples final: a translated entry whose original source is a followed pod makes the packet
+//!   the pod's, and its reply tuple is learned (`NAT_FLOWS`);
+//! - on ingress, before conntrack has undone the NAT, a packet whose tuple is a learned reply
+//!   tuple is the pod's.
+//!
+//! Either way the event is a `TranslatedRecord`: the packet's head and the tuple the pod's side
+//! of the NAT has, so userspace links it to the pod's hops and names what it was translated to.
+//! Only the original-direction packets of a flow a followed pod began teach a reply tuple; a
+//! NodePort flow DNATed to a pod (the pod in the reply tuple's source) would learn the
+//! original tuple the same way.
+
+use aya_ebpf::{
+    bindings::{__sk_buff, BPF_RB_NO_WAKEUP},
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel_buf, bpf_skb_load_bytes},
+    macros::map,
+    maps::{LruHashMap, PerCpuArray},
+};
+use tracer_common::{
+    COUNTER_LOST_EVENTS, COUNTER_MATCHED, COUNTER_NAT_FLOWS, COUNTER_UNPARSED, CT_DST_ADDR, CT_DST_PORT, CT_L3NUM, CT_PROTONUM, CT_READ,
+    CT_REPLY_TUPLE, CT_SRC_ADDR, CT_SRC_PORT, CT_STATUS, DIR_EGRESS, HEAD_SHORT, IP_CT_IS_REPLY, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
+    IPS_NAT_MASK, MAX_NAT_FLOWS, NFCT_INFO_MASK, NatTuple, PKT_TRANSLATED, PacketMeta, TranslatedRecord,
+};
+
+use crate::{
+    kernel_events::conntrack_offsets,
+    maps::{count, is_followed_v4, passes_filter_v4},
+    tc::{EVENTS, copy_len, ipv4_headers_end},
+};
+
+/// Reply tuples of the followed pods' translated flows (as their packets arrive, before
+/// conntrack undoes the NAT), each with the tuple the pod has for those packets.
+#[map]
+static NAT_FLOWS: LruHashMap<NatTuple, NatTuple> = LruHashMap::with_max_entries(MAX_NAT_FLOWS, 0);
+
+/// Room for reading a conntrack entry and learning its flow, in per-CPU memory: on the stack
+/// it would add to the TC program's own frame, and 5.10 refuses more than 512 bytes for both.
+/// Aligned, so that every field of the entry is read with one aligned load (the `CT_*`
+/// offsets are multiples of their fields' sizes).
+#[repr(C, align(8))]
+struct Scratch {
+    entry: [u8; CT_READ],
+    nfct: [u8; 8],
+    reply: NatTuple,
+    back: NatTuple,
+    /// The packet's tuple on the pod's side of the NAT, when it is the pod's.
+    pod: NatTuple,
+}
+
+#[map]
+static NAT_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+const ETH_HLEN: usize = 14;
+const IPV4_HLEN: usize = 20;
+const AF_INET: u16 = 2;
+const ICMP_ECHOREPLY: u8 = 0;
+const BPF_NOEXIST: u64 = 1;
+
+/// A packet on a `HOP_NAT` hop that the fast test turned away: a plain IPv4 packet (the fast
+/// test read it so) with none of the followed addresses. Reported when it belongs to a
+/// followed pod's translated flow. A function of its own, so that the cost and the
+/// verifier's paths stay off every other packet's way.
+#[inline(never)]
+pub fn trace_translated(skb: *mut __sk_buff, direction: u32, hop_flags: u32) {
+    let (nfct_offset, tuples_offset) = conntrack_offsets();
+    if nfct_offset == 0 {
+        return;
+    }
+    let Some(scratch) = NAT_SCRATCH.get_ptr_mut(0) else { return };
+    // SAFETY: a per-CPU slot, exclusively ours until this program run ends.
+    let scratch = unsafe { &mut *scratch };
+    let ours =
+        if direction == u32::from(DIR_EGRESS) { egress_flow(skb, scratch, nfct_offset, tuples_offset) } else { ingress_flow(skb, scratch) };
+    if ours && passes_filter(&scratch.pod) {
+        emit(skb, direction, hop_flags, &scratch.pod);
+    }
+}
+
+/// The egress packet's conntrack entry, read in one go: a translated flow a followed pod began,
+/// seen in its original direction, gives the pod's tuple, and its reply tuple is learned.
+#[inline(always)]
+fn egress_flow(skb: *mut __sk_buff, scratch: &mut Scratch, nfct_offset: u32, tuples_offset: u32) -> bool {
+    // SAFETY: the program's context is the kernel's `struct sk_buff`; `_nfct`'s offset comes
+    // from its BTF, and bpf_probe_read_kernel fails cleanly on a bad address.
+    if unsafe { bpf_probe_read_kernel_buf(skb.cast::<u8>().wrapping_add(nfct_offset as usize), &mut scratch.nfct) }.is_err() {
+        return false;
+    }
+    let nfct = u64::from_ne_bytes(scratch.nfct);
+    let conntrack = nfct & !NFCT_INFO_MASK;
+    // No entry (untracked), or a packet of the reply direction: the pod did not send it.
+    if conntrack == 0 || nfct & NFCT_INFO_MASK >= IP_CT_IS_REPLY {
+        return false;
+    }
+    // SAFETY: the entry's address from the skb; the tuples' offset from BTF, the rest of the
+    // layout checked against it by userspace; bpf_probe_read_kernel fails cleanly.
+    if unsafe { bpf_probe_read_kernel_buf((conntrack as *const u8).wrapping_add(tuples_offset as usize), &mut scratch.entry) }.is_err() {
+        return false;
+    }
+    let entry = scratch.entry.as_ptr();
+    // SAFETY (all reads below): constant offsets inside the 8-aligned `entry`, each a multiple
+    // of its field's size.
+    let at_u32 = |offset: usize| unsafe { core::ptr::read(entry.add(offset).cast::<u32>()) };
+    let at_u16 = |offset: usize| unsafe { core::ptr::read(entry.add(offset).cast::<u16>()) };
+    let status = unsafe { core::ptr::read(entry.add(CT_STATUS).cast::<u64>()) };
+    if at_u16(CT_L3NUM) != AF_INET || status & IPS_NAT_MASK == 0 || !is_followed_v4(at_u32(CT_SRC_ADDR)) {
+        return false;
+    }
+    let proto = scratch.entry[CT_PROTONUM];
+    let reply = CT_REPLY_TUPLE;
+    // An echo's "ports" are its id (`src.u`) and its type and code (`dst.u`): only the id is
+    // the flow's, and the replies carry it as their id.
+    let (pod_sport, pod_dport, reply_sport, reply_dport) = match proto {
+        IPPROTO_TCP | IPPROTO_UDP => (at_u16(CT_SRC_PORT), at_u16(CT_DST_PORT), at_u16(reply + CT_SRC_PORT), at_u16(reply + CT_DST_PORT)),
+        IPPROTO_ICMP => (at_u16(CT_SRC_PORT), 0, at_u16(reply + CT_SRC_PORT), 0),
+        _ => return false,
+    };
+    let tuple = |src, dst, sport, dport, flags| NatTuple { src, dst, sport, dport, proto, flags, reserved: 0 };
+    let (pod_src, pod_dst) = (at_u32(CT_SRC_ADDR), at_u32(CT_DST_ADDR));
+    scratch.pod = tuple(pod_src, pod_dst, pod_sport, pod_dport, PKT_TRANSLATED);
+    // The replies arrive with the reply tuple's addresses and ports; the pod gets them back
+    // from its peer, to its own port.
+    scratch.reply = tuple(at_u32(reply + CT_SRC_ADDR), at_u32(reply + CT_DST_ADDR), reply_sport, reply_dport, 0);
+    let (sport, dport) = if proto == IPPROTO_ICMP { (pod_sport, 0) } else { (pod_dport, pod_sport) };
+    scratch.back = tuple(pod_dst, pod_src, sport, dport, PKT_TRANSLATED);
+    // SAFETY: only whether an entry exists is used.
+    // A new flow (another CPU may have learned it meanwhile: then it is not counted twice).
+    if unsafe { NAT_FLOWS.get(&scratch.reply) }.is_none() && NAT_FLOWS.insert(&scratch.reply, &scratch.back, BPF_NOEXIST).is_ok() {
+        count(COUNTER_NAT_FLOWS);
+    }
+    true
+}
+
+/// The ingress packet's tuple, looked up among the learned reply tuples.
+#[inline(always)]
+fn ingress_flow(skb: *mut __sk_buff, scratch: &mut Scratch) -> bool {
+    // SAFETY: the program's context, valid for the whole run.
+    let (data, end) = unsafe { ((*skb).data as usize, (*skb).data_end as usize) };
+    const L3: usize = ETH_HLEN;
+    if data + L3 + IPV4_HLEN + 8 > end {
+        return false;
+    }
+    // SAFETY (all reads below): within [data, data + L3 + IPV4_HLEN + 8), checked above; the
+    // fast test found an IPv4 header without options at L3.
+    let read_u8 = |offset: usize| unsafe { core::ptr::read((data + offset) as *const u8) };
+    let read_u16 = |offset: usize| unsafe { core::ptr::read_unaligned((data + offset) as *const u16) };
+    let read_u32 = |offset: usize| unsafe { core::ptr::read_unaligned((data + offset) as *const u32) };
+    // A later fragment has no ports; the key would be another flow's.
+    if read_u16(L3 + 6) & u16::to_be(0x1fff) != 0 {
+        return false;
+    }
+    let proto = read_u8(L3 + 9);
+    let l4 = L3 + IPV4_HLEN;
+    let (sport, dport) = match proto {
+        IPPROTO_TCP | IPPROTO_UDP => (read_u16(l4), read_u16(l4 + 2)),
+        // Echo replies; an ICMP error about a translated packet names the flow only inside the
+        // packet it quotes, left for later.
+        IPPROTO_ICMP if read_u8(l4) == ICMP_ECHOREPLY => (read_u16(l4 + 4), 0),
+        _ => return false,
+    };
+    let key = NatTuple { src: read_u32(L3 + 12), dst: read_u32(L3 + 16), sport, dport, proto, flags: 0, reserved: 0 };
+    // SAFETY: the entry is copied out at once.
+    match unsafe { NAT_FLOWS.get(&key) } {
+        Some(pod) => {
+            scratch.pod = *pod;
+            true
+        }
+        None => false,
+    }
+}
+
+/// `--peer`, `--port` and `--proto` on the pod's side of the NAT, as `maps::matches` applies
+/// them to the pod's header (the parse reads no ports for ICMP).
+#[inline(always)]
+fn passes_filter(pod: &NatTuple) -> bool {
+    let (sport, dport) = if pod.proto == IPPROTO_ICMP { (0, 0) } else { (u16::from_be(pod.sport), u16::from_be(pod.dport)) };
+    passes_filter_v4(pod.src, pod.dst, pod.proto, sport, dport)
+}
+
+/// The event of a translated packet: its headers (never payload, as `tc::emit` copies them:
+/// a plain IPv4 packet's fit a `HEAD_SHORT` head) copied straight into the ring record, with
+/// the pod's tuple. An ICMP error (whose quote would name the flow) and a TCP header beyond the
+/// linear area are left out, as their translated flows are left for later.
+#[inline(always)]
+fn emit(skb: *mut __sk_buff, direction: u32, hop_flags: u32, pod: &NatTuple) {
+    // SAFETY: the program's context, valid for the whole run.
+    let skb_ref = unsafe { &*skb };
+    let Some(headers_end) = ipv4_headers_end(skb_ref.data as usize, skb_ref.data_end as usize, ETH_HLEN) else { return };
+    let Some(len) = copy_len::<HEAD_SHORT>(skb_ref.len.min(headers_end as u32)) else {
+        count(COUNTER_UNPARSED);
+        return;
+    };
+    let Some(mut record) = EVENTS.reserve::<TranslatedRecord>(0) else {
+        count(COUNTER_MATCHED);
+        count(COUNTER_LOST_EVENTS);
+        return;
+    };
+    let record_ptr = record.as_mut_ptr();
+    // SAFETY: the program's context, and `len` (1..=HEAD_SHORT) bytes of the reserved record's head.
+    let copied = unsafe { bpf_skb_load_bytes(skb.cast(), 0, (*record_ptr).head.as_mut_ptr().cast(), len as u32) };
+    if copied != 0 {
+        record.discard(0);
+        count(COUNTER_UNPARSED);
+        return;
+    }
+    count(COUNTER_MATCHED);
+    // SAFETY: the reserved record is ours until submitted; the clock helper has no
+    // preconditions.
+    unsafe {
+        (*record_ptr).meta = PacketMeta {
+            ktime_ns: bpf_ktime_get_ns(),
+            ifindex: skb_ref.ifindex,
+            skb_len: skb_ref.len,
+            gso_size: skb_ref.gso_size,
+            gso_segs: skb_ref.gso_segs,
+            head_len: len as u16,
+            direction: direction as u8,
+            hop_flags: hop_flags as u8,
+            reserved: 0,
+        };
+        (*record_ptr).pod = *pod;
+    }
+    // Never woken, as `tc::emit`'s records: the reader drains the ring on a timer.
+    record.submit(u64::from(BPF_RB_NO_WAKEUP));
+}
