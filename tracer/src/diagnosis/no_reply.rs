@@ -119,6 +119,34 @@ mod tests {
         );
     }
 
+    /// Pings masqueraded on their way out: seen at the NIC as the node's address (the kernel
+    /// reports the pod's side of the NAT with the wire's header), they are the pod's, and the
+    /// finding names the address they left as.
+    #[test]
+    fn masqueraded_requests_name_the_address_they_left_as() {
+        let path = local_path();
+        let mut detector = NoReply::new(&path, TIMEOUT);
+        let mut feed = Feed::new(&path);
+        let node = "10.99.0.1";
+        for seq in 1..=2 {
+            // Outside the cluster: through the NIC, not the tunnel.
+            let out = [OUT[0], OUT[1], OUT[3]];
+            feed.journey_translated(&mut detector, &ping(seq), &out, u64::from(seq) * 1_000_000, &[(2, ip(node))]);
+        }
+        let findings = End { end_ns: 5 * TIMEOUT, ..Default::default() }.findings(&detector, &path);
+        assert_eq!(findings.len(), 1, "{findings:#?}");
+        let finding = &findings[0];
+        assert_eq!(finding.evidence["last_hop"], "eth0 egress");
+        assert_eq!(finding.evidence["translated_to"], serde_json::json!([node]));
+        assert!(
+            finding.summary.ends_with(
+                "the last hop they reached was eth0 egress, where they left this node translated by the node's NAT to 10.99.0.1; no reply came back through eth0 ingress."
+            ),
+            "{}",
+            finding.summary
+        );
+    }
+
     /// Requests that stop before the way out ends may have been delivered off the traced path
     /// (to a pod on this node): the next hop is not said to have missed them or a reply.
     #[test]

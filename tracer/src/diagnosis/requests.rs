@@ -52,6 +52,9 @@ struct Request {
     hops: Vec<HopKey>,
     /// Destination after Service DNAT, when a hop saw a different one.
     dnat_to: Option<(IpAddr, u16)>,
+    /// The source address the node's NAT gave them (masquerade), where a hop saw them
+    /// translated.
+    translated_to: Option<IpAddr>,
     answered: bool,
 }
 
@@ -94,6 +97,7 @@ struct Group {
     packets: u64,
     hops: BTreeSet<HopKey>,
     dnat_to: BTreeSet<(IpAddr, u16)>,
+    translated_to: BTreeSet<IpAddr>,
     /// Requests and packets per TCP or UDP client flow.
     clients: BTreeMap<ClientFlow, (usize, u64)>,
     /// Requests and packets of client flows beyond the list, per pod and protocol.
@@ -106,6 +110,7 @@ impl Group {
         self.packets += request.packets;
         self.hops.extend(request.hops.iter().copied());
         self.dnat_to.extend(request.dnat_to);
+        self.translated_to.extend(request.translated_to);
         if !matches!(key.proto, IPPROTO_TCP | IPPROTO_UDP) {
             return;
         }
@@ -217,7 +222,10 @@ impl<'a> RequestTracker<'a> {
         let Some(sighting) = sighting else { return };
         let layer = packet.pod_layer();
         if sighting.flow == Flow::FromPod {
-            self.track_request(layer, HopKey { ifindex: packet.ifindex, direction: packet.direction }, sighting, packet.ktime_ns);
+            let hop = HopKey { ifindex: packet.ifindex, direction: packet.direction };
+            // What the node's NAT made of the pod's address, where it shows.
+            let translated_to = packet.translated.map(|wire| wire.src).filter(|src| *src != layer.src);
+            self.track_request(layer, hop, sighting, translated_to, packet.ktime_ns);
         }
         // With both ends followed, a reply comes from a followed pod too.
         if self.path.follows(layer.dst) {
@@ -225,12 +233,13 @@ impl<'a> RequestTracker<'a> {
         }
     }
 
-    fn track_request(&mut self, layer: &Layer, hop: HopKey, sighting: &Sighting, now: u64) {
+    fn track_request(&mut self, layer: &Layer, hop: HopKey, sighting: &Sighting, translated_to: Option<IpAddr>, now: u64) {
         if let Some(key) = self.by_fingerprint.get(&sighting.fingerprint).copied() {
             if let Some(request) = self.requests.get_mut(&key) {
                 if !request.hops.contains(&hop) {
                     request.hops.push(hop);
                 }
+                request.translated_to = request.translated_to.or(translated_to);
                 if (layer.dst, layer.dport) != (request.peer, request.peer_port) && request.dnat_to.is_none() {
                     request.dnat_to = Some((layer.dst, layer.dport));
                 }
@@ -255,6 +264,7 @@ impl<'a> RequestTracker<'a> {
                 packets: 1,
                 hops: vec![hop],
                 dnat_to: None,
+                translated_to,
                 answered: false,
             };
             self.requests.insert(key, request);
@@ -311,6 +321,7 @@ impl<'a> RequestTracker<'a> {
         let first_missing = reach.first_missing(self.path);
         let last_label = seen_labels.last().cloned();
         let dnat_to: Vec<String> = group.dnat_to.iter().map(|(ip, p)| format!("{ip}:{p}")).collect();
+        let translated_to: Vec<String> = group.translated_to.iter().map(IpAddr::to_string).collect();
         let evidence = json!({
             "requests": group.requests,
             "packets": group.packets,
@@ -320,14 +331,19 @@ impl<'a> RequestTracker<'a> {
             "first_hop_missing": first_missing,
             "hops_seen": seen_labels,
             "dnat_to": dnat_to,
+            "translated_to": translated_to,
         });
         // Only where the way out ends did the requests leave this node: past that, what is
         // missing is the reply. Before it, they may have been delivered off the traced path
         // (to a pod on this node, or the node itself), so the next hop is no hop they needed.
         let left_the_node = reach.seen.last().is_some_and(|(step, _)| self.path.next_on_same_way(*step).is_none());
+        // Masqueraded requests left as the node's address: the peer answers that, and its reply
+        // comes back to it.
+        let translated =
+            if translated_to.is_empty() { String::new() } else { format!(" translated by the node's NAT to {}", translated_to.join(", ")) };
         let reach_text = match (&last_label, &first_missing) {
             (Some(last), Some(missing)) if left_the_node => {
-                format!("the last hop they reached was {last}, where they left this node; no reply came back through {missing}")
+                format!("the last hop they reached was {last}, where they left this node{translated}; no reply came back through {missing}")
             }
             (Some(last), Some(missing)) => format!(
                 "the last hop they reached was {last}; the next traced hop, {missing}, never saw them: they were dropped on this node or delivered off the traced path"

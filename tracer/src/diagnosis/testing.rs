@@ -1,7 +1,7 @@
 //! Feeding detectors in unit tests: the synthetic packets and events of `events::testing`,
 //! through a correlator as in a trace, and trace ends.
 
-use std::{collections::HashMap, sync::OnceLock};
+use std::{collections::HashMap, net::IpAddr, sync::OnceLock};
 
 use super::{Detector, Finding, TraceEnd};
 pub use crate::events::testing::*;
@@ -9,7 +9,7 @@ use crate::{
     Direction,
     events::{
         correlate::{Correlator, Limits, Sighting},
-        decode::{DecodeErrors, Layer, Packet},
+        decode::{DecodeErrors, Layer, Packet, Translation},
     },
     kernel::symbols::KernelSymbols,
     node::{LinkDrops, Path},
@@ -39,8 +39,28 @@ impl Feed {
 
     /// The same packet crossing each hop in turn, 1 µs apart from `start_ns`.
     pub fn journey(&mut self, detector: &mut dyn Detector, layer: &Layer, hops: &[(u32, Direction)], start_ns: u64) {
+        self.journey_translated(detector, layer, hops, start_ns, &[]);
+    }
+
+    /// `journey`, the packet's source translated by the node's NAT to the given address at
+    /// the given hops (by ifindex), as the kernel reports a masqueraded packet there.
+    pub fn journey_translated(
+        &mut self,
+        detector: &mut dyn Detector,
+        layer: &Layer,
+        hops: &[(u32, Direction)],
+        start_ns: u64,
+        translated: &[(u32, IpAddr)],
+    ) {
         for (step, (ifindex, direction)) in hops.iter().enumerate() {
-            self.packet(detector, &packet(layer.clone(), *ifindex, *direction, start_ns + step as u64 * 1000));
+            let mut packet = packet(layer.clone(), *ifindex, *direction, start_ns + step as u64 * 1000);
+            packet.translated = translated.iter().find(|(at, _)| at == ifindex).map(|(_, src)| Translation {
+                src: *src,
+                dst: layer.dst,
+                sport: layer.sport,
+                dport: layer.dport,
+            });
+            self.packet(detector, &packet);
         }
     }
 }
