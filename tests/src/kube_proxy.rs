@@ -98,7 +98,7 @@ pub fn add(netns: &str, ports: &[ServicePort]) -> Result<()> {
     restore(netns, &added_input(ports)?)
 }
 
-fn restore(netns: &str, input: &str) -> Result<()> {
+pub(crate) fn restore(netns: &str, input: &str) -> Result<()> {
     let what = format!("iptables-restore --noflush in {netns}");
     let mut child = Command::new("ip")
         .args(["netns", "exec", netns, "iptables-restore", "-w", "--noflush"])

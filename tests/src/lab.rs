@@ -5,6 +5,9 @@
 //! written the way kube-proxy's iptables mode writes it. A dual-stack lab
 //! (`LabSpec::dual_stack`) adds IPv6 the way kube-flannel with `EnableIPv6` does: an IPv6
 //! underlay, `flannel-v6.1`, and a second (IPv6) range in the bridge plugin's configuration.
+//! An external lab (`LabSpec::external`) adds a host outside the cluster, routed through the
+//! switch, and the masquerade rules flanneld writes (`ipMasq`), so pods reach it source-NATed
+//! to their node's address.
 //!
 //! Everything is created inside namespaces the lab owns (`ip -n NS link add … netns OTHER`),
 //! so nothing touches the root namespace and interface names repeat per node as on real
@@ -59,7 +62,20 @@ pub struct LabSpec {
     /// the underlay, `flannel-v6.1` over them (created with `vxlan_mtu`, which the kernel caps
     /// at the underlay's MTU minus 70), and pods with an address from each family's range.
     pub dual_stack: bool,
+    /// A host outside the cluster (`EXTERNAL_IP`, in a namespace of its own) that node A
+    /// reaches through a router on the underlay (the switch), and on each node the masquerade
+    /// rules flanneld writes with `ipMasq`: pods reach the host source-NATed to the node's
+    /// address.
+    pub external: bool,
 }
+
+/// The external host's address: TEST-NET-3, outside the cluster and the underlay.
+pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+/// The switch's addresses as the router between the underlay and the external host.
+const UNDERLAY_ROUTER: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 254);
+const EXTERNAL_ROUTER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+/// The cluster's pod network (flannel's `Network`).
+pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
 
 impl Default for LabSpec {
     fn default() -> Self {
@@ -75,6 +91,7 @@ impl Default for LabSpec {
             bond_a_xmit_hash_policy: "layer3+4".into(),
             bond_a_partner_per_port: false,
             dual_stack: false,
+            external: false,
         }
     }
 }
@@ -128,6 +145,8 @@ pub struct Lab {
     pub nodes: [Node; 2],
     /// The cluster DNS pod (dnsmasq) on node B, once made.
     dns: Option<Pod>,
+    /// The host outside the cluster's namespace, on an external lab.
+    pub external: Option<String>,
     /// Namespaces created so far, deleted on drop.
     created: Vec<String>,
     /// Pods the CNI plugins were called for, each deleted with CNI DEL on drop.
@@ -185,6 +204,7 @@ impl Lab {
             switch_ns: format!("{p}-sw"),
             nodes: [node("a", 0), node("b", 1)],
             dns: None,
+            external: None,
             created: Vec::new(),
             sandboxes: Vec::new(),
             dns_server: None,
@@ -409,7 +429,37 @@ impl Lab {
                     .with_context(|| format!("pod {ip6} cannot reach its gateway"))?;
             }
         }
+        if spec.external {
+            self.add_external()?;
+        }
         self.start_dns_server(&dns)
+    }
+
+    /// The host outside the cluster: a namespace behind the switch, which routes between it
+    /// and the underlay as a site's router does; node A's default route through that router;
+    /// and flanneld's masquerade rules on each node.
+    fn add_external(&mut self) -> Result<()> {
+        let sw = self.switch_ns.clone();
+        let ext = format!("{}-ext", self.prefix);
+        self.add_netns(&ext)?;
+        run(&["ip", "-n", &sw, "addr", "add", &format!("{UNDERLAY_ROUTER}/24"), "dev", "br0"])?;
+        run(&["ip", "netns", "exec", &sw, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        run(&["ip", "-n", &sw, "link", "add", "ext0", "type", "veth", "peer", "name", "eth0", "netns", &ext])?;
+        run(&["ip", "-n", &sw, "addr", "add", &format!("{EXTERNAL_ROUTER}/24"), "dev", "ext0"])?;
+        run(&["ip", "-n", &sw, "link", "set", "ext0", "up"])?;
+        run(&["ip", "-n", &ext, "link", "set", "lo", "up"])?;
+        run(&["ip", "-n", &ext, "addr", "add", &format!("{EXTERNAL_IP}/24"), "dev", "eth0"])?;
+        run(&["ip", "-n", &ext, "link", "set", "eth0", "up"])?;
+        run(&["ip", "-n", &ext, "route", "add", "default", "via", &EXTERNAL_ROUTER.to_string()])?;
+        wire_like(&sw, "ext0")?;
+        wire_like(&ext, "eth0")?;
+        let node_a = self.nodes[0].clone();
+        run(&["ip", "-n", &node_a.netns, "route", "add", "default", "via", &UNDERLAY_ROUTER.to_string(), "dev", &node_a.underlay])?;
+        for node in &self.nodes {
+            flannel_masquerade(&node.netns, &node.pod_cidr)?;
+        }
+        self.external = Some(ext);
+        Ok(())
     }
 
     /// dnsmasq in the DNS pod, answering for the `kubernetes` Service's name. It stays in the
@@ -602,6 +652,29 @@ impl Lab {
         }
         let _ = std::fs::remove_dir_all(&self.state_dir);
     }
+}
+
+/// The masquerade rules flanneld writes with `ipMasq` (its iptables traffic manager's
+/// `MasqRules` for the node's subnet `pod_cidr` of `CLUSTER_CIDR`), in their order: traffic
+/// kube-proxy marked for masquerading and traffic within the pod network keep their
+/// addresses, pods' traffic to anywhere else but multicast is masqueraded, and so is the
+/// host's traffic to the pod network. Loaded with `iptables-restore --noflush` as kube-proxy's
+/// rules are, beside them.
+fn flannel_masquerade(netns: &str, pod_cidr: &str) -> Result<()> {
+    let comment = r#"-m comment --comment "flanneld masq""#;
+    let rules = format!(
+        "*nat\n\
+         :FLANNEL-POSTRTG - [0:0]\n\
+         -A POSTROUTING {comment} -j FLANNEL-POSTRTG\n\
+         -A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 {comment} -j RETURN\n\
+         -A FLANNEL-POSTRTG -s {pod_cidr} -d {CLUSTER_CIDR} {comment} -j RETURN\n\
+         -A FLANNEL-POSTRTG -s {CLUSTER_CIDR} -d {pod_cidr} {comment} -j RETURN\n\
+         -A FLANNEL-POSTRTG ! -s {CLUSTER_CIDR} -d {pod_cidr} {comment} -j RETURN\n\
+         -A FLANNEL-POSTRTG -s {CLUSTER_CIDR} ! -d 224.0.0.0/4 {comment} -j MASQUERADE --random-fully\n\
+         -A FLANNEL-POSTRTG ! -s {CLUSTER_CIDR} -d {CLUSTER_CIDR} {comment} -j MASQUERADE --random-fully\n\
+         COMMIT\n"
+    );
+    kube_proxy::restore(netns, &rules)
 }
 
 /// The kube-dns Service's ports, each with the DNS pod as its endpoint.
