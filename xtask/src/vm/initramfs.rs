@@ -13,7 +13,7 @@ use anyhow::{Context as _, Result, bail};
 
 use super::{
     DONE_MARK, RESULT_MARK, TestRun,
-    kernel::{Kernel, cache_dir},
+    kernel::Kernel,
 };
 use crate::setup::step;
 
@@ -86,7 +86,10 @@ const TOOLS: &[&str] = &[
 /// The initramfs for `kernel`, whose init runs each of `runs` (a test binary and its name
 /// filters) and prints its exit status.
 pub fn build(kernel: &Kernel, podtrace: &Path, binaries: &[(String, PathBuf)], runs: &[TestRun]) -> Result<PathBuf> {
-    let root = cache_dir().join("initramfs").join(&kernel.release);
+    // Built from this checkout's binaries, so kept beside them (not in the shared cache, where
+    // a run from another checkout would overwrite it under a running VM).
+    let work = podtrace.parent().context("the podtrace binary's directory")?.join("vm");
+    let root = work.join("initramfs").join(&kernel.release);
     if root.exists() {
         fs::remove_dir_all(&root)?;
     }
@@ -136,7 +139,7 @@ pub fn build(kernel: &Kernel, podtrace: &Path, binaries: &[(String, PathBuf)], r
     fs::write(root.join("init"), init)?;
     fs::set_permissions(root.join("init"), fs::Permissions::from_mode(0o755))?;
 
-    let image = cache_dir().join(format!("initramfs-{}.cpio.gz", kernel.release));
+    let image = work.join(format!("initramfs-{}.cpio.gz", kernel.release));
     let status = Command::new("sh")
         .arg("-c")
         .arg(format!("find . | cpio -o -H newc --quiet | gzip -1 > '{}'", image.display()))
