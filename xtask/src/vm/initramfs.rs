@@ -11,10 +11,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use super::{
-    DONE_MARK, RESULT_MARK, TestRun,
-    kernel::Kernel,
-};
+use super::{DONE_MARK, RESULT_MARK, TestRun, kernel::Kernel};
 use crate::setup::step;
 
 /// Modules the lab and podtrace need; their dependencies are added from modules.dep.
