@@ -15,8 +15,13 @@ pub const DIR_EGRESS: u8 = 1;
 pub const PKT_VLAN: u8 = 1 << 0;
 /// The outer packet is VXLAN and `inner` holds the encapsulated packet.
 pub const PKT_VXLAN: u8 = 1 << 1;
-/// The VXLAN payload was cut short, so `inner` is incomplete.
+/// The encapsulated payload (VXLAN or IPIP) was cut short, so `inner` is incomplete.
 pub const PKT_INNER_TRUNCATED: u8 = 1 << 2;
+/// The outer packet is IPIP (IP protocol 4, as Calico's `tunl0` sends) and `inner` holds the
+/// encapsulated IPv4 packet.
+pub const PKT_IPIP: u8 = 1 << 3;
+/// Either encapsulation: `inner` holds the pod's own packet.
+pub const PKT_ENCAPSULATED: u8 = PKT_VXLAN | PKT_IPIP;
 /// `NatTuple::flags`: the packet crossed a NAT (conntrack translated it); the record carries
 /// the tuple the pod's side of the NAT has (`TranslatedRecord`).
 pub const PKT_TRANSLATED: u8 = 1 << 4;
@@ -31,6 +36,8 @@ pub const IP_LATER_FRAGMENT: u8 = 1 << 2;
 pub const IP_OPTIONS: u8 = 1 << 3;
 
 pub const IPPROTO_ICMP: u8 = 1;
+/// IPv4 in IP (IPIP).
+pub const IPPROTO_IPIP: u8 = 4;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_ICMPV6: u8 = 58;
@@ -93,7 +100,7 @@ pub struct IpLayer {
 /// head with one helper call straight into the ring record, rather than parse every header
 /// of a followed packet itself and copy the result.
 ///
-/// Two sizes: `HEAD_SHORT` for a plain IPv4 packet (no IP options, not VXLAN), whose every
+/// Two sizes: `HEAD_SHORT` for a plain IPv4 packet (no IP options, not VXLAN or IPIP), whose every
 /// header the parse reads ends by byte 110 (an ICMP error quoting an IPv4 header with options
 /// and 8 bytes after it), and `HEAD_LONG` for everything else, the whole region the kernel's
 /// own parse reads. The ring record's length tells them apart.
@@ -120,7 +127,8 @@ pub struct PacketMeta {
     pub head_len: u16,
     /// `DIR_*`.
     pub direction: u8,
-    /// The hop's `HOP_*` flags that say how to read the frame (`HOP_NO_MAC_HEADER`).
+    /// The hop's `HOP_*` flags that say how to read the frame (`HOP_NO_MAC_HEADER`); with
+    /// `skb_len`, they tell where its IP header starts (`parse::parse_frame`).
     pub hop_flags: u8,
     /// Zero; keeps the struct free of trailing padding.
     pub reserved: u32,

@@ -3,7 +3,7 @@
 //! tracepoint programs on an skb's memory, and userspace on the packet heads the TC programs
 //! copy into their ring (`PacketRecord`), so that what the kernel decided and what userspace
 //! reports are read by the same code. `parse_frame` reads a frame as a TC hop sees it,
-//! `parse_packet` an IP packet and, for VXLAN, the packet it carries.
+//! `parse_packet` an IP packet and, for VXLAN and IPIP, the packet it carries.
 
 use network_types::{
     eth::EthHdr,
@@ -13,8 +13,8 @@ use network_types::{
 };
 
 use crate::{
-    IP_DF, IP_FRAGMENT, IP_LATER_FRAGMENT, IP_OPTIONS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IpLayer,
-    PKT_INNER_TRUNCATED, PKT_VLAN, PKT_VXLAN,
+    IP_DF, IP_FRAGMENT, IP_LATER_FRAGMENT, IP_OPTIONS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_IPIP, IPPROTO_TCP, IPPROTO_UDP, IpLayer,
+    PKT_ENCAPSULATED, PKT_INNER_TRUNCATED, PKT_IPIP, PKT_VLAN, PKT_VXLAN,
 };
 
 pub const ETH_P_IP: u16 = 0x0800;
@@ -67,7 +67,7 @@ impl Headers for Bytes<'_> {
 
 /// What `parse_packet` found besides the two layers.
 pub struct Parsed {
-    /// `PKT_VXLAN`, `PKT_INNER_TRUNCATED`.
+    /// `PKT_VXLAN`, `PKT_IPIP`, `PKT_INNER_TRUNCATED`.
     pub flags: u8,
     pub vni: u32,
     /// Where the headers it read end (`headers_end`).
@@ -95,7 +95,7 @@ pub fn l4_headers_end(proto: u8, l4_offset: usize, tcp_header_len: u8) -> usize 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Frame {
     pub outer: IpLayer,
-    /// The encapsulated packet when `flags` has `PKT_VXLAN`.
+    /// The encapsulated packet when `flags` has `PKT_VXLAN` or `PKT_IPIP`.
     pub inner: IpLayer,
     /// VXLAN network identifier when `PKT_VXLAN` is set.
     pub vni: u32,
@@ -110,25 +110,21 @@ pub struct Frame {
 }
 
 /// Parses a frame into `frame` (which must start zeroed): its Ethernet header and VLAN tags,
-/// or, where `no_mac_header` (tunnel devices hand TC the IP header at offset 0), the IP
-/// header its version nibble names; then `parse_packet`.
+/// or, where `no_mac_header`, the IP header `no_mac_l3` finds; then `parse_packet`.
+/// `frame_len` is the whole frame's length (`skb->len`), of which `headers` may hold less.
 #[inline(always)]
-pub fn parse_frame<H: Headers>(headers: &H, no_mac_header: bool, vxlan_ports: &[u16; 2], frame: &mut Frame) -> Result<(), Skip> {
-    let (ether_type, l3_offset) = if no_mac_header {
-        let first: u8 = headers.read(0)?;
-        match first >> 4 {
-            4 => (ETH_P_IP, 0),
-            6 => (ETH_P_IPV6, 0),
-            _ => return Err(Skip::NotIp),
-        }
-    } else {
-        let (ether_type, offset, vlan_id) = parse_ethernet(headers, 0)?;
-        if let Some(vlan_id) = vlan_id {
-            frame.flags |= PKT_VLAN;
-            frame.vlan_id = vlan_id;
-        }
-        (ether_type, offset)
-    };
+pub fn parse_frame<H: Headers>(
+    headers: &H,
+    no_mac_header: bool,
+    frame_len: u32,
+    vxlan_ports: &[u16; 2],
+    frame: &mut Frame,
+) -> Result<(), Skip> {
+    let (ether_type, l3_offset, vlan_id) = if no_mac_header { no_mac_l3(headers, frame_len)? } else { parse_ethernet(headers, 0)? };
+    if let Some(vlan_id) = vlan_id {
+        frame.flags |= PKT_VLAN;
+        frame.vlan_id = vlan_id;
+    }
     let parsed = parse_packet(headers, ether_type, l3_offset, vxlan_ports, &mut frame.outer, &mut frame.inner)?;
     frame.flags |= parsed.flags;
     frame.vni = parsed.vni;
@@ -136,10 +132,57 @@ pub fn parse_frame<H: Headers>(headers: &H, no_mac_header: bool, vxlan_ports: &[
     Ok(())
 }
 
+/// Where the IP header starts on a hop without a MAC header (a tunnel device), as
+/// `parse_ethernet` answers. Tunnel devices hand TC the IP header at offset 0, except at an
+/// IPIP device's ingress on some kernels (5.10), where the packet still starts with the
+/// underlay's Ethernet header and the outer IPv4 header (protocol 4), the pod's packet behind
+/// them. So offset 0 is taken as IP only when a valid IP header spanning the whole frame
+/// starts there; else Ethernet carrying IPIP is parsed as such; else, for any other layout,
+/// the version nibble at offset 0 decides as it always did.
+#[inline(always)]
+fn no_mac_l3<H: Headers>(headers: &H, frame_len: u32) -> Result<(u16, usize, Option<u16>), Skip> {
+    let first: u8 = headers.read(0)?;
+    let ether_type = match first >> 4 {
+        4 => ETH_P_IP,
+        6 => ETH_P_IPV6,
+        _ => 0,
+    };
+    if ether_type != 0 && ip_spans_frame(headers, first, frame_len) {
+        return Ok((ether_type, 0, None));
+    }
+    // Untagged Ethernet, then an IPv4 header of protocol IPIP. Only the bytes looked at are
+    // read: the kernel programs' stack has little room to spare.
+    let ethernet_ipip = headers.read::<[u8; 2]>(ETH_TYPE_OFFSET).is_ok_and(|t| u16::from_be_bytes(t) == ETH_P_IP)
+        && headers.read::<[u8; 10]>(EthHdr::LEN).is_ok_and(|ip| ip[0] >> 4 == 4 && ip[9] == IPPROTO_IPIP);
+    if ethernet_ipip {
+        return Ok((ETH_P_IP, EthHdr::LEN, None));
+    }
+    match ether_type {
+        0 => Err(Skip::NotIp),
+        ether_type => Ok((ether_type, 0, None)),
+    }
+}
+
+/// Where the EtherType sits in an Ethernet header.
+const ETH_TYPE_OFFSET: usize = 12;
+
+/// Whether the IP header at offset 0 (whose first byte is `first`) is sound and says the
+/// packet is `frame_len` bytes long: IPv4's total length, or IPv6's payload length plus its
+/// 40-byte header.
+#[inline(always)]
+fn ip_spans_frame<H: Headers>(headers: &H, first: u8, frame_len: u32) -> bool {
+    let (length_at, header) = if first >> 4 == 4 { (2, 0) } else { (4, Ipv6Hdr::LEN as u32) };
+    if first >> 4 == 4 && ((first & 0x0f) as usize) * 4 < Ipv4Hdr::LEN {
+        return false;
+    }
+    headers.read::<[u8; 2]>(length_at).is_ok_and(|length| u32::from(u16::from_be_bytes(length)) + header == frame_len)
+}
+
 /// Parses the IP packet at `l3_offset` into `outer` and, when it is VXLAN to one of
-/// `vxlan_ports`, the packet it carries into `inner`. A VXLAN payload too short for its inner
-/// headers keeps the outer layer, which still tells where the packet was, and sets
-/// `PKT_INNER_TRUNCATED`: the caller counts it as unparsed where it `could_be_followed`.
+/// `vxlan_ports` or IPIP (IP protocol 4), the packet it carries into `inner`. An encapsulated
+/// payload too short for its inner headers keeps the outer layer, which still tells where the
+/// packet was, and sets `PKT_INNER_TRUNCATED`: the caller counts it as unparsed where it
+/// `could_be_followed`.
 #[inline(always)]
 pub fn parse_packet<H: Headers>(
     headers: &H,
@@ -151,49 +194,71 @@ pub fn parse_packet<H: Headers>(
 ) -> Result<Parsed, Skip> {
     let headers_end = parse_ip(headers, ether_type, l3_offset, outer)?;
     let mut parsed = Parsed { flags: 0, vni: 0, headers_end };
+    let l4_offset = l3_offset + usize::from(outer.header_len);
+    // Where the inner IP header starts (its EtherType, 0 for none, and offset), found for
+    // either encapsulation, and then parsed at one place: a second copy of the IP and L4 parse
+    // would double the paths the verifier walks. Plain values, not nested results: the kernel
+    // programs' stack has little room to spare.
+    let (mut inner_type, mut inner_offset, mut cut) = (0, 0, false);
     if is_vxlan(outer, vxlan_ports) {
-        match parse_vxlan(headers, l3_offset + usize::from(outer.header_len) + UdpHdr::LEN, inner) {
-            Ok(Some((vni, inner_end))) => {
+        match vxlan_inner(headers, l4_offset + UdpHdr::LEN) {
+            Ok(Some((vni, (ether_type, offset)))) => {
                 parsed.flags |= PKT_VXLAN;
                 parsed.vni = vni;
-                parsed.headers_end = inner_end;
+                (inner_type, inner_offset) = (ether_type, offset);
             }
             Ok(None) => {}
-            // The frame ends inside the inner headers: all of it is headers.
             Err(_) => {
-                parsed.flags |= PKT_VXLAN | PKT_INNER_TRUNCATED;
-                parsed.headers_end = usize::from(u16::MAX);
+                parsed.flags |= PKT_VXLAN;
+                cut = true;
             }
         }
+    } else if outer.proto == IPPROTO_IPIP && outer.flags & IP_LATER_FRAGMENT == 0 {
+        // No header of its own: the inner IPv4 header follows the outer one.
+        parsed.flags |= PKT_IPIP;
+        (inner_type, inner_offset) = (ETH_P_IP, l4_offset);
+    }
+    if inner_type != 0 {
+        match parse_ip(headers, inner_type, inner_offset, inner) {
+            Ok(inner_end) => parsed.headers_end = inner_end,
+            Err(_) => cut = true,
+        }
+    }
+    if cut {
+        // The frame ends inside the inner headers: all of it is headers.
+        parsed.flags |= PKT_INNER_TRUNCATED;
+        parsed.headers_end = usize::from(u16::MAX);
     }
     Ok(parsed)
 }
 
 /// Whether a packet whose headers could not all be read may be a followed pod's, and so
-/// leaves the report incomplete: its headers were cut before its addresses (outer, or a
-/// VXLAN packet's inner ones), or the addresses that were read name a followed IP
-/// (`is_followed`, asked of the outer layer, and of the inner one under VXLAN). Other flows'
-/// truncated headers are none of the report's business.
+/// leaves the report incomplete: its headers were cut before its addresses (outer, or an
+/// encapsulated packet's inner ones), or the addresses that were read name a followed IP
+/// (`is_followed`, asked of the outer layer, and of the inner one under VXLAN or IPIP).
+/// Other flows' truncated headers are none of the report's business.
 #[inline(always)]
 pub fn could_be_followed(outer: &IpLayer, inner: &IpLayer, flags: u8, is_followed: impl Fn(&IpLayer) -> bool) -> bool {
-    let vxlan = flags & PKT_VXLAN != 0;
-    let addresses_unread = outer.version == 0 || (vxlan && inner.version == 0);
-    addresses_unread || is_followed(outer) || (vxlan && is_followed(inner))
+    let encapsulated = flags & PKT_ENCAPSULATED != 0;
+    let addresses_unread = outer.version == 0 || (encapsulated && inner.version == 0);
+    addresses_unread || is_followed(outer) || (encapsulated && is_followed(inner))
 }
 
-/// Parses a VXLAN header at `offset` and the packet it carries into `inner`; returns the VNI
-/// and where the inner headers end, or `None` if the I flag is clear (not a VXLAN packet
-/// after all).
+/// Where an IP header starts: its EtherType and offset.
+type IpAt = (u16, usize);
+
+/// Reads a VXLAN header at `offset` and the Ethernet header of the frame it carries; returns
+/// the VNI and where the inner IP header starts, or `None` if the I flag is clear (not a VXLAN
+/// packet after all).
 #[inline(always)]
-fn parse_vxlan<H: Headers>(headers: &H, offset: usize, inner: &mut IpLayer) -> Result<Option<(u32, usize)>, Skip> {
+fn vxlan_inner<H: Headers>(headers: &H, offset: usize) -> Result<Option<(u32, IpAt)>, Skip> {
     let vxlan: [u8; VXLAN_HDR_LEN] = headers.read(offset)?;
     if vxlan[0] & VXLAN_FLAG_VNI == 0 {
         return Ok(None);
     }
     let vni = u32::from_be_bytes([0, vxlan[4], vxlan[5], vxlan[6]]);
     let (ether_type, l3_offset, _) = parse_ethernet(headers, offset + VXLAN_HDR_LEN)?;
-    let inner_end = parse_ip(headers, ether_type, l3_offset, inner)?;
-    Ok(Some((vni, inner_end)))
+    Ok(Some((vni, (ether_type, l3_offset))))
 }
 
 /// Whether a parsed outer layer is a UDP packet to one of the VXLAN ports.
@@ -527,6 +592,59 @@ mod tests {
             assert_eq!(outer.src, v4_mapped([10, 99, 0, 1]));
             assert!(counted(&parsed, &outer, &inner), "cut at {cut}");
         }
+    }
+
+    fn ipip(inner: &[u8]) -> Vec<u8> {
+        ipv4([10, 99, 0, 1], [10, 99, 0, 2], IPPROTO_IPIP, inner)
+    }
+
+    #[test]
+    fn ipip_exposes_the_inner_packet() {
+        let (parsed, outer, inner) = parse(&ipip(&ipv4(POD, PEER, IPPROTO_ICMP, &echo_request()))).ok().unwrap();
+        assert_eq!((parsed.flags, parsed.vni), (PKT_IPIP, 0));
+        assert_eq!((outer.proto, outer.src, outer.total_len), (IPPROTO_IPIP, v4_mapped([10, 99, 0, 1]), 20 + 28));
+        assert_eq!((inner.src, inner.dst, inner.proto), (v4_mapped(POD), v4_mapped(PEER), IPPROTO_ICMP));
+        assert_eq!((inner.icmp_type, inner.icmp_id, inner.icmp_seq), (8, 7, 3));
+        for cut in [0, 10, 20 + 2] {
+            let (parsed, _, inner) = parse(&ipip(&ipv4(POD, PEER, IPPROTO_ICMP, &echo_request()))[..20 + cut]).ok().unwrap();
+            assert_eq!(parsed.flags, PKT_IPIP | PKT_INNER_TRUNCATED, "cut at {cut}");
+            assert!(counted(&parsed, &parse(&ipip(&[])).ok().unwrap().1, &inner), "cut at {cut}");
+        }
+        // A later fragment of an IPIP packet carries no inner header.
+        let mut fragment = ipip(&ipv4(POD, PEER, IPPROTO_ICMP, &echo_request()));
+        fragment[6..8].copy_from_slice(&0x0010u16.to_be_bytes());
+        assert_eq!(parse(&fragment).ok().unwrap().0.flags, 0);
+    }
+
+    fn frame_of(bytes: &[u8], frame_len: u32) -> Result<Frame, Skip> {
+        let mut frame = Frame::default();
+        parse_frame(&Bytes(bytes), true, frame_len, &[8472, 4789], &mut frame)?;
+        Ok(frame)
+    }
+
+    /// On a hop without a MAC header the IP header starts at offset 0, except at an IPIP
+    /// device's ingress on 5.10, which still shows the underlay's Ethernet and outer IPv4
+    /// headers: either way the pod's packet is the inner one.
+    #[test]
+    fn a_hop_without_a_mac_header_finds_its_ip_header() {
+        let pod_packet = ipv4(POD, PEER, IPPROTO_ICMP, &echo_request());
+        let at_zero = frame_of(&pod_packet, pod_packet.len() as u32).ok().unwrap();
+        assert_eq!((at_zero.flags, at_zero.outer.src), (0, v4_mapped(POD)));
+        let received = ethernet(&ipip(&pod_packet));
+        let frame = frame_of(&received, received.len() as u32).ok().unwrap();
+        assert_eq!((frame.flags, frame.outer.proto, frame.inner.src), (PKT_IPIP, IPPROTO_IPIP, v4_mapped(POD)));
+        // The whole frame is the length, not what the head holds of it.
+        let frame = frame_of(&received[..14 + 20 + 20], received.len() as u32 + 1000).ok().unwrap();
+        assert_eq!((frame.flags, frame.inner.dst), (PKT_IPIP | PKT_INNER_TRUNCATED, v4_mapped(PEER)));
+        // An IP header at 0 whose length is not the frame's, and no Ethernet behind it: IP at 0
+        // all the same, as before.
+        let frame = frame_of(&pod_packet, pod_packet.len() as u32 + 4).ok().unwrap();
+        assert_eq!(frame.outer.src, v4_mapped(POD));
+        // Neither IP nor Ethernet carrying IPIP.
+        assert!(matches!(frame_of(&[0x00; 40], 40), Err(Skip::NotIp)));
+        let mut other = ethernet(&ipv4(POD, PEER, IPPROTO_ICMP, &echo_request()));
+        other[0] = 0;
+        assert!(matches!(frame_of(&other, other.len() as u32), Err(Skip::NotIp)), "Ethernet without IPIP is not read as such");
     }
 
     #[test]

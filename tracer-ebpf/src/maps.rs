@@ -5,7 +5,9 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray},
 };
-use tracer_common::{COUNTER_COUNT, FilterConfig, FollowedV4, IpLayer, MAX_FAST_FOLLOWED, MAX_FOLLOWED, PKT_INNER_TRUNCATED, PKT_VXLAN};
+use tracer_common::{
+    COUNTER_COUNT, FilterConfig, FollowedV4, IpLayer, MAX_FAST_FOLLOWED, MAX_FOLLOWED, PKT_ENCAPSULATED, PKT_INNER_TRUNCATED,
+};
 
 /// Set by userspace at load time; zero fields mean "any".
 #[unsafe(no_mangle)]
@@ -112,14 +114,15 @@ pub fn count(index: u32) {
     }
 }
 
-/// Whether a parsed packet is reported: an outer or (for VXLAN) inner address is followed,
+/// Whether a parsed packet is reported: an outer or (for VXLAN and IPIP) inner address is followed,
 /// and the pod's own header passes `--peer`, `--port` and `--proto`.
 #[inline(always)]
 pub fn matches(filter: &FilterConfig, outer: &IpLayer, inner: &IpLayer, flags: u8) -> bool {
     // A truncated inner packet may still have its addresses: they count for following, but
     // the filter needs its ports, so it then applies to the outer header.
-    let followed = is_followed(outer) || (flags & PKT_VXLAN != 0 && is_followed(inner));
-    let pod_layer = if flags & PKT_VXLAN != 0 && flags & PKT_INNER_TRUNCATED == 0 { inner } else { outer };
+    let encapsulated = flags & PKT_ENCAPSULATED != 0;
+    let followed = is_followed(outer) || (encapsulated && is_followed(inner));
+    let pod_layer = if encapsulated && flags & PKT_INNER_TRUNCATED == 0 { inner } else { outer };
     followed && passes_filter(filter, pod_layer)
 }
 

@@ -9,8 +9,8 @@ use aya_ebpf::{
 };
 use tracer_common::{
     COUNTER_LOST_EVENTS, COUNTER_MATCHED, COUNTER_NOT_IP, COUNTER_UNPARSED, DIR_EGRESS, DIR_INGRESS, HEAD_LONG, HEAD_SHORT, HOP_NAT,
-    HOP_NO_MAC_HEADER, HOP_SLOTS, HopConfig, HopSlot, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, MAX_HOPS, PKT_INNER_TRUNCATED, PacketMeta,
-    PacketRecord,
+    HOP_NO_MAC_HEADER, HOP_SLOTS, HopConfig, HopSlot, IPPROTO_ICMP, IPPROTO_IPIP, IPPROTO_TCP, IPPROTO_UDP, MAX_HOPS, PKT_INNER_TRUNCATED,
+    PacketMeta, PacketRecord,
     parse::{ETH_P_IP, Frame, Headers, Skip, could_be_followed, l4_headers_end, parse_frame},
 };
 
@@ -216,7 +216,7 @@ fn parse_and_match(ctx: &TcContext, skb: &__sk_buff, hop: HopConfig) -> Result<u
     take_snapshot(ctx, skb.len, snapshot)?;
     let packet = &Packet { ctx, snapshot };
     let filter = filter();
-    match parse_frame(packet, hop.flags & HOP_NO_MAC_HEADER != 0, &filter.vxlan_ports, frame) {
+    match parse_frame(packet, hop.flags & HOP_NO_MAC_HEADER != 0, skb.len, &filter.vxlan_ports, frame) {
         Ok(()) => {}
         Err(Skip::Unparsed) if !could_be_followed(&frame.outer, &frame.inner, 0, is_followed) => return Err(NoEvent::NotFollowed),
         Err(skip) => return Err(skip.into()),
@@ -282,8 +282,11 @@ const VERDICT_UNDECIDED: u32 = 0;
 const VERDICT_NOT_OURS: u32 = 1;
 /// Reported, and a plain IPv4 packet without options, whose headers fit a `HEAD_SHORT` head.
 const VERDICT_OURS_PLAIN: u32 = 2;
-/// Reported, and VXLAN: its headers need a `HEAD_LONG` head.
+/// Reported, and VXLAN or IPIP: its headers need a `HEAD_LONG` head.
 const VERDICT_OURS: u32 = 3;
+/// IPIP, its outer addresses followed when the bit above `VERDICT_BITS` is set: the inner
+/// header decides (`fast_verdict_ipip`). Never `fast_verdict`'s answer.
+const VERDICT_IPIP: u32 = 4;
 const VERDICT_BITS: u32 = 8;
 const VERDICT_MASK: u32 = (1 << VERDICT_BITS) - 1;
 
@@ -294,16 +297,31 @@ fn reported(verdict: u32, headers_end: usize) -> u32 {
 }
 
 /// The fast test, before any parse: with direct packet access, the outer IPv4 addresses
-/// and, for UDP to a VXLAN port, the inner IPv4 addresses at their fixed offset, compared with
-/// the followed IPs. "Not ours" only when the full parse would certainly report nothing and
-/// count nothing (both headers plain IPv4, their addresses read, none followed); "ours" only
-/// when it would certainly report the packet (an address followed, no `--peer`/`--port`/
-/// `--proto` to apply). Anything else (VLAN tags, IPv6, IP options, non-IP frames, headers
-/// beyond the linear area, more followed IPs than `FollowedV4` holds) is left to the full
-/// parse, whose results it never changes.
+/// and, for UDP to a VXLAN port or for IPIP, the inner IPv4 addresses at their fixed offset,
+/// compared with the followed IPs. "Not ours" only when the full parse would certainly report
+/// nothing and count nothing (both headers plain IPv4, their addresses read, none followed);
+/// "ours" only when it would certainly report the packet (an address followed, no
+/// `--peer`/`--port`/`--proto` to apply). Anything else (VLAN tags, IPv6, IP options, non-IP
+/// frames, headers beyond the linear area, more followed IPs than `FollowedV4` holds) is left
+/// to the full parse, whose results it never changes.
 #[inline(always)]
 fn fast_verdict(ctx: &TcContext, hop: HopConfig) -> u32 {
-    if hop.flags & HOP_NO_MAC_HEADER != 0 { fast_verdict_at::<0>(ctx.skb.skb) } else { fast_verdict_at::<ETH_HLEN>(ctx.skb.skb) }
+    let skb = ctx.skb.skb;
+    // Each part a call of its own, one after the other: 5.10 refuses more than 512 bytes for
+    // the program's frame and those of the calls it is in at once, so no part may grow one.
+    let ip_at_zero = hop.flags & HOP_NO_MAC_HEADER != 0 && {
+        match no_mac_layout(skb) {
+            NoMacLayout::IpAtZero => true,
+            NoMacLayout::EthernetIpip => false,
+            NoMacLayout::Undecided => return VERDICT_UNDECIDED,
+        }
+    };
+    let verdict = if ip_at_zero { fast_verdict_at::<0>(skb) } else { fast_verdict_at::<ETH_HLEN>(skb) };
+    if verdict & VERDICT_MASK != VERDICT_IPIP {
+        return verdict;
+    }
+    let outer_followed = verdict >> VERDICT_BITS != 0;
+    if ip_at_zero { fast_verdict_ipip::<0>(skb, outer_followed) } else { fast_verdict_ipip::<ETH_HLEN>(skb, outer_followed) }
 }
 
 /// `fast_verdict` for an IPv4 header at `L3` (0 on a device without a MAC header, else after
@@ -317,6 +335,46 @@ fn fast_verdict_at<const L3: usize>(skb: *mut __sk_buff) -> u32 {
     let (data, end) = unsafe { ((*skb).data as usize, (*skb).data_end as usize) };
     let Some(followed) = fast_followed() else { return VERDICT_UNDECIDED };
     fast_verdict_inline::<L3>(data, end, &followed)
+}
+
+/// Where the fast test reads a frame on a device without a MAC header.
+#[repr(u32)]
+enum NoMacLayout {
+    /// A plain IPv4 header (IHL 5) at offset 0 spanning the frame.
+    IpAtZero,
+    /// Untagged Ethernet, then a plain outer IPv4 header of protocol IPIP, and no IP header
+    /// spanning the frame at offset 0 (an IPIP device's ingress on 5.10).
+    EthernetIpip,
+    /// Anything else: the full parse decides.
+    Undecided,
+}
+
+/// `parse_frame`'s choice of layout on a device without a MAC header (`parse::no_mac_l3`),
+/// where the fast test can follow it: IP at offset 0 only when a sound IP header spanning the
+/// frame (`skb->len`) starts there, else Ethernet carrying IPIP.
+#[inline(never)]
+fn no_mac_layout(skb: *mut __sk_buff) -> NoMacLayout {
+    // SAFETY: the program's context, valid for the whole run.
+    let (data, end, len) = unsafe { ((*skb).data as usize, (*skb).data_end as usize, (*skb).len) };
+    if data + ETH_HLEN + IPV4_HLEN > end {
+        return NoMacLayout::Undecided;
+    }
+    // SAFETY (all reads below): within [data, data + ETH_HLEN + IPV4_HLEN), checked above.
+    let read_u8 = |offset: usize| unsafe { core::ptr::read((data + offset) as *const u8) };
+    let read_be16 = |offset: usize| u32::from(u16::from_be_bytes([read_u8(offset), read_u8(offset + 1)]));
+    let first = read_u8(0);
+    let ip_at_zero = match first >> 4 {
+        4 => first & 0x0f >= 5 && read_be16(2) == len,
+        6 => read_be16(4) + 40 == len,
+        _ => false,
+    };
+    if ip_at_zero {
+        return if first == 0x45 { NoMacLayout::IpAtZero } else { NoMacLayout::Undecided };
+    }
+    if read_be16(12) == u32::from(ETH_P_IP) && read_u8(ETH_HLEN) == 0x45 && read_u8(ETH_HLEN + 9) == IPPROTO_IPIP {
+        return NoMacLayout::EthernetIpip;
+    }
+    NoMacLayout::Undecided
 }
 
 /// Kept small on the stack: the subprogram's frame adds to the program's, and 5.10 refuses
@@ -338,13 +396,17 @@ fn fast_verdict_inline<const L3: usize>(data: usize, end: usize, followed: &Fast
         return VERDICT_UNDECIDED;
     }
     let proto = read_u8(L3 + 9);
-    // Only a UDP first fragment to a VXLAN port carries an inner packet to look at.
     let dport = read_be16(L3 + IPV4_HLEN + 2);
+    // Only a first fragment (UDP to a VXLAN port, or IPIP) carries an inner packet to look at.
     let vxlan =
         proto == IPPROTO_UDP && read_be16(L3 + 6) & 0x1fff == 0 && (dport == followed.vxlan_ports[0] || dport == followed.vxlan_ports[1]);
     let outer_followed = followed.holds(read_u32(L3 + 12)) || followed.holds(read_u32(L3 + 16));
     if outer_followed && followed.narrowed {
         return VERDICT_UNDECIDED;
+    }
+    if proto == IPPROTO_IPIP && read_be16(L3 + 6) & 0x1fff == 0 {
+        // Its inner header is `fast_verdict_ipip`'s to read, in a call of its own.
+        return VERDICT_IPIP | u32::from(outer_followed) << VERDICT_BITS;
     }
     if !vxlan {
         if !outer_followed {
@@ -420,3 +482,35 @@ const TCP_DOFF: usize = 12;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETER_PROBLEM: u8 = 12;
+
+/// The fast test of an IPIP packet whose plain outer IPv4 header is at `L3` (`outer_followed`:
+/// its addresses are followed): the inner IPv4 addresses, right behind the outer header. As
+/// for VXLAN, where the copy ends is the inner headers' business, also for a packet whose
+/// outer addresses are followed.
+#[inline(never)]
+fn fast_verdict_ipip<const L3: usize>(skb: *mut __sk_buff, outer_followed: bool) -> u32 {
+    // SAFETY: the program's context, valid for the whole run.
+    let (data, end) = unsafe { ((*skb).data as usize, (*skb).data_end as usize) };
+    let Some(followed) = fast_followed() else { return VERDICT_UNDECIDED };
+    let inner = L3 + IPV4_HLEN;
+    if data + inner + IPV4_HLEN > end {
+        return VERDICT_UNDECIDED;
+    }
+    // SAFETY (all reads below): within [data, data + inner + IPV4_HLEN), checked above.
+    let read_u8 = |offset: usize| unsafe { core::ptr::read((data + offset) as *const u8) };
+    let read_u32 = |offset: usize| unsafe { core::ptr::read_unaligned((data + offset) as *const u32) };
+    let vihl = read_u8(inner);
+    if vihl >> 4 != 4 || vihl & 0x0f < 5 {
+        return VERDICT_UNDECIDED;
+    }
+    if outer_followed || followed.holds(read_u32(inner + 12)) || followed.holds(read_u32(inner + 16)) {
+        if followed.narrowed {
+            return VERDICT_UNDECIDED;
+        }
+        return match ipv4_headers_end(data, end, inner) {
+            Some(headers_end) => reported(VERDICT_OURS, headers_end),
+            None => VERDICT_UNDECIDED,
+        };
+    }
+    VERDICT_NOT_OURS
+}

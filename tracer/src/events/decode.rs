@@ -8,7 +8,7 @@ use anyhow::{Result, bail};
 use tracer_common::{
     DIR_EGRESS, DIR_INGRESS, HEAD_LONG, HEAD_SHORT, HOP_NO_MAC_HEADER, IP_DF, IP_FRAGMENT, IP_LATER_FRAGMENT, IP_OPTIONS, IPPROTO_ICMP,
     IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IpLayer, KEV_DROP, KEV_ICMP_SEND, KEV_RECEIVED, KEV_RETRANSMIT, KernelEvent, NatTuple,
-    PKT_INNER_TRUNCATED, PKT_TRANSLATED, PKT_VLAN, PKT_VXLAN, PacketMeta, PacketRecord, TranslatedRecord,
+    PKT_ENCAPSULATED, PKT_INNER_TRUNCATED, PKT_TRANSLATED, PKT_VLAN, PKT_VXLAN, PacketMeta, PacketRecord, TranslatedRecord,
     parse::{Bytes, Frame, parse_frame},
 };
 
@@ -166,8 +166,9 @@ pub struct Packet {
     pub gso_segs: u32,
     pub vlan_id: Option<u16>,
     pub outer: Layer,
-    /// The encapsulated packet, for VXLAN.
+    /// The encapsulated packet, for VXLAN and IPIP.
     pub inner: Option<Layer>,
+    /// For VXLAN: its network identifier (`None` for IPIP, which has none).
     pub vni: Option<u32>,
     pub inner_truncated: bool,
     /// What the node's NAT made of the packet, where it was seen translated: `outer` then
@@ -186,7 +187,7 @@ pub struct Translation {
 }
 
 impl Packet {
-    /// The header the pod itself wrote: the inner one under VXLAN.
+    /// The header the pod itself wrote: the inner one under VXLAN or IPIP.
     pub fn pod_layer(&self) -> &Layer {
         self.inner.as_ref().unwrap_or(&self.outer)
     }
@@ -243,7 +244,7 @@ impl PacketDecoder {
         let (meta, pod, head) = split_record(bytes)?;
         let mut frame = Frame::default();
         let no_mac_header = u32::from(meta.hop_flags) & HOP_NO_MAC_HEADER != 0;
-        if parse_frame(&Bytes(head), no_mac_header, &self.vxlan_ports, &mut frame).is_err() {
+        if parse_frame(&Bytes(head), no_mac_header, meta.skb_len, &self.vxlan_ports, &mut frame).is_err() {
             self.counts.unparsed_records += 1;
             return Ok(None);
         }
@@ -313,6 +314,7 @@ fn split_record(bytes: &[u8]) -> Result<(PacketMeta, Option<NatTuple>, &[u8])> {
 /// A packet from a record's metadata (`split_record` checked its direction) and its parse.
 fn packet(meta: &PacketMeta, frame: &Frame) -> Packet {
     let vxlan = frame.flags & PKT_VXLAN != 0;
+    let encapsulated = frame.flags & PKT_ENCAPSULATED != 0;
     let inner_truncated = frame.flags & PKT_INNER_TRUNCATED != 0;
     Packet {
         ktime_ns: meta.ktime_ns,
@@ -323,7 +325,7 @@ fn packet(meta: &PacketMeta, frame: &Frame) -> Packet {
         gso_segs: meta.gso_segs,
         vlan_id: (frame.flags & PKT_VLAN != 0).then_some(frame.vlan_id),
         outer: Layer::from_wire(&frame.outer),
-        inner: (vxlan && !inner_truncated).then(|| Layer::from_wire(&frame.inner)),
+        inner: (encapsulated && !inner_truncated).then(|| Layer::from_wire(&frame.inner)),
         vni: vxlan.then_some(frame.vni),
         inner_truncated,
         translated: None,
@@ -374,7 +376,7 @@ pub fn from_kernel_event(event: &KernelEvent) -> Result<KernelRecord> {
         KEV_ICMP_SEND => KernelRecordKind::IcmpSent { icmp_type: event.icmp_type, icmp_code: event.icmp_code },
         other => bail!("unknown kernel event kind {other}"),
     };
-    let vxlan = event.flags & PKT_VXLAN != 0 && event.flags & PKT_INNER_TRUNCATED == 0;
+    let encapsulated = event.flags & PKT_ENCAPSULATED != 0 && event.flags & PKT_INNER_TRUNCATED == 0;
     Ok(KernelRecord {
         ktime_ns: event.ktime_ns,
         netns: event.netns,
@@ -382,7 +384,7 @@ pub fn from_kernel_event(event: &KernelEvent) -> Result<KernelRecord> {
         received: event.flags & KEV_RECEIVED != 0,
         skb_len: event.skb_len,
         outer: Layer::from_wire(&event.outer),
-        inner: vxlan.then(|| Layer::from_wire(&event.inner)),
+        inner: encapsulated.then(|| Layer::from_wire(&event.inner)),
         kind,
     })
 }
@@ -548,6 +550,23 @@ mod tests {
 
     fn ip(text: &str) -> IpAddr {
         text.parse().unwrap()
+    }
+
+    /// Pod A's ICMP echo request inside IPIP between nodes, as tunl0's ingress shows it on
+    /// 5.10: the underlay's Ethernet header still in front.
+    #[test]
+    fn an_ipip_record_exposes_the_inner_packet_whichever_layout_the_hop_shows() {
+        let pod_packet = ipv4([10, 244, 0, 2], [10, 244, 1, 2], IPPROTO_ICMP, &[8, 0, 0, 0, 0, 7, 0, 1]);
+        let ipip = ipv4([10, 99, 0, 1], [10, 99, 0, 2], tracer_common::IPPROTO_IPIP, &pod_packet);
+        // On the underlay NIC; on tunl0 with the IP header first; on tunl0 on 5.10.
+        for (frame, hop_flags) in
+            [(ethernet(ipip.clone()), 0), (ipip.clone(), HOP_NO_MAC_HEADER as u8), (ethernet(ipip), HOP_NO_MAC_HEADER as u8)]
+        {
+            let meta = PacketMeta { hop_flags, skb_len: frame.len() as u32, ..egress() };
+            let packet = decoder().decode(&packet_record(meta, &frame, true)).unwrap().unwrap();
+            assert_eq!(packet.pod_layer().src, "10.244.0.2".parse::<IpAddr>().unwrap(), "{frame:?}");
+            assert_eq!((packet.outer.proto, packet.vni), (tracer_common::IPPROTO_IPIP, None), "{frame:?}");
+        }
     }
 
     #[test]

@@ -48,8 +48,10 @@ impl LiveLines {
             packet.skb_len,
             packet.pod_layer().describe()
         );
-        if let Some(vni) = packet.vni {
-            line.push_str(&format!(" (vxlan vni {vni} {} > {})", packet.outer.src, packet.outer.dst));
+        match (packet.vni, &packet.inner) {
+            (Some(vni), _) => line.push_str(&format!(" (vxlan vni {vni} {} > {})", packet.outer.src, packet.outer.dst)),
+            (None, Some(_)) => line.push_str(&format!(" (ipip {} > {})", packet.outer.src, packet.outer.dst)),
+            (None, None) => {}
         }
         if packet.is_gso() {
             line.push_str(&format!(" gso {}x{}", packet.gso_segs, packet.gso_size));
