@@ -1,5 +1,5 @@
-//! `mtu-mismatch`: a tunnel whose MTU plus encapsulation exceeds its underlay's; a pod's own
-//! MTU above the tunnel's; a host-side veth or bridge MTU above it; a wire-sized packet
+//! `mtu-mismatch`: a tunnel (VXLAN, IPIP) whose MTU plus encapsulation exceeds its underlay's;
+//! a pod's own MTU above the tunnel's (with the full-size segments its TCP retransmitted); a host-side veth or bridge MTU above it; a wire-sized packet
 //! larger than the next hop's MTU; an underlay that drops received frames while the tunnel
 //! is in use.
 //!
@@ -32,6 +32,20 @@ use crate::{
 /// VXLAN over IPv4 adds outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14).
 const VXLAN_OVERHEAD_V4: u32 = 50;
 const VXLAN_OVERHEAD_V6: u32 = 70;
+/// IPIP adds the outer IPv4 header alone.
+const IPIP_OVERHEAD: u32 = 20;
+/// The smallest IPv4 and TCP headers: a retransmitted payload this much below a tunnel's MTU
+/// fits it whatever options the segment carries.
+const MIN_TCP_IPV4_HEADERS: u32 = 40;
+
+/// What a tunnel adds to each packet it carries.
+fn overhead(tunnel: &Hop) -> u32 {
+    match (tunnel.kind, tunnel.vxlan_local) {
+        (HopKind::Ipip, _) => IPIP_OVERHEAD,
+        (_, Some(IpAddr::V6(_))) => VXLAN_OVERHEAD_V6,
+        _ => VXLAN_OVERHEAD_V4,
+    }
+}
 
 /// The largest wire-sized packets that crossed a hop bigger than the next hop's MTU.
 #[derive(Clone, Debug, Default)]
@@ -55,6 +69,9 @@ pub struct MtuMismatch<'a> {
     /// Frees of packet-too-big messages, by drop reason and location: judged at the end,
     /// when the location's function is known (see `delivered_then_freed`).
     packet_too_big_frees: BTreeMap<(u32, u64), u64>,
+    /// Payload sizes of the followed pods' retransmitted TCP segments, and how many of each:
+    /// judged at the end against the pod's and the tunnel's MTU.
+    retransmitted: BTreeMap<u32, u64>,
 }
 
 /// A packet-too-big freed by `icmpv6_rcv` without a reason had arrived: the receiving stack
@@ -130,6 +147,7 @@ impl<'a> MtuMismatch<'a> {
             packet_too_big_seen: 0,
             frag_needed_dropped: 0,
             packet_too_big_frees: BTreeMap::new(),
+            retransmitted: BTreeMap::new(),
         }
     }
 
@@ -172,12 +190,9 @@ impl<'a> MtuMismatch<'a> {
     /// Configuration: a tunnel whose encapsulated packets cannot fit its underlay.
     fn tunnel_findings(&self, end: &TraceEnd<'_>) -> Vec<Finding> {
         let mut findings = Vec::new();
-        for hop in self.path.hops().filter(|hop| hop.kind == HopKind::Vxlan) {
+        for hop in self.path.hops().filter(|hop| hop.kind.is_tunnel()) {
             let Some(underlay) = hop.underlay.and_then(|u| self.path.hop(u)) else { continue };
-            let overhead = match hop.vxlan_local {
-                Some(IpAddr::V6(_)) => VXLAN_OVERHEAD_V6,
-                _ => VXLAN_OVERHEAD_V4,
-            };
+            let overhead = overhead(hop);
             if hop.mtu + overhead <= underlay.mtu {
                 continue;
             }
@@ -223,7 +238,7 @@ impl<'a> MtuMismatch<'a> {
     /// A pod's own MTU above the tunnel's: the pod sends packets the tunnel cannot carry.
     /// A host-side veth or bridge MTU above it: what only other senders can cause.
     fn pod_side_findings(&self, end: &TraceEnd<'_>) -> Vec<Finding> {
-        let Some(tunnel) = self.path.hops().filter(|h| h.kind == HopKind::Vxlan).min_by_key(|h| h.mtu) else { return Vec::new() };
+        let Some(tunnel) = self.path.hops().filter(|h| h.kind.is_tunnel()).min_by_key(|h| h.mtu) else { return Vec::new() };
         let mut findings = Vec::new();
         for hop in self.path.hops().filter(|h| matches!(h.kind, HopKind::PodVeth | HopKind::Bridge)) {
             match &hop.pod_end {
@@ -235,15 +250,33 @@ impl<'a> MtuMismatch<'a> {
         findings
     }
 
+    /// Retransmitted segments of the followed pods that fit the pod's MTU (a single segment)
+    /// but not the tunnel's, however small their headers: how many, and the largest payload.
+    fn full_size_retransmits(&self, pod_mtu: u32, tunnel_mtu: u32) -> (u64, u32) {
+        let too_big = |payload: u32| payload + MIN_TCP_IPV4_HEADERS > tunnel_mtu && payload + MIN_TCP_IPV4_HEADERS <= pod_mtu;
+        self.retransmitted
+            .iter()
+            .filter(|(payload, _)| too_big(**payload))
+            .fold((0, 0), |(count, largest), (payload, times)| (count + times, largest.max(*payload)))
+    }
+
     fn pod_mtu_finding(&self, hop: &Hop, pod_end: &PodEnd, tunnel: &Hop, end: &TraceEnd<'_>) -> Finding {
         let family = self.pod_family();
         let icmp = self.icmp(family, self.unfragmentable_seen(family), end);
+        let (retransmits, largest_retransmit) = self.full_size_retransmits(pod_end.mtu, tunnel.mtu);
+        let retransmitted = match retransmits {
+            0 => String::new(),
+            count => format!(
+                " {count} TCP segments of up to {largest_retransmit} payload bytes, too large for {} however small their headers, were retransmitted.",
+                tunnel.ifname
+            ),
+        };
         Finding {
             kind: FindingKind::MtuMismatch,
             severity: if icmp.blackhole() { Severity::Error } else { Severity::Warning },
             hop: Some(hop.ifname.clone()),
             summary: format!(
-                "The pod's {} (behind {}) has MTU {} but the tunnel {} has MTU {}: the pod can send packets the tunnel cannot carry; {}.",
+                "The pod's {} (behind {}) has MTU {} but the tunnel {} has MTU {}: the pod can send packets the tunnel cannot carry; {}.{retransmitted}",
                 pod_end.ifname,
                 hop.ifname,
                 pod_end.mtu,
@@ -257,7 +290,9 @@ impl<'a> MtuMismatch<'a> {
                 "tunnel": tunnel.ifname, "tunnel_mtu": tunnel.mtu,
                 "icmp_frag_needed_sent": icmp.sent,
                 "icmp_frag_needed_dropped": icmp.dropped,
-                "configuration_only": !icmp.traffic,
+                "retransmitted_full_size_segments": retransmits,
+                "largest_retransmitted_payload": (retransmits > 0).then_some(largest_retransmit),
+                "configuration_only": !icmp.traffic && retransmits == 0,
                 "blackhole": icmp.blackhole(),
             }),
             advice: format!(
@@ -340,7 +375,7 @@ impl<'a> MtuMismatch<'a> {
     /// The underlay dropped frames on receive while the tunnel was in use: what an MTU
     /// mismatch with a peer looks like from this side.
     fn underlay_drop_findings(&self, end: &TraceEnd<'_>) -> Vec<Finding> {
-        if !self.path.has_kind(HopKind::Vxlan) {
+        if !self.path.hops().any(|hop| hop.kind.is_tunnel()) {
             return Vec::new();
         }
         let dropping = self.path.hops().filter(|h| h.kind.is_underlay()).find_map(|hop| {
@@ -407,6 +442,13 @@ impl Detector for MtuMismatch<'_> {
     fn observe_kernel(&mut self, record: &KernelRecord) {
         let layer = record.pod_layer();
         match record.kind {
+            // The socket's own addresses: a followed pod's segment when it is the source.
+            KernelRecordKind::Retransmit { .. }
+                if self.path.follows(layer.src)
+                    && (self.retransmitted.len() < MAX_GROUPS || self.retransmitted.contains_key(&record.skb_len)) =>
+            {
+                *self.retransmitted.entry(record.skb_len).or_default() += 1;
+            }
             // `icmp:icmp_send` fires in IPv4's ICMP only.
             KernelRecordKind::IcmpSent { icmp_type: 3, icmp_code: 4 } => self.frag_needed_sent += 1,
             KernelRecordKind::Drop { reason, location } if is_too_big(layer) => match layer.proto {
@@ -740,5 +782,63 @@ mod tests {
         assert_eq!(findings[0].evidence["rx_length_errors"], 3);
         path.stages.remove(2);
         assert!(end.findings(&MtuMismatch::new(&path), &path).is_empty(), "no VXLAN device on the path");
+    }
+
+    /// Calico IPIP on node A: the pod's cali veth (5) and the pod's eth0 at
+    /// `pod_mtu`, no bridge, tunl0 (3) at `tunnel_mtu` over eth0 (2, 1500).
+    fn calico_ipip(pod_mtu: u32, tunnel_mtu: u32) -> Path {
+        let mut path = local_path();
+        path.stages.remove(1);
+        let veth = &mut path.stages[0].hops[0];
+        (veth.ifname, veth.mtu, veth.pod_end) = ("cali1a2b3c4d5e6".into(), pod_mtu, pod_end(pod_mtu));
+        let tunnel = &mut path.stages[1].hops[0];
+        (tunnel.ifname, tunnel.kind, tunnel.mtu, tunnel.vxlan_local) = ("tunl0".into(), HopKind::Ipip, tunnel_mtu, None);
+        path
+    }
+
+    #[test]
+    fn an_ipip_tunnel_adds_20_bytes() {
+        assert!(End::default().findings(&MtuMismatch::new(&calico_ipip(1480, 1480)), &calico_ipip(1480, 1480)).is_empty());
+        let path = calico_ipip(1490, 1490);
+        let findings = End::default().findings(&MtuMismatch::new(&path), &path);
+        let tunnel = findings.iter().find(|f| f.hop.as_deref() == Some("tunl0")).unwrap_or_else(|| panic!("{findings:#?}"));
+        assert_eq!(tunnel.evidence["encapsulation_overhead"], 20);
+        assert!(tunnel.summary.contains("encapsulated full-size packets (1510 bytes)"), "{}", tunnel.summary);
+        assert!(tunnel.advice.contains("at most 1480 (underlay MTU minus 20)"), "{}", tunnel.advice);
+    }
+
+    /// The runbook's case: the pod at 1500 over tunl0 at 1440, its full-size segments
+    /// retransmitted. Segments that fit tunl0, and GSO buffers of several, are no evidence.
+    #[test]
+    fn a_pod_above_its_ipip_tunnel_names_the_full_size_segments_it_retransmitted() {
+        let path = calico_ipip(1500, 1440);
+        let mut detector = MtuMismatch::new(&path);
+        let retransmit = |payload| {
+            let mut record =
+                kernel(KernelRecordKind::Retransmit { seq: 1, tcp_state: 1 }, tcp(POD, 40000, PEER, 5201, 0x10, 0), 0, false, 1);
+            record.skb_len = payload;
+            record
+        };
+        for payload in [1448, 1448, 1448, 1388, 2896] {
+            detector.observe_kernel(&retransmit(payload));
+        }
+        let findings = End::default().findings(&detector, &path);
+        let pod = findings.iter().find(|f| f.hop.as_deref() == Some("cali1a2b3c4d5e6")).unwrap_or_else(|| panic!("{findings:#?}"));
+        assert_eq!(
+            (pod.evidence["tunnel"].clone(), pod.evidence["tunnel_mtu"].clone(), pod.evidence["mtu"].clone()),
+            (json!("tunl0"), json!(1440), json!(1500))
+        );
+        assert_eq!(pod.evidence["retransmitted_full_size_segments"], 3);
+        assert_eq!(pod.evidence["largest_retransmitted_payload"], 1448);
+        assert_eq!(pod.evidence["configuration_only"], false);
+        assert!(pod.summary.contains("3 TCP segments of up to 1448 payload bytes, too large for tunl0"), "{}", pod.summary);
+        // A peer's retransmits are not the pod's.
+        let mut detector = MtuMismatch::new(&path);
+        let mut theirs = retransmit(1448);
+        theirs.outer = tcp(PEER, 5201, POD, 40000, 0x10, 0);
+        detector.observe_kernel(&theirs);
+        let findings = End::default().findings(&detector, &path);
+        let pod = findings.iter().find(|f| f.hop.as_deref() == Some("cali1a2b3c4d5e6")).unwrap();
+        assert_eq!(pod.evidence["retransmitted_full_size_segments"], 0);
     }
 }

@@ -30,10 +30,6 @@ use crate::{
     report::{self, Report, RunFacts},
 };
 
-/// The UDP ports treated as VXLAN, by the kernel programs and the userspace parse alike:
-/// flannel's 8472 and IANA's 4789.
-const VXLAN_PORTS: [u16; 2] = [8472, 4789];
-
 pub struct FollowOptions {
     pub pod_ips: Vec<IpAddr>,
     pub duration: Option<Duration>,
@@ -185,7 +181,8 @@ async fn attach(options: &FollowOptions, kernel: &KernelFacts, btf: &aya::Btf, n
         has_peer: u8::from(options.peer.is_some()),
         proto: options.proto.unwrap_or(0),
         port: options.port.unwrap_or(0),
-        vxlan_ports: VXLAN_PORTS,
+        // The kernel programs and the userspace parse treat the same ports as VXLAN.
+        vxlan_ports: node.path.vxlan_ports(),
         ..Default::default()
     };
     let load = LoadOptions { filter, layout: kernel.layout, ring_bytes: options.ring_bytes, kernel_ring_bytes: options.kernel_ring_bytes };
@@ -250,7 +247,7 @@ async fn collect<'a>(options: &FollowOptions, node: &'a NodeFacts, attached: Att
         (true, true) => Some(Destination::Stderr),
     };
     let live = LiveLines::new(&node.path, destination);
-    let mut collector = Collector::new(&node.path, Diagnosis::new(&node.path, settings), live, VXLAN_PORTS);
+    let mut collector = Collector::new(&node.path, Diagnosis::new(&node.path, settings), live, node.path.vxlan_ports());
     let counted = collector.run(events, kernel_events, options.duration, signals, || probes.counters()).await;
     let duration_s = started.elapsed().as_secs_f64();
     let end_ns = monotonic_ns();

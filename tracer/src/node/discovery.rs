@@ -1,6 +1,6 @@
 //! Finds the interfaces a pod's packets cross on this node, from the kernel's own tables
-//! (rtnetlink): the route to the pod, the bridge fdb and neighbour entries, VXLAN devices
-//! and their underlay, and bonds with their slaves.
+//! (rtnetlink): the route to the pod, the bridge fdb and neighbour entries, tunnels (VXLAN,
+//! IPIP) and their underlay, and bonds with their slaves.
 
 use std::{collections::BTreeMap, net::IpAddr};
 
@@ -129,7 +129,9 @@ fn merge(path: &mut Path, more: Path) {
 }
 
 async fn discover_one(handle: &Handle, pod_ip: IpAddr, overrides: &PathOverrides) -> Result<Path> {
-    let links = dump_links(handle).await?;
+    let mut links = dump_links(handle).await?;
+    let routing = Routing::read(handle).await?;
+    resolve_ipip_underlays(handle, &mut links, &routing).await;
     let route_oif = route_oif(handle, pod_ip).await?;
     let oif = links.get(&route_oif).with_context(|| format!("route to {pod_ip} uses ifindex {route_oif}, which is gone"))?;
     let addresses = dump_addresses(handle).await?;
@@ -140,7 +142,6 @@ async fn discover_one(handle: &Handle, pod_ip: IpAddr, overrides: &PathOverrides
         Locality::Local => Direction::Egress,
         Locality::Remote => Direction::Ingress,
     };
-    let routing = Routing::read(handle).await?;
     // A local pod's packets enter the node's routing on the device its route points at (the
     // bridge, or a routed CNI's veth); those to a remote pod come from anywhere.
     let origin = match locality {
@@ -179,13 +180,16 @@ async fn discover_one(handle: &Handle, pod_ip: IpAddr, overrides: &PathOverrides
         bail!("no path to {pod_ip} on this node: every hop was excluded");
     };
     let entries = vec![Entry { pod_ip, hop: HopKey { ifindex: first.ifindex, direction: first.from_pod } }];
-    // Every pod behind a pod bridge or on a pod veth is local, not only the followed one.
+    // Every pod behind a pod bridge or on a pod veth is local, not only the followed one: a
+    // routed CNI's pod veths are those without an address of their own that routes go through.
     let pod_netnsids = links
         .values()
         .filter(|link| link.kind == Some(InfoKind::Veth))
         .filter(|link| {
             let on_path = stages.iter().flat_map(|s| &s.hops).any(|hop| hop.ifindex == link.index && hop.kind == HopKind::PodVeth);
-            link.controlled_by(&InfoKind::Bridge, &links) || on_path
+            let routed = !has_own_address(link.index, &addresses)
+                && [Family::V4, Family::V6].into_iter().any(|family| routing.of(family).carries(link.index));
+            link.controlled_by(&InfoKind::Bridge, &links) || on_path || routed
         })
         .filter_map(|link| link.link_netnsid)
         .collect();
@@ -218,24 +222,29 @@ async fn pod_side(
         }
         // Routed CNIs (Calico and the like) point the pod route straight at its veth, which
         // carries no address of its own; a veth with addresses is a node's uplink instead.
-        Some(InfoKind::Veth) if !addresses.iter().any(|(index, ip, _)| *index == oif.index && !is_link_local(ip)) => {
+        Some(InfoKind::Veth) if !has_own_address(oif.index, addresses) => {
             let inside = look_inside(handle, pod_ip, &[oif], warnings).await;
             let candidates = vec![(vec![(oif.index, HopKind::PodVeth)], Direction::Ingress)];
             Ok(PodSide { locality: Locality::Local, candidates, inside })
         }
-        Some(InfoKind::Vxlan) => Ok(PodSide { locality: Locality::Remote, candidates: Vec::new(), inside: None }),
+        // Through a tunnel (flannel's or Calico's VXLAN, Calico's IPIP): on another node.
+        Some(InfoKind::Vxlan | InfoKind::IpIp) => Ok(PodSide { locality: Locality::Remote, candidates: Vec::new(), inside: None }),
         _ => bail!(
-            "no path to {pod_ip} on this node: its route leaves through {} ({}), which is not a pod bridge, pod veth or VXLAN device",
+            "no path to {pod_ip} on this node: its route leaves through {} ({}), which is not a pod bridge, pod veth or tunnel (VXLAN, IPIP)",
             oif.name,
             kind_name(oif.kind.as_ref())
         ),
     }
 }
 
-/// Every VXLAN device that may carry the pod's address family and its underlay, then the
-/// device of the default route the pod's traffic takes; a bond is one stage and its slaves the
-/// next, as alternatives. In the order a packet from the pod crosses them: one from a remote
-/// pod meets the wire before the tunnel device.
+/// Every tunnel that may carry the pod's address family and its underlay, then the device of
+/// the default route the pod's traffic takes; a bond is one stage and its slaves the next, as
+/// alternatives. In the order a packet from the pod crosses them: one from a remote pod meets
+/// the wire before the tunnel device.
+///
+/// A VXLAN device is on the path unless it carries only the other family's routes. An IPIP
+/// device carries IPv4 only, and is on the path only where IPv4 routes go through it: loading
+/// the ipip module makes a fallback `tunl0` in every namespace, used or not.
 fn network_stages(
     links: &BTreeMap<u32, Link>,
     routing: &Routing,
@@ -244,13 +253,19 @@ fn network_stages(
     locality: Locality,
 ) -> Vec<Vec<(u32, HopKind)>> {
     let mut stages = Vec::new();
-    for vxlan in links.values().filter(|link| link.kind == Some(InfoKind::Vxlan) && routing.may_carry(link.index, family)) {
-        stages.push(vec![(vxlan.index, HopKind::Vxlan)]);
-        // Without an explicit `dev`, the kernel routes the encapsulated packet: this node's
-        // own packet from the tunnel's address, in that address's family.
-        let underlay = vxlan.vxlan_underlay.or_else(|| {
-            let encapsulated = Origin { source: vxlan.vxlan_local, iif: Some("lo") };
-            routing.of(vxlan.vxlan_local.map_or(family, Family::of)).default_route_device(&encapsulated)
+    let tunnels = links.values().filter(|link| match link.kind {
+        Some(InfoKind::Vxlan) => routing.may_carry(link.index, family),
+        Some(InfoKind::IpIp) => family == Family::V4 && routing.of(Family::V4).carries(link.index),
+        _ => false,
+    });
+    for tunnel in tunnels {
+        stages.push(vec![(tunnel.index, classify(tunnel, links))]);
+        // Without an explicit `dev` (or, for IPIP, a route to its peers), the kernel routes
+        // the encapsulated packet: this node's own packet from the tunnel's address, in that
+        // address's family.
+        let underlay = tunnel.tunnel_underlay.or_else(|| {
+            let encapsulated = Origin { source: tunnel.vxlan_local, iif: Some("lo") };
+            routing.of(tunnel.vxlan_local.map_or(family, Family::of)).default_route_device(&encapsulated)
         });
         if let Some(underlay) = underlay {
             push_underlay(links, underlay, &mut stages);
@@ -264,6 +279,23 @@ fn network_stages(
         stages.iter_mut().for_each(|stage| stage.reverse());
     }
     stages
+}
+
+/// An IPIP tunnel without `dev` (Calico's `tunl0`) sends each packet to the gateway its route
+/// names, the peer node, through whatever device reaches that address: the device the kernel
+/// routes the first such gateway through is its underlay. Left unknown when no route through
+/// the tunnel names a gateway the kernel can route.
+async fn resolve_ipip_underlays(handle: &Handle, links: &mut BTreeMap<u32, Link>, routing: &Routing) {
+    for link in links.values_mut().filter(|link| link.kind == Some(InfoKind::IpIp) && link.tunnel_underlay.is_none()) {
+        for gateway in routing.of(Family::V4).gateways_via(link.index) {
+            if let Ok(device) = route_oif(handle, gateway).await
+                && device != link.index
+            {
+                link.tunnel_underlay = Some(device);
+                break;
+            }
+        }
+    }
 }
 
 /// Adds an underlay device, and for a bond its slaves, once.
@@ -313,8 +345,9 @@ fn build_stages(
                 mtu: link.mtu,
                 no_mac_header: !matches!(link.link_layer, LinkLayerType::Ether | LinkLayerType::Loopback),
                 from_pod,
-                underlay: link.vxlan_underlay,
+                underlay: link.tunnel_underlay,
                 vxlan_local: link.vxlan_local,
+                vxlan_port: link.vxlan_port,
                 addresses: addresses.iter().filter(|(i, _, _)| *i == index).map(|(_, ip, len)| (*ip, *len)).collect(),
                 bond: link.bond.clone(),
                 slave: slave_state(link, links),
@@ -337,6 +370,7 @@ fn classify(link: &Link, links: &BTreeMap<u32, Link>) -> HopKind {
     match link.kind {
         Some(InfoKind::Bridge) => HopKind::Bridge,
         Some(InfoKind::Vxlan) => HopKind::Vxlan,
+        Some(InfoKind::IpIp) => HopKind::Ipip,
         Some(InfoKind::Bond) => HopKind::Bond,
         _ if link.controlled_by(&InfoKind::Bond, links) => HopKind::BondSlave,
         Some(InfoKind::Veth) if link.controlled_by(&InfoKind::Bridge, links) => HopKind::PodVeth,
@@ -349,6 +383,11 @@ fn kind_name(kind: Option<&InfoKind>) -> String {
         None => "device".into(),
         Some(kind) => kind.to_string(),
     }
+}
+
+/// Whether the interface holds an address of its own, other than a link-local one.
+fn has_own_address(ifindex: u32, addresses: &[(u32, IpAddr, u8)]) -> bool {
+    addresses.iter().any(|(index, ip, _)| *index == ifindex && !is_link_local(ip))
 }
 
 fn is_link_local(ip: &IpAddr) -> bool {
@@ -539,8 +578,9 @@ mod tests {
             controller,
             link_layer: LinkLayerType::Ether,
             oper_up: true,
-            vxlan_underlay: None,
+            tunnel_underlay: None,
             vxlan_local: None,
+            vxlan_port: None,
             bond: None,
             bond_port: None,
             link_netnsid: None,
@@ -559,7 +599,7 @@ mod tests {
             link(7, "eth1", None, Some(6)),
             link(3, "flannel.1", Some(InfoKind::Vxlan), None),
         ]);
-        links.get_mut(&3).unwrap().vxlan_underlay = Some(6);
+        links.get_mut(&3).unwrap().tunnel_underlay = Some(6);
         links
     }
 
@@ -616,7 +656,7 @@ mod tests {
         ]);
         for (index, local) in [(3, "10.99.0.1"), (8, "fd00:99::1")] {
             let tunnel = links.get_mut(&index).unwrap();
-            tunnel.vxlan_underlay = Some(2);
+            tunnel.tunnel_underlay = Some(2);
             tunnel.vxlan_local = Some(local.parse().unwrap());
         }
         let ipv4 = tables(&[route("10.244.1.0/24", MAIN, 3), route("default", MAIN, 7)], &default_rules());
@@ -649,5 +689,41 @@ mod tests {
         let ipv6 = tables(&[route("default", MAIN, 2)], &default_rules());
         let stages = network_stages(&links, &routing(ipv4, ipv6), Family::V4, &POD, Locality::Local);
         assert_eq!(stages, [vec![(3, HopKind::Vxlan)], vec![(2, HopKind::Nic)], vec![(7, HopKind::Nic)]]);
+    }
+
+    /// A Calico IPIP node: tunl0 (4, its underlay resolved to eth0 through the peer's address)
+    /// carries the other node's pod block; eth1 (7) has the default route. A second, unused
+    /// fallback tunnel (9) has no routes.
+    fn calico_ipip_node() -> (BTreeMap<u32, Link>, Routing) {
+        let mut links = BTreeMap::from([
+            link(2, "eth0", None, None),
+            link(7, "eth1", None, None),
+            link(4, "tunl0", Some(InfoKind::IpIp), None),
+            link(9, "tunl1", Some(InfoKind::IpIp), None),
+        ]);
+        links.get_mut(&4).unwrap().tunnel_underlay = Some(2);
+        let ipv4 = tables(&[route("10.244.1.0/26", MAIN, 4), route("default", MAIN, 7)], &default_rules());
+        (links, routing(ipv4, tables(&[route("default", MAIN, 7)], &default_rules())))
+    }
+
+    #[test]
+    fn an_ipip_tunnel_is_on_an_ipv4_path_only_where_routes_go_through_it() {
+        let (links, routing) = calico_ipip_node();
+        let pod = Origin { source: POD.source, iif: Some("cali1234") };
+        let ipv4 = network_stages(&links, &routing, Family::V4, &pod, Locality::Local);
+        assert_eq!(ipv4, [vec![(4, HopKind::Ipip)], vec![(2, HopKind::Nic)], vec![(7, HopKind::Nic)]]);
+        let pod6 = Origin { source: Some("fd00:10:244::2".parse().unwrap()), iif: Some("cali1234") };
+        assert_eq!(network_stages(&links, &routing, Family::V6, &pod6, Locality::Local), [vec![(7, HopKind::Nic)]]);
+        let remote = network_stages(&links, &routing, Family::V4, &Origin::default(), Locality::Remote);
+        assert_eq!(remote, [vec![(7, HopKind::Nic)], vec![(2, HopKind::Nic)], vec![(4, HopKind::Ipip)]]);
+    }
+
+    #[test]
+    fn a_routes_gateway_is_read() {
+        let mut message = route("10.244.1.0/26", MAIN, 4);
+        message.attributes.push(RouteAttribute::Gateway(netlink_packet_route::route::RouteAddress::Inet("10.99.0.2".parse().unwrap())));
+        let ipv4 = tables(&[message, route("default", MAIN, 7)], &default_rules());
+        assert_eq!(ipv4.gateways_via(4), ["10.99.0.2".parse::<IpAddr>().unwrap()]);
+        assert!(ipv4.gateways_via(7).is_empty());
     }
 }

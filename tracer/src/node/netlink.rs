@@ -7,7 +7,7 @@ use anyhow::{Context as _, Result};
 use futures::TryStreamExt as _;
 use netlink_packet_route::{
     address::AddressAttribute,
-    link::{InfoData, InfoKind, InfoPortData, InfoVxlan, LinkAttribute, LinkInfo, LinkLayerType, LinkMessage, State},
+    link::{InfoData, InfoIpTunnel, InfoKind, InfoPortData, InfoVxlan, LinkAttribute, LinkInfo, LinkLayerType, LinkMessage, State},
 };
 use rtnetlink::Handle;
 
@@ -35,8 +35,12 @@ pub(super) struct Link {
     pub controller: Option<u32>,
     pub link_layer: LinkLayerType,
     pub oper_up: bool,
-    pub vxlan_underlay: Option<u32>,
+    /// For a tunnel (VXLAN, IPIP): the device it is bound to (`dev`); for an IPIP tunnel
+    /// without one, discovery fills in the device its peers are reached through.
+    pub tunnel_underlay: Option<u32>,
     pub vxlan_local: Option<IpAddr>,
+    /// For VXLAN: the UDP destination port it sends to and listens on.
+    pub vxlan_port: Option<u16>,
     pub bond: Option<BondState>,
     pub bond_port: Option<SlaveLink>,
     /// For a veth whose peer lives in another namespace: that namespace's id.
@@ -87,8 +91,9 @@ fn parse_link(message: &LinkMessage) -> Link {
         controller: None,
         link_layer: message.header.link_layer_type,
         oper_up: false,
-        vxlan_underlay: None,
+        tunnel_underlay: None,
         vxlan_local: None,
+        vxlan_port: None,
         bond: None,
         bond_port: None,
         link_netnsid: None,
@@ -119,12 +124,19 @@ fn parse_link_info(infos: &[LinkInfo], link: &mut Link) {
             LinkInfo::Data(InfoData::Vxlan(attrs)) => {
                 for attr in attrs {
                     match attr {
-                        InfoVxlan::Link(index) if *index != 0 => link.vxlan_underlay = Some(*index),
+                        InfoVxlan::Link(index) if *index != 0 => link.tunnel_underlay = Some(*index),
+                        InfoVxlan::Port(port) => link.vxlan_port = Some(*port),
                         InfoVxlan::Local(ip) if !ip.is_unspecified() => link.vxlan_local = Some(IpAddr::V4(*ip)),
                         InfoVxlan::Local6(ip) if !ip.is_unspecified() => link.vxlan_local = Some(IpAddr::V6(*ip)),
                         _ => {}
                     }
                 }
+            }
+            LinkInfo::Data(InfoData::IpTunnel(attrs)) => {
+                link.tunnel_underlay = attrs.iter().find_map(|attr| match attr {
+                    InfoIpTunnel::Link(index) if *index != 0 => Some(*index),
+                    _ => None,
+                });
             }
             LinkInfo::Data(InfoData::Bond(attrs)) => link.bond = Some(bond::parse_bond(attrs)),
             LinkInfo::PortData(InfoPortData::BondPort(attrs)) => link.bond_port = Some(bond::parse_bond_port(attrs)),

@@ -22,6 +22,8 @@ pub enum HopKind {
     PodVeth,
     Bridge,
     Vxlan,
+    /// An IPIP tunnel (Calico's `tunl0`): IPv4 in IPv4, no MAC header.
+    Ipip,
     Nic,
     Bond,
     BondSlave,
@@ -32,6 +34,11 @@ impl HopKind {
     pub fn is_underlay(self) -> bool {
         matches!(self, Self::Nic | Self::Bond | Self::BondSlave)
     }
+
+    /// The devices that encapsulate the pod's packets.
+    pub fn is_tunnel(self) -> bool {
+        matches!(self, Self::Vxlan | Self::Ipip)
+    }
 }
 
 impl fmt::Display for HopKind {
@@ -40,6 +47,7 @@ impl fmt::Display for HopKind {
             Self::PodVeth => "pod-veth",
             Self::Bridge => "bridge",
             Self::Vxlan => "vxlan",
+            Self::Ipip => "ipip",
             Self::Nic => "nic",
             Self::Bond => "bond",
             Self::BondSlave => "bond-slave",
@@ -58,10 +66,12 @@ pub struct Hop {
     pub no_mac_header: bool,
     /// The TC hook that packets *from* the pod cross here; replies cross the other one.
     pub from_pod: Direction,
-    /// For VXLAN devices: the underlay device's ifindex.
+    /// For tunnels (VXLAN, IPIP): the underlay device's ifindex.
     pub underlay: Option<u32>,
     /// For VXLAN devices: the `local` tunnel source address.
     pub vxlan_local: Option<IpAddr>,
+    /// For VXLAN devices: their UDP port.
+    pub vxlan_port: Option<u16>,
     /// Addresses on the interface, with prefix lengths.
     pub addresses: Vec<(IpAddr, u8)>,
     pub bond: Option<BondState>,
@@ -232,6 +242,19 @@ impl Path {
         self.hops().any(|hop| hop.kind == kind)
     }
 
+    /// The UDP ports the kernel programs and the userspace parse treat as VXLAN: those of
+    /// the path's VXLAN devices, then flannel's 8472 and IANA's 4789 (Calico's) while slots
+    /// remain, which a remote pod's tunnel may use too.
+    pub fn vxlan_ports(&self) -> [u16; 2] {
+        let mut ports: Vec<u16> = Vec::new();
+        for port in self.hops().filter_map(|hop| hop.vxlan_port).chain([8472, 4789]) {
+            if !ports.contains(&port) {
+                ports.push(port);
+            }
+        }
+        [ports[0], ports[1]]
+    }
+
     /// Whether `ifindex` is a wire-side device (NIC, bond, bond slave) of this path.
     pub fn is_underlay(&self, ifindex: u32) -> bool {
         self.hop(ifindex).is_some_and(|hop| hop.kind.is_underlay())
@@ -277,6 +300,7 @@ pub(crate) mod fixtures {
             from_pod,
             underlay: None,
             vxlan_local: None,
+            vxlan_port: None,
             addresses: vec![],
             bond: None,
             slave: None,
@@ -396,5 +420,15 @@ mod tests {
         assert_eq!(path.entry("10.1.1.1".parse().unwrap()), key(5, Direction::Ingress));
         assert_eq!(path.exit(second), key(8, Direction::Egress));
         assert!(path.is_underlay(2) && !path.is_underlay(3));
+    }
+
+    #[test]
+    fn the_vxlan_ports_are_the_devices_own_then_the_usual_ones() {
+        let mut path = local_path();
+        assert_eq!(path.vxlan_ports(), [8472, 4789], "no port read");
+        path.stages[2].hops[0].vxlan_port = Some(4789);
+        assert_eq!(path.vxlan_ports(), [4789, 8472], "vxlan.calico's");
+        path.stages[2].hops[0].vxlan_port = Some(9999);
+        assert_eq!(path.vxlan_ports(), [9999, 8472], "a port of its own");
     }
 }

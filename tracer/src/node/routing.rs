@@ -127,8 +127,20 @@ impl Tables {
 
     /// Whether routes of this family, other than link-local and multicast ones (which every
     /// interface with the family enabled has), leave through `ifindex`, in any table.
-    fn carries(&self, ifindex: u32) -> bool {
+    pub fn carries(&self, ifindex: u32) -> bool {
         self.routes.iter().any(|route| route.kind == RouteType::Unicast && !route.link_scoped() && route.devices.contains(&ifindex))
+    }
+
+    /// The gateways of the routes through `ifindex`: for a tunnel without an address of its
+    /// own peer (Calico's `tunl0`), the peers' underlay addresses its routes name.
+    pub fn gateways_via(&self, ifindex: u32) -> Vec<IpAddr> {
+        let mut gateways = Vec::new();
+        for gateway in self.routes.iter().filter(|route| route.devices.contains(&ifindex)).filter_map(|route| route.gateway) {
+            if !gateways.contains(&gateway) {
+                gateways.push(gateway);
+            }
+        }
+        gateways
     }
 
     /// The device of the default route that traffic from `origin` takes: the rules walked
@@ -184,6 +196,8 @@ struct Route {
     metric: u32,
     /// The output device, or each next hop's for a multipath route.
     devices: Vec<u32>,
+    /// The gateway (`via`), for a route with one next hop.
+    gateway: Option<IpAddr>,
 }
 
 impl Route {
@@ -195,6 +209,7 @@ impl Route {
             prefix_len: message.header.destination_prefix_length,
             metric: 0,
             devices: Vec::new(),
+            gateway: None,
         };
         for attr in &message.attributes {
             match attr {
@@ -203,6 +218,8 @@ impl Route {
                 RouteAttribute::Destination(RouteAddress::Inet6(ip)) => route.destination = Some(IpAddr::V6(*ip)),
                 RouteAttribute::Priority(metric) => route.metric = *metric,
                 RouteAttribute::Oif(index) => route.devices.push(*index),
+                RouteAttribute::Gateway(RouteAddress::Inet(ip)) => route.gateway = Some(IpAddr::V4(*ip)),
+                RouteAttribute::Gateway(RouteAddress::Inet6(ip)) => route.gateway = Some(IpAddr::V6(*ip)),
                 RouteAttribute::MultiPath(hops) => route.devices.extend(hops.iter().map(|hop| hop.interface_index)),
                 _ => {}
             }
