@@ -11,7 +11,10 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::Value;
 
-use crate::{lab::Lab, report::hop};
+use crate::{
+    lab::{Cni, Lab, Node},
+    report::hop,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dir {
@@ -104,8 +107,20 @@ pub fn ip_filter(ip: Ipv4Addr) -> String {
 /// from the UDP header: 8 (UDP) + 8 (VXLAN) + 14 (inner Ethernet) + 12 or 16 into the inner
 /// IPv4 header.
 pub fn vxlan_inner_filter(ip: Ipv4Addr) -> String {
+    vxlan_inner_filter_on(ip, 8472)
+}
+
+/// The same for VXLAN to `port` (vxlan.calico's 4789).
+pub fn vxlan_inner_filter_on(ip: Ipv4Addr, port: u16) -> String {
     let hex = u32::from(ip);
-    format!("udp dst port 8472 and (udp[42:4] = {hex:#010x} or udp[46:4] = {hex:#010x})")
+    format!("udp dst port {port} and (udp[42:4] = {hex:#010x} or udp[46:4] = {hex:#010x})")
+}
+
+/// IPIP (IP protocol 4) packets whose *inner* IPv4 source or destination is `ip`: the inner
+/// header right behind an outer one without options, its addresses at 20 + 12 and 20 + 16.
+pub fn ipip_inner_filter(ip: Ipv4Addr) -> String {
+    let hex = u32::from(ip);
+    format!("ip proto 4 and (ip[32:4] = {hex:#010x} or ip[36:4] = {hex:#010x})")
 }
 
 /// Plain IPv6 packets to or from `ip`.
@@ -136,11 +151,25 @@ pub struct Captures(Vec<(String, String, Capture)>);
 impl Captures {
     /// On node A, following a pod of node A by its IPv4 address.
     pub fn start(lab: &Lab, pod_ip: Ipv4Addr) -> Result<Self> {
-        let hops = [lab.pod_a().host_veth.as_str(), "cni0", "flannel.1", "eth0"].map(|ifname| {
-            let filter = if ifname == "eth0" { vxlan_inner_filter(pod_ip) } else { ip_filter(pod_ip) };
-            (ifname.to_string(), filter)
-        });
-        Self::on(&lab.node_a().netns, &hops)
+        Self::on_node(lab, lab.node_a(), &lab.pod_a().host_veth, pod_ip)
+    }
+
+    /// On `node`, following its pod `pod_ip` behind `veth`: the veth, the bridge (none for
+    /// Calico), the tunnel and the underlay, where the pod's packets are encapsulated as the
+    /// lab's CNI does it.
+    pub fn on_node(lab: &Lab, node: &Node, veth: &str, pod_ip: Ipv4Addr) -> Result<Self> {
+        let encapsulated = match lab.cni {
+            Cni::Flannel => vxlan_inner_filter(pod_ip),
+            Cni::CalicoVxlan => vxlan_inner_filter_on(pod_ip, 4789),
+            Cni::CalicoIpip => ipip_inner_filter(pod_ip),
+        };
+        let mut hops = vec![(veth.to_string(), ip_filter(pod_ip))];
+        if !node.bridge.is_empty() {
+            hops.push((node.bridge.clone(), ip_filter(pod_ip)));
+        }
+        hops.push((node.vxlan.clone(), ip_filter(pod_ip)));
+        hops.push((node.underlay.clone(), encapsulated));
+        Self::on(&node.netns, &hops)
     }
 
     /// In `netns`, on each (interface, filter).

@@ -8,6 +8,8 @@
 //! An external lab (`LabSpec::external`) adds a host outside the cluster, routed through the
 //! switch, and the masquerade rules flanneld writes (`ipMasq`), so pods reach it source-NATed
 //! to their node's address.
+//! A Calico lab (`LabSpec::cni`) builds each node as Calico's felix and CNI plugin do instead:
+//! routed pods without a bridge, and `tunl0` (IPIP) or `vxlan.calico` between the nodes.
 //!
 //! Everything is created inside namespaces the lab owns (`ip -n NS link add … netns OTHER`),
 //! so nothing touches the root namespace and interface names repeat per node as on real
@@ -38,16 +40,48 @@ pub const KUBERNETES_SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
 /// Per-instance state (host-local's leases, dnsmasq's log) lives in `STATE_DIR/<prefix>`.
 pub const STATE_DIR: &str = "/run/podtrace-lab";
 
+/// The pod network the lab's nodes run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cni {
+    /// flannel's VXLAN backend: pods behind `cni0` (the bridge plugin), `flannel.1`.
+    Flannel,
+    /// Calico in IPIP mode: routed pods on `cali…` veths, `tunl0` between the nodes. Needs the
+    /// ipip module (`ipip_available`).
+    CalicoIpip,
+    /// Calico in VXLAN mode: routed pods on `cali…` veths, `vxlan.calico` (UDP 4789).
+    CalicoVxlan,
+}
+
+impl Cni {
+    pub fn is_calico(self) -> bool {
+        self != Self::Flannel
+    }
+}
+
+/// Whether this kernel has IPIP (the ipip module, loaded here if it is not yet): Calico's IPIP
+/// mode needs it. Loading it makes a fallback `tunl0` in every network namespace.
+pub fn ipip_available() -> bool {
+    let _ = Command::new("modprobe").args(["-q", "ipip"]).stderr(Stdio::null()).status();
+    std::path::Path::new("/sys/module/ipip").exists()
+}
+
 /// What to build; `Default` is a healthy lab.
 #[derive(Clone, Debug)]
 pub struct LabSpec {
+    /// The pod network: flannel (the default) or Calico in IPIP or VXLAN mode.
+    pub cni: Cni,
     /// Namespace name prefix, unique per instance (see `unique_prefix`).
     pub prefix: String,
     pub underlay_mtu_a: u32,
     pub underlay_mtu_b: u32,
-    /// The `mtu` of the bridge plugin's configuration: pod eth0, its host-side veth and cni0.
+    /// The `mtu` of the bridge plugin's configuration: pod eth0, its host-side veth and cni0;
+    /// for Calico, the pod's eth0 and its `cali…` veth.
     pub pod_mtu: u32,
+    /// The tunnel's MTU: `flannel.1`, `vxlan.calico` or `tunl0`.
     pub vxlan_mtu: u32,
+    /// With `CalicoIpip`: node A's `tunl0` MTU when it differs from `vxlan_mtu` (a node whose
+    /// tunnel disagrees with the pods').
+    pub tunnel_mtu_a: Option<u32>,
     pub pods_per_node: usize,
     /// Make node A's underlay `bond0` in this mode (e.g. `active-backup`, `balance-xor`)
     /// over two links, `eth0` and `eth1`. Needs the bonding module.
@@ -80,6 +114,7 @@ pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
 impl Default for LabSpec {
     fn default() -> Self {
         Self {
+            cni: Cni::Flannel,
             prefix: unique_prefix("lab"),
             underlay_mtu_a: 1500,
             underlay_mtu_b: 1500,
@@ -92,7 +127,18 @@ impl Default for LabSpec {
             bond_a_partner_per_port: false,
             dual_stack: false,
             external: false,
+            tunnel_mtu_a: None,
         }
+    }
+}
+
+impl LabSpec {
+    /// A healthy Calico lab in `cni`'s mode, with the MTUs Calico picks over a 1500-byte
+    /// underlay: the underlay's minus 20 for IPIP, minus 50 for VXLAN, on the tunnel and the
+    /// pods alike.
+    pub fn calico(cni: Cni, tag: &str) -> Self {
+        let mtu = if cni == Cni::CalicoIpip { 1480 } else { 1450 };
+        Self { cni, prefix: unique_prefix(tag), pod_mtu: mtu, vxlan_mtu: mtu, ..Self::default() }
     }
 }
 
@@ -112,10 +158,15 @@ pub struct Node {
     /// Underlay address (on `eth0`).
     pub ip: Ipv4Addr,
     pub underlay: String,
+    /// `cni0`; empty for Calico, which bridges nothing.
     pub bridge: String,
+    /// The tunnel: `flannel.1`, `tunl0` or `vxlan.calico`.
     pub vxlan: String,
     pub vtep_mac: String,
+    /// The node's pod subnet (flannel's /24) or block (Calico's /26).
     pub pod_cidr: String,
+    /// What a new pod pings so the node learns it: cni0's address; for Calico the node's own
+    /// (its pods' gateway, 169.254.1.1, exists only as proxy ARP's answer).
     pub gateway: Ipv4Addr,
     pub pods: Vec<Pod>,
     /// On a dual-stack lab, the node's IPv6 side.
@@ -141,6 +192,7 @@ pub struct NodeIpv6 {
 
 pub struct Lab {
     pub prefix: String,
+    pub cni: Cni,
     pub switch_ns: String,
     pub nodes: [Node; 2],
     /// The cluster DNS pod (dnsmasq) on node B, once made.
@@ -178,16 +230,22 @@ pub fn run(args: &[&str]) -> Result<Output> {
 impl Lab {
     pub fn up(spec: LabSpec) -> Result<Self> {
         let p = spec.prefix.clone();
+        let calico = spec.cni.is_calico();
         let node = |suffix: &str, index: u8| Node {
             netns: format!("{p}-{suffix}"),
             ip: Ipv4Addr::new(10, 99, 0, index + 1),
             underlay: if index == 0 && spec.bond_a.is_some() { "bond0".into() } else { "eth0".into() },
-            bridge: cni::BRIDGE.into(),
-            vxlan: "flannel.1".into(),
-            vtep_mac: format!("0e:00:00:00:0{}:01", index + 1),
-            pod_cidr: format!("10.244.{index}.0/24"),
+            bridge: if calico { String::new() } else { cni::BRIDGE.into() },
+            vxlan: match spec.cni {
+                Cni::Flannel => "flannel.1".into(),
+                Cni::CalicoIpip => "tunl0".into(),
+                Cni::CalicoVxlan => "vxlan.calico".into(),
+            },
+            // felix picks a random MAC for vxlan.calico; flanneld too for flannel.1.
+            vtep_mac: format!("{}:00:00:00:0{}:01", if calico { "66" } else { "0e" }, index + 1),
+            pod_cidr: if calico { format!("10.244.{index}.0/26") } else { format!("10.244.{index}.0/24") },
             // What the bridge plugin gives cni0 with isGateway: the subnet's first address.
-            gateway: Ipv4Addr::new(10, 244, index, 1),
+            gateway: if calico { Ipv4Addr::new(10, 99, 0, index + 1) } else { Ipv4Addr::new(10, 244, index, 1) },
             // Filled in as the plugin makes them.
             pods: Vec::new(),
             ipv6: spec.dual_stack.then(|| NodeIpv6 {
@@ -201,6 +259,7 @@ impl Lab {
         };
         let mut lab = Self {
             prefix: p.clone(),
+            cni: spec.cni,
             switch_ns: format!("{p}-sw"),
             nodes: [node("a", 0), node("b", 1)],
             dns: None,
@@ -318,100 +377,25 @@ impl Lab {
                 run(&["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
             }
 
-            let local = node.ip.to_string();
-            run(&[
-                "ip",
-                "-n",
-                ns,
-                "link",
-                "add",
-                "flannel.1",
-                "type",
-                "vxlan",
-                "id",
-                "1",
-                "dstport",
-                "8472",
-                "local",
-                &local,
-                "dev",
-                underlay,
-                "nolearning",
-            ])?;
-            run(&["ip", "-n", ns, "link", "set", "flannel.1", "address", &node.vtep_mac])?;
-            run(&["ip", "-n", ns, "link", "set", "flannel.1", "mtu", &spec.vxlan_mtu.to_string(), "up"])?;
-            let vtep_ip = format!("10.244.{index}.0/32");
-            run(&["ip", "-n", ns, "addr", "add", &vtep_ip, "dev", "flannel.1"])?;
-            if let Some(v6) = &node.ipv6 {
-                // flanneld asks for the same MTU as flannel.1's; created over an IPv6 underlay,
-                // the kernel caps it at the underlay's MTU minus 70.
-                let local = v6.ip.to_string();
-                let mtu = spec.vxlan_mtu.to_string();
-                run(&[
-                    "ip",
-                    "-n",
-                    ns,
-                    "link",
-                    "add",
-                    &v6.vxlan,
-                    "address",
-                    &v6.vtep_mac,
-                    "mtu",
-                    &mtu,
-                    "type",
-                    "vxlan",
-                    "id",
-                    "1",
-                    "dstport",
-                    "8472",
-                    "local",
-                    &local,
-                    "dev",
-                    underlay,
-                    "nolearning",
-                ])?;
-                run(&["ip", "-n", ns, "link", "set", &v6.vxlan, "up"])?;
-                run(&["ip", "-n", ns, "addr", "add", &format!("{}/128", v6.vtep_ip), "dev", &v6.vxlan, "nodad"])?;
+            if spec.cni.is_calico() {
+                self.calico_tunnel(spec, index)?;
+            } else {
+                Self::flannel_tunnel(spec, node, index)?;
             }
             // Set after the tunnel exists: the kernel refuses a VXLAN device that cannot fit
             // its underlay, but not an underlay lowered later, which is how nodes get there.
             run(&["ip", "-n", ns, "link", "set", underlay, "mtu", &mtu])?;
 
-            // The plugin creates cni0 (with its gateway address and a MAC of its own) on the
-            // first ADD. host-local hands out .2, .3, … in the order pods are made. A pod MTU
-            // above the tunnel's (the pod-mtu fault) is a configuration the plugin makes as
-            // readily: a CNI config whose mtu disagrees with flannel's.
-            let network = BridgeNetwork {
-                subnet: node.pod_cidr.clone(),
-                subnet6: node.ipv6.as_ref().map(|v6| v6.pod_cidr.clone()),
-                mtu: spec.pod_mtu,
-                data_dir: self.state_dir.join(ns),
-            };
-            for i in 0..spec.pods_per_node {
-                let suffix = if index == 0 { "a" } else { "b" };
-                let netns = if i == 0 { format!("{}-p{suffix}", self.prefix) } else { format!("{}-p{suffix}{}", self.prefix, i + 1) };
-                let pod = self.add_pod(index, netns, &network)?;
-                self.nodes[index].pods.push(pod);
-            }
-            if index == 1 {
-                self.dns = Some(self.add_pod(index, format!("{}-dns", self.prefix), &network)?);
+            if spec.cni.is_calico() {
+                self.calico_pods(spec, index)?;
+            } else {
+                self.bridge_pods(spec, index)?;
             }
         }
-        // Each node reaches the other's pod subnet through its VTEP, as flanneld programs it.
-        for (index, node) in nodes.iter().enumerate() {
-            let peer = &nodes[1 - index];
-            let ns = node.netns.as_str();
-            let peer_vtep = format!("10.244.{}.0", 1 - index);
-            run(&["ip", "-n", ns, "route", "add", &peer.pod_cidr, "via", &peer_vtep, "dev", "flannel.1", "onlink"])?;
-            run(&["ip", "-n", ns, "neigh", "add", &peer_vtep, "lladdr", &peer.vtep_mac, "dev", "flannel.1", "nud", "permanent"])?;
-            run(&["ip", "netns", "exec", ns, "bridge", "fdb", "append", &peer.vtep_mac, "dev", "flannel.1", "dst", &peer.ip.to_string()])?;
-            if let (Some(v6), Some(peer6)) = (&node.ipv6, &peer.ipv6) {
-                let peer_vtep = peer6.vtep_ip.to_string();
-                run(&["ip", "-n", ns, "-6", "route", "add", &peer6.pod_cidr, "via", &peer_vtep, "dev", &v6.vxlan, "onlink"])?;
-                run(&["ip", "-n", ns, "-6", "neigh", "add", &peer_vtep, "lladdr", &peer6.vtep_mac, "dev", &v6.vxlan, "nud", "permanent"])?;
-                let peer_ip = peer6.ip.to_string();
-                run(&["ip", "netns", "exec", ns, "bridge", "fdb", "append", &peer6.vtep_mac, "dev", &v6.vxlan, "dst", &peer_ip])?;
-            }
+        if spec.cni.is_calico() {
+            self.calico_routes()?;
+        } else {
+            flannel_routes(&nodes)?;
         }
         let dns = self.dns_pod().clone();
         // kube-proxy runs on every node and writes every Service there.
@@ -459,6 +443,236 @@ impl Lab {
             flannel_masquerade(&node.netns, &node.pod_cidr)?;
         }
         self.external = Some(ext);
+        Ok(())
+    }
+
+    /// `flannel.1` (and `flannel-v6.1` on a dual-stack lab) as flanneld's VXLAN backend makes it.
+    fn flannel_tunnel(spec: &LabSpec, node: &Node, index: usize) -> Result<()> {
+        let (ns, underlay) = (node.netns.as_str(), node.underlay.as_str());
+        let local = node.ip.to_string();
+        run(&[
+            "ip",
+            "-n",
+            ns,
+            "link",
+            "add",
+            "flannel.1",
+            "type",
+            "vxlan",
+            "id",
+            "1",
+            "dstport",
+            "8472",
+            "local",
+            &local,
+            "dev",
+            underlay,
+            "nolearning",
+        ])?;
+        run(&["ip", "-n", ns, "link", "set", "flannel.1", "address", &node.vtep_mac])?;
+        run(&["ip", "-n", ns, "link", "set", "flannel.1", "mtu", &spec.vxlan_mtu.to_string(), "up"])?;
+        let vtep_ip = format!("10.244.{index}.0/32");
+        run(&["ip", "-n", ns, "addr", "add", &vtep_ip, "dev", "flannel.1"])?;
+        if let Some(v6) = &node.ipv6 {
+            // flanneld asks for the same MTU as flannel.1's; created over an IPv6 underlay,
+            // the kernel caps it at the underlay's MTU minus 70.
+            let local = v6.ip.to_string();
+            let mtu = spec.vxlan_mtu.to_string();
+            run(&[
+                "ip",
+                "-n",
+                ns,
+                "link",
+                "add",
+                &v6.vxlan,
+                "address",
+                &v6.vtep_mac,
+                "mtu",
+                &mtu,
+                "type",
+                "vxlan",
+                "id",
+                "1",
+                "dstport",
+                "8472",
+                "local",
+                &local,
+                "dev",
+                underlay,
+                "nolearning",
+            ])?;
+            run(&["ip", "-n", ns, "link", "set", &v6.vxlan, "up"])?;
+            run(&["ip", "-n", ns, "addr", "add", &format!("{}/128", v6.vtep_ip), "dev", &v6.vxlan, "nodad"])?;
+        }
+        Ok(())
+    }
+
+    /// The node's pods (and on node B the DNS pod), made by the bridge plugin.
+    fn bridge_pods(&mut self, spec: &LabSpec, index: usize) -> Result<()> {
+        let node = self.nodes[index].clone();
+        let ns = node.netns.as_str();
+        // The plugin creates cni0 (with its gateway address and a MAC of its own) on the
+        // first ADD. host-local hands out .2, .3, … in the order pods are made. A pod MTU
+        // above the tunnel's (the pod-mtu fault) is a configuration the plugin makes as
+        // readily: a CNI config whose mtu disagrees with flannel's.
+        let network = BridgeNetwork {
+            subnet: node.pod_cidr.clone(),
+            subnet6: node.ipv6.as_ref().map(|v6| v6.pod_cidr.clone()),
+            mtu: spec.pod_mtu,
+            data_dir: self.state_dir.join(ns),
+        };
+        for i in 0..spec.pods_per_node {
+            let suffix = if index == 0 { "a" } else { "b" };
+            let netns = if i == 0 { format!("{}-p{suffix}", self.prefix) } else { format!("{}-p{suffix}{}", self.prefix, i + 1) };
+            let pod = self.add_pod(index, netns, &network)?;
+            self.nodes[index].pods.push(pod);
+        }
+        if index == 1 {
+            self.dns = Some(self.add_pod(index, format!("{}-dns", self.prefix), &network)?);
+        }
+        Ok(())
+    }
+
+    /// The node's tunnel as felix programs it: `tunl0` up with the node's tunnel address
+    /// (the ipip module made it with the namespace), or `vxlan.calico` (VNI 4096, UDP 4789,
+    /// bound to the node's address, no learning: felix writes every neighbour and fdb entry).
+    /// Calico nodes have a default route, which proxy ARP needs to answer for 169.254.1.1;
+    /// nothing in the lab is behind its gateway.
+    fn calico_tunnel(&self, spec: &LabSpec, index: usize) -> Result<()> {
+        let node = &self.nodes[index];
+        let (ns, underlay) = (node.netns.as_str(), node.underlay.as_str());
+        let mtu = match spec.tunnel_mtu_a {
+            Some(mtu) if index == 0 => mtu,
+            _ => spec.vxlan_mtu,
+        }
+        .to_string();
+        let tunnel_ip = format!("{}/32", calico_tunnel_ip(index));
+        if spec.cni == Cni::CalicoVxlan {
+            let local = node.ip.to_string();
+            run(&[
+                "ip",
+                "-n",
+                ns,
+                "link",
+                "add",
+                "vxlan.calico",
+                "address",
+                &node.vtep_mac,
+                "type",
+                "vxlan",
+                "id",
+                "4096",
+                "dstport",
+                "4789",
+                "local",
+                &local,
+                "dev",
+                underlay,
+                "nolearning",
+            ])?;
+        }
+        run(&["ip", "-n", ns, "link", "set", &node.vxlan, "mtu", &mtu, "up"])?;
+        run(&["ip", "-n", ns, "addr", "add", &tunnel_ip, "dev", &node.vxlan])?;
+        // Both tunnels merge what they decapsulate (GRO cells) unless told not to: the pod's
+        // veth would then get super-packets that it splits after TC, as no wire does.
+        wire_like(ns, &node.vxlan)?;
+        run(&["ip", "-n", ns, "route", "add", "default", "via", "10.99.0.254", "dev", underlay])?;
+        Ok(())
+    }
+
+    /// The node's pods (and on node B the DNS pod) as Calico's CNI plugin makes them, with
+    /// addresses from the node's block.
+    fn calico_pods(&mut self, spec: &LabSpec, index: usize) -> Result<()> {
+        let suffix = if index == 0 { "a" } else { "b" };
+        for i in 0..spec.pods_per_node {
+            let netns = if i == 0 { format!("{}-p{suffix}", self.prefix) } else { format!("{}-p{suffix}{}", self.prefix, i + 1) };
+            let pod = self.add_calico_pod(index, netns, i, spec.pod_mtu)?;
+            self.nodes[index].pods.push(pod);
+        }
+        if index == 1 {
+            self.dns = Some(self.add_calico_pod(index, format!("{}-dns", self.prefix), spec.pods_per_node, spec.pod_mtu)?);
+        }
+        Ok(())
+    }
+
+    /// A routed pod, as Calico's CNI plugin makes it: a veth `cali<hash>` whose host side has
+    /// no address, the MAC ee:ee:ee:ee:ee:ee and proxy ARP on, and a /32 route to the pod
+    /// through it; the pod's eth0 with a /32 address, a link route to 169.254.1.1 and the
+    /// default route through it (answered by the host side's proxy ARP).
+    fn add_calico_pod(&mut self, node_index: usize, netns: String, ordinal: usize, mtu: u32) -> Result<Pod> {
+        self.add_netns(&netns)?;
+        let node_ns = self.nodes[node_index].netns.clone();
+        let ip = Ipv4Addr::new(10, 244, node_index as u8, 2 + ordinal as u8);
+        let host_veth = calico_veth_name(&netns);
+        let mtu = mtu.to_string();
+        run(&[
+            "ip", "-n", &node_ns, "link", "add", &host_veth, "mtu", &mtu, "type", "veth", "peer", "name", "eth0", "mtu", &mtu, "netns",
+            &netns,
+        ])?;
+        run(&["ip", "-n", &node_ns, "link", "set", &host_veth, "address", "ee:ee:ee:ee:ee:ee", "up"])?;
+        for setting in [
+            format!("net.ipv4.conf.{host_veth}.proxy_arp=1"),
+            format!("net.ipv4.neigh.{host_veth}.proxy_delay=0"),
+            format!("net.ipv4.conf.{host_veth}.rp_filter=1"),
+        ] {
+            run(&["ip", "netns", "exec", &node_ns, "sysctl", "-qw", &setting])?;
+        }
+        run(&["ip", "-n", &node_ns, "route", "add", &format!("{ip}/32"), "dev", &host_veth, "scope", "link"])?;
+        run(&["ip", "-n", &netns, "link", "set", "lo", "up"])?;
+        run(&["ip", "-n", &netns, "link", "set", "eth0", "up"])?;
+        run(&["ip", "-n", &netns, "addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+        run(&["ip", "-n", &netns, "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"])?;
+        run(&["ip", "-n", &netns, "route", "add", "default", "via", "169.254.1.1", "dev", "eth0"])?;
+        wire_like(&node_ns, &host_veth)?;
+        wire_like(&netns, "eth0")?;
+        Ok(Pod { netns, ip, ip6: None, host_veth })
+    }
+
+    /// Each node reaches the other's block as felix programs it: through `tunl0` to the other
+    /// node's address (`onlink`, as BIRD installs it), or through `vxlan.calico` to the other
+    /// node's tunnel address with permanent neighbour and fdb entries; its own block is a
+    /// blackhole route, as Calico's IPAM leaves it, for addresses no pod holds.
+    fn calico_routes(&self) -> Result<()> {
+        for (index, node) in self.nodes.iter().enumerate() {
+            let peer = &self.nodes[1 - index];
+            let ns = node.netns.as_str();
+            run(&["ip", "-n", ns, "route", "add", "blackhole", &node.pod_cidr, "proto", "bird"])?;
+            if self.cni == Cni::CalicoIpip {
+                run(&[
+                    "ip",
+                    "-n",
+                    ns,
+                    "route",
+                    "add",
+                    &peer.pod_cidr,
+                    "via",
+                    &peer.ip.to_string(),
+                    "dev",
+                    "tunl0",
+                    "onlink",
+                    "proto",
+                    "bird",
+                ])?;
+                continue;
+            }
+            let peer_vtep = calico_tunnel_ip(1 - index).to_string();
+            run(&["ip", "-n", ns, "route", "add", &peer.pod_cidr, "via", &peer_vtep, "dev", "vxlan.calico", "onlink"])?;
+            run(&["ip", "-n", ns, "neigh", "add", &peer_vtep, "lladdr", &peer.vtep_mac, "dev", "vxlan.calico", "nud", "permanent"])?;
+            run(&[
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "bridge",
+                "fdb",
+                "append",
+                &peer.vtep_mac,
+                "dev",
+                "vxlan.calico",
+                "dst",
+                &peer.ip.to_string(),
+            ])?;
+        }
         Ok(())
     }
 
@@ -677,6 +891,40 @@ fn flannel_masquerade(netns: &str, pod_cidr: &str) -> Result<()> {
     kube_proxy::restore(netns, &rules)
 }
 
+/// Each node reaches the other's pod subnet through its VTEP, as flanneld programs it.
+fn flannel_routes(nodes: &[Node; 2]) -> Result<()> {
+    for (index, node) in nodes.iter().enumerate() {
+        let peer = &nodes[1 - index];
+        let ns = node.netns.as_str();
+        let peer_vtep = format!("10.244.{}.0", 1 - index);
+        run(&["ip", "-n", ns, "route", "add", &peer.pod_cidr, "via", &peer_vtep, "dev", "flannel.1", "onlink"])?;
+        run(&["ip", "-n", ns, "neigh", "add", &peer_vtep, "lladdr", &peer.vtep_mac, "dev", "flannel.1", "nud", "permanent"])?;
+        run(&["ip", "netns", "exec", ns, "bridge", "fdb", "append", &peer.vtep_mac, "dev", "flannel.1", "dst", &peer.ip.to_string()])?;
+        if let (Some(v6), Some(peer6)) = (&node.ipv6, &peer.ipv6) {
+            let peer_vtep = peer6.vtep_ip.to_string();
+            run(&["ip", "-n", ns, "-6", "route", "add", &peer6.pod_cidr, "via", &peer_vtep, "dev", &v6.vxlan, "onlink"])?;
+            run(&["ip", "-n", ns, "-6", "neigh", "add", &peer_vtep, "lladdr", &peer6.vtep_mac, "dev", &v6.vxlan, "nud", "permanent"])?;
+            let peer_ip = peer6.ip.to_string();
+            run(&["ip", "netns", "exec", ns, "bridge", "fdb", "append", &peer6.vtep_mac, "dev", &v6.vxlan, "dst", &peer_ip])?;
+        }
+    }
+    Ok(())
+}
+
+/// A node's Calico tunnel address: its block's first host address.
+fn calico_tunnel_ip(node_index: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, node_index as u8, 1)
+}
+
+/// `cali` and 11 hex digits of a hash of the pod, as Calico's CNI plugin names a pod's
+/// host-side veth (from its workload endpoint).
+fn calico_veth_name(pod_netns: &str) -> String {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    pod_netns.hash(&mut hasher);
+    format!("cali{:011x}", hasher.finish() & 0xfff_ffff_ffff)
+}
+
 /// The kube-dns Service's ports, each with the DNS pod as its endpoint.
 fn dns_service(endpoint: Ipv4Addr) -> [ServicePort<'static>; 2] {
     let port =
@@ -727,8 +975,8 @@ fn read_mtu(ns: &str, ifname: &str) -> Result<u32> {
     String::from_utf8_lossy(&output.stdout).trim().parse().context("parsing MTU")
 }
 
-/// veth links pass GSO super-packets, which hides MTU problems; turning segmentation and
-/// receive offloads off makes them behave like a wire.
+/// veth links (and tunnels, receiving) pass GSO super-packets, which hides MTU problems;
+/// turning segmentation and receive offloads off makes them behave like a wire.
 fn wire_like(ns: &str, ifname: &str) -> Result<()> {
     run(&["ip", "netns", "exec", ns, "ethtool", "-K", ifname, "tso", "off", "gso", "off", "gro", "off"]).map(drop)
 }

@@ -18,6 +18,9 @@ use crate::setup::step;
 const MODULES: &[&str] = &[
     "veth",
     "vxlan",
+    // Calico's IPIP mode: tunl0 (the host's kernel has no ipip, so it is tested only here).
+    "tunnel4",
+    "ipip",
     "bridge",
     // Bridged traffic through iptables, as on every kubelet node (and built into the host's
     // kernel); the br-netfilter-off and hairpin-off findings are tested with and without it.
