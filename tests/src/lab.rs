@@ -636,7 +636,7 @@ impl Lab {
         for (index, node) in self.nodes.iter().enumerate() {
             let peer = &self.nodes[1 - index];
             let ns = node.netns.as_str();
-            run(&["ip", "-n", ns, "route", "add", "blackhole", &node.pod_cidr, "proto", "bird"])?;
+            run(&["ip", "-n", ns, "route", "add", "blackhole", &node.pod_cidr, "proto", RTPROT_BIRD])?;
             if self.cni == Cni::CalicoIpip {
                 run(&[
                     "ip",
@@ -651,7 +651,7 @@ impl Lab {
                     "tunl0",
                     "onlink",
                     "proto",
-                    "bird",
+                    RTPROT_BIRD,
                 ])?;
                 continue;
             }
@@ -910,6 +910,10 @@ fn flannel_routes(nodes: &[Node; 2]) -> Result<()> {
     }
     Ok(())
 }
+
+/// The routing protocol number BIRD installs Calico's routes with ("bird" in iproute2's
+/// rt_protos, which the VM suite's initramfs does not carry).
+const RTPROT_BIRD: &str = "12";
 
 /// A node's Calico tunnel address: its block's first host address.
 fn calico_tunnel_ip(node_index: usize) -> Ipv4Addr {
