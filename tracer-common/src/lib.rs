@@ -95,15 +95,16 @@ pub struct IpLayer {
     pub reserved: u8,
 }
 
-/// One packet seen by a TC program on a traced hop: what the skb says of it, and the first
-/// bytes of the frame, which userspace parses (`parse::parse_frame`). The kernel copies the
-/// head with one helper call straight into the ring record, rather than parse every header
-/// of a followed packet itself and copy the result.
+/// One packet seen by a TC program on a traced hop: what the skb says of it, and the frame's
+/// headers (its first bytes up to `parse::l4_headers_end`, never payload), which userspace
+/// parses (`parse::parse_frame`). The kernel copies them with one helper call straight into
+/// the ring record, rather than parse every header of a followed packet itself and copy the
+/// result.
 ///
-/// Two sizes: `HEAD_SHORT` for a plain IPv4 packet (no IP options, not VXLAN or IPIP), whose every
-/// header the parse reads ends by byte 110 (an ICMP error quoting an IPv4 header with options
-/// and 8 bytes after it), and `HEAD_LONG` for everything else, the whole region the kernel's
-/// own parse reads. The ring record's length tells them apart.
+/// Two sizes: `HEAD_SHORT` for a plain IPv4 packet the fast test reported (no IP options, not
+/// VXLAN or IPIP, not an ICMP error), whose headers end by byte 94 (TCP with 40 bytes of
+/// options), and `HEAD_LONG` for everything else, the whole region the kernel's own parse
+/// reads. The ring record's length tells them apart.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PacketRecord<const HEAD: usize> {

@@ -74,13 +74,12 @@ impl<'a> Collector<'a> {
     /// then drains both rings: every event the counters include has been decoded.
     pub async fn run<C>(
         &mut self,
-        events: RingBuf<MapData>,
+        mut events: RingBuf<MapData>,
         kernel_events: RingBuf<MapData>,
         duration: Option<Duration>,
         signals: &mut Signals,
         read_counters: impl FnOnce() -> Result<C>,
     ) -> Result<C> {
-        let mut events = events;
         // SAFETY: the ring buffer owns its map fd, which stays open and unchanged for as long
         // as the AsyncFd that owns the ring buffer.
         let mut kernel_events =
