@@ -50,7 +50,9 @@ fn an_idle_pod_is_found_after_the_bridge_forgot_it() -> Result<()> {
     // The node talks to the pod once: the neighbour entry resolves and the bridge learns it.
     assert_eq!(traffic::ping_received(&traffic::ping(&node.netns, pod.ip, 1, 56)?), 1);
     let mac = mac_of(&lab, pod)?;
-    // What a few idle minutes do (the default ageing time is 300 s): the fdb entry goes.
+    // What a few idle minutes do (the default ageing time is 300 s): the fdb entry goes. The
+    // port stops learning first, or the pod's next frame (IPv6 DAD, MLD) brings it back.
+    lab.run_in(&node.netns, &["bridge", "link", "set", "dev", &pod.host_veth, "learning", "off"])?;
     lab.run_in(&node.netns, &["bridge", "fdb", "del", &mac, "dev", &pod.host_veth, "master"])?;
     let fdb = text(lab.run_in(&node.netns, &["bridge", "fdb", "show", "br", &node.bridge])?);
     assert!(!fdb.contains(&mac), "the fdb still holds {mac}: {fdb}");
