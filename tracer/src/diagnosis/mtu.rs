@@ -9,15 +9,24 @@
 //! no fragmentation-needed was sent, or the fragmentation-needed that was sent was dropped.
 //! A finding without such traffic says it is about the configuration only.
 //!
+//! A sender that never learns the smaller MTU shows in the traffic too: the same full-size TCP
+//! segment arriving again and again (a sender that learned it resends the segment split to
+//! fit). That is a blackhole whatever the kernel's ICMP says, and it is the only evidence when
+//! the sender is outside the node (a NodePort client), whose retransmits no tracepoint here
+//! sees.
+//!
 //! For IPv6 the error is ICMPv6 packet-too-big, and every forwarded packet counts as one that
 //! cannot be fragmented: IPv6 routers never fragment. The kernel's `icmp:icmp_send` covers
 //! IPv4 only, so a packet-too-big is known to be sent only when it is seen crossing the path on
 //! its way back to a followed pod; none seen leaves it unknown.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::IpAddr,
+};
 
 use serde_json::json;
-use tracer_common::{IPPROTO_ICMP, IPPROTO_ICMPV6};
+use tracer_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP};
 
 use super::{Detector, Finding, FindingKind, MAX_GROUPS, Severity, TraceEnd, drop};
 use crate::{
@@ -37,6 +46,15 @@ const IPIP_OVERHEAD: u32 = 20;
 /// The smallest IPv4 and TCP headers: a retransmitted payload this much below a tunnel's MTU
 /// fits it whatever options the segment carries.
 const MIN_TCP_IPV4_HEADERS: u32 = 40;
+/// Full-size TCP segments remembered to recognise them arriving again; past it, new ones are
+/// counted as not tracked.
+const MAX_TRACKED_SEGMENTS: usize = 4096;
+/// How often full-size segments must arrive again before their senders are said never to
+/// learn the smaller MTU: one could be a probe sent before the ICMP error arrived.
+const MIN_RESENT_TO_CLAIM: u64 = 2;
+
+/// A TCP segment at a hop: the hop, the flow and the sequence number.
+type SegmentKey = (HopKey, IpAddr, IpAddr, u16, u16, u32);
 
 /// What a tunnel adds to each packet it carries.
 fn overhead(tunnel: &Hop) -> u32 {
@@ -55,6 +73,9 @@ struct Oversized {
     dont_fragment: u64,
     max_len: u32,
     example: String,
+    /// Of them, TCP segments with Don't Fragment that had crossed the hop before, full-size:
+    /// retransmitted by a sender that did not lower its MTU.
+    resent: u64,
 }
 
 pub struct MtuMismatch<'a> {
@@ -72,6 +93,10 @@ pub struct MtuMismatch<'a> {
     /// Payload sizes of the followed pods' retransmitted TCP segments, and how many of each:
     /// judged at the end against the pod's and the tunnel's MTU.
     retransmitted: BTreeMap<u32, u64>,
+    /// The oversized, unfragmentable TCP segments seen, to recognise them arriving again.
+    oversized_segments: HashSet<SegmentKey>,
+    /// Oversized segments seen once `oversized_segments` was full.
+    segments_not_tracked: u64,
 }
 
 /// A packet-too-big freed by `icmpv6_rcv` without a reason had arrived: the receiving stack
@@ -107,16 +132,29 @@ struct IcmpState {
     /// Packets too large for their next hop, with Don't Fragment set, were seen (or, for a
     /// tunnel, its underlay dropped received frames).
     traffic: bool,
+    /// Of those packets, full-size TCP segments that arrived again.
+    resent: u64,
 }
 
 impl IcmpState {
     fn blackhole(self) -> bool {
-        self.dropped > 0 || (self.traffic && self.sent == Some(0))
+        self.dropped > 0 || (self.traffic && self.sent == Some(0)) || self.resent >= MIN_RESENT_TO_CLAIM
     }
 
     fn describe(self) -> String {
-        let Self { family, sent, dropped, traffic } = self;
+        let Self { family, sent, dropped, traffic, resent } = self;
         let message = too_big_message(family);
+        if resent >= MIN_RESENT_TO_CLAIM && dropped == 0 && sent != Some(0) {
+            let never_learned = format!(
+                "{resent} of these packets were the same TCP segments arriving again full-size: their senders retransmitted them without lowering their MTU"
+            );
+            return match sent {
+                Some(sent) => format!(
+                    "{sent} {message} messages were sent back, yet {never_learned} (the messages did not reach them, or were ignored): a blackhole"
+                ),
+                None => format!("{never_learned}, never learning the smaller MTU: a blackhole"),
+            };
+        }
         match (sent, dropped > 0, traffic) {
             (Some(sent), true, _) => {
                 format!("{sent} {message} messages were generated but {dropped} were dropped before reaching the pod: a blackhole")
@@ -148,6 +186,8 @@ impl<'a> MtuMismatch<'a> {
             frag_needed_dropped: 0,
             packet_too_big_frees: BTreeMap::new(),
             retransmitted: BTreeMap::new(),
+            oversized_segments: HashSet::new(),
+            segments_not_tracked: 0,
         }
     }
 
@@ -165,7 +205,7 @@ impl<'a> MtuMismatch<'a> {
                 ((self.packet_too_big_seen > 0).then_some(self.packet_too_big_seen), dropped)
             }
         };
-        IcmpState { family, sent, dropped, traffic }
+        IcmpState { family, sent, dropped, traffic, resent: 0 }
     }
 
     /// The family of the followed pod, which the configuration findings are about.
@@ -335,10 +375,10 @@ impl<'a> MtuMismatch<'a> {
         self.oversized
             .iter()
             .filter_map(|((hop, family), oversized)| {
-                let name = &self.path.hop(hop.ifindex)?.ifname;
+                let (name, interface_mtu) = self.path.hop(hop.ifindex).map(|hop| (&hop.ifname, hop.mtu))?;
                 let next = self.next_mtu(*hop)?;
                 let direction = hop.direction;
-                let icmp = self.icmp(*family, oversized.dont_fragment > 0, end);
+                let icmp = IcmpState { resent: oversized.resent, ..self.icmp(*family, oversized.dont_fragment > 0, end) };
                 let fate = if oversized.dont_fragment == 0 {
                     "none had Don't Fragment set, so the kernel fragments them".to_string()
                 } else {
@@ -349,17 +389,19 @@ impl<'a> MtuMismatch<'a> {
                     severity: if icmp.blackhole() { Severity::Error } else { Severity::Warning },
                     hop: Some(name.clone()),
                     summary: format!(
-                        "{} packets of up to {} bytes crossed {name} {direction} heading for {}, whose MTU is {}; {}.",
-                        oversized.count, oversized.max_len, next.ifname, next.mtu, fate
+                        "{} packets of up to {} bytes crossed {name} (MTU {}) {direction} heading for {}, whose MTU is {}; {}.",
+                        oversized.count, oversized.max_len, interface_mtu, next.ifname, next.mtu, fate
                     ),
                     evidence: json!({
-                        "interface": name, "direction": direction,
+                        "interface": name, "interface_mtu": interface_mtu, "direction": direction,
                         "largest_packet": oversized.max_len, "oversized_packets": oversized.count,
                         "dont_fragment_packets": oversized.dont_fragment,
                         "next_hop": next.ifname, "next_hop_mtu": next.mtu,
                         "example": oversized.example,
                         "icmp_frag_needed_sent": icmp.sent,
                         "icmp_frag_needed_dropped": icmp.dropped,
+                        "retransmitted_full_size_frames": oversized.resent,
+                        "full_size_segments_not_tracked": self.segments_not_tracked,
                         "blackhole": icmp.blackhole(),
                     }),
                     advice: format!(
@@ -429,6 +471,16 @@ impl Detector for MtuMismatch<'_> {
         let entry = self.oversized.entry((hop, family)).or_default();
         entry.count += 1;
         entry.dont_fragment += u64::from(unfragmentable);
+        if layer.proto == IPPROTO_TCP && unfragmentable {
+            let segment = (hop, layer.src, layer.dst, layer.sport, layer.dport, layer.tcp_seq);
+            if self.oversized_segments.contains(&segment) {
+                entry.resent += 1;
+            } else if self.oversized_segments.len() < MAX_TRACKED_SEGMENTS {
+                self.oversized_segments.insert(segment);
+            } else {
+                self.segments_not_tracked += 1;
+            }
+        }
         if ip_len > entry.max_len {
             entry.max_len = ip_len;
             let df = match family {
@@ -840,5 +892,52 @@ mod tests {
         let findings = End::default().findings(&detector, &path);
         let pod = findings.iter().find(|f| f.hop.as_deref() == Some("cali1a2b3c4d5e6")).unwrap();
         assert_eq!(pod.evidence["retransmitted_full_size_segments"], 0);
+    }
+
+    /// The runbook's NodePort case: a client outside the node sends full-size segments that
+    /// arrive at eth0 and head for tunl0 (1440). Its retransmits are no tracepoint's here; the
+    /// same segment arriving again full-size is the evidence, even though the kernel sent a
+    /// fragmentation-needed. A sender that learned the MTU resends the segment smaller: no
+    /// blackhole claimed on that.
+    #[test]
+    fn full_size_segments_arriving_again_are_a_blackhole_whatever_icmp_was_sent() {
+        let path = calico_ipip(1480, 1440);
+        let eth0_in = [(2, Direction::Ingress)];
+        let segment = |ip_id, payload| Layer { ip_id, tcp_seq: 1000, ..tcp(PEER, 40000, POD, 5201, 0x10, payload) };
+        let frag_needed = || kernel(KernelRecordKind::IcmpSent { icmp_type: 3, icmp_code: 4 }, segment(1, 1448), 2, true, 1);
+        let traffic_finding = |detector: &MtuMismatch| {
+            let findings = End::default().findings(detector, &path);
+            findings.into_iter().find(|f| f.evidence["largest_packet"].is_number()).expect("an oversized finding")
+        };
+
+        let mut detector = MtuMismatch::new(&path);
+        let mut feed = Feed::new(&path);
+        for (attempt, ip_id) in [1, 2, 3].into_iter().enumerate() {
+            feed.journey(&mut detector, &segment(ip_id, 1448), &eth0_in, attempt as u64 * 1_000_000);
+            detector.observe_kernel(&frag_needed());
+        }
+        let finding = traffic_finding(&detector);
+        assert_eq!(finding.hop.as_deref(), Some("eth0"));
+        assert_eq!((finding.evidence["next_hop"].clone(), finding.evidence["next_hop_mtu"].clone()), (json!("tunl0"), json!(1440)));
+        assert_eq!((finding.evidence["largest_packet"].clone(), finding.evidence["interface_mtu"].clone()), (json!(1500), json!(1500)));
+        assert_eq!(finding.evidence["retransmitted_full_size_frames"], 2);
+        assert_eq!((finding.severity, finding.evidence["blackhole"].clone()), (Severity::Error, json!(true)));
+        assert!(finding.summary.contains("crossed eth0 (MTU 1500) ingress heading for tunl0, whose MTU is 1440"), "{}", finding.summary);
+        assert!(
+            finding.summary.contains("3 ICMP fragmentation-needed messages were sent back, yet 2 of these packets"),
+            "{}",
+            finding.summary
+        );
+
+        // The sender learned: the segment comes again in pieces that fit.
+        let mut detector = MtuMismatch::new(&path);
+        let mut feed = Feed::new(&path);
+        feed.journey(&mut detector, &segment(1, 1448), &eth0_in, 0);
+        detector.observe_kernel(&frag_needed());
+        feed.journey(&mut detector, &segment(2, 1380), &eth0_in, 1_000_000);
+        let finding = traffic_finding(&detector);
+        assert_eq!(finding.evidence["retransmitted_full_size_frames"], 0);
+        assert_eq!((finding.severity, finding.evidence["blackhole"].clone()), (Severity::Warning, json!(false)));
+        assert!(finding.summary.contains("1 ICMP fragmentation-needed messages were sent back."), "{}", finding.summary);
     }
 }
