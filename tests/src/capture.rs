@@ -183,12 +183,16 @@ impl Captures {
         Ok(Self(captures))
     }
 
+    /// Stops every capture: each hop's (ifname, direction) and tcpdump's count there.
+    pub fn stop(self) -> Result<Vec<(String, String, u64)>> {
+        self.0.into_iter().map(|(ifname, direction, capture)| Ok((ifname, direction, capture.stop()?))).collect()
+    }
+
     /// Stops every capture and asserts that each hop's packet count in `report` equals
     /// tcpdump's, and that traffic crossed every hop.
     pub fn assert_equal_to(self, report: &Value) -> Result<()> {
         let mut mismatches = Vec::new();
-        for (ifname, direction, capture) in self.0 {
-            let tcpdump = capture.stop()?;
+        for (ifname, direction, tcpdump) in self.stop()? {
             let podtrace = hop(report, &ifname, &direction)["packets"].as_u64().context("a hop's packets")?;
             if tcpdump != podtrace {
                 mismatches.push(format!("{ifname} {direction}: tcpdump {tcpdump}, podtrace {podtrace}"));

@@ -1,7 +1,8 @@
 //! Services the way kube-proxy's iptables mode writes them into a node's `nat` table:
 //! `PREROUTING`/`OUTPUT` → `KUBE-SERVICES` → `KUBE-SVC-<hash>` → `KUBE-SEP-<hash>` (DNAT to the
-//! endpoint), with the `KUBE-MARK-MASQ`/`KUBE-POSTROUTING` masquerade mark, loaded with
-//! `iptables-restore --noflush` as kube-proxy does.
+//! endpoint), with the `KUBE-MARK-MASQ`/`KUBE-POSTROUTING` masquerade mark, and a NodePort's
+//! `KUBE-NODEPORTS` → `KUBE-EXT-<hash>` (marked for masquerading) → the same `KUBE-SVC-…`, loaded
+//! with `iptables-restore --noflush` as kube-proxy does.
 
 use std::{
     fmt::Write as _,
@@ -26,12 +27,15 @@ pub struct ServicePort<'a> {
     pub protocol: &'a str,
     pub cluster_ip: Ipv4Addr,
     pub port: u16,
+    /// The Service's NodePort on this port, if it is exposed as one.
+    pub node_port: Option<u16>,
     pub endpoint: SocketAddrV4,
 }
 
 /// The `iptables-restore` input kube-proxy writes for `ports`.
 pub fn restore_input(ports: &[ServicePort]) -> Result<String> {
-    let mut chains = vec!["KUBE-SERVICES".to_string(), "KUBE-POSTROUTING".to_string(), "KUBE-MARK-MASQ".to_string()];
+    let mut chains =
+        ["KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-POSTROUTING", "KUBE-MARK-MASQ"].into_iter().map(String::from).collect::<Vec<_>>();
     let mut rules = vec![
         r#"-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES"#.to_string(),
         r#"-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES"#.to_string(),
@@ -42,6 +46,11 @@ pub fn restore_input(ports: &[ServicePort]) -> Result<String> {
         r#"-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE --random-fully"#.to_string(),
     ];
     service_rules(ports, &mut chains, &mut rules)?;
+    // Last in KUBE-SERVICES: what no cluster IP took, addressed to the node itself.
+    rules.push(
+        r#"-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"#
+            .to_string(),
+    );
     nat_input(&chains, &rules)
 }
 
@@ -54,11 +63,13 @@ fn added_input(ports: &[ServicePort]) -> Result<String> {
     nat_input(&chains, &rules)
 }
 
-/// Each port's `KUBE-SVC-…` and `KUBE-SEP-…` chains and rules, and its jump from `KUBE-SERVICES`.
+/// Each port's `KUBE-SVC-…` and `KUBE-SEP-…` chains and rules, and its jump from `KUBE-SERVICES`;
+/// for a NodePort, its `KUBE-EXT-…` chain and its jump from `KUBE-NODEPORTS`.
 fn service_rules(ports: &[ServicePort], chains: &mut Vec<String>, rules: &mut Vec<String>) -> Result<()> {
     for port in ports {
-        let ServicePort { name, protocol, cluster_ip, port: service_port, endpoint } = port;
-        let service = format!("KUBE-SVC-{}", chain_hash(&format!("{name}{protocol}"))?);
+        let ServicePort { name, protocol, cluster_ip, port: service_port, node_port, endpoint } = port;
+        let hash = chain_hash(&format!("{name}{protocol}"))?;
+        let service = format!("KUBE-SVC-{hash}");
         let endpoint_chain = format!("KUBE-SEP-{}", chain_hash(&format!("{name}{protocol}{endpoint}"))?);
         let matches =
             format!("-d {cluster_ip}/32 -p {protocol} -m comment --comment \"{name} cluster IP\" -m {protocol} --dport {service_port}");
@@ -70,6 +81,17 @@ fn service_rules(ports: &[ServicePort], chains: &mut Vec<String>, rules: &mut Ve
         rules.push(format!(
             "-A {endpoint_chain} -p {protocol} -m comment --comment \"{name}\" -m {protocol} -j DNAT --to-destination {endpoint}"
         ));
+        if let Some(node_port) = node_port {
+            let external = format!("KUBE-EXT-{hash}");
+            rules.push(format!(
+                "-A KUBE-NODEPORTS -p {protocol} -m comment --comment \"{name}\" -m {protocol} --dport {node_port} -j {external}"
+            ));
+            rules.push(format!(
+                "-A {external} -m comment --comment \"masquerade traffic for {name} external destinations\" -j KUBE-MARK-MASQ"
+            ));
+            rules.push(format!("-A {external} -j {service}"));
+            chains.push(external);
+        }
         chains.extend([service, endpoint_chain]);
     }
     Ok(())
@@ -96,6 +118,22 @@ pub fn load(netns: &str, ports: &[ServicePort]) -> Result<()> {
 /// Adds Services to `netns`, where `load` has written kube-proxy's chains, keeping the others.
 pub fn add(netns: &str, ports: &[ServicePort]) -> Result<()> {
     restore(netns, &added_input(ports)?)
+}
+
+/// Adds the web Service (`default/web:http`, TCP) exposed as NodePort `node_port`, whose one
+/// endpoint is `endpoint`.
+pub fn add_web_node_port(netns: &str, node_port: u16, endpoint: SocketAddrV4) -> Result<()> {
+    add(
+        netns,
+        &[ServicePort {
+            name: "default/web:http",
+            protocol: "tcp",
+            cluster_ip: Ipv4Addr::new(10, 96, 0, 80),
+            port: 80,
+            node_port: Some(node_port),
+            endpoint,
+        }],
+    )
 }
 
 pub(crate) fn restore(netns: &str, input: &str) -> Result<()> {
@@ -160,6 +198,7 @@ mod tests {
             protocol: "tcp",
             cluster_ip: Ipv4Addr::new(10, 96, 0, 20),
             port: 80,
+            node_port: None,
             endpoint: SocketAddrV4::new(Ipv4Addr::new(10, 244, 0, 3), 8080),
         };
         let input = added_input(&[port]).unwrap();
@@ -176,5 +215,28 @@ mod tests {
         // The chain names every cluster's kube-dns Service gets.
         assert_eq!(chain_hash("kube-system/kube-dns:dnsudp").unwrap(), "TCOU7JCQXEZGVUNU");
         assert_eq!(chain_hash("kube-system/kube-dns:dns-tcptcp").unwrap(), "ERIFXISQEP7F7OF4");
+    }
+
+    #[test]
+    fn a_node_port_is_masqueraded_then_served_by_its_service_chain() {
+        let port = ServicePort {
+            name: "default/web:http",
+            protocol: "tcp",
+            cluster_ip: Ipv4Addr::new(10, 96, 0, 20),
+            port: 80,
+            node_port: Some(30080),
+            endpoint: SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 3), 8080),
+        };
+        let input = restore_input(&[port]).unwrap();
+        let hash = chain_hash("default/web:httptcp").unwrap();
+        for line in [
+            format!(":KUBE-EXT-{hash} - [0:0]"),
+            format!("-A KUBE-NODEPORTS -p tcp -m comment --comment \"default/web:http\" -m tcp --dport 30080 -j KUBE-EXT-{hash}"),
+            format!("-A KUBE-EXT-{hash} -j KUBE-SVC-{hash}"),
+        ] {
+            assert!(input.lines().any(|l| l == line), "no {line:?} in {input}");
+        }
+        let last = input.lines().rfind(|l| l.starts_with("-A KUBE-SERVICES")).unwrap();
+        assert!(last.ends_with("-m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"), "{last}");
     }
 }

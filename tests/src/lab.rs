@@ -438,7 +438,8 @@ impl Lab {
         wire_like(&sw, "ext0")?;
         wire_like(&ext, "eth0")?;
         let node_a = self.nodes[0].clone();
-        run(&["ip", "-n", &node_a.netns, "route", "add", "default", "via", &UNDERLAY_ROUTER.to_string(), "dev", &node_a.underlay])?;
+        // Replaced: a Calico node has that default route already.
+        run(&["ip", "-n", &node_a.netns, "route", "replace", "default", "via", &UNDERLAY_ROUTER.to_string(), "dev", &node_a.underlay])?;
         for node in &self.nodes {
             flannel_masquerade(&node.netns, &node.pod_cidr)?;
         }
@@ -576,7 +577,7 @@ impl Lab {
         // Both tunnels merge what they decapsulate (GRO cells) unless told not to: the pod's
         // veth would then get super-packets that it splits after TC, as no wire does.
         wire_like(ns, &node.vxlan)?;
-        run(&["ip", "-n", ns, "route", "add", "default", "via", "10.99.0.254", "dev", underlay])?;
+        run(&["ip", "-n", ns, "route", "add", "default", "via", &UNDERLAY_ROUTER.to_string(), "dev", underlay])?;
         Ok(())
     }
 
@@ -931,8 +932,14 @@ fn calico_veth_name(pod_netns: &str) -> String {
 
 /// The kube-dns Service's ports, each with the DNS pod as its endpoint.
 fn dns_service(endpoint: Ipv4Addr) -> [ServicePort<'static>; 2] {
-    let port =
-        |name, protocol| ServicePort { name, protocol, cluster_ip: DNS_SERVICE_IP, port: 53, endpoint: SocketAddrV4::new(endpoint, 53) };
+    let port = |name, protocol| ServicePort {
+        name,
+        protocol,
+        cluster_ip: DNS_SERVICE_IP,
+        port: 53,
+        node_port: None,
+        endpoint: SocketAddrV4::new(endpoint, 53),
+    };
     [port("kube-system/kube-dns:dns", "udp"), port("kube-system/kube-dns:dns-tcp", "tcp")]
 }
 

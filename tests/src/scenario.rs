@@ -59,6 +59,7 @@ fn add_service(lab: &Lab, name: &str, ip: Ipv4Addr, backend: Ipv4Addr) -> Result
                 protocol: "tcp",
                 cluster_ip: ip,
                 port: SERVICE_PORT,
+                node_port: None,
                 endpoint: SocketAddrV4::new(backend, APP_PORT),
             },
             ServicePort {
@@ -66,6 +67,7 @@ fn add_service(lab: &Lab, name: &str, ip: Ipv4Addr, backend: Ipv4Addr) -> Result
                 protocol: "udp",
                 cluster_ip: ip,
                 port: ECHO_PORT,
+                node_port: None,
                 endpoint: SocketAddrV4::new(backend, ECHO_PORT),
             },
         ],

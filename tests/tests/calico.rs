@@ -4,11 +4,12 @@
 //! The IPIP tests need the ipip module: they skip where the kernel has none (the development
 //! host) and run in the VM suite. Needs root.
 
-use std::time::Duration;
+use std::{net::SocketAddrV4, time::Duration};
 
 use anyhow::Result;
 use podtrace_tests::{
     capture::Captures,
+    kube_proxy,
     lab::{Cni, Lab, LabSpec, ipip_available},
     podtrace::Podtrace,
     report::{hop, serious_findings},
@@ -163,5 +164,55 @@ fn calico_ipip_pod_above_tunl0_1440_is_an_mtu_mismatch_with_its_full_size_retran
         (1500.into(), 1440.into())
     );
     assert_eq!(oversized["evidence"]["blackhole"], true, "{oversized:#}");
+    Ok(())
+}
+
+/// The runbook's case as it was paged: a client outside the cluster POSTs to a NodePort on
+/// node A, DNATed to pod B on node B across tunl0 (MTU 1440), offloads off, node A's
+/// fragmentation-needed never leaving it. The handshake works (MSS 1460); the client's
+/// 1500-byte frames arrive at node A's eth0 again and again and never fit tunl0. podtrace on
+/// node A following pod B: the path starts at eth0 ingress, where the client's packets are
+/// matched through the NAT, and `mtu-mismatch` names tunl0, 1440 and 1500, with the full-size
+/// frames that arrived again as evidence of a blackhole.
+#[test]
+fn a_node_port_client_above_tunl0_1440_is_an_mtu_mismatch_at_the_nic_with_its_full_size_frames_arriving_again() -> Result<()> {
+    if !ipip_or_skip() {
+        return Ok(());
+    }
+    const NODE_PORT: u16 = 30080;
+    let spec = LabSpec { pod_mtu: 1500, tunnel_mtu_a: Some(1440), external: true, ..LabSpec::calico(Cni::CalicoIpip, "cnport") };
+    let lab = Lab::up(spec)?;
+    let ext = lab.external.as_deref().expect("an external lab");
+    let (node_a, pod_b) = (lab.node_a(), lab.pod_b());
+    kube_proxy::add_web_node_port(&node_a.netns, NODE_PORT, SocketAddrV4::new(pod_b.ip, 5201))?;
+    lab.iptables(&node_a.netns, &["-A", "OUTPUT", "-p", "icmp", "--icmp-type", "fragmentation-needed", "-j", "DROP"])?;
+    let _sink = traffic::tcp_sink(&pod_b.netns, 5201)?;
+    let podtrace = Podtrace::start(&node_a.netns, &["follow", &pod_b.ip.to_string(), "-o", "json"])?;
+    // The handshake gets through; the full-size segments never do.
+    let _ = traffic::tcp_send(ext, node_a.ip, NODE_PORT, 20_000, 16_384, Duration::from_secs(3))?;
+    let finished = podtrace.finish()?;
+    assert!(finished.status.success(), "{}", finished.stderr);
+    let report = finished.json()?;
+    let underlay = node_a.underlay.as_str();
+    assert_eq!(path_of(&report)[0], (underlay.to_string(), "nic".to_string(), "ingress".to_string()));
+    assert!(hop(&report, underlay, "ingress")["packets"].as_u64().unwrap() > 0, "{:#}", report["hops"]);
+    assert_eq!(report["dnat_flows"], 1, "the NodePort flow, learned from the SYN-ACK");
+    let finding = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["kind"] == "mtu-mismatch" && f["hop"] == underlay && f["evidence"]["largest_packet"].is_number())
+        .unwrap_or_else(|| panic!("no mtu-mismatch for the client's packets at {underlay}: {:#}", report["findings"]));
+    let evidence = &finding["evidence"];
+    assert_eq!(
+        (&evidence["direction"], &evidence["next_hop"], &evidence["next_hop_mtu"]),
+        (&"ingress".into(), &"tunl0".into(), &1440.into())
+    );
+    assert_eq!((&evidence["largest_packet"], &evidence["interface_mtu"]), (&1500.into(), &1500.into()));
+    assert!(evidence["retransmitted_full_size_frames"].as_u64().unwrap() >= 2, "{finding:#}");
+    assert_eq!((&finding["severity"], &evidence["blackhole"]), (&"error".into(), &true.into()), "{finding:#}");
+    let summary = finding["summary"].as_str().unwrap();
+    assert!(summary.contains("tunl0") && summary.contains("1440") && summary.contains("1500"), "{summary}");
+    assert!(summary.contains("the same TCP segments arriving again full-size"), "{summary}");
     Ok(())
 }

@@ -1,12 +1,17 @@
 //! A pod talking to a host outside the cluster, masqueraded to its node's address on the way
-//! out as flanneld's `ipMasq` rules do: podtrace follows the translated packets on the NIC,
-//! where they carry no pod address, as the pod's. Needs root.
+//! out as flanneld's `ipMasq` rules do, and a client outside reaching a pod through a
+//! NodePort, DNATed and masqueraded by kube-proxy's rules: podtrace follows the translated
+//! packets on the NIC, where they carry no pod address, as the pod's. Needs root.
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
 
 use anyhow::Result;
 use podtrace_tests::{
-    capture::{Captures, ip_filter},
+    capture::{Captures, ip_filter, vxlan_inner_filter},
+    kube_proxy,
     lab::{EXTERNAL_IP, Lab, LabSpec, unique_prefix},
     podtrace::Podtrace,
     report::{hop, serious_findings},
@@ -122,5 +127,61 @@ fn a_drop_outside_gives_no_reply_at_the_nic_with_the_translated_address() -> Res
         let summary = finding["summary"].as_str().unwrap();
         assert!(summary.contains(&format!("where they left this node translated by the node's NAT to {}", node.ip)), "{summary}");
     }
+    Ok(())
+}
+
+/// The NodePort of the web Service whose endpoint is pod B, and the port pod B serves on.
+const WEB_NODE_PORT: u16 = 30080;
+const WEB_POD_PORT: u16 = 8080;
+
+/// The external host connects to node A's NodePort, which kube-proxy's rules DNAT to pod B
+/// on node B and masquerade. podtrace on node A follows pod B: on eth0 the client's packets
+/// carry node A's address and the NodePort, and the replies leave un-DNATed, yet both are
+/// counted as pod B's, as tcpdump counts that flow, except the SYN: it arrives before the
+/// first reply that teaches the flow, and the report says so. Each translated packet is
+/// linked to pod B's packets in flannel.1, and nothing is wrong.
+#[test]
+fn a_node_port_flow_is_followed_from_the_nic_through_its_dnat() -> Result<()> {
+    let lab = lab("nport");
+    let ext = lab.external.as_deref().expect("an external lab");
+    let (node, pod_b) = (lab.node_a(), lab.pod_b());
+    kube_proxy::add_web_node_port(&node.netns, WEB_NODE_PORT, SocketAddrV4::new(pod_b.ip, WEB_POD_PORT))?;
+    let _sink = traffic::tcp_sink(&pod_b.netns, WEB_POD_PORT)?;
+    let underlay = node.underlay.as_str();
+    let hops = [
+        (underlay.to_string(), format!("(host {EXTERNAL_IP} and tcp port {WEB_NODE_PORT}) or ({})", vxlan_inner_filter(pod_b.ip))),
+        ("flannel.1".to_string(), ip_filter(pod_b.ip)),
+    ];
+    let captures = Captures::on(&node.netns, &hops)?;
+    let podtrace = Podtrace::start(&node.netns, &["follow", &pod_b.ip.to_string(), "-o", "json"])?;
+    let tcp = traffic::tcp_send(ext, node.ip, WEB_NODE_PORT, 20_000, 1000, Duration::from_secs(5))?;
+    assert!(tcp.status.success(), "{}", String::from_utf8_lossy(&tcp.stderr));
+    // Let the last packets cross every hop before stopping.
+    std::thread::sleep(Duration::from_millis(300));
+    let finished = podtrace.finish()?;
+    assert!(finished.status.success(), "{}", finished.stderr);
+    let report = finished.json()?;
+    let mut mismatches = Vec::new();
+    for (ifname, direction, tcpdump) in captures.stop()? {
+        assert!(tcpdump > 0, "{ifname} {direction}: no traffic at all");
+        // The SYN, before any reply, is not matched on eth0 ingress.
+        let expected = if ifname == underlay && direction == "ingress" { tcpdump - 1 } else { tcpdump };
+        let podtrace = hop(&report, &ifname, &direction)["packets"].as_u64().unwrap();
+        if podtrace != expected {
+            mismatches.push(format!("{ifname} {direction}: tcpdump {tcpdump}, expected {expected}, podtrace {podtrace}"));
+        }
+    }
+    assert!(mismatches.is_empty(), "per-hop counts differ: {mismatches:#?}");
+    // Every client packet matched on eth0 went on through flannel.1 as pod B's; every reply
+    // leaving eth0 for the client came out of flannel.1.
+    let tunnel_out = hop(&report, "flannel.1", "egress");
+    assert_eq!(tunnel_out["linked"].as_u64().unwrap(), tunnel_out["packets"].as_u64().unwrap() - 1, "all but the SYN: {tunnel_out}");
+    let out = hop(&report, underlay, "egress");
+    assert_eq!(out["linked"], out["packets"], "{out}");
+    assert_eq!((&report["translated_flows"], &report["dnat_flows"]), (&Value::from(1), &Value::from(1)), "{report:#}");
+    let notes = report["notes"].as_array().unwrap();
+    assert!(notes.iter().any(|note| note.as_str().unwrap().starts_with("flows DNATed to the pod (NodePort): 1,")), "{notes:#?}");
+    assert_eq!((&report["lost_events"], &report["unparsed"]), (&Value::from(0), &Value::from(0)));
+    assert!(serious_findings(&report).is_empty(), "{:#?}", report["findings"]);
     Ok(())
 }

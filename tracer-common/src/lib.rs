@@ -190,6 +190,9 @@ pub const IPS_NAT_MASK: u64 = (1 << 4) | (1 << 5);
 /// `enum ip_conntrack_info`: values from here on are of the reply direction; the low 3 bits of
 /// `skb->_nfct` hold it, the rest is the `struct nf_conn` pointer.
 pub const IP_CT_IS_REPLY: u64 = 3;
+/// `IP_CT_RELATED` and `IP_CT_RELATED_REPLY`: an ICMP error about the entry's flow.
+pub const IP_CT_RELATED: u64 = 1;
+pub const IP_CT_RELATED_REPLY: u64 = IP_CT_RELATED + IP_CT_IS_REPLY;
 pub const NFCT_INFO_MASK: u64 = 7;
 
 /// Head sizes of `PacketRecord`.
@@ -210,7 +213,10 @@ pub const COUNTER_LOST_KERNEL_EVENTS: u32 = 4;
 /// Translated flows of the followed pods learned into `NAT_FLOWS`: beyond `MAX_NAT_FLOWS`,
 /// the oldest were forgotten and their replies may have gone unrecognised.
 pub const COUNTER_NAT_FLOWS: u32 = 5;
-pub const COUNTER_COUNT: u32 = 6;
+/// Of those, flows begun elsewhere and DNATed to a followed pod (NodePort), learned from their
+/// first reply: their packets before it are not matched on the hops before the NAT.
+pub const COUNTER_DNAT_FLOWS: u32 = 6;
+pub const COUNTER_COUNT: u32 = 7;
 
 /// `HopConfig::flags` (and `PacketMeta::hop_flags`): the device has no MAC header (IP
 /// starts at offset 0).

@@ -1,19 +1,25 @@
-//! Following the pods' flows through the node's NAT: a pod talking to anything outside the
-//! cluster is masqueraded to the node's address on the way out (flannel's `ipMasq`, Calico's
-//! `natOutgoing`), so on the NIC its packets carry no followed address and the fast test
-//! turns them away. On a hop with `HOP_NAT` (the NIC, a bond, its slaves), such an IPv4
-//! packet is looked up instead:
-//! - on egress, after POSTROUTING, the skb's own conntrack entry (`skb->_nfct`) has both
-//!   tuples final: a translated entry whose original source is a followed pod makes the packet
-//!   the pod's, and its reply tuple is learned (`NAT_FLOWS`);
-//! - on ingress, before conntrack has undone the NAT, a packet whose tuple is a learned reply
-//!   tuple is the pod's.
+//! Following the pods' flows through the node's NAT. On a hop with `HOP_NAT` (the NIC, a
+//! bond, its slaves), an IPv4 packet the fast test turned away is looked up as a translated
+//! flow of a followed pod:
+//! - masqueraded egress: a pod talking to anything outside the cluster is masqueraded to the
+//!   node's address on the way out (flannel's `ipMasq`, Calico's `natOutgoing`), so on the NIC
+//!   its packets carry no followed address;
+//! - NodePort ingress: a client outside sends to the node's address, which is DNATed to the
+//!   pod only inside the node, and the pod's replies leave un-DNATed.
+//!
+//! On egress, after POSTROUTING, the skb's own conntrack entry (`skb->_nfct`) has both tuples
+//! final. A translated entry makes the packet the pod's when the pod began the flow (its
+//! original source, a packet of the original direction) or the flow was DNATed to it (its
+//! reply source, a packet of the reply direction). Then the tuple its next packets arrive
+//! with is learned (`NAT_FLOWS`): the reply tuple of the pod's own flows, the original tuple
+//! of the flows DNATed to it. On ingress, before conntrack has undone (or done) the NAT, a
+//! packet whose tuple was learned is the pod's.
 //!
 //! Either way the event is a `TranslatedRecord`: the packet's head and the tuple the pod's side
 //! of the NAT has, so userspace links it to the pod's hops and names what it was translated to.
-//! Only the original-direction packets of a flow a followed pod began teach a reply tuple; a
-//! NodePort flow DNATed to a pod (the pod in the reply tuple's source) would learn the
-//! original tuple the same way.
+//! A DNATed flow is learned from its first reply: its packets before that (a TCP SYN, a first
+//! datagram) are not matched on the hops before the NAT, and `COUNTER_DNAT_FLOWS` lets the
+//! report say so.
 
 use aya_ebpf::{
     bindings::{__sk_buff, BPF_RB_NO_WAKEUP},
@@ -22,9 +28,10 @@ use aya_ebpf::{
     maps::{LruHashMap, PerCpuArray},
 };
 use tracer_common::{
-    COUNTER_LOST_EVENTS, COUNTER_MATCHED, COUNTER_NAT_FLOWS, COUNTER_UNPARSED, CT_DST_ADDR, CT_DST_PORT, CT_L3NUM, CT_PROTONUM, CT_READ,
-    CT_REPLY_TUPLE, CT_SRC_ADDR, CT_SRC_PORT, CT_STATUS, DIR_EGRESS, HEAD_SHORT, IP_CT_IS_REPLY, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
-    IPS_NAT_MASK, MAX_NAT_FLOWS, NFCT_INFO_MASK, NatTuple, PKT_TRANSLATED, PacketMeta, TranslatedRecord,
+    COUNTER_DNAT_FLOWS, COUNTER_LOST_EVENTS, COUNTER_MATCHED, COUNTER_NAT_FLOWS, COUNTER_UNPARSED, CT_DST_ADDR, CT_DST_PORT, CT_L3NUM,
+    CT_PROTONUM, CT_READ, CT_REPLY_TUPLE, CT_SRC_ADDR, CT_SRC_PORT, CT_STATUS, DIR_EGRESS, HEAD_SHORT, IP_CT_IS_REPLY, IP_CT_RELATED,
+    IP_CT_RELATED_REPLY, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPS_NAT_MASK, MAX_NAT_FLOWS, NFCT_INFO_MASK, NatTuple, PKT_TRANSLATED,
+    PacketMeta, TranslatedRecord,
 };
 
 use crate::{
@@ -82,7 +89,8 @@ pub fn trace_translated(skb: *mut __sk_buff, direction: u32, hop_flags: u32) {
 }
 
 /// The egress packet's conntrack entry, read in one go: a translated flow a followed pod began,
-/// seen in its original direction, gives the pod's tuple, and its reply tuple is learned.
+/// seen in its original direction, or one DNATed to a followed pod, seen in its reply
+/// direction, gives the pod's tuple, and the tuple of the flow's next arrivals is learned.
 #[inline(always)]
 fn egress_flow(skb: *mut __sk_buff, scratch: &mut Scratch, nfct_offset: u32, tuples_offset: u32) -> bool {
     // SAFETY: the program's context is the kernel's `struct sk_buff`; `_nfct`'s offset comes
@@ -92,10 +100,13 @@ fn egress_flow(skb: *mut __sk_buff, scratch: &mut Scratch, nfct_offset: u32, tup
     }
     let nfct = u64::from_ne_bytes(scratch.nfct);
     let conntrack = nfct & !NFCT_INFO_MASK;
-    // No entry (untracked), or a packet of the reply direction: the pod did not send it.
-    if conntrack == 0 || nfct & NFCT_INFO_MASK >= IP_CT_IS_REPLY {
+    let info = nfct & NFCT_INFO_MASK;
+    // No entry (untracked), or an ICMP error about the flow, which is not of the entry's
+    // protocol and whose quote names the flow: left for later, as on ingress.
+    if conntrack == 0 || info == IP_CT_RELATED || info == IP_CT_RELATED_REPLY {
         return false;
     }
+    let reply_direction = info >= IP_CT_IS_REPLY;
     // SAFETY: the entry's address from the skb; the tuples' offset from BTF, the rest of the
     // layout checked against it by userspace; bpf_probe_read_kernel fails cleanly.
     if unsafe { bpf_probe_read_kernel_buf((conntrack as *const u8).wrapping_add(tuples_offset as usize), &mut scratch.entry) }.is_err() {
@@ -107,11 +118,34 @@ fn egress_flow(skb: *mut __sk_buff, scratch: &mut Scratch, nfct_offset: u32, tup
     let at_u32 = |offset: usize| unsafe { core::ptr::read(entry.add(offset).cast::<u32>()) };
     let at_u16 = |offset: usize| unsafe { core::ptr::read(entry.add(offset).cast::<u16>()) };
     let status = unsafe { core::ptr::read(entry.add(CT_STATUS).cast::<u64>()) };
-    if at_u16(CT_L3NUM) != AF_INET || status & IPS_NAT_MASK == 0 || !is_followed_v4(at_u32(CT_SRC_ADDR)) {
+    if at_u16(CT_L3NUM) != AF_INET || status & IPS_NAT_MASK == 0 {
         return false;
     }
     let proto = scratch.entry[CT_PROTONUM];
     let reply = CT_REPLY_TUPLE;
+    let tuple = |src, dst, sport, dport, flags| NatTuple { src, dst, sport, dport, proto, flags, reserved: 0 };
+    // Each branch reads the entry's fields itself: values read before it would live across
+    // it, and the stack frame they spill to counts against 5.10's 512 bytes for the program
+    // and its calls together.
+    if reply_direction {
+        // A flow DNATed to a followed pod (NodePort), whose reply this is: the packet has the
+        // reply tuple on the pod's side, and the client's next packets arrive with the
+        // original tuple, the pod getting them as the reply tuple reversed. TCP and UDP
+        // only: nothing DNATs an echo to a pod.
+        if !matches!(proto, IPPROTO_TCP | IPPROTO_UDP) || !is_followed_v4(at_u32(reply + CT_SRC_ADDR)) {
+            return false;
+        }
+        let (reply_src, reply_dst) = (at_u32(reply + CT_SRC_ADDR), at_u32(reply + CT_DST_ADDR));
+        let (reply_sport, reply_dport) = (at_u16(reply + CT_SRC_PORT), at_u16(reply + CT_DST_PORT));
+        scratch.pod = tuple(reply_src, reply_dst, reply_sport, reply_dport, PKT_TRANSLATED);
+        scratch.back = tuple(reply_dst, reply_src, reply_dport, reply_sport, PKT_TRANSLATED);
+        scratch.reply = tuple(at_u32(CT_SRC_ADDR), at_u32(CT_DST_ADDR), at_u16(CT_SRC_PORT), at_u16(CT_DST_PORT), 0);
+        return learn(scratch, true);
+    }
+    if !is_followed_v4(at_u32(CT_SRC_ADDR)) {
+        return false;
+    }
+    let (original_src, original_dst) = (at_u32(CT_SRC_ADDR), at_u32(CT_DST_ADDR));
     // An echo's "ports" are its id (`src.u`) and its type and code (`dst.u`): only the id is
     // the flow's, and the replies carry it as their id.
     let (pod_sport, pod_dport, reply_sport, reply_dport) = match proto {
@@ -119,18 +153,27 @@ fn egress_flow(skb: *mut __sk_buff, scratch: &mut Scratch, nfct_offset: u32, tup
         IPPROTO_ICMP => (at_u16(CT_SRC_PORT), 0, at_u16(reply + CT_SRC_PORT), 0),
         _ => return false,
     };
-    let tuple = |src, dst, sport, dport, flags| NatTuple { src, dst, sport, dport, proto, flags, reserved: 0 };
-    let (pod_src, pod_dst) = (at_u32(CT_SRC_ADDR), at_u32(CT_DST_ADDR));
-    scratch.pod = tuple(pod_src, pod_dst, pod_sport, pod_dport, PKT_TRANSLATED);
+    scratch.pod = tuple(original_src, original_dst, pod_sport, pod_dport, PKT_TRANSLATED);
     // The replies arrive with the reply tuple's addresses and ports; the pod gets them back
     // from its peer, to its own port.
     scratch.reply = tuple(at_u32(reply + CT_SRC_ADDR), at_u32(reply + CT_DST_ADDR), reply_sport, reply_dport, 0);
     let (sport, dport) = if proto == IPPROTO_ICMP { (pod_sport, 0) } else { (pod_dport, pod_sport) };
-    scratch.back = tuple(pod_dst, pod_src, sport, dport, PKT_TRANSLATED);
+    scratch.back = tuple(original_dst, original_src, sport, dport, PKT_TRANSLATED);
+    learn(scratch, false)
+}
+
+/// Learns that packets arriving as `scratch.reply` are the pod's, as `scratch.back`; a new
+/// flow is counted in `COUNTER_NAT_FLOWS`, and one DNATed to the pod in `COUNTER_DNAT_FLOWS`
+/// too. Always `true`: the packet it is learned from is the pod's.
+#[inline(always)]
+fn learn(scratch: &Scratch, dnat: bool) -> bool {
     // SAFETY: only whether an entry exists is used.
     // A new flow (another CPU may have learned it meanwhile: then it is not counted twice).
     if unsafe { NAT_FLOWS.get(&scratch.reply) }.is_none() && NAT_FLOWS.insert(&scratch.reply, &scratch.back, BPF_NOEXIST).is_ok() {
         count(COUNTER_NAT_FLOWS);
+        if dnat {
+            count(COUNTER_DNAT_FLOWS);
+        }
     }
     true
 }
@@ -189,7 +232,10 @@ fn passes_filter(pod: &NatTuple) -> bool {
 fn emit(skb: *mut __sk_buff, direction: u32, hop_flags: u32, pod: &NatTuple) {
     // SAFETY: the program's context, valid for the whole run.
     let skb_ref = unsafe { &*skb };
-    let Some(headers_end) = ipv4_headers_end(skb_ref.data as usize, skb_ref.data_end as usize, ETH_HLEN) else { return };
+    let Some(headers_end) = ipv4_headers_end(skb_ref.data as usize, skb_ref.data_end as usize, ETH_HLEN) else {
+        count(COUNTER_UNPARSED);
+        return;
+    };
     let Some(len) = copy_len::<HEAD_SHORT>(skb_ref.len.min(headers_end as u32)) else {
         count(COUNTER_UNPARSED);
         return;

@@ -127,7 +127,7 @@ fn trace(ctx: &TcContext, direction: u8) {
     match verdict & VERDICT_MASK {
         // Only where the node's NAT shows can a packet without a followed address be ours.
         VERDICT_NOT_OURS if hop.flags & HOP_NAT != 0 => crate::nat::trace_translated(ctx.skb.skb, u32::from(direction), hop.flags),
-        VERDICT_NOT_OURS => {}
+        VERDICT_NOT_OURS | VERDICT_NOT_OURS_TUNNELLED => {}
         VERDICT_OURS_PLAIN => emit::<HEAD_SHORT>(ctx, skb, hop, direction, headers_end),
         VERDICT_OURS => emit::<HEAD_LONG>(ctx, skb, hop, direction, headers_end),
         _ => match parse_and_match(ctx, skb, hop) {
@@ -287,6 +287,10 @@ const VERDICT_OURS: u32 = 3;
 /// IPIP, its outer addresses followed when the bit above `VERDICT_BITS` is set: the inner
 /// header decides (`fast_verdict_ipip`). Never `fast_verdict`'s answer.
 const VERDICT_IPIP: u32 = 4;
+/// Certainly not reported, and VXLAN or IPIP with no followed address inside: tunnel traffic
+/// between nodes, which carries no translated flow of a followed pod (the node's NAT never
+/// hides a pod's address inside a tunnel), so it skips the NAT lookup.
+const VERDICT_NOT_OURS_TUNNELLED: u32 = 5;
 const VERDICT_BITS: u32 = 8;
 const VERDICT_MASK: u32 = (1 << VERDICT_BITS) - 1;
 
@@ -445,7 +449,7 @@ fn fast_verdict_inline<const L3: usize>(data: usize, end: usize, followed: &Fast
             None => VERDICT_UNDECIDED,
         };
     }
-    VERDICT_NOT_OURS
+    VERDICT_NOT_OURS_TUNNELLED
 }
 
 /// Where the headers of the option-less IPv4 packet at `l3` end, as `parse::l4_headers_end`
@@ -512,5 +516,5 @@ fn fast_verdict_ipip<const L3: usize>(skb: *mut __sk_buff, outer_followed: bool)
             None => VERDICT_UNDECIDED,
         };
     }
-    VERDICT_NOT_OURS
+    VERDICT_NOT_OURS_TUNNELLED
 }

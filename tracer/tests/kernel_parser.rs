@@ -1000,6 +1000,34 @@ fn nat_harness(nat_hop: bool) -> Harness {
     Harness { probes, events, decoder: PacketDecoder::new(filter.vxlan_ports) }
 }
 
+/// Tunnel traffic between nodes with no followed address inside is never looked up as a
+/// translated flow, even when its outer tuple is one learned (here on purpose): a pod's
+/// translated flows never cross a tunnel with its address hidden. The same outer tuple
+/// carrying a plain datagram is looked up, and matched.
+#[test]
+fn tunnel_traffic_skips_the_nat_lookup() {
+    let mut harness = nat_harness(true);
+    harness
+        .probes
+        .learn_translated_flow(nat_tuple(EXTERNAL, NODE, 51000, 8472, 17, 0), nat_tuple(EXTERNAL, POD, 51000, 8472, 17, PKT_TRANSLATED))
+        .unwrap();
+    let other_pods = ethernet(0x0800, &V4::new("10.244.1.5", "10.244.0.5", 6).packet(&tcp(40000, 80, 1000, 2000, 0x18, 100)));
+    let vxlan_frame = ethernet(0x0800, &V4::new(EXTERNAL, NODE, 17).packet(&udp(51000, 8472, &vxlan(1, &other_pods))));
+    assert!(harness.run(Direction::Ingress, &vxlan_frame, None).is_empty(), "VXLAN between other pods");
+    let ipip_frame = ethernet(
+        0x0800,
+        &V4::new(EXTERNAL, NODE, 4).packet(&V4::new("10.244.1.5", "10.244.0.5", 6).packet(&tcp(40000, 80, 1, 2, 0x18, 0))),
+    );
+    assert!(harness.run(Direction::Ingress, &ipip_frame, None).is_empty(), "IPIP between other pods");
+    assert_eq!(harness.counters(), Counters::default());
+    // No VNI flag: not VXLAN to the parse, so a plain datagram of that tuple.
+    let mut not_vxlan = vxlan(1, &other_pods);
+    not_vxlan[0] = 0;
+    let datagram = ethernet(0x0800, &V4::new(EXTERNAL, NODE, 17).packet(&udp(51000, 8472, &not_vxlan)));
+    let packet = harness.one(&datagram);
+    assert_eq!((packet.outer.dst, packet.translated.map(|t| t.dst)), (ip(POD), Some(ip(NODE))));
+}
+
 /// Replies of a learned translated flow arriving on a NIC, before conntrack undoes the NAT,
 /// are the pod's, reported with its side of the NAT; other flows to the node's address, and
 /// the same replies on a hop where the NAT does not show, are not.

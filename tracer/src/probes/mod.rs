@@ -17,8 +17,9 @@ use aya::{
     programs::{SchedClassifier, tc::SchedClassifierLink},
 };
 use tracer_common::{
-    COUNTER_COUNT, COUNTER_LOST_EVENTS, COUNTER_LOST_KERNEL_EVENTS, COUNTER_MATCHED, COUNTER_NAT_FLOWS, COUNTER_NOT_IP, COUNTER_UNPARSED,
-    FilterConfig, FollowedV4, HOP_NAT, HOP_NO_MAC_HEADER, HOP_SLOTS, HopConfig, HopSlot, KernelLayout, MAX_FAST_FOLLOWED, NatTuple,
+    COUNTER_COUNT, COUNTER_DNAT_FLOWS, COUNTER_LOST_EVENTS, COUNTER_LOST_KERNEL_EVENTS, COUNTER_MATCHED, COUNTER_NAT_FLOWS, COUNTER_NOT_IP,
+    COUNTER_UNPARSED, FilterConfig, FollowedV4, HOP_NAT, HOP_NO_MAC_HEADER, HOP_SLOTS, HopConfig, HopSlot, KernelLayout, MAX_FAST_FOLLOWED,
+    NatTuple,
 };
 
 pub use self::{
@@ -58,6 +59,9 @@ pub struct Counters {
     pub lost_kernel_events: u64,
     /// Translated flows of the followed pods the TC programs learned (`COUNTER_NAT_FLOWS`).
     pub nat_flows: u64,
+    /// Of them, flows DNATed to a followed pod, learned from their first reply
+    /// (`COUNTER_DNAT_FLOWS`).
+    pub dnat_flows: u64,
 }
 
 impl Counters {
@@ -193,7 +197,7 @@ impl Probes {
     pub fn counters(&self) -> Result<Counters> {
         let counters: PerCpuArray<_, u64> = PerCpuArray::try_from(self.ebpf.map("COUNTERS").context("COUNTERS map missing")?)?;
         let sum = |index: u32| -> Result<u64> { Ok(counters.get(&index, 0).context("reading COUNTERS")?.iter().sum()) };
-        debug_assert_eq!(COUNTER_COUNT, 6);
+        debug_assert_eq!(COUNTER_COUNT, 7);
         Ok(Counters {
             matched: sum(COUNTER_MATCHED)?,
             lost_events: sum(COUNTER_LOST_EVENTS)?,
@@ -201,6 +205,7 @@ impl Probes {
             not_ip: sum(COUNTER_NOT_IP)?,
             lost_kernel_events: sum(COUNTER_LOST_KERNEL_EVENTS)?,
             nat_flows: sum(COUNTER_NAT_FLOWS)?,
+            dnat_flows: sum(COUNTER_DNAT_FLOWS)?,
         })
     }
 

@@ -74,6 +74,9 @@ pub struct Report {
     /// Flows of the followed pods the node translated (masquerade, NAT) that the kernel
     /// programs learned, to recognise their replies on the NICs.
     pub translated_flows: u64,
+    /// Of those, flows begun elsewhere and DNATed to a followed pod (NodePort), learned from
+    /// their first reply (see `notes`).
+    pub dnat_flows: u64,
     /// Ring records that could not be decoded, and the first one's error.
     pub decode_errors: DecodeErrors,
     /// Packets the kernel matched (each crossing of each hop counts once).
@@ -140,13 +143,14 @@ pub fn build(path: &Path, correlator: &Correlator, facts: RunFacts<'_>, outcome:
         kernel_sources: facts.kernel_sources,
         duration_s: (facts.duration_s * 1000.0).round() / 1000.0,
         hops,
-        notes: path.notes.clone(),
+        notes: notes(path, &facts.counters),
         findings: outcome.findings,
         lost_events: facts.counters.lost_events,
         unparsed: facts.counters.unparsed,
         lost_kernel_events: facts.counters.lost_kernel_events,
         recursion_misses: facts.recursion_misses,
         translated_flows: facts.counters.nat_flows,
+        dnat_flows: facts.counters.dnat_flows,
         decode_errors: facts.decode_errors,
         events: facts.counters.matched,
         correlation: CorrelationReport {
@@ -157,10 +161,34 @@ pub fn build(path: &Path, correlator: &Correlator, facts: RunFacts<'_>, outcome:
     }
 }
 
+/// The path's notes, and what the run's counters say the hops could not show.
+fn notes(path: &Path, counters: &Counters) -> Vec<String> {
+    let mut notes = path.notes.clone();
+    if counters.dnat_flows > 0 {
+        notes.push(format!(
+            "flows DNATed to the pod (NodePort): {}, each recognised from its first reply, so its packets before it (a TCP SYN, a \
+             first datagram) were not matched on the hops before the NAT, where they carry the node's address",
+            counters.dnat_flows
+        ));
+    }
+    notes
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::node::path::fixtures::local_path;
+
+    #[test]
+    fn flows_dnated_to_the_pod_are_counted_and_their_unmatched_first_packets_noted() {
+        let path = local_path();
+        let quiet = notes(&path, &Counters { nat_flows: 3, ..Default::default() });
+        assert_eq!(quiet, path.notes, "masqueraded flows are matched from their first packet");
+        let noted = notes(&path, &Counters { nat_flows: 3, dnat_flows: 2, ..Default::default() });
+        assert_eq!(noted.len(), path.notes.len() + 1);
+        let note = noted.last().unwrap();
+        assert!(note.starts_with("flows DNATed to the pod (NodePort): 2,") && note.contains("before the NAT"), "{note}");
+    }
 
     #[test]
     fn report_serialises_the_documented_schema() {

@@ -58,9 +58,12 @@ const MODULES: &[&str] = &[
     // iptables-nft turns some matches into native expressions of their own module.
     "nft_limit",
     "nft_numgen",
-    // kube-proxy's rules: comments on every rule, and the masquerade mark.
+    // kube-proxy's rules: comments on every rule, the masquerade mark, and the NodePorts' jump
+    // for traffic addressed to the node (iptables-nft may make it a fib expression).
     "xt_comment",
     "xt_mark",
+    "xt_addrtype",
+    "nft_fib_ipv4",
 ];
 
 /// Host programs the tests call, copied with their shared libraries.
