@@ -42,8 +42,8 @@ enum Selection {
 /// The kernel-parser tests, the tracer's unit tests (which read the running kernel's BTF and
 /// tracefs), one follow-vs-tcpdump test, detaching, the healthy lab, and one finding per
 /// kernel source: drops (kfree_skb), retransmits, ICMP errors (icmp_send); a bond; the
-/// masqueraded flows (the TC programs' conntrack reads); and Calico's IPIP mode, which only
-/// the VMs' kernels have (tunl0's ingress differs on 5.10).
+/// masqueraded and NodePort flows (the TC programs' conntrack reads, in either direction);
+/// and Calico's IPIP mode, which only the VMs' kernels have (tunl0's ingress differs on 5.10).
 const SUBSET: Selection = Selection::Subset(&[
     ("kernel_parser", &[]),
     ("tracer-unit", &[]),
@@ -58,7 +58,7 @@ const SUBSET: Selection = Selection::Subset(&[
         ],
     ),
     ("bond", &["active_backup_bond_is_traced_with_its_slaves"]),
-    ("nat", &["masqueraded_ping_and_tcp_counts_match_tcpdump"]),
+    ("nat", &["masqueraded_ping_and_tcp_counts_match_tcpdump", "a_node_port_flow_is_followed_from_the_nic_through_its_dnat"]),
     ("calico", &["calico_ipip_counts_match_tcpdump"]),
 ]);
 
