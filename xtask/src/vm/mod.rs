@@ -26,8 +26,10 @@ struct KernelLine {
     name: &'static str,
     /// Package-name prefix of the line's cloud images; the newest match is tested.
     package_prefix: &'static str,
-    /// What runs there: the whole suite, or a subset.
+    /// What runs there in `--kernel all`: the whole suite, or a subset.
     tests: Selection,
+    /// What runs there when the line is asked for by name.
+    alone: Selection,
     /// Part of `--kernel all` (what `cargo xtask test` runs).
     in_all: bool,
 }
@@ -59,14 +61,16 @@ const SUBSET: Selection = Selection::Subset(&[
     ),
     ("bond", &["active_backup_bond_is_traced_with_its_slaves"]),
     ("nat", &["masqueraded_ping_and_tcp_counts_match_tcpdump", "a_node_port_flow_is_followed_from_the_nic_through_its_dnat"]),
-    ("calico", &["calico_ipip_counts_match_tcpdump"]),
+    ("calico", &["calico_ipip_counts_match_tcpdump", "a_node_port_client_above_tunl0_1440"]),
 ]);
 
 const KERNELS: &[KernelLine] = &[
-    KernelLine { name: "5.10", package_prefix: "linux-image-5.10.0-", tests: SUBSET, in_all: true },
-    KernelLine { name: "6.1", package_prefix: "linux-image-6.1.0-", tests: Selection::Whole, in_all: true },
-    KernelLine { name: "6.12", package_prefix: "linux-image-6.12.", tests: Selection::Whole, in_all: true },
-    KernelLine { name: "7.2", package_prefix: "linux-image-7.2.", tests: SUBSET, in_all: true },
+    KernelLine { name: "5.10", package_prefix: "linux-image-5.10.0-", tests: SUBSET, alone: SUBSET, in_all: true },
+    // The whole suite no longer fits two VMs' 40 minutes under TCG on a 2-core runner beside
+    // the others (`--kernel 6.1` or `6.12` alone still runs it, with `--`-filters as wanted).
+    KernelLine { name: "6.1", package_prefix: "linux-image-6.1.0-", tests: SUBSET, alone: Selection::Whole, in_all: true },
+    KernelLine { name: "6.12", package_prefix: "linux-image-6.12.", tests: SUBSET, alone: Selection::Whole, in_all: true },
+    KernelLine { name: "7.2", package_prefix: "linux-image-7.2.", tests: SUBSET, alone: SUBSET, in_all: true },
 ];
 
 /// Test binaries that never touch the kernel (the kubectl plugin and the manifest against
@@ -87,7 +91,8 @@ pub struct TestRun {
 
 pub fn run(kernels: &[String], filter: &[String]) -> Result<()> {
     let names = || KERNELS.iter().map(|line| line.name).collect::<Vec<_>>().join(", ");
-    let selected: Vec<&KernelLine> = if kernels.iter().any(|k| k == "all") {
+    let all = kernels.iter().any(|k| k == "all");
+    let selected: Vec<&KernelLine> = if all {
         KERNELS.iter().filter(|line| line.in_all).collect()
     } else {
         kernels
@@ -100,7 +105,7 @@ pub fn run(kernels: &[String], filter: &[String]) -> Result<()> {
     for line in selected {
         let kernel = kernel::fetch(line.package_prefix)?;
         println!("xtask: VM kernel {}: package {} version {}", line.name, kernel.package, kernel.version);
-        let runs = test_runs(line.tests, &binaries.tests, filter);
+        let runs = test_runs(if all { line.tests } else { line.alone }, &binaries.tests, filter);
         let initramfs = initramfs::build(&kernel, &binaries.podtrace, &binaries.tests, &runs)?;
         prepared.push((line.name, kernel, initramfs));
     }
