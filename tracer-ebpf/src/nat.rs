@@ -53,7 +53,10 @@ static NAT_FLOWS: LruHashMap<NatTuple, NatTuple> = LruHashMap::with_max_entries(
 struct Scratch {
     entry: [u8; CT_READ],
     nfct: [u8; 8],
-    reply: NatTuple,
+    /// The tuple the flow's next packets arrive with (a `NAT_FLOWS` key): the reply tuple of
+    /// a flow the pod began, the original tuple of one DNATed to it.
+    arriving: NatTuple,
+    /// Those packets' tuple on the pod's side of the NAT.
     back: NatTuple,
     /// The packet's tuple on the pod's side of the NAT, when it is the pod's.
     pod: NatTuple,
@@ -139,7 +142,7 @@ fn egress_flow(skb: *mut __sk_buff, scratch: &mut Scratch, nfct_offset: u32, tup
         let (reply_sport, reply_dport) = (at_u16(reply + CT_SRC_PORT), at_u16(reply + CT_DST_PORT));
         scratch.pod = tuple(reply_src, reply_dst, reply_sport, reply_dport, PKT_TRANSLATED);
         scratch.back = tuple(reply_dst, reply_src, reply_dport, reply_sport, PKT_TRANSLATED);
-        scratch.reply = tuple(at_u32(CT_SRC_ADDR), at_u32(CT_DST_ADDR), at_u16(CT_SRC_PORT), at_u16(CT_DST_PORT), 0);
+        scratch.arriving = tuple(at_u32(CT_SRC_ADDR), at_u32(CT_DST_ADDR), at_u16(CT_SRC_PORT), at_u16(CT_DST_PORT), 0);
         return learn(scratch, true);
     }
     if !is_followed_v4(at_u32(CT_SRC_ADDR)) {
@@ -156,20 +159,20 @@ fn egress_flow(skb: *mut __sk_buff, scratch: &mut Scratch, nfct_offset: u32, tup
     scratch.pod = tuple(original_src, original_dst, pod_sport, pod_dport, PKT_TRANSLATED);
     // The replies arrive with the reply tuple's addresses and ports; the pod gets them back
     // from its peer, to its own port.
-    scratch.reply = tuple(at_u32(reply + CT_SRC_ADDR), at_u32(reply + CT_DST_ADDR), reply_sport, reply_dport, 0);
+    scratch.arriving = tuple(at_u32(reply + CT_SRC_ADDR), at_u32(reply + CT_DST_ADDR), reply_sport, reply_dport, 0);
     let (sport, dport) = if proto == IPPROTO_ICMP { (pod_sport, 0) } else { (pod_dport, pod_sport) };
     scratch.back = tuple(original_dst, original_src, sport, dport, PKT_TRANSLATED);
     learn(scratch, false)
 }
 
-/// Learns that packets arriving as `scratch.reply` are the pod's, as `scratch.back`; a new
+/// Learns that packets arriving as `scratch.arriving` are the pod's, as `scratch.back`; a new
 /// flow is counted in `COUNTER_NAT_FLOWS`, and one DNATed to the pod in `COUNTER_DNAT_FLOWS`
 /// too. Always `true`: the packet it is learned from is the pod's.
 #[inline(always)]
 fn learn(scratch: &Scratch, dnat: bool) -> bool {
     // SAFETY: only whether an entry exists is used.
     // A new flow (another CPU may have learned it meanwhile: then it is not counted twice).
-    if unsafe { NAT_FLOWS.get(&scratch.reply) }.is_none() && NAT_FLOWS.insert(&scratch.reply, &scratch.back, BPF_NOEXIST).is_ok() {
+    if unsafe { NAT_FLOWS.get(&scratch.arriving) }.is_none() && NAT_FLOWS.insert(&scratch.arriving, &scratch.back, BPF_NOEXIST).is_ok() {
         count(COUNTER_NAT_FLOWS);
         if dnat {
             count(COUNTER_DNAT_FLOWS);
