@@ -101,10 +101,9 @@ pub struct IpLayer {
 /// the ring record, rather than parse every header of a followed packet itself and copy the
 /// result.
 ///
-/// Two sizes: `HEAD_SHORT` for a plain IPv4 packet the fast test reported (no IP options, not
-/// VXLAN or IPIP, not an ICMP error), whose headers end by byte 94 (TCP with 40 bytes of
-/// options), and `HEAD_LONG` for everything else, the whole region the kernel's own parse
-/// reads. The ring record's length tells them apart.
+/// Three sizes, the smallest that holds the headers taken (`head_size`): every byte of a ring
+/// record is memory the kernel writes and the reader reads on the hot path. The ring record's
+/// length tells them apart.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PacketRecord<const HEAD: usize> {
@@ -122,8 +121,10 @@ pub struct PacketMeta {
     pub ifindex: u32,
     /// `skb->len`: the whole frame as the stack holds it (a GSO super-packet is large).
     pub skb_len: u32,
-    pub gso_size: u32,
-    pub gso_segs: u32,
+    /// `skb->gso_size` and `skb->gso_segs`: 16-bit fields in the kernel's
+    /// `skb_shared_info`, which `__sk_buff` widens.
+    pub gso_size: u16,
+    pub gso_segs: u16,
     /// How many bytes of `head` hold the frame: its length, at most the record's head size.
     pub head_len: u16,
     /// `DIR_*`.
@@ -131,8 +132,6 @@ pub struct PacketMeta {
     /// The hop's `HOP_*` flags that say how to read the frame (`HOP_NO_MAC_HEADER`); with
     /// `skb_len`, they tell where its IP header starts (`parse::parse_frame`).
     pub hop_flags: u8,
-    /// Zero; keeps the struct free of trailing padding.
-    pub reserved: u32,
 }
 
 /// A followed pod's packet seen translated by the node's NAT (masqueraded on its way out, or
@@ -195,9 +194,28 @@ pub const IP_CT_RELATED: u64 = 1;
 pub const IP_CT_RELATED_REPLY: u64 = IP_CT_RELATED + IP_CT_IS_REPLY;
 pub const NFCT_INFO_MASK: u64 = 7;
 
-/// Head sizes of `PacketRecord`.
-pub const HEAD_SHORT: usize = 128;
+/// Head sizes of `PacketRecord`. `HEAD_SHORT` holds a plain IPv4 packet's headers (they end
+/// by byte 94: Ethernet, IPv4 without options and TCP with 40 bytes of options), and with the
+/// ring's 8-byte record header and the meta makes a record of two cache lines.
+pub const HEAD_SHORT: usize = 96;
+/// Holds VXLAN or IPIP around plain IPv4 (VXLAN's headers end by byte 144: TCP with 40
+/// bytes of options inside).
+pub const HEAD_MEDIUM: usize = 144;
+/// The whole region the kernel's own parse reads (`parse::parse_frame`).
 pub const HEAD_LONG: usize = 256;
+
+/// The head size of the record of a packet whose headers end at `headers_end`: the smallest
+/// that holds them.
+#[inline(always)]
+pub const fn head_size(headers_end: usize) -> usize {
+    if headers_end <= HEAD_SHORT {
+        HEAD_SHORT
+    } else if headers_end <= HEAD_MEDIUM {
+        HEAD_MEDIUM
+    } else {
+        HEAD_LONG
+    }
+}
 
 /// Indexes into the per-CPU `COUNTERS` array.
 pub const COUNTER_MATCHED: u32 = 0;
@@ -307,8 +325,10 @@ pub const DROP_REASON_UNKNOWN: u32 = u32::MAX;
 /// `KernelEvent::flags`: the skb had been received on `ifindex` (skb_iif), not sent out of it.
 pub const KEV_RECEIVED: u8 = 1 << 0;
 
-const _: () = assert!(size_of::<PacketMeta>() == 32 && size_of::<parse::Frame>() == 2 * size_of::<IpLayer>() + 12);
-const _: () = assert!(size_of::<NatTuple>() == 16 && size_of::<TranslatedRecord>() == 32 + 16 + HEAD_SHORT);
+const _: () = assert!(size_of::<PacketMeta>() == 24 && size_of::<parse::Frame>() == 2 * size_of::<IpLayer>() + 12);
+const _: () = assert!(size_of::<NatTuple>() == 16 && size_of::<TranslatedRecord>() == 24 + 16 + HEAD_SHORT);
+/// The ring's record header (`BPF_RINGBUF_HDR_SZ`) and a short record: two cache lines.
+const _: () = assert!(8 + size_of::<PacketRecord<HEAD_SHORT>>() == 128);
 
 /// A kernel-wide event (tracepoint) about one of the followed flows.
 #[repr(C)]

@@ -23,7 +23,7 @@
 
 use aya_ebpf::{
     bindings::{__sk_buff, BPF_RB_NO_WAKEUP},
-    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel_buf, bpf_skb_load_bytes},
+    helpers::{bpf_probe_read_kernel_buf, bpf_skb_load_bytes},
     macros::map,
     maps::{LruHashMap, PerCpuArray},
 };
@@ -31,13 +31,13 @@ use tracer_common::{
     COUNTER_DNAT_FLOWS, COUNTER_LOST_EVENTS, COUNTER_MATCHED, COUNTER_NAT_FLOWS, COUNTER_UNPARSED, CT_DST_ADDR, CT_DST_PORT, CT_L3NUM,
     CT_PROTONUM, CT_READ, CT_REPLY_TUPLE, CT_SRC_ADDR, CT_SRC_PORT, CT_STATUS, DIR_EGRESS, HEAD_SHORT, IP_CT_IS_REPLY, IP_CT_RELATED,
     IP_CT_RELATED_REPLY, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPS_NAT_MASK, MAX_NAT_FLOWS, NFCT_INFO_MASK, NatTuple, PKT_TRANSLATED,
-    PacketMeta, TranslatedRecord,
+    TranslatedRecord,
 };
 
 use crate::{
     kernel_events::conntrack_offsets,
     maps::{count, is_followed_v4, passes_filter_v4},
-    tc::{EVENTS, copy_len, ipv4_headers_end},
+    tc::{EVENTS, copy_len, ipv4_headers_end, packet_meta},
 };
 
 /// Reply tuples of the followed pods' translated flows (as their packets arrive, before
@@ -257,20 +257,9 @@ fn emit(skb: *mut __sk_buff, direction: u32, hop_flags: u32, pod: &NatTuple) {
         return;
     }
     count(COUNTER_MATCHED);
-    // SAFETY: the reserved record is ours until submitted; the clock helper has no
-    // preconditions.
+    // SAFETY: the reserved record is ours until submitted.
     unsafe {
-        (*record_ptr).meta = PacketMeta {
-            ktime_ns: bpf_ktime_get_ns(),
-            ifindex: skb_ref.ifindex,
-            skb_len: skb_ref.len,
-            gso_size: skb_ref.gso_size,
-            gso_segs: skb_ref.gso_segs,
-            head_len: len as u16,
-            direction: direction as u8,
-            hop_flags: hop_flags as u8,
-            reserved: 0,
-        };
+        (*record_ptr).meta = packet_meta(skb_ref, len, direction, hop_flags);
         (*record_ptr).pod = *pod;
     }
     // Never woken, as `tc::emit`'s records: the reader drains the ring on a timer.

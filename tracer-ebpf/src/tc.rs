@@ -8,9 +8,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use tracer_common::{
-    COUNTER_LOST_EVENTS, COUNTER_MATCHED, COUNTER_NOT_IP, COUNTER_UNPARSED, DIR_EGRESS, DIR_INGRESS, HEAD_LONG, HEAD_SHORT, HOP_NAT,
-    HOP_NO_MAC_HEADER, HOP_SLOTS, HopConfig, HopSlot, IPPROTO_ICMP, IPPROTO_IPIP, IPPROTO_TCP, IPPROTO_UDP, MAX_HOPS, PKT_INNER_TRUNCATED,
-    PacketMeta, PacketRecord,
+    COUNTER_LOST_EVENTS, COUNTER_MATCHED, COUNTER_NOT_IP, COUNTER_UNPARSED, DIR_EGRESS, DIR_INGRESS, HEAD_LONG, HEAD_MEDIUM, HEAD_SHORT,
+    HOP_NAT, HOP_NO_MAC_HEADER, HOP_SLOTS, HopConfig, HopSlot, IPPROTO_ICMP, IPPROTO_IPIP, IPPROTO_TCP, IPPROTO_UDP, MAX_HOPS,
+    PKT_INNER_TRUNCATED, PacketMeta, PacketRecord,
     parse::{ETH_P_IP, Frame, Headers, Skip, could_be_followed, l4_headers_end, parse_frame},
 };
 
@@ -123,19 +123,28 @@ fn trace(ctx: &TcContext, direction: u8) {
     let skb = unsafe { &*ctx.skb.skb };
     let Some(hop) = hop_config(skb.ifindex) else { return };
     let verdict = fast_verdict(ctx, hop);
-    let headers_end = verdict >> VERDICT_BITS;
-    match verdict & VERDICT_MASK {
+    let headers_end = match verdict & VERDICT_MASK {
         // Only where the node's NAT shows can a packet without a followed address be ours.
-        VERDICT_NOT_OURS if hop.flags & HOP_NAT != 0 => crate::nat::trace_translated(ctx.skb.skb, u32::from(direction), hop.flags),
-        VERDICT_NOT_OURS | VERDICT_NOT_OURS_TUNNELLED => {}
-        VERDICT_OURS_PLAIN => emit::<HEAD_SHORT>(ctx, skb, hop, direction, headers_end),
-        VERDICT_OURS => emit::<HEAD_LONG>(ctx, skb, hop, direction, headers_end),
+        VERDICT_NOT_OURS if hop.flags & HOP_NAT != 0 => {
+            crate::nat::trace_translated(ctx.skb.skb, u32::from(direction), hop.flags);
+            return;
+        }
+        VERDICT_NOT_OURS | VERDICT_NOT_OURS_TUNNELLED => return,
+        VERDICT_OURS => verdict >> VERDICT_BITS,
         _ => match parse_and_match(ctx, skb, hop) {
-            Ok(headers_end) => emit::<HEAD_LONG>(ctx, skb, hop, direction, headers_end),
-            Err(NoEvent::Parse(Skip::NotIp)) => count(COUNTER_NOT_IP),
-            Err(NoEvent::Parse(Skip::Unparsed)) => count(COUNTER_UNPARSED),
-            Err(NoEvent::NotFollowed) => {}
+            Ok(headers_end) => headers_end,
+            Err(NoEvent::Parse(Skip::NotIp)) => return count(COUNTER_NOT_IP),
+            Err(NoEvent::Parse(Skip::Unparsed)) => return count(COUNTER_UNPARSED),
+            Err(NoEvent::NotFollowed) => return,
         },
+    };
+    // The smallest record that holds the headers (`tracer_common::head_size`).
+    if headers_end as usize <= HEAD_SHORT {
+        emit::<HEAD_SHORT>(ctx, skb, hop, direction, headers_end);
+    } else if headers_end as usize <= HEAD_MEDIUM {
+        emit::<HEAD_MEDIUM>(ctx, skb, hop, direction, headers_end);
+    } else {
+        emit::<HEAD_LONG>(ctx, skb, hop, direction, headers_end);
     }
 }
 
@@ -163,25 +172,29 @@ fn emit<const HEAD: usize>(ctx: &TcContext, skb: &__sk_buff, hop: HopConfig, dir
         return;
     }
     count(COUNTER_MATCHED);
-    // SAFETY: the reserved record is ours until submitted; the clock helper has no
-    // preconditions.
-    unsafe {
-        (*record_ptr).meta = PacketMeta {
-            ktime_ns: bpf_ktime_get_ns(),
-            ifindex: skb.ifindex,
-            skb_len: skb.len,
-            gso_size: skb.gso_size,
-            gso_segs: skb.gso_segs,
-            head_len: len as u16,
-            direction,
-            hop_flags: hop.flags as u8,
-            reserved: 0,
-        }
-    };
+    // SAFETY: the reserved record is ours until submitted.
+    unsafe { (*record_ptr).meta = packet_meta(skb, len, u32::from(direction), hop.flags) };
     // The reader drains the ring on a short timer and is never woken: a wakeup costs more
     // than writing the event (on a virtual machine, an interrupt the hypervisor delivers),
     // and the ring holds far more than a timer period of events.
     record.submit(u64::from(BPF_RB_NO_WAKEUP));
+}
+
+/// The skb's side of an event whose head holds the frame's first `head_len` bytes.
+#[inline(always)]
+pub(crate) fn packet_meta(skb: &__sk_buff, head_len: usize, direction: u32, hop_flags: u32) -> PacketMeta {
+    PacketMeta {
+        // SAFETY: the clock helper has no preconditions.
+        ktime_ns: unsafe { bpf_ktime_get_ns() },
+        ifindex: skb.ifindex,
+        skb_len: skb.len,
+        // 16-bit fields in the kernel, widened by `__sk_buff`.
+        gso_size: skb.gso_size as u16,
+        gso_segs: skb.gso_segs as u16,
+        head_len: head_len as u16,
+        direction: direction as u8,
+        hop_flags: hop_flags as u8,
+    }
 }
 
 /// Why a packet on a hop produced no event.
@@ -245,16 +258,20 @@ fn take_snapshot(ctx: &TcContext, skb_len: u32, snapshot: &mut Snapshot) -> Resu
     Ok(())
 }
 
-/// How many of a packet's `skb_len` bytes a copy into an `N`-byte buffer (`N` a power of
-/// two) takes: 1..=N, none of an empty packet. Written so that older verifiers (5.10's) see
-/// both bounds on the length register passed to the helper: LLVM would otherwise fold the
-/// bounds into a form they cannot read, and `black_box` keeps it from dropping the mask.
+/// How many of a packet's `skb_len` bytes a copy into an `N`-byte buffer takes: 1..=N, none
+/// of an empty packet. Written so that older verifiers (5.10's) see both bounds on the length
+/// register passed to the helper: `black_box` keeps LLVM from folding the bound's test into
+/// one on another register than the one passed, which those verifiers cannot relate.
 #[inline(always)]
 pub(crate) fn copy_len<const N: usize>(skb_len: u32) -> Option<usize> {
     if skb_len == 0 {
         return None;
     }
-    Some((core::hint::black_box((skb_len as usize).min(N) - 1) & (N - 1)) + 1)
+    let last = core::hint::black_box((skb_len as usize).min(N) - 1);
+    if last >= N {
+        return None;
+    }
+    Some(last + 1)
 }
 
 /// The settings of the hop on `ifindex`, if it is one.
@@ -280,9 +297,7 @@ const VXLAN_HLEN: usize = 8;
 const VERDICT_UNDECIDED: u32 = 0;
 /// Certainly not reported: the full parse would report nothing and count nothing.
 const VERDICT_NOT_OURS: u32 = 1;
-/// Reported, and a plain IPv4 packet without options, whose headers fit a `HEAD_SHORT` head.
-const VERDICT_OURS_PLAIN: u32 = 2;
-/// Reported, and VXLAN or IPIP: its headers need a `HEAD_LONG` head.
+/// Reported.
 const VERDICT_OURS: u32 = 3;
 /// IPIP, its outer addresses followed when the bit above `VERDICT_BITS` is set: the inner
 /// header decides (`fast_verdict_ipip`). Never `fast_verdict`'s answer.
@@ -417,7 +432,7 @@ fn fast_verdict_inline<const L3: usize>(data: usize, end: usize, followed: &Fast
             return VERDICT_NOT_OURS;
         }
         return match ipv4_headers_end(data, end, L3) {
-            Some(headers_end) => reported(VERDICT_OURS_PLAIN, headers_end),
+            Some(headers_end) => reported(VERDICT_OURS, headers_end),
             None => VERDICT_UNDECIDED,
         };
     }
@@ -430,11 +445,7 @@ fn fast_verdict_inline<const L3: usize>(data: usize, end: usize, followed: &Fast
     // SAFETY (all reads below): within [data, data + inner + ETH_HLEN + IPV4_HLEN), checked above.
     if read_u8(L3 + IPV4_HLEN + UDP_HLEN) & 0x08 == 0 {
         // No VNI flag: the full parse does not look inside either.
-        return if outer_followed {
-            reported(VERDICT_OURS_PLAIN, l4_headers_end(IPPROTO_UDP, L3 + IPV4_HLEN, 0))
-        } else {
-            VERDICT_NOT_OURS
-        };
+        return if outer_followed { reported(VERDICT_OURS, l4_headers_end(IPPROTO_UDP, L3 + IPV4_HLEN, 0)) } else { VERDICT_NOT_OURS };
     }
     let vihl = read_u8(inner + ETH_HLEN);
     if read_be16(inner + 12) != ETH_P_IP || vihl >> 4 != 4 || vihl & 0x0f < 5 {

@@ -28,7 +28,7 @@ use tracer::{
     },
     probes::{AttachMode, KERNEL_RING_BYTES, LoadOptions, Probes},
 };
-use tracer_common::{FilterConfig, IPPROTO_TCP, PacketMeta};
+use tracer_common::{FilterConfig, HEAD_MEDIUM, IPPROTO_TCP, PacketMeta};
 
 /// Every part by default; `cargo bench -p tracer --bench podtrace -- kernel userspace` runs
 /// only the parts named (kernel, userspace, memory, lab).
@@ -228,7 +228,7 @@ fn synthetic(template: &[u8], i: u32, hops: u32) -> Vec<u8> {
     frame[88..92].copy_from_slice(&packet.wrapping_mul(1398).to_be_bytes());
     let meta =
         PacketMeta { ktime_ns: u64::from(i) * 1_000, ifindex: 2 + hop, skb_len: 1514, direction: (hop % 2) as u8, ..Default::default() };
-    packet_record(meta, &frame, true)
+    packet_record(meta, &frame, HEAD_MEDIUM)
 }
 
 /// Decode + correlation of a million events on one core, twice: each packet seen at the four

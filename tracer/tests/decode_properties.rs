@@ -9,7 +9,9 @@ use tracer::events::{
     correlate::{Correlator, Limits},
     decode::{self, Packet, PacketDecoder},
 };
-use tracer_common::{DIR_EGRESS, DIR_INGRESS, HEAD_LONG, HEAD_SHORT, HOP_NO_MAC_HEADER, KernelEvent, PacketMeta, PacketRecord};
+use tracer_common::{
+    DIR_EGRESS, DIR_INGRESS, HEAD_LONG, HEAD_MEDIUM, HEAD_SHORT, HOP_NO_MAC_HEADER, KernelEvent, PacketMeta, PacketRecord,
+};
 
 const FOLLOWED: &str = "10.244.0.2";
 
@@ -17,10 +19,14 @@ fn decoder() -> PacketDecoder {
     PacketDecoder::new([8472, 4789])
 }
 
-/// A packet record of either size with arbitrary content but the fields our programs always
+/// A packet record of any of the three sizes with arbitrary content but the fields our programs always
 /// write sound: a direction, and a head length within the head.
 fn packet_record_bytes() -> impl Strategy<Value = Vec<u8>> {
-    let sizes = prop_oneof![Just(size_of::<PacketRecord<HEAD_SHORT>>()), Just(size_of::<PacketRecord<HEAD_LONG>>())];
+    let sizes = prop_oneof![
+        Just(size_of::<PacketRecord<HEAD_SHORT>>()),
+        Just(size_of::<PacketRecord<HEAD_MEDIUM>>()),
+        Just(size_of::<PacketRecord<HEAD_LONG>>())
+    ];
     let directions = prop_oneof![Just(DIR_INGRESS), Just(DIR_EGRESS)];
     (sizes.prop_flat_map(|size| proptest::collection::vec(any::<u8>(), size)), directions, any::<u16>()).prop_map(
         |(mut bytes, direction, head_len)| {
@@ -66,14 +72,14 @@ proptest! {
         let mut decoder = decoder();
         match decoder.decode(&bytes) {
             Ok(packet) => {
-                prop_assert!(matches!(bytes.len() - size_of::<PacketMeta>(), HEAD_SHORT | HEAD_LONG));
+                prop_assert!(matches!(bytes.len() - size_of::<PacketMeta>(), HEAD_SHORT | HEAD_MEDIUM | HEAD_LONG));
                 if let Some(packet) = packet {
                     touch(&packet);
                 }
             }
             Err(err) => {
                 let direction = bytes.get(offset_of!(PacketMeta, direction)).copied();
-                let sized = bytes.len().checked_sub(size_of::<PacketMeta>()).is_some_and(|head| head == HEAD_SHORT || head == HEAD_LONG);
+                let sized = bytes.len().checked_sub(size_of::<PacketMeta>()).is_some_and(|head| matches!(head, HEAD_SHORT | HEAD_MEDIUM | HEAD_LONG));
                 let head_len = bytes.get(offset_of!(PacketMeta, head_len)..offset_of!(PacketMeta, head_len) + 2)
                     .map(|b| usize::from(u16::from_ne_bytes([b[0], b[1]])));
                 let fits = head_len.is_some_and(|len| len + size_of::<PacketMeta>() <= bytes.len());

@@ -16,7 +16,8 @@ use tracer::{
     probes::{AttachMode, Counters, KERNEL_RING_BYTES, LoadOptions, Probes},
 };
 use tracer_common::{
-    FilterConfig, HEAD_LONG, HOP_NAT, HOP_NO_MAC_HEADER, KernelLayout, NatTuple, PKT_TRANSLATED, PacketMeta, PacketRecord,
+    FilterConfig, HEAD_LONG, HEAD_MEDIUM, HEAD_SHORT, HOP_NAT, HOP_NO_MAC_HEADER, KernelLayout, NatTuple, PKT_TRANSLATED, PacketMeta,
+    PacketRecord,
 };
 
 const POD: &str = "10.244.0.2";
@@ -655,7 +656,7 @@ fn devices_without_a_mac_header() {
 /// IPIP (Calico's tunl0) as the underlay NIC shows it (after Ethernet), as tunl0 shows it (IP
 /// first), and as tunl0's ingress shows it on 5.10 (the underlay's Ethernet header still in
 /// front, on a hop without a MAC header): the pod's packet is followed by its inner
-/// addresses, reported with the long head, by the fast test and the full parse alike; another
+/// addresses, reported with the short head, by the fast test and the full parse alike; another
 /// pod's IPIP packet is turned away by both, counting nothing.
 #[test]
 fn ipip_is_followed_to_the_inner_packet_in_every_layout() {
@@ -669,7 +670,7 @@ fn ipip_is_followed_to_the_inner_packet_in_every_layout() {
             let program = harness.probes.program(Direction::Ingress).unwrap();
             program.test_run(TestRunOptions { data_in: Some(&framed(&pod)), ..Default::default() }).unwrap();
             let item = harness.events.next().unwrap_or_else(|| panic!("{what}: no event"));
-            assert_eq!(item.len(), size_of::<PacketRecord<HEAD_LONG>>(), "{what}");
+            assert_eq!(item.len(), size_of::<PacketRecord<HEAD_SHORT>>(), "{what}: the smallest head that holds its 74 bytes of headers");
             let packet = harness.decoder.decode(&item).unwrap().unwrap();
             drop(item);
             assert_eq!((packet.outer.src, packet.outer.proto), (ip("10.99.0.1"), 4), "{what}");
@@ -681,6 +682,75 @@ fn ipip_is_followed_to_the_inner_packet_in_every_layout() {
             assert_eq!(harness.counters(), Counters { matched: 1, ..Default::default() }, "{what}");
         }
     }
+}
+
+/// TCP with `options` bytes of options (NOPs, then an end-of-options byte) and a payload.
+fn tcp_with_options(options: usize) -> Vec<u8> {
+    let mut segment = tcp(40000, 80, 1000, 2000, 0x18, 1000);
+    segment[12] = (((20 + options) / 4) << 4) as u8;
+    let mut padding = vec![1u8; options];
+    if let Some(last) = padding.last_mut() {
+        *last = 0;
+    }
+    segment.splice(20..20, padding);
+    segment
+}
+
+/// Every event's record is the smallest of the three heads that holds the packet's headers
+/// (`tracer_common::head_size`), whether the fast test or the full parse reported it, and
+/// decodes to the same packet either way: the kernel writes, and the reader reads, no more
+/// of the ring than the headers need.
+#[test]
+fn each_event_takes_the_smallest_head_that_holds_its_headers() {
+    const POD6: &str = "fd00:10:244::2";
+    const PEER6: &str = "fd00:10:244:1::2";
+    let plain = |options| ethernet(0x0800, &V4::new(POD, PEER, 6).packet(&tcp_with_options(options)));
+    let in_vxlan = |inner: Vec<u8>| {
+        ethernet(0x0800, &V4::new("10.99.0.1", "10.99.0.2", 17).packet(&udp(51000, 8472, &vxlan(1, &ethernet(0x0800, &inner)))))
+    };
+    let vxlan_tcp = |options| in_vxlan(V4::new(POD, PEER, 6).packet(&tcp_with_options(options)));
+    let vxlan6 = |options| {
+        let inner = ethernet(0x86dd, &v6(POD6, PEER6, 6, 0, &tcp_with_options(options)));
+        ethernet(0x0800, &V4::new("10.99.0.1", "10.99.0.2", 17).packet(&udp(51000, 8472, &vxlan(1, &inner))))
+    };
+    // The VLAN tag's TPID is `ethernet`'s EtherType.
+    let tagged = ethernet(0x8100, &[&vlan(0x8100, 7, 0x0800)[2..], &V4::new(POD, PEER, 6).packet(&tcp_with_options(40))].concat());
+    // (frame, where its headers end, the head that holds them); the tagged and the IPv6
+    // frames are the full parse's to report on both programs, the rest the fast test's on one.
+    let cases = [
+        ("plain TCP", plain(0), 54, HEAD_SHORT),
+        ("plain TCP, 40 bytes of options", plain(40), 94, HEAD_SHORT),
+        ("VLAN-tagged TCP, 40 bytes of options", tagged, 98, HEAD_MEDIUM),
+        ("IPIP", ethernet(0x0800, &ipip(&V4::new(POD, PEER, 6).packet(&tcp_with_options(0)))), 74, HEAD_SHORT),
+        ("VXLAN TCP", vxlan_tcp(0), 104, HEAD_MEDIUM),
+        ("VXLAN TCP, 40 bytes of options", vxlan_tcp(40), 144, HEAD_MEDIUM),
+        ("VXLAN IPv6 TCP", vxlan6(0), 124, HEAD_MEDIUM),
+        ("VXLAN IPv6 TCP, 40 bytes of options", vxlan6(40), 164, HEAD_LONG),
+    ];
+    let mut fast = Harness::default();
+    let mut full = Harness::new(FilterConfig { full_parse_only: 1, ..default_filter() }, false);
+    for harness in [&mut fast, &mut full] {
+        harness.probes.follow(ip(POD6)).unwrap();
+    }
+    for (what, frame, headers_end, head) in cases {
+        assert_eq!(tracer_common::head_size(headers_end), head, "{what}");
+        let mut packets = Vec::new();
+        for harness in [&mut fast, &mut full] {
+            let program = harness.probes.program(Direction::Ingress).unwrap();
+            program.test_run(TestRunOptions { data_in: Some(&frame), ..Default::default() }).unwrap();
+            let item = harness.events.next().unwrap_or_else(|| panic!("{what}: no event"));
+            assert_eq!(item.len(), size_of::<PacketMeta>() + head, "{what}");
+            // SAFETY: at least a PacketMeta's bytes, checked above; plain old data, read unaligned.
+            let meta: PacketMeta = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            assert_eq!(usize::from(meta.head_len), headers_end, "{what}: the headers, never payload");
+            let mut packet = harness.decoder.decode(&item).unwrap().unwrap_or_else(|| panic!("{what}: unparsed"));
+            drop(item);
+            packet.ktime_ns = 0;
+            packets.push(packet);
+        }
+        assert_eq!(packets[0], packets[1], "{what}: the fast test and the full parse");
+    }
+    assert_eq!(fast.counters(), full.counters());
 }
 
 // ---- fuzzing: random and mutated frames ------------------------------------------------

@@ -6,9 +6,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Result, bail};
 use tracer_common::{
-    DIR_EGRESS, DIR_INGRESS, HEAD_LONG, HEAD_SHORT, HOP_NO_MAC_HEADER, IP_DF, IP_FRAGMENT, IP_LATER_FRAGMENT, IP_OPTIONS, IPPROTO_ICMP,
-    IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IpLayer, KEV_DROP, KEV_ICMP_SEND, KEV_RECEIVED, KEV_RETRANSMIT, KernelEvent, NatTuple,
-    PKT_ENCAPSULATED, PKT_INNER_TRUNCATED, PKT_TRANSLATED, PKT_VLAN, PKT_VXLAN, PacketMeta, PacketRecord, TranslatedRecord,
+    DIR_EGRESS, DIR_INGRESS, HEAD_LONG, HEAD_MEDIUM, HEAD_SHORT, HOP_NO_MAC_HEADER, IP_DF, IP_FRAGMENT, IP_LATER_FRAGMENT, IP_OPTIONS,
+    IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IpLayer, KEV_DROP, KEV_ICMP_SEND, KEV_RECEIVED, KEV_RETRANSMIT, KernelEvent,
+    NatTuple, PKT_ENCAPSULATED, PKT_INNER_TRUNCATED, PKT_TRANSLATED, PKT_VLAN, PKT_VXLAN, PacketMeta, PacketRecord, TranslatedRecord,
     parse::{Bytes, Frame, parse_frame},
 };
 
@@ -285,11 +285,12 @@ fn split_record(bytes: &[u8]) -> Result<(PacketMeta, Option<NatTuple>, &[u8])> {
     let translated = bytes.len() == size_of::<TranslatedRecord>();
     let head_start = if translated { size_of::<PacketMeta>() + size_of::<NatTuple>() } else { size_of::<PacketMeta>() };
     let head_size = match bytes.len().checked_sub(head_start) {
-        Some(head) if head == HEAD_SHORT || head == HEAD_LONG => head,
+        Some(head) if matches!(head, HEAD_SHORT | HEAD_MEDIUM | HEAD_LONG) => head,
         _ => bail!(
-            "ring record of {} bytes is no packet record ({}, {} or {})",
+            "ring record of {} bytes is no packet record ({}, {}, {} or {})",
             bytes.len(),
             size_of::<PacketRecord<HEAD_SHORT>>(),
+            size_of::<PacketRecord<HEAD_MEDIUM>>(),
             size_of::<PacketRecord<HEAD_LONG>>(),
             size_of::<TranslatedRecord>()
         ),
@@ -321,8 +322,8 @@ fn packet(meta: &PacketMeta, frame: &Frame) -> Packet {
         ifindex: meta.ifindex,
         direction: if meta.direction == DIR_EGRESS { Direction::Egress } else { Direction::Ingress },
         skb_len: meta.skb_len,
-        gso_size: meta.gso_size,
-        gso_segs: meta.gso_segs,
+        gso_size: u32::from(meta.gso_size),
+        gso_segs: u32::from(meta.gso_segs),
         vlan_id: (frame.flags & PKT_VLAN != 0).then_some(frame.vlan_id),
         outer: Layer::from_wire(&frame.outer),
         inner: (encapsulated && !inner_truncated).then(|| Layer::from_wire(&frame.inner)),
@@ -398,10 +399,10 @@ fn unmap(bytes: [u8; 16]) -> IpAddr {
 }
 
 /// The bytes of a ring record as the TC programs write it, for tests and benchmarks that feed
-/// `PacketDecoder` without the kernel: `frame`'s first bytes in a head of the size the
-/// kernel would pick (`HEAD_LONG` where `long`).
-pub fn packet_record(meta: PacketMeta, frame: &[u8], long: bool) -> Vec<u8> {
-    let head_size = if long { HEAD_LONG } else { HEAD_SHORT };
+/// `PacketDecoder` without the kernel: `frame`'s first bytes in a head of `head_size`
+/// (`HEAD_SHORT`, `HEAD_MEDIUM` or `HEAD_LONG`), as the kernel picks it for the frame's
+/// headers (`tracer_common::head_size`).
+pub fn packet_record(meta: PacketMeta, frame: &[u8], head_size: usize) -> Vec<u8> {
     let head_len = frame.len().min(head_size);
     let meta = PacketMeta { head_len: head_len as u16, ..meta };
     // SAFETY: PacketMeta is repr(C) plain old data without padding.
@@ -414,7 +415,7 @@ pub fn packet_record(meta: PacketMeta, frame: &[u8], long: bool) -> Vec<u8> {
 
 /// `packet_record` of a packet the node translated, with `pod`, the pod's side of the NAT.
 pub fn translated_record(meta: PacketMeta, pod: NatTuple, frame: &[u8]) -> Vec<u8> {
-    let mut record = packet_record(meta, frame, false);
+    let mut record = packet_record(meta, frame, HEAD_SHORT);
     // SAFETY: NatTuple is repr(C) plain old data without padding.
     let pod = unsafe { std::slice::from_raw_parts((&pod as *const NatTuple).cast::<u8>(), size_of::<NatTuple>()) };
     record.splice(size_of::<PacketMeta>()..size_of::<PacketMeta>(), pod.iter().copied());
@@ -460,10 +461,10 @@ mod tests {
     #[test]
     fn records_our_programs_cannot_have_written_are_errors() {
         assert!(decoder().decode(&[0u8; 10]).is_err(), "short");
-        assert!(decoder().decode(&packet_record(egress(), &vxlan_frame(), true)[..200]).is_err(), "no head size of ours");
-        let unknown_direction = packet_record(PacketMeta { direction: 7, ..egress() }, &vxlan_frame(), true);
+        assert!(decoder().decode(&packet_record(egress(), &vxlan_frame(), HEAD_LONG)[..200]).is_err(), "no head size of ours");
+        let unknown_direction = packet_record(PacketMeta { direction: 7, ..egress() }, &vxlan_frame(), HEAD_MEDIUM);
         assert!(decoder().decode(&unknown_direction).is_err());
-        let mut overlong = packet_record(egress(), &vxlan_frame(), false);
+        let mut overlong = packet_record(egress(), &vxlan_frame(), HEAD_SHORT);
         overlong[std::mem::offset_of!(PacketMeta, head_len)] = 200;
         assert!(decoder().decode(&overlong).is_err(), "a head longer than the record's");
         assert!(decode_kernel(&[0u8; 10]).is_err());
@@ -486,7 +487,7 @@ mod tests {
     #[test]
     fn a_vxlan_record_exposes_the_inner_packet() {
         let mut decoder = decoder();
-        let packet = decoder.decode(&packet_record(egress(), &vxlan_frame(), true)).unwrap().unwrap();
+        let packet = decoder.decode(&packet_record(egress(), &vxlan_frame(), HEAD_MEDIUM)).unwrap().unwrap();
         assert_eq!(packet.direction, Direction::Egress);
         assert_eq!(packet.outer.src, "10.99.0.1".parse::<IpAddr>().unwrap());
         assert_eq!(packet.pod_layer().src, "10.244.0.2".parse::<IpAddr>().unwrap());
@@ -499,7 +500,7 @@ mod tests {
     fn a_truncated_inner_packet_falls_back_to_the_outer_and_is_counted() {
         let mut decoder = decoder();
         let cut = &vxlan_frame()[..14 + 20 + 8 + 8 + 14 + 10];
-        let packet = decoder.decode(&packet_record(egress(), cut, true)).unwrap().unwrap();
+        let packet = decoder.decode(&packet_record(egress(), cut, HEAD_MEDIUM)).unwrap().unwrap();
         assert!(packet.inner.is_none());
         assert!(packet.inner_truncated);
         assert_eq!(decoder.counts(), DecodeCounts { unparsed_records: 0, truncated_inner: 1 });
@@ -508,14 +509,14 @@ mod tests {
     #[test]
     fn a_record_whose_headers_do_not_parse_is_counted_not_reported() {
         let mut decoder = decoder();
-        assert_eq!(decoder.decode(&packet_record(egress(), &vxlan_frame()[..14 + 12], false)).unwrap(), None);
+        assert_eq!(decoder.decode(&packet_record(egress(), &vxlan_frame()[..14 + 12], HEAD_SHORT)).unwrap(), None);
         assert_eq!(decoder.counts(), DecodeCounts { unparsed_records: 1, truncated_inner: 0 });
     }
 
     #[test]
     fn a_device_without_a_mac_header_starts_at_the_ip_header() {
         let meta = PacketMeta { hop_flags: HOP_NO_MAC_HEADER as u8, ..egress() };
-        let packet = decoder().decode(&packet_record(meta, &vxlan_frame()[14..], true)).unwrap().unwrap();
+        let packet = decoder().decode(&packet_record(meta, &vxlan_frame()[14..], HEAD_MEDIUM)).unwrap().unwrap();
         assert_eq!(packet.pod_layer().src, "10.244.0.2".parse::<IpAddr>().unwrap());
     }
 
@@ -563,7 +564,7 @@ mod tests {
             [(ethernet(ipip.clone()), 0), (ipip.clone(), HOP_NO_MAC_HEADER as u8), (ethernet(ipip), HOP_NO_MAC_HEADER as u8)]
         {
             let meta = PacketMeta { hop_flags, skb_len: frame.len() as u32, ..egress() };
-            let packet = decoder().decode(&packet_record(meta, &frame, true)).unwrap().unwrap();
+            let packet = decoder().decode(&packet_record(meta, &frame, HEAD_SHORT)).unwrap().unwrap();
             assert_eq!(packet.pod_layer().src, "10.244.0.2".parse::<IpAddr>().unwrap(), "{frame:?}");
             assert_eq!((packet.outer.proto, packet.vni), (tracer_common::IPPROTO_IPIP, None), "{frame:?}");
         }
