@@ -506,9 +506,13 @@ fn parse_quoted<H: Headers>(ctx: &H, offset: usize, layer: &mut IpLayer) -> Resu
     Ok(l4_offset + QUOTED_L4_LEN)
 }
 
+/// `::ffff:a.b.c.d`, built from 32-bit words: as bytes, LLVM zeroes the first ten with a
+/// `memset` call, which on BPF is a byte loop.
 #[inline(always)]
 pub fn v4_mapped(addr: [u8; 4]) -> [u8; 16] {
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, addr[0], addr[1], addr[2], addr[3]]
+    let words = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), u32::from_ne_bytes(addr)];
+    // SAFETY: four u32s are sixteen bytes, any bit pattern a valid [u8; 16].
+    unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(words) }
 }
 
 /// Whether an IPv6-form address is an IPv4 one, v4-mapped (`::ffff:a.b.c.d`).

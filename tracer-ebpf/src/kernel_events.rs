@@ -176,7 +176,7 @@ fn with_scratch(build: impl FnOnce(&mut KernelEvent)) {
     if let Some(event) = KERNEL_SCRATCH.get_ptr_mut(level) {
         // SAFETY: this CPU's slot for this level: a nested program uses the next one.
         let event = unsafe { &mut *event };
-        *event = KernelEvent::default();
+        crate::zero::zero(event);
         build(event);
     }
     // SAFETY: as above.

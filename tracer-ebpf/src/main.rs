@@ -20,6 +20,8 @@ mod maps;
 mod nat;
 #[cfg(target_arch = "bpf")]
 mod tc;
+#[cfg(target_arch = "bpf")]
+mod zero;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

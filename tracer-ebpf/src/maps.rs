@@ -179,8 +179,7 @@ pub fn is_followed_v4(addr: u32) -> bool {
     if let Some(followed) = fast_followed_v4() {
         return holds(followed, addr);
     }
-    let bytes = addr.to_ne_bytes();
-    let mapped = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, bytes[0], bytes[1], bytes[2], bytes[3]];
+    let mapped = tracer_common::parse::v4_mapped(addr.to_ne_bytes());
     // SAFETY: only whether an entry exists is used.
     unsafe { FOLLOWED.get(&mapped).is_some() }
 }

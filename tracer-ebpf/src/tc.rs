@@ -220,7 +220,7 @@ fn parse_and_match(ctx: &TcContext, skb: &__sk_buff, hop: HopConfig) -> Result<u
         Some(frame) => unsafe { &mut *frame },
         None => return Err(NoEvent::NotFollowed),
     };
-    *frame = Frame::default();
+    crate::zero::zero(frame);
     let snapshot = match SNAPSHOT.get_ptr_mut(0) {
         // SAFETY: a per-CPU slot, exclusively ours until this program run ends.
         Some(snapshot) => unsafe { &mut *snapshot },
