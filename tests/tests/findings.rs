@@ -130,8 +130,14 @@ fn underlay_mtu_mismatch_between_nodes() -> Result<()> {
     assert!(back > 0 && back <= delivered, "{back} packets back, {delivered} delivered: {retransmits:#}");
     // Node A's own configuration is consistent: no MTU finding there.
     assert!(findings(&report_a, "mtu-mismatch").is_empty(), "{:#}", report_a["findings"]);
-    // Pod A's retransmits never show up in node B's report.
-    assert!(findings(&report_b, "retransmits").is_empty(), "{:#}", report_b["findings"]);
+    // Pod A's retransmits never show up in node B's report. (Pod B's own may: under a slow
+    // VM its FIN to the stalled client can go out twice before the client's reset.)
+    let pod_a_sends = format!("{}:", lab.pod_a().ip);
+    let pod_a_retransmits: Vec<_> = findings(&report_b, "retransmits")
+        .into_iter()
+        .filter(|f| f["evidence"]["flow"].as_str().unwrap().starts_with(&pod_a_sends))
+        .collect();
+    assert!(pod_a_retransmits.is_empty(), "{:#}", report_b["findings"]);
 
     let mismatch = findings(&report_b, "mtu-mismatch")
         .into_iter()
