@@ -10,7 +10,7 @@ use aya_ebpf::{
 use tracer_common::{
     COUNTER_LOST_EVENTS, COUNTER_MATCHED, COUNTER_NOT_IP, COUNTER_UNPARSED, DIR_EGRESS, DIR_INGRESS, HEAD_LONG, HEAD_MEDIUM, HEAD_SHORT,
     HOP_NAT, HOP_NO_MAC_HEADER, HOP_SLOTS, HopConfig, HopSlot, IPPROTO_ICMP, IPPROTO_IPIP, IPPROTO_TCP, IPPROTO_UDP, MAX_HOPS,
-    PKT_INNER_TRUNCATED, PacketMeta, PacketRecord,
+    PKT_INNER_TRUNCATED, PacketMeta, PacketRecord, head_size,
     parse::{ETH_P_IP, Frame, Headers, Skip, could_be_followed, l4_headers_end, parse_frame},
 };
 
@@ -138,13 +138,12 @@ fn trace(ctx: &TcContext, direction: u8) {
             Err(NoEvent::NotFollowed) => return,
         },
     };
-    // The smallest record that holds the headers (`tracer_common::head_size`).
-    if headers_end as usize <= HEAD_SHORT {
-        emit::<HEAD_SHORT>(ctx, skb, hop, direction, headers_end);
-    } else if headers_end as usize <= HEAD_MEDIUM {
-        emit::<HEAD_MEDIUM>(ctx, skb, hop, direction, headers_end);
-    } else {
-        emit::<HEAD_LONG>(ctx, skb, hop, direction, headers_end);
+    // The smallest record that holds the headers; each size its own `emit`, since a record's
+    // type is fixed when it is reserved.
+    match head_size(headers_end as usize) {
+        HEAD_SHORT => emit::<HEAD_SHORT>(ctx, skb, hop, direction, headers_end),
+        HEAD_MEDIUM => emit::<HEAD_MEDIUM>(ctx, skb, hop, direction, headers_end),
+        _ => emit::<HEAD_LONG>(ctx, skb, hop, direction, headers_end),
     }
 }
 
