@@ -119,18 +119,29 @@ impl Detector for Retransmits<'_> {
         if sighting.is_none() {
             return;
         }
+        let (src_followed, dst_followed) = (self.path.follows(layer.src), self.path.follows(layer.dst));
+        // Every sender whose flow has a followed end: the pod, or a peer that is not followed
+        // (another pod, the node itself) sending to it, whose retransmits are traced too.
         // With both ends followed, a segment is both one pod's and the other's reply.
-        if self.path.follows(layer.src) {
+        if src_followed || dst_followed {
             let key = (layer.src, layer.sport, layer.dst, layer.dport);
             if self.tcp_flows.len() < MAX_REQUESTS || self.tcp_flows.contains_key(&key) {
                 let flow = self.tcp_flows.entry(key).or_default();
                 flow.largest_segment = flow.largest_segment.max(wire_segment(packet));
             }
         }
-        // A reply crosses several hops: it is counted where it leaves the path towards its
-        // pod, where its addresses are the ones the pod's socket uses (Service DNAT undone).
-        if self.path.follows(layer.dst)
-            && packet_hop(packet) == self.path.exit(layer.dst)
+        // A reply crosses several hops and is counted at one: where it leaves the path towards
+        // its followed pod, where its addresses are the ones the pod's socket uses (Service
+        // DNAT undone); a followed pod's reply to a peer that is not followed, where it enters
+        // the path.
+        let reply_hop = if dst_followed {
+            self.path.exit(layer.dst)
+        } else if src_followed {
+            self.path.entry(layer.src)
+        } else {
+            return;
+        };
+        if packet_hop(packet) == reply_hop
             && let Some(flow) = self.tcp_flows.get_mut(&(layer.dst, layer.dport, layer.src, layer.sport))
         {
             flow.replies += 1;
@@ -434,5 +445,34 @@ mod tests {
         detector.defer_to(&explained);
         assert!(End::default().findings(&detector, &path).is_empty());
         assert_eq!(detector.per_hop().values().sum::<u64>(), 1);
+    }
+
+    /// The node itself (or any sender that is not followed) retransmitting to the pod: its
+    /// segments and the pod's answers are the flow's evidence, as for the pod's own flows.
+    /// The node's segments cross only the pod's veth towards the pod, the answers only the
+    /// other way.
+    #[test]
+    fn a_sender_that_is_not_followed_has_its_segments_and_the_pods_answers_counted() {
+        const NODE: &str = "10.244.0.1";
+        let path = local_path();
+        let mut detector = Retransmits::new(&path);
+        let mut feed = Feed::new(&path);
+        let mut full = tcp(NODE, 40000, POD, 8080, 0x10, 1398);
+        full.ip_id = 1;
+        feed.journey(&mut detector, &full, &[(5, Direction::Egress)], 0);
+        for ip_id in [2, 3] {
+            let mut answer = tcp(POD, 8080, NODE, 40000, 0x10, 0);
+            (answer.tcp_ack, answer.ip_id) = (1, ip_id);
+            feed.journey(&mut detector, &answer, &[(5, Direction::Ingress)], u64::from(ip_id) * 10_000);
+        }
+        let mut record = kernel(KernelRecordKind::Retransmit { seq: 7, tcp_state: 1 }, tcp(NODE, 40000, POD, 8080, 0x10, 0), 0, false, 1);
+        record.skb_len = 1398;
+        detector.observe_kernel(&record);
+        detector.observe_kernel(&record);
+        let finding = &End::default().findings(&detector, &path)[0];
+        assert_eq!(finding.evidence["flow"], "10.244.0.1:40000 > 10.244.0.2:8080");
+        assert_eq!(finding.evidence["largest_segment_sent"], 1398);
+        assert_eq!(finding.evidence["packets_back_from_peer"], 2);
+        assert_eq!((finding.evidence["mtu_signature"].clone(), finding.hop.as_deref()), (serde_json::json!(true), Some("veth1")));
     }
 }
