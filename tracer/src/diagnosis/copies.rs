@@ -8,14 +8,15 @@ use std::{collections::VecDeque, net::IpAddr};
 
 use crate::{
     events::{
-        correlate::{FastMap, Fingerprint, fingerprint},
+        correlate::{FastMap, Fingerprint, MAX_IN_FLIGHT, fingerprint},
         decode::Layer,
     },
     node::path::Step,
 };
 
-/// Sightings remembered: as many as the correlator keeps packets in flight.
-const MAX_SIGHTINGS: usize = 65_536;
+/// Sightings remembered: as many as the correlator keeps packets in flight (a bound that
+/// keeps the table at 2^17 buckets under churn).
+const MAX_SIGHTINGS: usize = MAX_IN_FLIGHT;
 /// Drops waiting for a later sighting.
 const MAX_PENDING: usize = 16_384;
 /// A sighting this far from a drop is another packet with the same fingerprint.
@@ -129,6 +130,21 @@ mod tests {
         let copies = Copies::new(vec![ip(POD)]);
         let fingerprint = copies.fingerprint(&echo(POD, PEER, 8, 1)).unwrap();
         (copies, fingerprint)
+    }
+
+    /// Sightings at their bound, each new one evicting the oldest, keep the table at 2^17
+    /// buckets (see `MAX_IN_FLIGHT`); with 65,536 as the bound it doubled within this churn.
+    #[test]
+    fn the_sightings_table_keeps_its_size_under_churn() {
+        let mut copies = Copies::<u32>::new(vec![ip(POD)]);
+        for i in 0..40 * MAX_SIGHTINGS as u32 {
+            let layer = Layer { icmp_id: (i >> 16) as u16, ..echo(POD, PEER, 8, i as u16) };
+            let fingerprint = copies.fingerprint(&layer).unwrap();
+            copies.sighted(fingerprint, 1, u64::from(i));
+        }
+        assert_eq!(copies.furthest.len(), MAX_SIGHTINGS);
+        assert_eq!(copies.furthest.allocation_size(), (1 << 17) * (size_of::<(Fingerprint, (Step, u64))>() + 1) + 16);
+        assert!(copies.order.capacity() <= 1 << 17, "{}", copies.order.capacity());
     }
 
     #[test]

@@ -393,7 +393,7 @@ mod tests {
         assert_eq!(findings.len(), 1, "{findings:#?}");
         assert_eq!((findings[0].kind, findings[0].severity), (FindingKind::LostEvents, Severity::Warning));
         assert!(findings[0].summary.contains("left out 7 packets from the hop-by-hop correlation"), "{}", findings[0].summary);
-        assert_eq!(findings[0].evidence["table_sizes"]["packets_in_flight"], 65_536);
+        assert_eq!(findings[0].evidence["table_sizes"]["packets_in_flight"], 57_344);
     }
 
     const VETH_IN: (u32, Direction) = (5, Direction::Ingress);

@@ -214,7 +214,7 @@ mod tests {
         assert_eq!(json["duration_s"], 1.235);
         assert_eq!(json["lost_events"], 2);
         assert_eq!(json["lost_kernel_events"], 4);
-        assert_eq!(json["correlation"], serde_json::json!({"table_size": 65_536, "evicted": 0, "evicted_in_transit": 0}));
+        assert_eq!(json["correlation"], serde_json::json!({"table_size": 57_344, "evicted": 0, "evicted_in_transit": 0}));
         assert!(json["recursion_misses"].is_null(), "unknown on this kernel, not 0");
         assert_eq!(json["decode_errors"], serde_json::json!({"count": 1, "first": "ring record with unknown direction 9"}));
         let first = &json["hops"][0];
