@@ -339,9 +339,8 @@ fn vm_hwm_kib(pid: u32) -> u64 {
 }
 
 /// `iperf3 -c` from `lab`'s pod A to pod B (across the VXLAN tunnel) for `seconds`, `udp64`
-/// for 64-byte UDP datagrams as fast as the sender can; returns the receiver's bits/s and
-/// bytes.
-fn iperf(lab: &Lab, udp64: bool, seconds: u32) -> Result<(f64, f64)> {
+/// for 64-byte UDP datagrams as fast as the sender can.
+fn iperf(lab: &Lab, udp64: bool, seconds: u32) -> Result<Iperf> {
     let server = lab.pod_b().ip.to_string();
     let seconds = seconds.to_string();
     let mut args = vec!["iperf3", "-c", &server, "-p", "5201", "-t", &seconds, "-J"];
@@ -350,13 +349,30 @@ fn iperf(lab: &Lab, udp64: bool, seconds: u32) -> Result<(f64, f64)> {
     }
     let output = lab.run_in(&lab.pod_a().netns, &args)?;
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).context("iperf3's JSON report")?;
-    let received = &report["end"]["sum_received"];
+    let end = &report["end"];
+    let received = &end["sum_received"];
     let bps = received["bits_per_second"].as_f64().with_context(|| format!("iperf3 reported no rate: {report}"))?;
-    Ok((bps, received["bytes"].as_f64().unwrap_or(0.0)))
+    Ok(Iperf {
+        bps,
+        bytes: received["bytes"].as_f64().unwrap_or(0.0),
+        sent_bps: end["sum_sent"]["bits_per_second"].as_f64().unwrap_or(0.0),
+        lost_percent: end["sum"]["lost_percent"].as_f64().unwrap_or(0.0),
+    })
+}
+
+/// What one iperf3 run reported.
+struct Iperf {
+    /// The receiver's rate and bytes.
+    bps: f64,
+    bytes: f64,
+    /// The sender's rate: for a UDP flood, what it managed to send, of which the receiver
+    /// lost `lost_percent` (pod B's socket buffer overflowing while iperf3 -s falls behind).
+    sent_bps: f64,
+    lost_percent: f64,
 }
 
 /// One measurement: `observer` started, the traffic, `observer` stopped.
-fn measure(lab: &Lab, observer: Observer, udp64: bool, seconds: u32) -> Result<(f64, f64, Option<Traced>)> {
+fn measure(lab: &Lab, observer: Observer, udp64: bool, seconds: u32) -> Result<(Iperf, Option<Traced>)> {
     let node = lab.node_a();
     let followed = match observer {
         Observer::FollowingThePod => Some(lab.pod_a().ip),
@@ -374,7 +390,7 @@ fn measure(lab: &Lab, observer: Observer, udp64: bool, seconds: u32) -> Result<(
         // tcpdump needs a moment to open its sockets.
         std::thread::sleep(Duration::from_millis(500));
     }
-    let (bps, bytes) = iperf(lab, udp64, seconds)?;
+    let run = iperf(lab, udp64, seconds)?;
     drop(captures);
     let traced = match tracer {
         Some(tracer) => {
@@ -385,7 +401,7 @@ fn measure(lab: &Lab, observer: Observer, udp64: bool, seconds: u32) -> Result<(
         }
         None => None,
     };
-    Ok((bps, bytes, traced))
+    Ok((run, traced))
 }
 
 fn median_f64(values: &mut [f64]) -> f64 {
@@ -409,12 +425,16 @@ fn lab_throughput() -> Result<()> {
         let mut rates: Vec<Vec<f64>> = vec![Vec::new(); Observer::ALL.len()];
         let mut traced: Vec<Vec<Traced>> = vec![Vec::new(); Observer::ALL.len()];
         let mut datagrams = vec![Vec::new(); Observer::ALL.len()];
+        let mut sent = vec![Vec::new(); Observer::ALL.len()];
+        let mut lost_percent = vec![Vec::new(); Observer::ALL.len()];
         for _round in 0..3 {
             for (i, observer) in Observer::ALL.into_iter().enumerate() {
-                let (bps, bytes, run) = measure(&lab, observer, udp64, seconds)?;
-                rates[i].push(bps);
-                datagrams[i].push(bytes / 64.0 / f64::from(seconds));
-                traced[i].extend(run);
+                let (run, tracer) = measure(&lab, observer, udp64, seconds)?;
+                rates[i].push(run.bps);
+                datagrams[i].push(run.bytes / 64.0 / f64::from(seconds));
+                sent[i].push(run.sent_bps);
+                lost_percent[i].push(run.lost_percent);
+                traced[i].extend(tracer);
             }
         }
         let medians: Vec<f64> = rates.iter_mut().map(|r| median_f64(r)).collect();
@@ -423,7 +443,12 @@ fn lab_throughput() -> Result<()> {
             let mut line =
                 format!("bench:   {}: {:.1} Mbit/s ({:.3}x untraced)", observer.label(), medians[i] / 1e6, medians[i] / medians[0]);
             if udp64 {
-                line += &format!(", {:.0} datagrams/s received", median_f64(&mut datagrams[i]));
+                line += &format!(
+                    ", {:.0} datagrams/s received (sent {:.1} Mbit/s, {:.1}% lost at the receiver)",
+                    median_f64(&mut datagrams[i]),
+                    median_f64(&mut sent[i]) / 1e6,
+                    median_f64(&mut lost_percent[i])
+                );
             }
             if !traced[i].is_empty() {
                 let events: u64 = traced[i].iter().map(|t| t.events).sum();
@@ -442,7 +467,7 @@ fn lab_throughput() -> Result<()> {
     // Peak RSS over a 60 s follow under TCP iperf3.
     let node = lab.node_a();
     let tracer = Podtrace::start(&node.netns, &["follow", &lab.pod_a().ip.to_string(), "--duration", "600", "--output", "json"])?;
-    let (bps, _) = iperf(&lab, false, 60)?;
+    let bps = iperf(&lab, false, 60)?.bps;
     let peak = vm_hwm_kib(tracer.pid());
     let report = tracer.finish()?.json()?;
     println!(
