@@ -280,6 +280,26 @@ fn lost_events_are_reported() -> Result<()> {
     Ok(())
 }
 
+/// The tracepoint programs wake the reader only once their ring is half full, and it drains
+/// the ring on its timer: drops spread over a trace, more than a one-page ring holds at once
+/// (4,096 bytes, 18 events), all reach the report, none lost.
+#[test]
+fn drops_outnumbering_a_one_page_kernel_ring_all_arrive() -> Result<()> {
+    let lab = Lab::up(LabSpec { prefix: unique_prefix("kring"), ..Default::default() })?;
+    let (pod_a, pod_b) = (lab.pod_a(), lab.pod_b());
+    lab.iptables(&lab.node_b().netns, &["-A", "FORWARD", "-p", "icmp", "-s", &pod_a.ip.to_string(), "-j", "DROP"])?;
+    let podtrace = Podtrace::start(&lab.node_b().netns, &["follow", &pod_b.ip.to_string(), "-o", "json", "--kernel-ring-size", "4096"])?;
+    let pings = 30;
+    podtrace_tests::traffic::ping(&pod_a.netns, pod_b.ip, pings, 56)?;
+    let finished = podtrace.finish()?;
+    assert!(finished.status.success(), "{}", finished.stderr);
+    let report = finished.json()?;
+    assert_eq!(report["lost_kernel_events"], 0, "{:#}", report["findings"]);
+    let drop = one(&report, "drop");
+    assert_eq!(drop["evidence"]["count"], pings, "{drop:#}");
+    Ok(())
+}
+
 /// Brings up the lab for the kube-proxy pitfall `name`, injects it, and traces pod A on node A
 /// while it reaches `service`: what the pod got, and the JSON report.
 fn trace_service_pitfall(name: &str, tag: &str, service: std::net::Ipv4Addr) -> Result<(Lab, Scenario, ServiceAnswers, Value)> {

@@ -44,10 +44,11 @@ pub struct Collected<'a> {
     pub decode_errors: DecodeErrors,
 }
 
-/// How often the packet ring is drained. The TC programs never wake the reader (a wakeup
-/// costs them more than the event: see `emit` on the kernel side), so this is how long an
-/// event can wait; the default 4 MiB ring holds over 20,000 events, 2 million a second.
-const PACKET_DRAIN_INTERVAL: Duration = Duration::from_millis(10);
+/// How often both rings are drained. The TC programs never wake the reader (a wakeup costs
+/// them more than the event: see `emit` on the kernel side), and the tracepoint programs
+/// only once their ring is half full (`wakeup` there), so this is how long an event can
+/// wait; the default 4 MiB packet ring holds over 20,000 events, 2 million a second.
+const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
 
 impl<'a> Collector<'a> {
     /// `vxlan_ports`: the ports the kernel programs were loaded with.
@@ -114,7 +115,7 @@ impl<'a> Collector<'a> {
         tokio::pin!(deadline);
         let baseline = self.sample_links(handle).await?;
         let mut link_check = tokio::time::interval(Duration::from_millis(500));
-        let mut drain_tick = tokio::time::interval(PACKET_DRAIN_INTERVAL);
+        let mut drain_tick = tokio::time::interval(DRAIN_INTERVAL);
         // A tick missed while draining is not made up in a burst: the next drain reads it all.
         drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let result = loop {
@@ -126,7 +127,12 @@ impl<'a> Collector<'a> {
                     }
                     Err(err) => break Err(err).context("waiting for kernel events"),
                 },
-                _ = drain_tick.tick() => self.drain_packets(events),
+                // Kernel events first, ahead of the packets written in the same interval: a
+                // drop reaches the detectors no later than the packets around it.
+                _ = drain_tick.tick() => {
+                    self.drain_kernel(kernel_events.get_mut());
+                    self.drain_packets(events);
+                }
                 _ = &mut deadline => break Ok(()),
                 _ = signals.recv() => break Ok(()),
                 _ = link_check.tick() => {
