@@ -404,7 +404,9 @@ fn measure(lab: &Lab, observer: Observer, udp64: bool, seconds: u32) -> Result<(
     Ok((run, traced))
 }
 
-fn median_f64(values: &mut [f64]) -> f64 {
+/// The median over `runs` of one of their figures.
+fn median_of(runs: &[Iperf], figure: impl Fn(&Iperf) -> f64) -> f64 {
+    let mut values: Vec<f64> = runs.iter().map(figure).collect();
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
 }
@@ -422,22 +424,16 @@ fn lab_throughput() -> Result<()> {
     std::thread::sleep(Duration::from_millis(500));
     let seconds = 5;
     for (udp64, workload) in [(false, "iperf3 TCP"), (true, "iperf3 UDP 64-byte datagrams, unlimited rate")] {
-        let mut rates: Vec<Vec<f64>> = vec![Vec::new(); Observer::ALL.len()];
+        let mut runs: Vec<Vec<Iperf>> = Observer::ALL.iter().map(|_| Vec::new()).collect();
         let mut traced: Vec<Vec<Traced>> = vec![Vec::new(); Observer::ALL.len()];
-        let mut datagrams = vec![Vec::new(); Observer::ALL.len()];
-        let mut sent = vec![Vec::new(); Observer::ALL.len()];
-        let mut lost_percent = vec![Vec::new(); Observer::ALL.len()];
         for _round in 0..3 {
             for (i, observer) in Observer::ALL.into_iter().enumerate() {
                 let (run, tracer) = measure(&lab, observer, udp64, seconds)?;
-                rates[i].push(run.bps);
-                datagrams[i].push(run.bytes / 64.0 / f64::from(seconds));
-                sent[i].push(run.sent_bps);
-                lost_percent[i].push(run.lost_percent);
+                runs[i].push(run);
                 traced[i].extend(tracer);
             }
         }
-        let medians: Vec<f64> = rates.iter_mut().map(|r| median_f64(r)).collect();
+        let medians: Vec<f64> = runs.iter().map(|r| median_of(r, |run| run.bps)).collect();
         println!("bench: lab, {workload}, {seconds} s runs, median of 3 alternated rounds (one run of this bench):");
         for (i, observer) in Observer::ALL.into_iter().enumerate() {
             let mut line =
@@ -445,9 +441,9 @@ fn lab_throughput() -> Result<()> {
             if udp64 {
                 line += &format!(
                     ", {:.0} datagrams/s received (sent {:.1} Mbit/s, {:.1}% lost at the receiver)",
-                    median_f64(&mut datagrams[i]),
-                    median_f64(&mut sent[i]) / 1e6,
-                    median_f64(&mut lost_percent[i])
+                    median_of(&runs[i], |run| run.bytes / 64.0 / f64::from(seconds)),
+                    median_of(&runs[i], |run| run.sent_bps) / 1e6,
+                    median_of(&runs[i], |run| run.lost_percent)
                 );
             }
             if !traced[i].is_empty() {
