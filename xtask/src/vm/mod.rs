@@ -44,9 +44,10 @@ enum Selection {
 /// The kernel-parser tests, the tracer's unit tests (which read the running kernel's BTF and
 /// tracefs), one follow-vs-tcpdump test, detaching, the healthy lab, and one finding per
 /// kernel source: drops (kfree_skb), retransmits, ICMP errors (icmp_send); the kernel-event
-/// ring's batched wakeups (`bpf_ringbuf_query` and its flags, which each kernel checks); a bond; the
-/// masqueraded and NodePort flows (the TC programs' conntrack reads, in either direction);
-/// and Calico's IPIP mode, which only the VMs' kernels have (tunl0's ingress differs on 5.10).
+/// ring's batched wakeups (`bpf_ringbuf_query` and its flags, which each kernel checks); a
+/// bond; the masqueraded and NodePort flows (the TC programs' conntrack reads, in either
+/// direction); and Calico's IPIP mode, which only the VMs' kernels have (tunl0's ingress
+/// differs on 5.10).
 const SUBSET: Selection = Selection::Subset(&[
     ("kernel_parser", &[]),
     ("tracer-unit", &[]),
