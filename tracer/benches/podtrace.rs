@@ -12,10 +12,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use aya::{
-    maps::{MapData, RingBuf},
-    programs::{TestRun as _, TestRunOptions},
-};
+use aya::programs::{TestRun as _, TestRunOptions};
 use podtrace_tests::{
     lab::{Lab, LabSpec},
     podtrace::Podtrace,
@@ -26,7 +23,7 @@ use tracer::{
         correlate::{Correlator, Limits},
         decode::{PacketDecoder, packet_record},
     },
-    probes::{AttachMode, KERNEL_RING_BYTES, LoadOptions, Probes},
+    probes::{AttachMode, EventRing, KERNEL_RING_BYTES, LoadOptions, Probes},
 };
 use tracer_common::{FilterConfig, HEAD_MEDIUM, IPPROTO_TCP, PacketMeta};
 
@@ -130,11 +127,11 @@ impl Drop for Baseline {
 
 const VXLAN_PORTS: [u16; 2] = [8472, 4789];
 
-fn loaded(followed: &str, on_hop: bool, full_parse_only: bool) -> Result<(Probes, RingBuf<MapData>)> {
+fn loaded(followed: &str, on_hop: bool, full_parse_only: bool) -> Result<(Probes, EventRing)> {
     loaded_with(followed, on_hop, FilterConfig { full_parse_only: u8::from(full_parse_only), ..Default::default() })
 }
 
-fn loaded_with(followed: &str, on_hop: bool, filter: FilterConfig) -> Result<(Probes, RingBuf<MapData>)> {
+fn loaded_with(followed: &str, on_hop: bool, filter: FilterConfig) -> Result<(Probes, EventRing)> {
     let filter = FilterConfig { vxlan_ports: VXLAN_PORTS, ..filter };
     let mut probes = Probes::load(
         &LoadOptions { filter, layout: Default::default(), ring_bytes: 1 << 22, kernel_ring_bytes: KERNEL_RING_BYTES },
@@ -199,10 +196,10 @@ fn kernel_cost() -> Result<()> {
             };
             samples.push(mean);
             // Keep the rings drained so a full ring does not turn the measurement into drops.
-            while followed_events.next().is_some() {}
-            while unfollowed_events.next().is_some() {}
-            while full_parse_events.next().is_some() {}
-            while narrowed_events.next().is_some() {}
+            followed_events.drain(|_| {});
+            unfollowed_events.drain(|_| {});
+            full_parse_events.drain(|_| {});
+            narrowed_events.drain(|_| {});
         }
     }
     let medians: Vec<Duration> = samples.iter_mut().map(|s| median(s)).collect();
@@ -329,6 +326,20 @@ struct Traced {
     events: u64,
     lost: u64,
     peak_rss_kib: u64,
+    /// podtrace's CPU time (user and system) while the traffic ran.
+    cpu_ns: u64,
+}
+
+/// CPU time process `pid` has used so far, user and system (`/proc/<pid>/stat`'s utime and
+/// stime, in clock ticks).
+fn cpu_time_ns(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let ticks: u64 = [11, 12].iter().filter_map(|&i| fields.get(i)?.parse::<u64>().ok()).sum();
+    // SAFETY: sysconf has no preconditions.
+    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    ticks * 1_000_000_000 / ticks_per_second
 }
 
 fn vm_hwm_kib(pid: u32) -> u64 {
@@ -390,14 +401,16 @@ fn measure(lab: &Lab, observer: Observer, udp64: bool, seconds: u32) -> Result<(
         // tcpdump needs a moment to open its sockets.
         std::thread::sleep(Duration::from_millis(500));
     }
+    let cpu_before = tracer.as_ref().map_or(0, |tracer| cpu_time_ns(tracer.pid()));
     let run = iperf(lab, udp64, seconds)?;
     drop(captures);
     let traced = match tracer {
         Some(tracer) => {
+            let cpu_ns = cpu_time_ns(tracer.pid()) - cpu_before;
             let peak_rss_kib = vm_hwm_kib(tracer.pid());
             let report = tracer.finish()?.json()?;
             let count = |key: &str| report[key].as_u64().unwrap_or(0);
-            Some(Traced { events: count("events"), lost: count("lost_events") + count("lost_kernel_events"), peak_rss_kib })
+            Some(Traced { events: count("events"), lost: count("lost_events") + count("lost_kernel_events"), peak_rss_kib, cpu_ns })
         }
         None => None,
     };
@@ -450,11 +463,16 @@ fn lab_throughput() -> Result<()> {
                 let events: u64 = traced[i].iter().map(|t| t.events).sum();
                 let lost: u64 = traced[i].iter().map(|t| t.lost).sum();
                 let peak = traced[i].iter().map(|t| t.peak_rss_kib).max().unwrap_or(0);
+                let cpu_ns: u64 = traced[i].iter().map(|t| t.cpu_ns).sum();
                 line += &format!(
-                    ", {:.0} events/s, {lost} lost events, peak RSS {:.1} MiB",
+                    ", {:.0} events/s, {lost} lost events, peak RSS {:.1} MiB, podtrace's CPU {:.1}% of a core",
                     events as f64 / f64::from(3 * seconds),
-                    peak as f64 / 1024.0
+                    peak as f64 / 1024.0,
+                    cpu_ns as f64 / 1e9 / f64::from(3 * seconds) * 100.0
                 );
+                if events > 0 {
+                    line += &format!(" ({:.0} ns per event)", cpu_ns as f64 / events as f64);
+                }
             }
             println!("{line}");
         }

@@ -5,15 +5,12 @@
 
 use std::net::IpAddr;
 
-use aya::{
-    maps::{MapData, RingBuf},
-    programs::{TestRun, TestRunOptions},
-};
+use aya::programs::{TestRun, TestRunOptions};
 use tracer::{
     Direction,
     events::decode::{Packet, PacketDecoder},
     kernel::{btf::KernelBtf, layout},
-    probes::{AttachMode, Counters, KERNEL_RING_BYTES, LoadOptions, Probes},
+    probes::{AttachMode, Counters, EventRing, KERNEL_RING_BYTES, LoadOptions, Probes},
 };
 use tracer_common::{
     FilterConfig, HEAD_LONG, HEAD_MEDIUM, HEAD_SHORT, HOP_NAT, HOP_NO_MAC_HEADER, KernelLayout, NatTuple, PKT_TRANSLATED, PacketMeta,
@@ -29,7 +26,7 @@ const CONTINUE: u32 = u32::MAX;
 
 struct Harness {
     probes: Probes,
-    events: RingBuf<MapData>,
+    events: EventRing,
     /// Parses the records as `podtrace follow` does; what it counts joins the kernel's.
     decoder: PacketDecoder,
 }
@@ -59,7 +56,7 @@ impl Harness {
         let result = program.test_run(opts).expect("BPF_PROG_TEST_RUN");
         assert_eq!(result.return_value, CONTINUE, "the program must always let the packet continue");
         let mut packets = Vec::new();
-        while let Some(item) = self.events.next() {
+        for item in records(&mut self.events) {
             packets.extend(self.decoder.decode(&item).unwrap());
         }
         packets
@@ -74,6 +71,13 @@ impl Harness {
     fn counters(&self) -> Counters {
         self.probes.counters().unwrap().with_decoded(self.decoder.counts())
     }
+}
+
+/// Every record the ring holds, copied out.
+fn records(ring: &mut EventRing) -> Vec<Vec<u8>> {
+    let mut records = Vec::new();
+    ring.drain(|record| records.push(record.to_vec()));
+    records
 }
 
 fn default_filter() -> FilterConfig {
@@ -429,7 +433,7 @@ fn events_carry_headers_never_payload() {
             let program = harness.probes.program(Direction::Ingress).unwrap();
             program.test_run(TestRunOptions { data_in: Some(frame), ..Default::default() }).unwrap();
             let mut heads = Vec::new();
-            while let Some(item) = harness.events.next() {
+            for item in records(&mut harness.events) {
                 assert!(item.len() >= size_of::<PacketMeta>());
                 // SAFETY: the record starts with a PacketMeta (checked long enough), read unaligned.
                 let meta: PacketMeta = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
@@ -625,7 +629,7 @@ fn unfollowed_traffic_and_unregistered_devices_are_ignored() {
     let program = probes.program(Direction::Ingress).unwrap();
     let frame = pod_tcp_frame();
     program.test_run(TestRunOptions { data_in: Some(&frame), ..Default::default() }).unwrap();
-    assert!(events.next().is_none(), "loopback is not a registered hop");
+    assert!(records(&mut events).is_empty(), "loopback is not a registered hop");
     assert_eq!(probes.counters().unwrap(), Counters::default());
 }
 
@@ -669,15 +673,15 @@ fn ipip_is_followed_to_the_inner_packet_in_every_layout() {
             let mut harness = Harness::new(FilterConfig { full_parse_only, ..default_filter() }, no_mac_header);
             let program = harness.probes.program(Direction::Ingress).unwrap();
             program.test_run(TestRunOptions { data_in: Some(&framed(&pod)), ..Default::default() }).unwrap();
-            let item = harness.events.next().unwrap_or_else(|| panic!("{what}: no event"));
+            let items = records(&mut harness.events);
+            assert_eq!(items.len(), 1, "{what}: one event");
+            let item = &items[0];
             assert_eq!(item.len(), size_of::<PacketRecord<HEAD_SHORT>>(), "{what}: the smallest head that holds its 74 bytes of headers");
-            let packet = harness.decoder.decode(&item).unwrap().unwrap();
-            drop(item);
+            let packet = harness.decoder.decode(item).unwrap().unwrap();
             assert_eq!((packet.outer.src, packet.outer.proto), (ip("10.99.0.1"), 4), "{what}");
             let inner = packet.inner.as_ref().unwrap_or_else(|| panic!("{what}: no inner packet"));
             assert_eq!((inner.src, inner.dst, inner.sport, inner.tcp_seq), (ip(POD), ip(PEER), 40000, 1000), "{what}");
             assert_eq!(inner.payload_len(), 100, "{what}");
-            assert!(harness.events.next().is_none(), "{what}: one event");
             assert!(harness.run(Direction::Ingress, &framed(&other), None).is_empty(), "{what}");
             assert_eq!(harness.counters(), Counters { matched: 1, ..Default::default() }, "{what}");
         }
@@ -738,13 +742,13 @@ fn each_event_takes_the_smallest_head_that_holds_its_headers() {
         for harness in [&mut fast, &mut full] {
             let program = harness.probes.program(Direction::Ingress).unwrap();
             program.test_run(TestRunOptions { data_in: Some(&frame), ..Default::default() }).unwrap();
-            let item = harness.events.next().unwrap_or_else(|| panic!("{what}: no event"));
+            let items = records(&mut harness.events);
+            let item = items.first().unwrap_or_else(|| panic!("{what}: no event"));
             assert_eq!(item.len(), size_of::<PacketMeta>() + head, "{what}");
             // SAFETY: at least a PacketMeta's bytes, checked above; plain old data, read unaligned.
             let meta: PacketMeta = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
             assert_eq!(usize::from(meta.head_len), headers_end, "{what}: the headers, never payload");
-            let mut packet = harness.decoder.decode(&item).unwrap().unwrap_or_else(|| panic!("{what}: unparsed"));
-            drop(item);
+            let mut packet = harness.decoder.decode(item).unwrap().unwrap_or_else(|| panic!("{what}: unparsed"));
             packet.ktime_ns = 0;
             packets.push(packet);
         }
@@ -895,7 +899,7 @@ fn random_and_mutated_frames_never_break_the_parser() {
         };
         assert_eq!(result.return_value, CONTINUE, "frame {index}: {frame:02x?}");
         let mut emitted = Vec::new();
-        while let Some(item) = harness.events.next() {
+        for item in records(&mut harness.events) {
             emitted.extend(harness.decoder.decode(&item).unwrap_or_else(|err| panic!("frame {index}: undecodable event: {err:#}")));
         }
         assert!(emitted.len() <= 1, "frame {index}: {} events", emitted.len());
@@ -984,7 +988,7 @@ fn fast_path_matches_full_parse(no_mac_header: bool, seeds: Vec<Vec<u8>>, frames
             let result = program.test_run(TestRunOptions { data_in: Some(&frame), ..Default::default() }).ok()?;
             assert_eq!(result.return_value, CONTINUE);
             let mut packets = Vec::new();
-            while let Some(item) = harness.events.next() {
+            for item in records(&mut harness.events) {
                 if let Some(mut packet) = harness.decoder.decode(&item).unwrap() {
                     packet.ktime_ns = 0;
                     packets.push(packet);
@@ -1023,11 +1027,7 @@ fn many_followed_ips_and_a_shared_hop_slot() {
     for (src, expected) in [(POD, 1), ("10.244.3.111", 1), ("10.244.3.100", 1), ("10.244.3.99", 0)] {
         let frame = ethernet(0x0800, &V4::new(src, "10.1.1.1", 6).packet(&tcp(1, 2, 3, 4, 0x10, 0)));
         program.test_run(TestRunOptions { data_in: Some(&frame), ..Default::default() }).unwrap();
-        let mut seen = 0;
-        while events.next().is_some() {
-            seen += 1;
-        }
-        assert_eq!(seen, expected, "{src}");
+        assert_eq!(records(&mut events).len(), expected, "{src}");
     }
 }
 

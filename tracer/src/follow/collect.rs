@@ -5,7 +5,6 @@
 use std::{collections::HashMap, time::Duration};
 
 use anyhow::{Context as _, Result, anyhow};
-use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
 
 use super::{live::LiveLines, signals::Signals};
@@ -16,6 +15,7 @@ use crate::{
         decode::{self, DecodeCounts, DecodeErrors, PacketDecoder},
     },
     node::{self, LinkDrops, Path, with_rtnetlink},
+    probes::EventRing,
 };
 
 /// Reads events and feeds the correlator and the diagnosis until the trace ends.
@@ -75,8 +75,8 @@ impl<'a> Collector<'a> {
     /// then drains both rings: every event the counters include has been decoded.
     pub async fn run<C>(
         &mut self,
-        mut events: RingBuf<MapData>,
-        kernel_events: RingBuf<MapData>,
+        mut events: EventRing,
+        kernel_events: EventRing,
         duration: Option<Duration>,
         signals: &mut Signals,
         read_counters: impl FnOnce() -> Result<C>,
@@ -101,8 +101,8 @@ impl<'a> Collector<'a> {
     async fn watch(
         &mut self,
         handle: &rtnetlink::Handle,
-        events: &mut RingBuf<MapData>,
-        kernel_events: &mut AsyncFd<RingBuf<MapData>>,
+        events: &mut EventRing,
+        kernel_events: &mut AsyncFd<EventRing>,
         duration: Option<Duration>,
         signals: &mut Signals,
     ) -> Result<()> {
@@ -154,27 +154,23 @@ impl<'a> Collector<'a> {
         result
     }
 
-    fn drain_packets(&mut self, ring: &mut RingBuf<MapData>) {
-        while let Some(item) = ring.next() {
-            match self.packets.decode(&item) {
-                Ok(Some(packet)) => {
-                    let sighting = self.correlator.observe(&packet);
-                    self.diagnosis.observe_packet(&packet, sighting.as_ref());
-                    self.live.print(&packet, sighting.as_ref());
-                }
-                Ok(None) => {}
-                Err(err) => self.decode_errors.record(&err),
+    fn drain_packets(&mut self, ring: &mut EventRing) {
+        ring.drain(|item| match self.packets.decode(item) {
+            Ok(Some(packet)) => {
+                let sighting = self.correlator.observe(&packet);
+                self.diagnosis.observe_packet(&packet, sighting.as_ref());
+                self.live.print(&packet, sighting.as_ref());
             }
-        }
+            Ok(None) => {}
+            Err(err) => self.decode_errors.record(&err),
+        });
     }
 
-    fn drain_kernel(&mut self, ring: &mut RingBuf<MapData>) {
-        while let Some(item) = ring.next() {
-            match decode::decode_kernel(&item) {
-                Ok(record) => self.diagnosis.observe_kernel(&record),
-                Err(err) => self.decode_errors.record(&err),
-            }
-        }
+    fn drain_kernel(&mut self, ring: &mut EventRing) {
+        ring.drain(|item| match decode::decode_kernel(item) {
+            Ok(record) => self.diagnosis.observe_kernel(&record),
+            Err(err) => self.decode_errors.record(&err),
+        });
     }
 
     /// Reads every hop's drop counters, noticing hops that disappeared.

@@ -14,7 +14,6 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow};
-use aya::maps::{MapData, RingBuf};
 use tracer_common::FilterConfig;
 
 use self::{
@@ -26,7 +25,7 @@ use crate::{
     diagnosis::{Diagnosis, Settings, TraceEnd},
     kernel::{btf::KernelBtf, layout, symbols::KernelSymbols, tracefs::TracepointFormats},
     node::{self, Path, PathOverrides, bond, netns},
-    probes::{self, AttachMode, KernelSources, LoadOptions, Owner, Probes, StateLock},
+    probes::{self, AttachMode, EventRing, KernelSources, LoadOptions, Owner, Probes, StateLock},
     report::{self, Report, RunFacts},
 };
 
@@ -157,8 +156,8 @@ async fn discover(options: &FollowOptions) -> Result<NodeFacts> {
 
 struct Attached {
     probes: Probes,
-    events: RingBuf<MapData>,
-    kernel_events: RingBuf<MapData>,
+    events: EventRing,
+    kernel_events: EventRing,
     sources: KernelSources,
 }
 

@@ -4,6 +4,7 @@
 //! what a killed run left behind (`cleanup`).
 
 mod cleanup;
+mod ring;
 mod state;
 mod tc;
 mod tracepoints;
@@ -13,7 +14,7 @@ use std::net::IpAddr;
 use anyhow::{Context as _, Result};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray},
     programs::{SchedClassifier, tc::SchedClassifierLink},
 };
 use tracer_common::{
@@ -24,6 +25,7 @@ use tracer_common::{
 
 pub use self::{
     cleanup::{Swept, sweep},
+    ring::EventRing,
     state::{Owner, StateLock},
     tc::{EGRESS_PROGRAM, INGRESS_PROGRAM},
     tracepoints::KernelSources,
@@ -184,14 +186,19 @@ impl Probes {
         Ok(())
     }
 
-    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
-        let map = self.ebpf.take_map("EVENTS").context("EVENTS map missing")?;
-        Ok(RingBuf::try_from(map)?)
+    pub fn take_events(&mut self) -> Result<EventRing> {
+        self.take_ring("EVENTS")
     }
 
-    pub fn take_kernel_events(&mut self) -> Result<RingBuf<MapData>> {
-        let map = self.ebpf.take_map("KERNEL_EVENTS").context("KERNEL_EVENTS map missing")?;
-        Ok(RingBuf::try_from(map)?)
+    pub fn take_kernel_events(&mut self) -> Result<EventRing> {
+        self.take_ring("KERNEL_EVENTS")
+    }
+
+    fn take_ring(&mut self, name: &str) -> Result<EventRing> {
+        match self.ebpf.take_map(name).with_context(|| format!("{name} map missing"))? {
+            aya::maps::Map::RingBuf(map) => EventRing::new(map).with_context(|| format!("reading the {name} ring buffer")),
+            _ => anyhow::bail!("{name} is not a ring buffer map"),
+        }
     }
 
     pub fn counters(&self) -> Result<Counters> {
