@@ -34,7 +34,6 @@ struct Group {
 
 pub struct BrNetfilterOff<'a> {
     path: &'a Path,
-    services: ServiceFlows<'a>,
     /// Per client flow DNATed to a backend: its DNAT, and the replies that reached the pod
     /// from the backend.
     untranslated: BTreeMap<ClientFlow, (ServiceDnat, u64)>,
@@ -44,7 +43,7 @@ pub struct BrNetfilterOff<'a> {
 
 impl<'a> BrNetfilterOff<'a> {
     pub fn new(path: &'a Path) -> Self {
-        Self { path, services: ServiceFlows::new(path), untranslated: BTreeMap::new(), left_out: 0 }
+        Self { path, untranslated: BTreeMap::new(), left_out: 0 }
     }
 
     fn bridge(&self) -> Option<&Hop> {
@@ -70,11 +69,10 @@ impl<'a> BrNetfilterOff<'a> {
         }
         explained
     }
-}
 
-impl Detector for BrNetfilterOff<'_> {
-    fn observe_packet(&mut self, packet: &Packet, sighting: Option<&Sighting>) {
-        self.services.observe(packet, sighting);
+    /// A packet, once `services` has learned from it: a reply straight from a backend counts
+    /// where it leaves the path towards its pod.
+    pub fn observe_packet(&mut self, packet: &Packet, sighting: Option<&Sighting>, services: &ServiceFlows<'_>) {
         let layer = packet.pod_layer();
         // A reply counts once, where it leaves the path towards its pod.
         let hop = HopKey { ifindex: packet.ifindex, direction: packet.direction };
@@ -82,7 +80,7 @@ impl Detector for BrNetfilterOff<'_> {
             return;
         }
         let flow = ClientFlow { proto: layer.proto, pod: layer.dst, port: layer.dport };
-        let Some(dnat) = self.services.translated(flow) else { return };
+        let Some(dnat) = services.translated(flow) else { return };
         if (layer.src, layer.sport) != dnat.backend || dnat.backend == dnat.service {
             return;
         }
@@ -92,7 +90,9 @@ impl Detector for BrNetfilterOff<'_> {
             self.left_out += 1;
         }
     }
+}
 
+impl Detector for BrNetfilterOff<'_> {
     fn left_out(&self) -> Vec<LeftOut> {
         vec![LeftOut { what: "untranslated replies (more such flows than the table holds)", count: self.left_out }]
     }
@@ -180,21 +180,30 @@ mod tests {
 
     /// Pod A's SYN from `sport` to the Service, DNATed to the backend as the node routes it
     /// back out cni0, and the backend's SYN-ACK, bridged straight to pod A's veth.
-    fn connect(detector: &mut BrNetfilterOff<'_>, feed: &mut Feed, sport: u16, reply_from: &str, start_ns: u64) {
+    fn connect(detector: &mut BrNetfilterOff<'_>, feed: &mut ServiceFeed<'_>, sport: u16, reply_from: &str, start_ns: u64) {
         let syn = Layer { ip_id: sport, ..tcp(POD, sport, SERVICE, 80, TCP_SYN, 0) };
-        feed.packet(detector, &packet(syn.clone(), 5, Direction::Ingress, start_ns));
-        feed.packet(detector, &packet(syn.clone(), 4, Direction::Ingress, start_ns + 1000));
-        feed.packet(detector, &packet(Layer { dst: ip(BACKEND), dport: 8080, ..syn }, 4, Direction::Egress, start_ns + 2000));
         let reply_port = if reply_from == BACKEND { 8080 } else { 80 };
         let syn_ack = Layer { ip_id: sport + 1000, ..tcp(reply_from, reply_port, POD, sport, TCP_SYN | 0x10, 0) };
-        feed.packet(detector, &packet(syn_ack, 5, Direction::Egress, start_ns + 3000));
+        for packet in [
+            packet(syn.clone(), 5, Direction::Ingress, start_ns),
+            packet(syn.clone(), 4, Direction::Ingress, start_ns + 1000),
+            packet(Layer { dst: ip(BACKEND), dport: 8080, ..syn }, 4, Direction::Egress, start_ns + 2000),
+            packet(syn_ack, 5, Direction::Egress, start_ns + 3000),
+        ] {
+            feed_packet(detector, feed, &packet);
+        }
+    }
+
+    fn feed_packet(detector: &mut BrNetfilterOff<'_>, feed: &mut ServiceFeed<'_>, packet: &Packet) {
+        let (sighting, _) = feed.observe(packet);
+        detector.observe_packet(packet, sighting.as_ref(), &feed.services);
     }
 
     #[test]
     fn replies_straight_from_the_backend_with_br_netfilter_off_are_named() {
         let path = path_with(Some(all_off()));
         let mut detector = BrNetfilterOff::new(&path);
-        let mut feed = Feed::new(&path);
+        let mut feed = ServiceFeed::new(&path);
         connect(&mut detector, &mut feed, 40000, BACKEND, 0);
         connect(&mut detector, &mut feed, 40001, BACKEND, 10_000);
         let findings = End::default().findings(&detector, &path);
@@ -229,7 +238,7 @@ mod tests {
         {
             let path = path_with(netfilter);
             let mut detector = BrNetfilterOff::new(&path);
-            connect(&mut detector, &mut Feed::new(&path), 40000, BACKEND, 0);
+            connect(&mut detector, &mut ServiceFeed::new(&path), 40000, BACKEND, 0);
             let findings = End::default().findings(&detector, &path);
             assert_eq!(findings.len(), 1, "{findings:#?}");
             assert!(findings[0].summary.contains(says), "{}", findings[0].summary);
@@ -243,7 +252,7 @@ mod tests {
     fn translated_replies_or_br_netfilter_on_are_quiet() {
         let path = path_with(Some(all_off()));
         let mut detector = BrNetfilterOff::new(&path);
-        connect(&mut detector, &mut Feed::new(&path), 40000, SERVICE, 0);
+        connect(&mut detector, &mut ServiceFeed::new(&path), 40000, SERVICE, 0);
         assert!(End::default().findings(&detector, &path).is_empty());
 
         let on = BridgeNetfilter::new(Some(FamilySwitch { ipv4: true, ipv6: true }), FamilySwitch::default());
@@ -251,7 +260,7 @@ mod tests {
         for netfilter in [on, bridge_option_on] {
             let path = path_with(Some(netfilter));
             let mut detector = BrNetfilterOff::new(&path);
-            connect(&mut detector, &mut Feed::new(&path), 40000, BACKEND, 0);
+            connect(&mut detector, &mut ServiceFeed::new(&path), 40000, BACKEND, 0);
             assert!(End::default().findings(&detector, &path).is_empty());
             assert_eq!(detector.explained(), Explained::default());
         }
@@ -263,9 +272,9 @@ mod tests {
     fn a_reply_to_an_untranslated_flow_is_ordinary() {
         let path = path_with(Some(all_off()));
         let mut detector = BrNetfilterOff::new(&path);
-        let mut feed = Feed::new(&path);
-        feed.packet(&mut detector, &packet(tcp(POD, 40000, BACKEND, 8080, TCP_SYN, 0), 5, Direction::Ingress, 0));
-        feed.packet(&mut detector, &packet(tcp(BACKEND, 8080, POD, 40000, TCP_SYN | 0x10, 0), 5, Direction::Egress, 1000));
+        let mut feed = ServiceFeed::new(&path);
+        feed_packet(&mut detector, &mut feed, &packet(tcp(POD, 40000, BACKEND, 8080, TCP_SYN, 0), 5, Direction::Ingress, 0));
+        feed_packet(&mut detector, &mut feed, &packet(tcp(BACKEND, 8080, POD, 40000, TCP_SYN | 0x10, 0), 5, Direction::Egress, 1000));
         assert!(End::default().findings(&detector, &path).is_empty());
     }
 }

@@ -18,7 +18,7 @@ use tracer_common::{DROP_REASON_UNKNOWN, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_T
 use super::{
     Detector, Finding, FindingKind, LeftOut, MAX_GROUPS, Severity, TraceEnd,
     copies::Copies,
-    services::{Endpoint, Explained, ServiceFlows},
+    services::{Endpoint, Explained},
 };
 use crate::{
     Direction,
@@ -79,8 +79,9 @@ pub struct Drops<'a> {
     own_netns: u32,
     groups: BTreeMap<GroupKey, DropGroup>,
     copies: Copies<GroupKey>,
-    /// Service DNAT of the pods' flows, which tells what a dropped redirect was about.
-    services: ServiceFlows<'a>,
+    /// The Service backends the pods' flows were DNATed to, set when the trace ends: they
+    /// tell what a dropped redirect was about.
+    service_backends: BTreeSet<IpAddr>,
     /// Flows a pitfall finding explains, set when the trace ends.
     explained: Explained,
     /// Drops of kinds and places beyond the table's bound.
@@ -131,7 +132,7 @@ impl<'a> Drops<'a> {
             own_netns,
             groups: BTreeMap::new(),
             copies: Copies::new(followed),
-            services: ServiceFlows::new(path),
+            service_backends: BTreeSet::new(),
             explained: Explained::default(),
             left_out: 0,
         }
@@ -145,6 +146,11 @@ impl<'a> Drops<'a> {
     /// (they still count as drops at their hop).
     pub fn defer_to(&mut self, explained: &Explained) {
         self.explained = explained.clone();
+    }
+
+    /// The backends the trace saw Service flows DNATed to.
+    pub fn know_backends(&mut self, backends: &BTreeSet<IpAddr>) {
+        self.service_backends = backends.clone();
     }
 
     /// Drops per hop, for the report's `drops` column.
@@ -217,7 +223,6 @@ impl Detector for Drops<'_> {
     }
 
     fn observe_packet(&mut self, packet: &Packet, sighting: Option<&Sighting>) {
-        self.services.observe(packet, sighting);
         let Some(sighting) = sighting else { return };
         let Some(step) = self.path.step_of(HopKey { ifindex: packet.ifindex, direction: packet.direction }) else { return };
         for key in self.copies.sighted(sighting.fingerprint, step, packet.ktime_ns) {
@@ -330,7 +335,7 @@ impl Drops<'_> {
         let join = |ips: &BTreeSet<IpAddr>| ips.iter().map(IpAddr::to_string).collect::<Vec<_>>().join(", ");
         let (gateways, senders) = (join(&group.gateways), join(&group.redirect_senders));
         let to = key.to_pod.map(|pod| format!(" to {pod}")).unwrap_or_default();
-        let about_dnat = !group.gateways.is_empty() && group.gateways.is_subset(self.services.backends());
+        let about_dnat = !group.gateways.is_empty() && group.gateways.is_subset(&self.service_backends);
         let why = if about_dnat {
             format!(
                 "{senders} forwarded the pod's packets, DNATed to {gateways} (a Service backend on the same link), back out the interface they came in on, and advised the pod to send to {gateways} directly; Linux's NAT drops every redirect about a connection it translated, before any filter rule sees it"
@@ -675,10 +680,16 @@ mod tests {
     }
 
     /// Pod A's SYN to the Service at its veth, then DNATed to the backend at cni0 egress.
-    fn service_syn(detector: &mut Drops<'_>, feed: &mut Feed, sport: u16) {
+    fn service_syn(detector: &mut Drops<'_>, feed: &mut ServiceFeed<'_>, sport: u16) {
         let syn = Layer { ip_id: sport, ..tcp(POD, sport, SERVICE, 80, TCP_SYN, 0) };
-        feed.packet(detector, &packet(syn.clone(), 5, Direction::Ingress, 0));
-        feed.packet(detector, &packet(Layer { dst: ip(BACKEND), dport: 8080, ..syn }, 4, Direction::Egress, 1000));
+        for packet in [
+            packet(syn.clone(), 5, Direction::Ingress, 0),
+            packet(Layer { dst: ip(BACKEND), dport: 8080, ..syn }, 4, Direction::Egress, 1000),
+        ] {
+            let (sighting, _) = feed.observe(&packet);
+            detector.observe_packet(&packet, sighting.as_ref());
+        }
+        detector.know_backends(feed.services.backends());
     }
 
     /// The redirects a node sends about a Service's DNAT to a backend on the pod's bridge,
@@ -687,7 +698,7 @@ mod tests {
     fn redirects_about_service_dnat_dropped_by_netfilter_are_the_kernels_nat() {
         let path = local_path();
         let mut detector = Drops::new(&path, NODE_NS);
-        service_syn(&mut detector, &mut Feed::new(&path), 40000);
+        service_syn(&mut detector, &mut ServiceFeed::new(&path), 40000);
         for seq in 1..=2 {
             detector.observe_kernel(&kernel(
                 KernelRecordKind::Drop { reason: 9, location: NF_HOOK_SLOW + 0x7d },

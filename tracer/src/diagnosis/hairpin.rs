@@ -16,10 +16,7 @@ use super::{
     services::{ClientFlow, Endpoint, Explained, ServiceDnat, ServiceFlows},
 };
 use crate::{
-    events::{
-        correlate::Sighting,
-        decode::{KernelRecord, KernelRecordKind, Packet, proto_name},
-    },
+    events::decode::{KernelRecord, KernelRecordKind, proto_name},
     node::{Hop, Path},
 };
 
@@ -50,7 +47,6 @@ type GroupKey = (IpAddr, u8, Option<Endpoint>, Endpoint);
 pub struct HairpinOff<'a> {
     path: &'a Path,
     own_netns: u32,
-    services: ServiceFlows<'a>,
     looped: BTreeMap<ClientFlow, LoopedBack>,
     /// Drops of looped-back flows beyond the table's bound.
     left_out: u64,
@@ -58,7 +54,7 @@ pub struct HairpinOff<'a> {
 
 impl<'a> HairpinOff<'a> {
     pub fn new(path: &'a Path, own_netns: u32) -> Self {
-        Self { path, own_netns, services: ServiceFlows::new(path), looped: BTreeMap::new(), left_out: 0 }
+        Self { path, own_netns, looped: BTreeMap::new(), left_out: 0 }
     }
 
     /// The pod's bridge port, when it has hairpin mode off.
@@ -79,18 +75,17 @@ impl<'a> HairpinOff<'a> {
         }
         explained
     }
-}
 
-impl Detector for HairpinOff<'_> {
-    fn observe_packet(&mut self, packet: &Packet, sighting: Option<&Sighting>) {
-        if let Some((flow, service)) = self.services.observe(packet, sighting)
-            && let Some(looped) = self.looped.get_mut(&flow)
-        {
+    /// A flow a followed pod opened, addressed to `service` where it entered the path: names
+    /// the Service of a looped-back flow whose drop came first.
+    pub fn flow_opened(&mut self, flow: ClientFlow, service: Endpoint) {
+        if let Some(looped) = self.looped.get_mut(&flow) {
             looped.service.get_or_insert(service);
         }
     }
 
-    fn observe_kernel(&mut self, record: &KernelRecord) {
+    /// A kernel event, with the Service flows the packets so far showed.
+    pub fn observe_kernel(&mut self, record: &KernelRecord, services: &ServiceFlows<'_>) {
         let KernelRecordKind::Drop { reason, location } = record.kind else { return };
         let layer = record.pod_layer();
         if !matches!(layer.proto, IPPROTO_TCP | IPPROTO_UDP) || layer.src != layer.dst || !self.path.follows(layer.src) {
@@ -107,10 +102,12 @@ impl Detector for HairpinOff<'_> {
             self.left_out += 1;
             return;
         }
-        let service = self.services.addressed(flow);
+        let service = services.addressed(flow);
         self.looped.entry(flow).or_insert(LoopedBack { service, backend: (layer.dst, layer.dport), drops: 0, reason, location }).drops += 1;
     }
+}
 
+impl Detector for HairpinOff<'_> {
     fn left_out(&self) -> Vec<LeftOut> {
         vec![LeftOut { what: "drops of packets DNATed back to their pod (more such flows than the table holds)", count: self.left_out }]
     }
@@ -174,7 +171,7 @@ mod tests {
     use super::{super::testing::*, *};
     use crate::{
         Direction,
-        events::decode::{Layer, TCP_SYN},
+        events::decode::{Layer, Packet, TCP_SYN},
         node::path::fixtures::local_path,
     };
 
@@ -195,12 +192,21 @@ mod tests {
 
     /// Pod A's SYN from `sport` to the Service, seen at its veth, then dropped there DNATed to
     /// itself, `drops` times (the SYN and its retransmissions).
-    fn looped_syn(detector: &mut HairpinOff<'_>, feed: &mut Feed, sport: u16, drops: u16) {
+    fn looped_syn(detector: &mut HairpinOff<'_>, feed: &mut ServiceFeed<'_>, sport: u16, drops: u16) {
         for attempt in 0..drops {
             let syn = Layer { ip_id: sport.wrapping_add(attempt), ..tcp(POD, sport, SERVICE, 80, TCP_SYN, 0) };
-            feed.packet(detector, &packet(syn.clone(), 5, Direction::Ingress, u64::from(attempt) * 1000));
+            feed_packet(detector, feed, &packet(syn.clone(), 5, Direction::Ingress, u64::from(attempt) * 1000));
             let dnated = Layer { dst: ip(POD), dport: 8080, ..syn };
-            detector.observe_kernel(&kernel(KernelRecordKind::Drop { reason: NOT_SPECIFIED, location: 0x10 }, dnated, 5, true, NODE_NS));
+            detector.observe_kernel(
+                &kernel(KernelRecordKind::Drop { reason: NOT_SPECIFIED, location: 0x10 }, dnated, 5, true, NODE_NS),
+                &feed.services,
+            );
+        }
+    }
+
+    fn feed_packet(detector: &mut HairpinOff<'_>, feed: &mut ServiceFeed<'_>, packet: &Packet) {
+        if let (_, Some((flow, service))) = feed.observe(packet) {
+            detector.flow_opened(flow, service);
         }
     }
 
@@ -208,7 +214,7 @@ mod tests {
     fn packets_dnated_back_to_the_pod_and_dropped_on_its_port_without_hairpin_are_named() {
         let path = path_with_hairpin(Some(false));
         let mut detector = HairpinOff::new(&path, NODE_NS);
-        let mut feed = Feed::new(&path);
+        let mut feed = ServiceFeed::new(&path);
         looped_syn(&mut detector, &mut feed, 40000, 2);
         looped_syn(&mut detector, &mut feed, 40001, 1);
         let findings = end().findings(&detector, &path);
@@ -242,7 +248,7 @@ mod tests {
         for hairpin in [Some(true), None] {
             let path = path_with_hairpin(hairpin);
             let mut detector = HairpinOff::new(&path, NODE_NS);
-            looped_syn(&mut detector, &mut Feed::new(&path), 40000, 2);
+            looped_syn(&mut detector, &mut ServiceFeed::new(&path), 40000, 2);
             assert!(end().findings(&detector, &path).is_empty(), "hairpin {hairpin:?}");
             assert_eq!(detector.explained(), Explained::default());
         }
@@ -265,7 +271,7 @@ mod tests {
             drop(looped.clone(), 5, false, NODE_NS),
             drop(echo(POD, POD, 8, 1), 5, true, NODE_NS),
         ] {
-            detector.observe_kernel(&record);
+            detector.observe_kernel(&record, &ServiceFlows::new(&path));
         }
         assert!(end().findings(&detector, &path).is_empty());
     }
@@ -277,21 +283,24 @@ mod tests {
         let path = path_with_hairpin(Some(false));
         let mut detector = HairpinOff::new(&path, NODE_NS);
         let syn = tcp(POD, 40000, SERVICE, 80, TCP_SYN, 0);
-        detector.observe_kernel(&kernel(
-            KernelRecordKind::Drop { reason: NOT_SPECIFIED, location: 0x10 },
-            Layer { dst: ip(POD), dport: 8080, ..syn.clone() },
-            5,
-            true,
-            NODE_NS,
-        ));
-        let mut feed = Feed::new(&path);
+        let mut feed = ServiceFeed::new(&path);
+        detector.observe_kernel(
+            &kernel(
+                KernelRecordKind::Drop { reason: NOT_SPECIFIED, location: 0x10 },
+                Layer { dst: ip(POD), dport: 8080, ..syn.clone() },
+                5,
+                true,
+                NODE_NS,
+            ),
+            &feed.services,
+        );
         assert_eq!(end().findings(&detector, &path)[0].evidence["service"], serde_json::Value::Null);
         assert!(
             end().findings(&detector, &path)[0]
                 .summary
                 .starts_with("10.244.0.2's packets were DNATed to 10.244.0.2:8080/tcp, the pod itself")
         );
-        feed.packet(&mut detector, &packet(syn, 5, Direction::Ingress, 0));
+        feed_packet(&mut detector, &mut feed, &packet(syn, 5, Direction::Ingress, 0));
         assert_eq!(end().findings(&detector, &path)[0].evidence["service"], "10.96.0.21:80");
     }
 }

@@ -32,7 +32,7 @@ use serde_json::Value;
 use self::{
     bond::Bonds, br_netfilter::BrNetfilterOff, connection_reset::ConnectionReset, dns::DnsUnanswered, drop::Drops, hairpin::HairpinOff,
     lost_events::LostEvents, mtu::MtuMismatch, no_reply::NoReply, pod_gone::PodGone, port_refused::PortRefused, retransmits::Retransmits,
-    vxlan_source::VxlanSourceMismatch,
+    services::ServiceFlows, vxlan_source::VxlanSourceMismatch,
 };
 use crate::{
     events::{
@@ -204,6 +204,9 @@ pub struct Outcome {
 
 /// Every detector, fed together.
 pub struct Diagnosis<'a> {
+    /// The followed pods' Service flows, learned once per packet for the detectors that read
+    /// them (br-netfilter-off, hairpin-off, the drops), which are fed them explicitly.
+    services: ServiceFlows<'a>,
     br_netfilter: BrNetfilterOff<'a>,
     hairpin: HairpinOff<'a>,
     drops: Drops<'a>,
@@ -224,6 +227,7 @@ pub struct Diagnosis<'a> {
 impl<'a> Diagnosis<'a> {
     pub fn new(path: &'a Path, settings: Settings) -> Self {
         Self {
+            services: ServiceFlows::new(path),
             br_netfilter: BrNetfilterOff::new(path),
             hairpin: HairpinOff::new(path, settings.own_netns),
             drops: Drops::new(path, settings.own_netns),
@@ -281,6 +285,10 @@ impl<'a> Diagnosis<'a> {
 
     pub fn observe_packet(&mut self, packet: &Packet, sighting: Option<&Sighting>) {
         self.last_ns = self.last_ns.max(packet.ktime_ns);
+        if let Some((flow, service)) = self.services.observe(packet, sighting) {
+            self.hairpin.flow_opened(flow, service);
+        }
+        self.br_netfilter.observe_packet(packet, sighting, &self.services);
         for detector in self.detectors_mut() {
             detector.observe_packet(packet, sighting);
         }
@@ -288,6 +296,7 @@ impl<'a> Diagnosis<'a> {
 
     pub fn observe_kernel(&mut self, record: &KernelRecord) {
         self.last_ns = self.last_ns.max(record.ktime_ns);
+        self.hairpin.observe_kernel(record, &self.services);
         for detector in self.detectors_mut() {
             detector.observe_kernel(record);
         }
@@ -305,6 +314,7 @@ impl<'a> Diagnosis<'a> {
         let mut explained = self.br_netfilter.explained();
         explained.extend(self.hairpin.explained());
         self.drops.defer_to(&explained);
+        self.drops.know_backends(self.services.backends());
         self.no_reply.defer_to(&explained);
         self.dns.defer_to(&explained);
         self.port_refused.defer_to(&explained);

@@ -3,7 +3,10 @@
 
 use std::{collections::HashMap, net::IpAddr, sync::OnceLock};
 
-use super::{Detector, Finding, TraceEnd};
+use super::{
+    Detector, Finding, TraceEnd,
+    services::{ClientFlow, Endpoint, ServiceFlows},
+};
 pub use crate::events::testing::*;
 use crate::{
     Direction,
@@ -62,6 +65,26 @@ impl Feed {
             });
             self.packet(detector, &packet);
         }
+    }
+}
+
+/// Feeds packets through the correlator and then the Service flows, as `Diagnosis` does, for
+/// the detectors that read those.
+pub struct ServiceFeed<'a> {
+    feed: Feed,
+    pub services: ServiceFlows<'a>,
+}
+
+impl<'a> ServiceFeed<'a> {
+    pub fn new(path: &'a Path) -> Self {
+        Self { feed: Feed::new(path), services: ServiceFlows::new(path) }
+    }
+
+    /// The packet's sighting, and the flow it opened where its pod's packets enter the path.
+    pub fn observe(&mut self, packet: &Packet) -> (Option<Sighting>, Option<(ClientFlow, Endpoint)>) {
+        let sighting = self.feed.observe(packet);
+        let opened = self.services.observe(packet, sighting.as_ref());
+        (sighting, opened)
     }
 }
 
