@@ -1,22 +1,20 @@
 //! Which kernel drops were copies: a packet freed at one hop whose fingerprint is seen at a
 //! later hop of the path was not lost (a promiscuous bridge passes a copy of each frame it
 //! forwards up its own stack, which frees it). The drop and the later sighting come through
-//! different rings, in either order, so both sides are remembered for a while, in bounded
-//! tables.
+//! different rings, in either order: a drop that comes after is checked against the
+//! correlator's journey of the packet (the caller's `furthest`), and one that comes first
+//! waits here, in a bounded table, for a later sighting.
 
 use std::{collections::VecDeque, net::IpAddr};
 
 use crate::{
     events::{
-        correlate::{FastMap, Fingerprint, MAX_IN_FLIGHT, fingerprint},
+        correlate::{FastMap, Fingerprint, fingerprint},
         decode::Layer,
     },
     node::path::Step,
 };
 
-/// Sightings remembered: as many as the correlator keeps packets in flight (a bound that
-/// keeps the table at 2^17 buckets under churn).
-const MAX_SIGHTINGS: usize = MAX_IN_FLIGHT;
 /// Drops waiting for a later sighting.
 const MAX_PENDING: usize = 16_384;
 /// A sighting this far from a drop is another packet with the same fingerprint.
@@ -24,12 +22,6 @@ const WINDOW_NS: u64 = 2_000_000_000;
 
 pub struct Copies<K> {
     followed: Vec<IpAddr>,
-    /// Per fingerprint, the furthest step it was seen at and when (the table and its
-    /// insertion order hold the same fingerprints: a sighting of one already there updates it
-    /// in place).
-    furthest: FastMap<Fingerprint, (Step, u64)>,
-    /// Insertion order of `furthest`, for eviction.
-    order: VecDeque<Fingerprint>,
     /// Drops not (yet) known to be copies: their group, step and time.
     pending: FastMap<Fingerprint, Vec<(K, Step, u64)>>,
     /// Insertion order of `pending`, for expiry and eviction.
@@ -41,15 +33,7 @@ pub struct Copies<K> {
 
 impl<K: Copy> Copies<K> {
     pub fn new(followed: Vec<IpAddr>) -> Self {
-        Self {
-            followed,
-            furthest: FastMap::default(),
-            order: VecDeque::new(),
-            pending: FastMap::default(),
-            pending_order: VecDeque::new(),
-            pending_len: 0,
-            unchecked: 0,
-        }
+        Self { followed, pending: FastMap::default(), pending_order: VecDeque::new(), pending_len: 0, unchecked: 0 }
     }
 
     pub fn fingerprint(&self, layer: &Layer) -> Option<Fingerprint> {
@@ -58,21 +42,9 @@ impl<K: Copy> Copies<K> {
 
     /// A packet seen at `step`; returns the groups of earlier drops it shows were copies.
     pub fn sighted(&mut self, fingerprint: Fingerprint, step: Step, ktime_ns: u64) -> Vec<K> {
-        match self.furthest.get_mut(&fingerprint) {
-            Some((furthest, at)) => {
-                // A sighting this far from the last one is another packet with the fingerprint.
-                *furthest = if ktime_ns.abs_diff(*at) < WINDOW_NS { step.max(*furthest) } else { step };
-                *at = ktime_ns;
-            }
-            None => {
-                if self.furthest.len() >= MAX_SIGHTINGS
-                    && let Some(oldest) = self.order.pop_front()
-                {
-                    self.furthest.remove(&oldest);
-                }
-                self.furthest.insert(fingerprint, (step, ktime_ns));
-                self.order.push_back(fingerprint);
-            }
+        // Nearly always so: no lookup for the packets of a trace without drops.
+        if self.pending.is_empty() {
+            return Vec::new();
         }
         let Some(drops) = self.pending.get_mut(&fingerprint) else { return Vec::new() };
         let (copies, still): (Vec<_>, Vec<_>) =
@@ -85,10 +57,11 @@ impl<K: Copy> Copies<K> {
         copies.into_iter().map(|(key, ..)| key).collect()
     }
 
-    /// A packet dropped at `step`: whether it is already known to be a copy (seen further);
+    /// A packet dropped at `step`, whose journey so far reached step `furthest` (last seen
+    /// then): whether it is already known to be a copy (seen further, close in time);
     /// otherwise it waits for a later sighting.
-    pub fn dropped(&mut self, fingerprint: Fingerprint, step: Step, ktime_ns: u64, key: K) -> bool {
-        if self.furthest.get(&fingerprint).is_some_and(|(seen, at)| *seen > step && ktime_ns.abs_diff(*at) < WINDOW_NS) {
+    pub fn dropped(&mut self, fingerprint: Fingerprint, step: Step, ktime_ns: u64, key: K, furthest: Option<(Step, u64)>) -> bool {
+        if furthest.is_some_and(|(seen, at)| seen > step && ktime_ns.abs_diff(at) < WINDOW_NS) {
             return true;
         }
         // Drops older than the window stay drops; beyond the bound, the oldest go unchecked.
@@ -132,31 +105,18 @@ mod tests {
         (copies, fingerprint)
     }
 
-    /// Sightings at their bound, each new one evicting the oldest, keep the table at 2^17
-    /// buckets (see `MAX_IN_FLIGHT`); with 65,536 as the bound it doubled within this churn.
-    #[test]
-    fn the_sightings_table_keeps_its_size_under_churn() {
-        let mut copies = Copies::<u32>::new(vec![ip(POD)]);
-        for i in 0..40 * MAX_SIGHTINGS as u32 {
-            let layer = Layer { icmp_id: (i >> 16) as u16, ..echo(POD, PEER, 8, i as u16) };
-            let fingerprint = copies.fingerprint(&layer).unwrap();
-            copies.sighted(fingerprint, 1, u64::from(i));
-        }
-        assert_eq!(copies.furthest.len(), MAX_SIGHTINGS);
-        assert_eq!(copies.furthest.allocation_size(), (1 << 17) * (size_of::<(Fingerprint, (Step, u64))>() + 1) + 16);
-        assert!(copies.order.capacity() <= 1 << 17, "{}", copies.order.capacity());
-    }
-
     #[test]
     fn only_a_sighting_further_along_and_close_in_time_makes_a_copy() {
         let (mut copies, fingerprint) = table();
-        assert!(!copies.dropped(fingerprint, 1, 1_000, 7));
+        assert!(!copies.dropped(fingerprint, 1, 1_000, 7, None));
         assert!(copies.sighted(fingerprint, 1, 2_000).is_empty(), "the same step is not further");
         assert!(copies.sighted(fingerprint, 2, WINDOW_NS + 1_000).is_empty(), "another packet, 2 s later");
         assert_eq!(copies.sighted(fingerprint, 2, 3_000), [7]);
         assert!(copies.sighted(fingerprint, 3, 4_000).is_empty(), "each drop is a copy once");
-        // Seen further before the drop came.
-        assert!(copies.dropped(fingerprint, 1, 5_000, 8));
+        // Seen further before the drop came, close in time; not further, or long before.
+        assert!(copies.dropped(fingerprint, 1, 5_000, 8, Some((2, 4_000))));
+        assert!(!copies.dropped(fingerprint, 2, 5_000, 8, Some((2, 4_000))));
+        assert!(!copies.dropped(fingerprint, 1, WINDOW_NS + 5_000, 8, Some((2, 4_000))));
     }
 
     #[test]
@@ -164,13 +124,13 @@ mod tests {
         let mut copies: Copies<u32> = Copies::new(vec![ip(POD)]);
         for seq in 0..MAX_PENDING as u64 + 10 {
             let fingerprint = copies.fingerprint(&Layer { ip_id: seq as u16, ..echo(POD, PEER, 8, (seq >> 16) as u16) }).unwrap();
-            copies.dropped(fingerprint, 1, seq, 0);
+            copies.dropped(fingerprint, 1, seq, 0, None);
         }
         assert_eq!(copies.pending_len, MAX_PENDING);
         assert_eq!(copies.unchecked, 10);
         // Past the window, old drops are decided, not unchecked.
         let fingerprint = copies.fingerprint(&echo(POD, PEER, 0, 9)).unwrap();
-        copies.dropped(fingerprint, 1, 3 * WINDOW_NS, 0);
+        copies.dropped(fingerprint, 1, 3 * WINDOW_NS, 0, None);
         assert_eq!((copies.pending_len, copies.unchecked), (1, 10));
     }
 }

@@ -23,7 +23,7 @@ use super::{
 use crate::{
     Direction,
     events::{
-        correlate::Sighting,
+        correlate::{Correlator, Sighting},
         decode::{KernelRecord, KernelRecordKind, Layer, Packet},
     },
     node::{HopKey, Path},
@@ -153,6 +153,54 @@ impl<'a> Drops<'a> {
         self.service_backends = backends.clone();
     }
 
+    /// A kernel event; `sightings` has the journeys of the packets seen so far, which tell
+    /// whether a dropped one went on.
+    pub fn observe_kernel(&mut self, record: &KernelRecord, sightings: &Correlator) {
+        let KernelRecordKind::Drop { reason, location } = record.kind else { return };
+        let layer = record.pod_layer();
+        let key = GroupKey {
+            reason,
+            location,
+            ifindex: record.ifindex,
+            received: record.received,
+            netns: record.netns,
+            to_pod: self.path.follows(layer.dst).then_some(layer.dst),
+            icmp_redirect: (layer.proto, layer.icmp_type) == (IPPROTO_ICMP, ICMP_REDIRECT),
+        };
+        if self.groups.len() >= MAX_GROUPS && !self.groups.contains_key(&key) {
+            self.left_out += 1;
+            return;
+        }
+        let step = self.hop_of(key).and_then(|hop| self.path.step_of(hop));
+        let copy = match (step, self.copies.fingerprint(layer)) {
+            (Some(step), Some(fingerprint)) => {
+                let furthest = sightings
+                    .journey(fingerprint)
+                    .and_then(|(hops, last_ns)| hops.filter_map(|hop| self.path.step_of(hop)).max().map(|furthest| (furthest, last_ns)));
+                self.copies.dropped(fingerprint, step, record.ktime_ns, key, furthest)
+            }
+            _ => false,
+        };
+        let group = self.groups.entry(key).or_default();
+        group.count += 1;
+        group.copies += u64::from(copy);
+        group.bytes += u64::from(record.skb_len);
+        if group.example.is_empty() {
+            group.example = layer.describe();
+            group.echo_reply = matches!((layer.proto, layer.icmp_type), (IPPROTO_ICMP, 0) | (IPPROTO_ICMPV6, 129));
+            group.tcp = layer.proto == IPPROTO_TCP;
+        }
+        let flow = (layer.proto, (layer.src, layer.sport), (layer.dst, layer.dport));
+        if matches!(layer.proto, IPPROTO_TCP | IPPROTO_UDP) && (group.flows.len() < MAX_FLOWS_PER_GROUP || group.flows.contains_key(&flow))
+        {
+            *group.flows.entry(flow).or_default() += 1;
+        }
+        if key.icmp_redirect && group.gateways.len() < MAX_GATEWAYS {
+            group.gateways.insert(redirect_gateway(layer));
+            group.redirect_senders.insert(layer.src);
+        }
+    }
+
     /// Drops per hop, for the report's `drops` column.
     pub fn per_hop(&self, end: &TraceEnd<'_>) -> HashMap<HopKey, u64> {
         let mut per_hop = HashMap::new();
@@ -229,47 +277,6 @@ impl Detector for Drops<'_> {
             if let Some(group) = self.groups.get_mut(&key) {
                 group.copies += 1;
             }
-        }
-    }
-
-    fn observe_kernel(&mut self, record: &KernelRecord) {
-        let KernelRecordKind::Drop { reason, location } = record.kind else { return };
-        let layer = record.pod_layer();
-        let key = GroupKey {
-            reason,
-            location,
-            ifindex: record.ifindex,
-            received: record.received,
-            netns: record.netns,
-            to_pod: self.path.follows(layer.dst).then_some(layer.dst),
-            icmp_redirect: (layer.proto, layer.icmp_type) == (IPPROTO_ICMP, ICMP_REDIRECT),
-        };
-        if self.groups.len() >= MAX_GROUPS && !self.groups.contains_key(&key) {
-            self.left_out += 1;
-            return;
-        }
-        let step = self.hop_of(key).and_then(|hop| self.path.step_of(hop));
-        let copy = match (step, self.copies.fingerprint(layer)) {
-            (Some(step), Some(fingerprint)) => self.copies.dropped(fingerprint, step, record.ktime_ns, key),
-            _ => false,
-        };
-        let group = self.groups.entry(key).or_default();
-        group.count += 1;
-        group.copies += u64::from(copy);
-        group.bytes += u64::from(record.skb_len);
-        if group.example.is_empty() {
-            group.example = layer.describe();
-            group.echo_reply = matches!((layer.proto, layer.icmp_type), (IPPROTO_ICMP, 0) | (IPPROTO_ICMPV6, 129));
-            group.tcp = layer.proto == IPPROTO_TCP;
-        }
-        let flow = (layer.proto, (layer.src, layer.sport), (layer.dst, layer.dport));
-        if matches!(layer.proto, IPPROTO_TCP | IPPROTO_UDP) && (group.flows.len() < MAX_FLOWS_PER_GROUP || group.flows.contains_key(&flow))
-        {
-            *group.flows.entry(flow).or_default() += 1;
-        }
-        if key.icmp_redirect && group.gateways.len() < MAX_GATEWAYS {
-            group.gateways.insert(redirect_gateway(layer));
-            group.redirect_senders.insert(layer.src);
         }
     }
 
@@ -511,7 +518,10 @@ mod tests {
         let path = local_path();
         let mut detector = Drops::new(&path, NODE_NS);
         for _ in 0..3 {
-            detector.observe_kernel(&drop(9, NF_HOOK_SLOW + 0x10, tcp(PEER, 8080, POD, 40000, 0x12, 0), 3, NODE_NS));
+            detector.observe_kernel(
+                &drop(9, NF_HOOK_SLOW + 0x10, tcp(PEER, 8080, POD, 40000, 0x12, 0), 3, NODE_NS),
+                Feed::new(&path).sightings(),
+            );
         }
         let end = end();
         let findings = end.findings(&detector, &path);
@@ -533,11 +543,11 @@ mod tests {
     fn normal_consumption_is_quiet() {
         let path = local_path();
         let mut detector = Drops::new(&path, NODE_NS);
-        detector.observe_kernel(&drop(2, SKB_RELEASE_DATA, tcp(POD, 40000, PEER, 80, 0x10, 100), 5, NODE_NS));
+        detector.observe_kernel(&drop(2, SKB_RELEASE_DATA, tcp(POD, 40000, PEER, 80, 0x10, 100), 5, NODE_NS), Feed::new(&path).sightings());
         // Answered with a RST: port-refused or connection-reset says so.
-        detector.observe_kernel(&drop(5, 0, tcp(PEER, 40000, POD, 9, 0x02, 0), 0, NODE_NS + 1));
+        detector.observe_kernel(&drop(5, 0, tcp(PEER, 40000, POD, 9, 0x02, 0), 0, NODE_NS + 1), Feed::new(&path).sightings());
         // ping's raw socket got a clone of the echo reply; the original has no socket.
-        detector.observe_kernel(&drop(5, ICMP_RCV, echo(PEER, POD, 0, 1), 0, NODE_NS));
+        detector.observe_kernel(&drop(5, ICMP_RCV, echo(PEER, POD, 0, 1), 0, NODE_NS), Feed::new(&path).sightings());
         assert!(detector.any());
         assert!(end().findings(&detector, &path).is_empty());
         assert!(detector.per_hop(&end().trace_end(&path)).is_empty());
@@ -547,7 +557,7 @@ mod tests {
     fn no_socket_is_a_drop_for_anything_but_an_echo_reply() {
         let path = local_path();
         let mut detector = Drops::new(&path, NODE_NS);
-        detector.observe_kernel(&drop(5, ICMP_RCV, udp(PEER, 5000, POD, 9), 0, NODE_NS));
+        detector.observe_kernel(&drop(5, ICMP_RCV, udp(PEER, 5000, POD, 9), 0, NODE_NS), Feed::new(&path).sightings());
         let findings = end().findings(&detector, &path);
         assert_eq!(findings.len(), 1);
         assert_eq!(findings[0].evidence["reason"], "NO_SOCKET");
@@ -560,7 +570,7 @@ mod tests {
         let path = local_path();
         let mut detector = Drops::new(&path, NODE_NS);
         // ifindex 3 in the pod's namespace is not the node's flannel.1.
-        detector.observe_kernel(&drop(9, NF_HOOK_SLOW, tcp(PEER, 80, POD, 4000, 0x10, 0), 3, NODE_NS + 1));
+        detector.observe_kernel(&drop(9, NF_HOOK_SLOW, tcp(PEER, 80, POD, 4000, 0x10, 0), 3, NODE_NS + 1), Feed::new(&path).sightings());
         let findings = end().findings(&detector, &path);
         assert_eq!(findings[0].hop, None);
         assert!(findings[0].summary.contains("inside a local pod's network namespace"));
@@ -572,9 +582,15 @@ mod tests {
     fn drops_without_a_reason_are_named_by_their_function() {
         let path = local_path();
         let mut detector = Drops::new(&path, NODE_NS);
-        detector.observe_kernel(&drop(DROP_REASON_UNKNOWN, NF_HOOK_SLOW, tcp(PEER, 8080, POD, 40000, 0x12, 0), 3, NODE_NS));
-        detector.observe_kernel(&drop(DROP_REASON_UNKNOWN, SKB_RELEASE_DATA, tcp(POD, 40000, PEER, 80, 0x10, 100), 5, NODE_NS));
-        detector.observe_kernel(&drop(DROP_REASON_UNKNOWN, ICMP_RCV, echo(PEER, POD, 0, 1), 0, NODE_NS));
+        detector.observe_kernel(
+            &drop(DROP_REASON_UNKNOWN, NF_HOOK_SLOW, tcp(PEER, 8080, POD, 40000, 0x12, 0), 3, NODE_NS),
+            Feed::new(&path).sightings(),
+        );
+        detector.observe_kernel(
+            &drop(DROP_REASON_UNKNOWN, SKB_RELEASE_DATA, tcp(POD, 40000, PEER, 80, 0x10, 100), 5, NODE_NS),
+            Feed::new(&path).sightings(),
+        );
+        detector.observe_kernel(&drop(DROP_REASON_UNKNOWN, ICMP_RCV, echo(PEER, POD, 0, 1), 0, NODE_NS), Feed::new(&path).sightings());
         let findings = end().findings(&detector, &path);
         assert_eq!(findings.len(), 1, "{findings:#?}");
         assert_eq!(findings[0].evidence["reason"], UNKNOWN_REASON);
@@ -592,12 +608,12 @@ mod tests {
         let segment = |ip_id| Layer { ip_id, ..tcp(POD, 40000, PEER, 80, 0x10, 100) };
         // Seen further first, then the drop; the drop first, then seen further; never seen further.
         feed.journey(&mut detector, &segment(1), &OUT, 0);
-        detector.observe_kernel(&drop(9, NF_HOOK_SLOW, segment(1), 4, NODE_NS));
+        detector.observe_kernel(&drop(9, NF_HOOK_SLOW, segment(1), 4, NODE_NS), feed.sightings());
         feed.journey(&mut detector, &segment(2), &OUT[..2], 10_000);
-        detector.observe_kernel(&drop(9, NF_HOOK_SLOW, segment(2), 4, NODE_NS));
+        detector.observe_kernel(&drop(9, NF_HOOK_SLOW, segment(2), 4, NODE_NS), feed.sightings());
         feed.journey(&mut detector, &segment(2), &OUT[2..], 12_000);
         feed.journey(&mut detector, &segment(3), &OUT[..2], 20_000);
-        detector.observe_kernel(&drop(9, NF_HOOK_SLOW, segment(3), 4, NODE_NS));
+        detector.observe_kernel(&drop(9, NF_HOOK_SLOW, segment(3), 4, NODE_NS), feed.sightings());
         let end = end();
         let findings = end.findings(&detector, &path);
         assert_eq!(findings.len(), 2, "{findings:#?}");
@@ -616,7 +632,8 @@ mod tests {
         let path = local_path();
         let mut detector = Drops::new(&path, NODE_NS);
         for seq in 1..=3 {
-            detector.observe_kernel(&drop(OTHERHOST_REASON, IP_RCV_CORE, echo(PEER, POD, 0, seq), 4, NODE_NS));
+            detector
+                .observe_kernel(&drop(OTHERHOST_REASON, IP_RCV_CORE, echo(PEER, POD, 0, seq), 4, NODE_NS), Feed::new(&path).sightings());
         }
         let end = end();
         let findings = end.findings(&detector, &path);
@@ -633,8 +650,14 @@ mod tests {
         let path = local_path();
         let mut detector = Drops::new(&path, NODE_NS);
         let end = End { drop_reasons: HashMap::from([(40, "QUEUE_PURGE".into()), (41, "SOCKET_CLOSE".into())]), ..Default::default() };
-        detector.observe_kernel(&drop(40, SKB_RELEASE_DATA, tcp(PEER, 80, POD, 40000, 0x18, 100), 0, NODE_NS + 1));
-        detector.observe_kernel(&drop(41, SKB_RELEASE_DATA, tcp(PEER, 80, POD, 40000, 0x18, 200), 0, NODE_NS + 1));
+        detector.observe_kernel(
+            &drop(40, SKB_RELEASE_DATA, tcp(PEER, 80, POD, 40000, 0x18, 100), 0, NODE_NS + 1),
+            Feed::new(&path).sightings(),
+        );
+        detector.observe_kernel(
+            &drop(41, SKB_RELEASE_DATA, tcp(PEER, 80, POD, 40000, 0x18, 200), 0, NODE_NS + 1),
+            Feed::new(&path).sightings(),
+        );
         assert!(end.findings(&detector, &path).is_empty());
     }
 
@@ -643,8 +666,8 @@ mod tests {
     fn drops_to_a_pod_that_is_gone_are_no_drop_findings() {
         let path = local_path();
         let mut detector = Drops::new(&path, NODE_NS);
-        detector.observe_kernel(&drop(OTHERHOST_REASON, IP_RCV_CORE, echo(PEER, POD, 8, 1), 2, NODE_NS + 1));
-        detector.observe_kernel(&drop(9, NF_HOOK_SLOW, tcp(PEER, 80, POD, 40000, 0x10, 0), 3, NODE_NS));
+        detector.observe_kernel(&drop(OTHERHOST_REASON, IP_RCV_CORE, echo(PEER, POD, 8, 1), 2, NODE_NS + 1), Feed::new(&path).sightings());
+        detector.observe_kernel(&drop(9, NF_HOOK_SLOW, tcp(PEER, 80, POD, 40000, 0x10, 0), 3, NODE_NS), Feed::new(&path).sightings());
         let gone = End { vanished: vec![5], ..end() };
         assert!(gone.findings(&detector, &path).is_empty());
         assert!(detector.per_hop(&gone.trace_end(&path)).is_empty());
@@ -658,7 +681,10 @@ mod tests {
         let path = local_path();
         let mut detector = Drops::new(&path, NODE_NS);
         for location in 0..MAX_GROUPS as u64 + 5 {
-            detector.observe_kernel(&drop(9, NF_HOOK_SLOW + location, tcp(PEER, 8080, POD, 40000, 0x12, 0), 3, NODE_NS));
+            detector.observe_kernel(
+                &drop(9, NF_HOOK_SLOW + location, tcp(PEER, 8080, POD, 40000, 0x12, 0), 3, NODE_NS),
+                Feed::new(&path).sightings(),
+            );
         }
         assert_eq!(detector.left_out()[0].count, 5);
     }
@@ -700,13 +726,16 @@ mod tests {
         let mut detector = Drops::new(&path, NODE_NS);
         service_syn(&mut detector, &mut ServiceFeed::new(&path), 40000);
         for seq in 1..=2 {
-            detector.observe_kernel(&kernel(
-                KernelRecordKind::Drop { reason: 9, location: NF_HOOK_SLOW + 0x7d },
-                redirect([10, 244, 0, 3], seq),
-                0,
-                false,
-                NODE_NS,
-            ));
+            detector.observe_kernel(
+                &kernel(
+                    KernelRecordKind::Drop { reason: 9, location: NF_HOOK_SLOW + 0x7d },
+                    redirect([10, 244, 0, 3], seq),
+                    0,
+                    false,
+                    NODE_NS,
+                ),
+                Feed::new(&path).sightings(),
+            );
         }
         let end = end();
         let findings = end.findings(&detector, &path);
@@ -735,20 +764,14 @@ mod tests {
     fn a_redirect_of_unknown_cause_says_what_is_known() {
         let path = local_path();
         let mut detector = Drops::new(&path, NODE_NS);
-        detector.observe_kernel(&kernel(
-            KernelRecordKind::Drop { reason: 9, location: NF_HOOK_SLOW },
-            redirect([10, 244, 0, 9], 1),
-            0,
-            false,
-            NODE_NS,
-        ));
-        detector.observe_kernel(&kernel(
-            KernelRecordKind::Drop { reason: 9, location: NF_HOOK_SLOW },
-            udp("10.244.0.1", 53, POD, 4000),
-            0,
-            false,
-            NODE_NS,
-        ));
+        detector.observe_kernel(
+            &kernel(KernelRecordKind::Drop { reason: 9, location: NF_HOOK_SLOW }, redirect([10, 244, 0, 9], 1), 0, false, NODE_NS),
+            Feed::new(&path).sightings(),
+        );
+        detector.observe_kernel(
+            &kernel(KernelRecordKind::Drop { reason: 9, location: NF_HOOK_SLOW }, udp("10.244.0.1", 53, POD, 4000), 0, false, NODE_NS),
+            Feed::new(&path).sightings(),
+        );
         let findings = end().findings(&detector, &path);
         assert_eq!(findings.len(), 2, "{findings:#?}");
         let redirect = findings.iter().find(|f| f.evidence["icmp_type"] == ICMP_REDIRECT).unwrap();
@@ -775,9 +798,9 @@ mod tests {
         let mut detector = Drops::new(&path, NODE_NS);
         let looped = tcp(POD, 40000, POD, 8080, TCP_SYN, 0);
         for ip_id in 1..=2 {
-            detector.observe_kernel(&drop(2, IP_RCV_CORE, Layer { ip_id, ..looped.clone() }, 5, NODE_NS));
+            detector.observe_kernel(&drop(2, IP_RCV_CORE, Layer { ip_id, ..looped.clone() }, 5, NODE_NS), Feed::new(&path).sightings());
         }
-        detector.observe_kernel(&drop(2, IP_RCV_CORE, tcp(POD, 40001, POD, 8080, TCP_SYN, 0), 5, NODE_NS));
+        detector.observe_kernel(&drop(2, IP_RCV_CORE, tcp(POD, 40001, POD, 8080, TCP_SYN, 0), 5, NODE_NS), Feed::new(&path).sightings());
         let mut explained = Explained::default();
         explained.insert(
             ClientFlow { proto: IPPROTO_TCP, pod: ip(POD), port: 40000 },
@@ -789,7 +812,7 @@ mod tests {
         assert_eq!(findings.len(), 1, "{findings:#?}");
         assert_eq!(findings[0].evidence["count"], 1, "only the unexplained flow's drop: {findings:#?}");
         assert_eq!(detector.per_hop(&end.trace_end(&path)), HashMap::from([(HopKey { ifindex: 5, direction: Direction::Ingress }, 3)]));
-        detector.observe_kernel(&drop(5, ICMP_RCV, udp(BACKEND, 53, POD, 4000), 0, NODE_NS + 1));
+        detector.observe_kernel(&drop(5, ICMP_RCV, udp(BACKEND, 53, POD, 4000), 0, NODE_NS + 1), Feed::new(&path).sightings());
         explained.insert(
             ClientFlow { proto: IPPROTO_UDP, pod: ip(POD), port: 4000 },
             ServiceDnat { service: (ip(SERVICE), 53), backend: (ip(BACKEND), 53) },
@@ -813,7 +836,7 @@ mod tests {
         let looped = tcp(POD, 40000, POD, 8080, TCP_SYN, 0);
         feed.packet(&mut detector, &packet(Layer { dst: ip(SERVICE), dport: 80, ..looped.clone() }, 5, Direction::Ingress, 0));
         feed.packet(&mut detector, &packet(looped.clone(), 4, Direction::Egress, 1000));
-        detector.observe_kernel(&drop(2, IP_RCV_CORE, looped, 5, NODE_NS));
+        detector.observe_kernel(&drop(2, IP_RCV_CORE, looped, 5, NODE_NS), feed.sightings());
         let end = end();
         assert_eq!(end.findings(&detector, &path)[0].kind, FindingKind::CopiesFreed, "unexplained, the sighting makes it a copy");
         let mut explained = Explained::default();

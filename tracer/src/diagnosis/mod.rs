@@ -36,7 +36,7 @@ use self::{
 };
 use crate::{
     events::{
-        correlate::Sighting,
+        correlate::{Correlator, Sighting},
         decode::{DecodeErrors, KernelRecord, Packet},
     },
     kernel::symbols::KernelSymbols,
@@ -294,9 +294,11 @@ impl<'a> Diagnosis<'a> {
         }
     }
 
-    pub fn observe_kernel(&mut self, record: &KernelRecord) {
+    /// A kernel event; `sightings` has the journeys of the packets seen so far.
+    pub fn observe_kernel(&mut self, record: &KernelRecord, sightings: &Correlator) {
         self.last_ns = self.last_ns.max(record.ktime_ns);
         self.hairpin.observe_kernel(record, &self.services);
+        self.drops.observe_kernel(record, sightings);
         for detector in self.detectors_mut() {
             detector.observe_kernel(record);
         }
@@ -373,7 +375,7 @@ mod tests {
         }
 
         fn kernel(&mut self, kind: KernelRecordKind, layer: Layer, ifindex: u32, received: bool) {
-            self.diagnosis.observe_kernel(&kernel(kind, layer, ifindex, received, NODE_NS));
+            self.diagnosis.observe_kernel(&kernel(kind, layer, ifindex, received, NODE_NS), self.feed.sightings());
         }
 
         fn finish(self, path: &Path) -> Vec<Finding> {

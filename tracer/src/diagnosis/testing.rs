@@ -35,6 +35,11 @@ impl Feed {
         detector.observe_packet(packet, sighting.as_ref());
     }
 
+    /// The journeys of the packets fed so far, for what judges drops.
+    pub fn sightings(&self) -> &Correlator {
+        &self.correlator
+    }
+
     /// The packet's sighting, for what is fed packets outside a detector.
     pub fn observe(&mut self, packet: &Packet) -> Option<Sighting> {
         self.correlator.observe(packet)

@@ -336,6 +336,14 @@ impl Correlator {
         }
     }
 
+    /// The hops a packet still in flight was seen at on its journey so far, and when it was
+    /// last seen: what tells a drop that the packet went on (a copy was freed).
+    pub fn journey(&self, fingerprint: Fingerprint) -> Option<(impl Iterator<Item = HopKey> + '_, u64)> {
+        let entry = self.in_flight.get(&fingerprint)?;
+        let hops = self.hops.iter().take(64).enumerate().filter(|(number, _)| entry.seen & 1 << number != 0).map(|(_, (hop, _))| *hop);
+        Some((hops, entry.last_ns))
+    }
+
     pub fn hop_stats(&self, hop: HopKey) -> Option<&HopStats> {
         self.hop_numbers.get(&hop).map(|&number| &self.hops[number].1)
     }

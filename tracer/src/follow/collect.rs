@@ -168,7 +168,7 @@ impl<'a> Collector<'a> {
 
     fn drain_kernel(&mut self, ring: &mut EventRing) {
         ring.drain(|item| match decode::decode_kernel(item) {
-            Ok(record) => self.diagnosis.observe_kernel(&record),
+            Ok(record) => self.diagnosis.observe_kernel(&record, &self.correlator),
             Err(err) => self.decode_errors.record(&err),
         });
     }
